@@ -1,0 +1,140 @@
+"""The backend interface: one class per backend, declared capabilities, NumPy at the boundary.
+
+A backend converts NumPy inputs to its own arrays in `prepare`/`forward`/`backward` and returns
+NumPy; conformance never times anything, so those copies are free to happen. Benchmarks use
+`benchmark_step`, which works on device-resident data only.
+
+Write a backend by subclassing `Backend`, filling in `name` and `capabilities`, and
+implementing the abstract methods; optional methods are gated by capabilities, so the suite
+never calls one that is not declared.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Literal
+
+import numpy as np
+
+from reference.layer import ForwardResult
+from reference.spec import ROUTER_FAMILIES, MoEParams, MoESpec
+
+Pass = Literal["forward", "backward"]
+UpdateKind = Literal["master_float", "requantize"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend offers; the suite asks these, never the backend's name.
+
+    ``schemes``: scheme names from `reference.schemes.SCHEMES` it implements.
+    ``passes``: ``forward`` and/or ``backward``.
+    ``dtypes``: compute dtypes (``float32``, ``bfloat16``, ...). Inputs are given in float64 holding
+    values exactly representable in that dtype.
+    ``devices``: where it can run (``cpu``, ``cuda``, ``gpu``, ``metal``).
+    ``routers``: router families. ``capacity``: supports ``capacity_factor``.
+    ``shared_expert``: supports ``shared_ffn > 0``.
+    ``quantizer``: offers `Backend.quantize_int8` (conformance level 1).
+    ``bypass``: offers `Backend.expert_outputs` (every expert on every token).
+    ``update``: ``master_float`` or ``requantize`` when `Backend.update` is offered (level 5).
+    ``layerwise_trainer``: offers `Backend.train_stack` (level 5, block-coordinate descent).
+    ``expert_parallel``: device counts N for which `prepare(..., ep_size=N)` shards experts (level 6).
+    ``min_multiple``: per scheme, a size that hidden and ffn must be multiples of (e.g. MLX groups).
+    """
+
+    schemes: tuple[str, ...]
+    passes: tuple[str, ...] = ("forward", "backward")
+    dtypes: tuple[str, ...] = ("float32",)
+    devices: tuple[str, ...] = ("cpu",)
+    routers: tuple[str, ...] = ROUTER_FAMILIES
+    capacity: bool = True
+    shared_expert: bool = True
+    quantizer: bool = False
+    bypass: bool = False
+    update: UpdateKind | None = None
+    layerwise_trainer: bool = False
+    expert_parallel: tuple[int, ...] = ()
+    min_multiple: dict[str, int] = field(default_factory=dict)
+
+    def unsupported(self, spec: MoESpec, scheme: str) -> str | None:
+        """Why this backend cannot run ``spec`` under ``scheme``, or None if it can."""
+        if scheme not in self.schemes:
+            return f"does not declare scheme {scheme}"
+        if spec.router not in self.routers:
+            return f"does not declare router {spec.router}"
+        if spec.capacity_factor is not None and not self.capacity:
+            return "does not declare capacity (token dropping)"
+        if spec.shared_ffn and not self.shared_expert:
+            return "does not declare a shared expert"
+        multiple = self.min_multiple.get(scheme)
+        if multiple and (spec.hidden % multiple or spec.ffn % multiple):
+            return f"needs hidden and ffn multiples of {multiple} for {scheme}"
+        return None
+
+
+class Backend(abc.ABC):
+    """A MoE layer implementation under test. Instances are cheap; state lives in `prepare`'s result."""
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+
+    def __init__(self, device: str | None = None) -> None:
+        self.device = device or self.capabilities.devices[0]
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """None when usable here; otherwise why not (a missing package, no device). Must not raise."""
+        return None
+
+    @classmethod
+    def versions(cls) -> dict[str, str]:
+        """Framework versions, for the report header and benchmark metadata."""
+        return {}
+
+    # -- required -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def prepare(self, spec: MoESpec, params: MoEParams, scheme: str, dtype: str, ep_size: int = 1) -> Any:
+        """Move parameters to the device and quantize whatever the scheme quantizes once."""
+
+    @abc.abstractmethod
+    def forward(self, prepared: Any, x: np.ndarray) -> ForwardResult:
+        """y [T, H], expert_ids [T, k], gate_weights [T, k], balance_loss, as NumPy."""
+
+    @abc.abstractmethod
+    def effective_weights(self, prepared: Any) -> dict[str, np.ndarray]:
+        """The float (dequantized) weights the forward actually computes with, by parameter name."""
+
+    # -- optional, gated by capabilities --------------------------------------------------------
+    def backward(self, prepared: Any, x: np.ndarray, dy: np.ndarray, balance_coeff: float = 0.0
+                 ) -> dict[str, np.ndarray]:
+        """Gradients of ``sum(y * dy) + balance_coeff * balance_loss``: ``x`` and every parameter."""
+        raise NotImplementedError(f"{self.name} does not offer backward")
+
+    def quantize_int8(self, values: np.ndarray, axis: int | tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """Symmetric int8 codes and scales (keepdims) of ``values`` reduced over ``axis``."""
+        raise NotImplementedError(f"{self.name} does not offer quantize_int8")
+
+    def expert_outputs(self, prepared: Any, x: np.ndarray) -> np.ndarray:
+        """Bypass routing: every expert's output on every token, [E, T, H], unweighted."""
+        raise NotImplementedError(f"{self.name} does not offer expert_outputs")
+
+    def update(self, prepared: Any, x: np.ndarray, dy: np.ndarray, lr: float) -> Any:
+        """One SGD step on the loss ``sum(y * dy)``; returns the new prepared state."""
+        raise NotImplementedError(f"{self.name} does not offer update")
+
+    def train_stack(self, spec: MoESpec, layers: list[MoEParams], x: np.ndarray, target: np.ndarray,
+                    scheme: str, dtype: str, lr: float, group_size: int) -> list[dict[str, np.ndarray]]:
+        """One pass of block-coordinate descent over a residual stack; returns effective weights per layer."""
+        raise NotImplementedError(f"{self.name} does not offer train_stack")
+
+    def benchmark_step(self, prepared: Any, x: np.ndarray, pass_: str, dy: np.ndarray | None = None
+                       ) -> Callable[[], Any]:
+        """A zero-argument callable running one ``pass_`` on device-resident copies of ``x``/``dy``.
+
+        It returns only after the device finished. Host-device copies happen here, outside it.
+        """
+        raise NotImplementedError(f"{self.name} does not offer benchmark_step")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} on {self.device}>"

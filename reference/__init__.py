@@ -1,0 +1,19 @@
+"""qmoe's independent float reference: NumPy float64, no backend framework.
+
+Public names: `MoESpec`, `MoEParams`, `forward`, `backward`, `ForwardResult`, the scheme table
+`SCHEMES`, the quantizers and the update rules.
+"""
+
+from .layer import ForwardResult, backward, effective_params, expert_outputs, forward
+from .quantization import (Quantized, quantize_affine_groups, quantize_per_expert, quantize_per_output_channel,
+                           quantize_per_token, quantize_qat_rows, quantize_symmetric_int8, sqnr_db)
+from .routing import route
+from .schemes import SCHEMES, Scheme, UnknownSchemeError, get_scheme
+from .spec import PARAM_NAMES, MoEParams, MoESpec, SpecError, validate_input
+
+__all__ = [
+    "ForwardResult", "MoEParams", "MoESpec", "PARAM_NAMES", "Quantized", "SCHEMES", "Scheme", "SpecError",
+    "UnknownSchemeError", "backward", "effective_params", "expert_outputs", "forward", "get_scheme",
+    "quantize_affine_groups", "quantize_per_expert", "quantize_per_output_channel", "quantize_per_token",
+    "quantize_qat_rows", "quantize_symmetric_int8", "route", "sqnr_db", "validate_input",
+]
