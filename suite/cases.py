@@ -1,0 +1,168 @@
+"""Named conformance cases: a shape, a router and a routing pattern, built the same way for every backend.
+
+Routing patterns are constructed, not left to a seed: a constant input feature (column 0 = 1) feeds
+per-expert logit offsets through row 0 of the router, so "Zipf-skewed", "one hot expert" and
+"some experts empty" hold by construction; exact ties come from duplicated router columns.
+Token rows get magnitudes spread over ~2 decades, so a per-tensor activation scale (instead of
+per-token) loses the small tokens visibly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from reference import MoEParams, MoESpec, route
+
+Pattern = Literal["balanced", "zipf", "one_expert", "empty_experts", "ties", "zero_rows_outliers"]
+
+#: Minimum relative gap between competing selection scores in a case, unless exactly 0 (a deliberate
+#: tie). A float32 router's scores carry ~1e-6 relative error; below 1e-4 it could pick either expert.
+ROUTING_MARGIN = 1e-4
+
+DTYPES: dict[str, np.dtype] = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+
+
+def round_to_dtype(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float64 copy of ``values`` rounded to ``dtype``, so both sides see exactly the same numbers."""
+    if dtype == "bfloat16":
+        as32 = np.asarray(values, dtype=np.float32)
+        bits = as32.view(np.uint32).astype(np.uint64)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16  # round to nearest even
+        return rounded.astype(np.uint32).view(np.float32).astype(np.float64)
+    return np.asarray(values, dtype=DTYPES[dtype]).astype(np.float64)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One named conformance case; ``build(dtype)`` gives the inputs both sides use."""
+
+    name: str
+    spec: MoESpec
+    tokens: int
+    pattern: Pattern = "balanced"
+    seed: int = 0
+    hot_expert: int = 2
+    empty: tuple[int, ...] = field(default=())
+
+    def build(self, dtype: str) -> "CaseData":
+        """Inputs rounded to ``dtype``; the first of a fixed sequence of seeds without near-ties."""
+        for attempt in range(100):
+            data = self._build(dtype, self.seed * 1000 + attempt)
+            if not data.near_ties().any():
+                return data
+        raise AssertionError(f"case {self.name}: no seed without routing near-ties in 100 tries")
+
+    def _build(self, dtype: str, seed: int) -> "CaseData":
+        rng = np.random.default_rng(seed)
+        spec = self.spec
+        params = MoEParams.random(spec, seed=seed)
+        x = rng.standard_normal((self.tokens, spec.hidden)) * np.exp(rng.uniform(-2.3, 2.3, (self.tokens, 1)))
+        x[:, 0] = 1.0
+        params.router[0, :] = self._logit_offsets()
+        if self.pattern == "ties":
+            for low in range(0, spec.experts - 1, 2):
+                params.router[:, low + 1] = params.router[:, low]
+            if params.router_bias is not None:
+                params.router_bias[1::2] = params.router_bias[0:-1:2][: len(params.router_bias[1::2])]
+        if self.pattern == "zero_rows_outliers":
+            x[0] = 0.0
+            x[min(5, self.tokens - 1)] = 0.0
+            if self.tokens > 2:
+                x[1] *= 1e3
+                x[2, -1] *= 50.0
+        params = params.map(lambda a: round_to_dtype(a, dtype))
+        if params.router is not None:
+            params.router = round_to_dtype(params.router, "float32")
+        x = round_to_dtype(x, dtype)
+        dy = round_to_dtype(rng.standard_normal(x.shape), dtype)
+        return CaseData(self, dtype, params, x, dy)
+
+    def _logit_offsets(self) -> np.ndarray:
+        e = self.spec.experts
+        rng = np.random.default_rng(self.seed + 1)
+        base = rng.standard_normal(e) * 0.3
+        if self.pattern == "zipf":
+            return 2.0 * np.log(1.0 / np.arange(1, e + 1) ** 1.2)
+        if self.pattern == "one_expert":
+            base[self.hot_expert] += 40.0  # beats any feature-driven logit: every token picks it
+        if self.pattern == "empty_experts":
+            base[list(self.empty)] -= 30.0
+        if self.pattern == "ties":
+            base[1::2] = base[0:-1:2][: len(base[1::2])]
+        return base
+
+    @property
+    def id(self) -> str:
+        return f"top{self.spec.top_k}-{self.name}"
+
+
+@dataclass
+class CaseData:
+    """A case's inputs in float64, exactly representable in ``dtype`` (the router in float32)."""
+
+    case: Case
+    dtype: str
+    params: MoEParams
+    x: np.ndarray
+    dy: np.ndarray
+
+    @property
+    def spec(self) -> MoESpec:
+        return self.case.spec
+
+    def near_ties(self) -> np.ndarray:
+        """[T, k] True where a float32 router could resolve the selection either way."""
+        gaps = routing_gaps(self.spec, self.params, self.x)
+        return (gaps > 0) & (gaps < ROUTING_MARGIN)
+
+
+def routing_gaps(spec: MoESpec, params: MoEParams, x: np.ndarray) -> np.ndarray:
+    """[T, k] relative gap between each selected score and its nearest competitor (inf when top_k = experts).
+
+    Competitors are the best unselected score and the neighbouring selected ones (their order matters
+    too). Gaps are relative to the larger of the two scores, because a float32 router's error in a
+    softmax probability is relative. A gap of exactly 0 is a true tie (the lower index must win).
+    """
+    routing = route(spec, params, x)
+    selection = routing.scores + (params.router_bias if spec.router == "sigmoid_topk" else 0.0)
+    selected = np.take_along_axis(selection, routing.expert_ids, axis=-1)
+
+    def relative(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        scale = np.maximum(np.maximum(np.abs(a), np.abs(b)), np.finfo(np.float64).tiny)
+        return np.abs(a - b) / scale
+
+    gaps = np.full(selected.shape, np.inf)
+    if spec.top_k < spec.experts:
+        masked = selection.copy()
+        np.put_along_axis(masked, routing.expert_ids, -np.inf, axis=-1)
+        gaps = relative(selected, masked.max(axis=-1, keepdims=True))
+    within = relative(selected[:, 1:], selected[:, :-1])
+    gaps[:, 1:] = np.minimum(gaps[:, 1:], within)
+    gaps[:, :-1] = np.minimum(gaps[:, :-1], within)
+    return gaps
+
+
+def _spec(hidden=32, ffn=16, experts=4, top_k=2, **options) -> MoESpec:
+    return MoESpec(hidden=hidden, ffn=ffn, experts=experts, top_k=top_k, **options)
+
+
+#: The fixed cases, by name. T values sit on tile boundaries (1, 31, 33, 63, 65).
+CASES: dict[str, Case] = {c.name: c for c in (
+    Case("balanced", _spec(), tokens=33),
+    Case("zipf_skew", _spec(experts=8), tokens=65, pattern="zipf"),
+    Case("one_expert", _spec(top_k=1), tokens=31, pattern="one_expert"),
+    Case("all_on_one_top2", _spec(), tokens=33, pattern="one_expert", seed=3),
+    Case("empty_experts", _spec(experts=8), tokens=33, pattern="empty_experts", empty=(1, 5, 6)),
+    Case("ties", _spec(experts=4), tokens=31, pattern="ties"),
+    Case("capacity_drop", _spec(experts=8, capacity_factor=1.0), tokens=63, pattern="zipf"),
+    Case("no_renorm", _spec(renormalize=False), tokens=33, seed=4),
+    Case("sigmoid", _spec(experts=8, router="sigmoid_topk", routed_scaling=2.5), tokens=33, seed=5),
+    Case("shared_expert", _spec(shared_ffn=24), tokens=33, seed=6),
+    Case("one_token", _spec(), tokens=1, seed=7),
+    Case("topk_all", _spec(top_k=4), tokens=31, seed=8),
+    Case("zero_rows_outliers", _spec(), tokens=33, pattern="zero_rows_outliers", seed=9),
+    Case("wide_g64", _spec(hidden=128, ffn=128, experts=4, shared_ffn=64), tokens=31, seed=10),
+)}

@@ -1,0 +1,122 @@
+"""Comparisons that explain themselves: shape and finiteness first, then error figures against a
+bound, and a message naming what differed, by how much, where, against which tolerance, and how to
+rerun that one case. Every comparison's figures are recorded for the report.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+
+from reference import sqnr_db
+
+#: Set by the suite's conftest: receives (what, figures) for the running test.
+_recorder: Callable[[str, "ErrorFigures"], None] | None = None
+
+
+def set_recorder(recorder: Callable[[str, "ErrorFigures"], None] | None) -> None:
+    global _recorder
+    _recorder = recorder
+
+
+@dataclass(frozen=True)
+class ErrorFigures:
+    """How far ``actual`` is from ``expected``.
+
+    ``worst_row_rel``: max over rows (tokens; experts for 3-d weights) of ||a - r|| / ||r||; a row
+    whose reference is exactly zero must be exactly zero too (else the figure is inf).
+    """
+
+    max_abs: float
+    worst_row_rel: float
+    worst_row: int
+    mean_rel: float
+    sqnr_db: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) and k != "sqnr_db" else v)
+                for k, v in asdict(self).items()}
+
+
+def error_figures(actual: np.ndarray, expected: np.ndarray) -> ErrorFigures:
+    a = np.asarray(actual, dtype=np.float64)
+    r = np.asarray(expected, dtype=np.float64)
+    diff = np.abs(a - r)
+    rows_a = a.reshape(a.shape[0], -1) if a.ndim > 1 else a.reshape(1, -1)
+    rows_r = r.reshape(rows_a.shape)
+    err = np.linalg.norm(rows_a - rows_r, axis=1)
+    ref = np.linalg.norm(rows_r, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(ref > 0, err / np.where(ref > 0, ref, 1.0), np.where(err > 0, np.inf, 0.0))
+    worst = int(np.argmax(rel)) if rel.size else 0
+    scale = np.abs(r).mean() if r.size else 0.0
+    mean_rel = float(diff.mean() / scale) if scale > 0 else (0.0 if diff.max(initial=0) == 0 else math.inf)
+    return ErrorFigures(float(diff.max(initial=0.0)), float(rel.max(initial=0.0)), worst, mean_rel,
+                        sqnr_db(r, a))
+
+
+def rerun_hint() -> str:
+    """The command that reruns the current test alone (from pytest's own env var)."""
+    current = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
+    return f"rerun: pytest '{current}'" if current else ""
+
+
+class ConformanceError(AssertionError):
+    """A backend disagrees with the reference beyond the tolerance table."""
+
+
+def _fail(what: str, detail: str) -> None:
+    raise ConformanceError(f"{what}: {detail}\n{rerun_hint()}")
+
+
+def check_shape(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
+    actual = np.asarray(actual)
+    if actual.shape != np.shape(expected):
+        _fail(what, f"shape {actual.shape}, expected {np.shape(expected)}")
+    if actual.dtype.kind not in "fiu":
+        _fail(what, f"dtype {actual.dtype} is not numeric")
+    bad = ~np.isfinite(actual.astype(np.float64))
+    if bad.any():
+        _fail(what, f"{int(bad.sum())} non-finite value(s), first at index "
+                    f"{tuple(int(i) for i in np.argwhere(bad)[0])}")
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, tight: float, what: str, reason: str = "") -> ErrorFigures:
+    """Worst row's relative error <= ``tight``; records the figures either way.
+
+    The reference must not be all zeros (a backend returning zeros would then pass): that is a case
+    bug and fails too.
+    """
+    check_shape(actual, expected, what)
+    if not np.any(np.asarray(expected)):
+        _fail(what, "the reference is all zeros, so this comparison could not fail; fix the case")
+    figures = error_figures(actual, expected)
+    if _recorder is not None:
+        _recorder(what, figures)
+    if not figures.worst_row_rel <= tight:
+        _fail(what, f"worst row {figures.worst_row} relative error {figures.worst_row_rel:.3e} > {tight:.1e} "
+                    f"(max abs {figures.max_abs:.3e}, mean rel {figures.mean_rel:.2e}, SQNR {figures.sqnr_db:.1f} dB)"
+                    + (f"; tolerance: {reason}" if reason else ""))
+    return figures
+
+
+def assert_sqnr(actual: np.ndarray, expected: np.ndarray, floor_db: float, what: str) -> float:
+    """Fidelity: SQNR of ``actual`` against the float reference is at least ``floor_db``."""
+    check_shape(actual, expected, what)
+    figures = error_figures(actual, expected)
+    if _recorder is not None:
+        _recorder(what, figures)
+    if not figures.sqnr_db >= floor_db:
+        _fail(what, f"SQNR {figures.sqnr_db:.1f} dB < floor {floor_db:.1f} dB against the float reference "
+                    f"(max abs {figures.max_abs:.3e})")
+    return figures.sqnr_db
+
+
+def assert_exactly_zero(actual: np.ndarray, what: str) -> None:
+    actual = np.asarray(actual, dtype=np.float64)
+    if np.any(actual != 0):
+        _fail(what, f"must be exactly zero (no token reached it), max |value| {np.abs(actual).max():.3e}")

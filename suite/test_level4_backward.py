@@ -1,0 +1,63 @@
+"""Level 4, backward: gradients of sum(y * dy) + c * balance_loss for a seeded random cotangent.
+
+Tight against the reference's gradient at the backend's effective weights (straight-through or the
+prequant custom VJP, as the scheme says), above the fidelity floor against the float gradient, and
+exactly zero for experts that received no token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import reference
+
+from .checks import assert_close, assert_exactly_zero, assert_sqnr
+from .test_level3_forward import effective_as_params
+from .tolerances import tolerance
+
+pytestmark = pytest.mark.conformance
+REQUIRES = ("backward",)
+
+#: Weight of the balance loss in the differentiated objective: non-zero so its gradient is checked.
+BALANCE_COEFF = 0.05
+
+
+def _backward(backend, prepared, data):
+    grads = backend.backward(prepared, data.x, data.dy, balance_coeff=BALANCE_COEFF)
+    return {name: np.asarray(value, dtype=np.float64) for name, value in grads.items()}
+
+
+def _kind(name: str) -> str:
+    return name if name in ("x", "router") else "weights"
+
+
+def test_backward(backend, target, data, prepared):
+    tol = tolerance(target.scheme, target.dtype, "backward")
+    grads = _backward(backend, prepared, data)
+    eff = effective_as_params(backend, prepared)
+    expected = reference.backward(data.spec, eff, data.x, data.dy, target.scheme, BALANCE_COEFF,
+                                  weights_are_effective=True)
+    missing = sorted(set(expected) - set(grads))
+    assert not missing, f"backward returned no gradient for {missing}"
+    for name, value in expected.items():
+        if name in ("w13", "w2"):
+            for e in range(data.spec.experts):
+                if not np.any(value[e]):
+                    assert_exactly_zero(grads[name][e], f"grad.{name}[expert={e}]")
+                else:
+                    assert_close(grads[name][e], value[e], tol.tight, f"grad.{name}[expert={e}]", tol.reason)
+        else:
+            assert_close(grads[name], value, tol.tight, f"grad.{name}", tol.reason)
+
+
+def test_backward_fidelity(backend, target, data, prepared):
+    tol = tolerance(target.scheme, target.dtype, "backward")
+    if not tol.sqnr_floor_db:
+        pytest.skip(f"scheme {target.scheme} has no fidelity floor: it is compared tightly to float")
+    grads = _backward(backend, prepared, data)
+    expected = reference.backward(data.spec, data.params, data.x, data.dy, "none", BALANCE_COEFF)
+    for name, value in expected.items():
+        floor = tol.floor(_kind(name))
+        if floor is not None:
+            assert_sqnr(grads[name], value, floor, f"grad.{name} vs float")
