@@ -16,9 +16,6 @@ ENTRY_POINT_GROUP = "qmoe.backends"
 #: Built-in backends: name -> "module:Class". Imported lazily.
 BUILTIN_BACKENDS: dict[str, str] = {
     "torch_eager": "implementations.torch_eager:TorchEagerBackend",
-    "jax_prequant": "implementations.jax_prequant:JaxPrequantBackend",
-    "mlx_layerwise": "implementations.mlx_layerwise:MLXLayerwiseBackend",
-    "torch_triton": "implementations.torch_triton:TorchTritonBackend",
 }
 
 _extra: dict[str, type[Backend]] = {}

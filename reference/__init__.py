@@ -10,10 +10,15 @@ from .quantization import (Quantized, quantize_affine_groups, quantize_per_exper
 from .routing import route
 from .schemes import SCHEMES, Scheme, UnknownSchemeError, get_scheme
 from .spec import PARAM_NAMES, MoEParams, MoESpec, SpecError, validate_input
+from .updates import (block_coordinate_descent, master_float_step, requantize_step, sgd_step_master_float,
+                      sgd_step_requantize, stack_backward, stack_forward, stack_loss)
 
 __all__ = [
     "ForwardResult", "MoEParams", "MoESpec", "PARAM_NAMES", "Quantized", "SCHEMES", "Scheme", "SpecError",
     "UnknownSchemeError", "backward", "effective_params", "expert_outputs", "forward", "get_scheme",
     "quantize_affine_groups", "quantize_per_expert", "quantize_per_output_channel", "quantize_per_token",
     "quantize_qat_rows", "quantize_symmetric_int8", "route", "sqnr_db", "validate_input",
+    # update rules and the residual stack (reference/updates.py)
+    "block_coordinate_descent", "master_float_step", "requantize_step", "sgd_step_master_float",
+    "sgd_step_requantize", "stack_backward", "stack_forward", "stack_loss",
 ]

@@ -179,7 +179,7 @@ REQUIREMENTS = {
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Parametrize ``target`` (backend x scheme x case x dtype) and ``backend_name`` from the selection.
+    """Parametrize ``target`` (backend x scheme x case x dtype), or ``backend`` alone, from the selection.
 
     A test module narrows the grid with module attributes: ``CASE_NAMES`` (default: all cases),
     ``SCHEMES_UNDER_TEST`` (default: all schemes), ``DTYPES_UNDER_TEST`` and ``REQUIRES`` (capability
@@ -202,13 +202,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                         marks = [pytest.mark.skip(reason=reason)] if reason else []
                         params.append(pytest.param(target, id=target.id, marks=marks))
         metafunc.parametrize("target", params)
-    elif "backend_name" in metafunc.fixturenames:
+    elif "backend" in metafunc.fixturenames:
         params = []
         for entry in sel.backends:
             reason = _skip_reason(entry, None, None, None, requires)
             params.append(pytest.param(entry.name, id=entry.name,
                                        marks=[pytest.mark.skip(reason=reason)] if reason else []))
-        metafunc.parametrize("backend_name", params)
+        metafunc.parametrize("backend", params, indirect=True)
 
 
 # -- fixtures ---------------------------------------------------------------------------------------
@@ -230,9 +230,10 @@ def backend_instance(config: pytest.Config, name: str):
 
 @pytest.fixture
 def backend(request: pytest.FixtureRequest):
-    name = request.getfixturevalue("target").backend if "target" in request.fixturenames else \
-        request.getfixturevalue("backend_name")
-    return backend_instance(request.config, name)
+    """The backend under test: from ``target`` in grid tests, else parametrized by name (indirect)."""
+    if "target" in request.fixturenames:
+        return backend_instance(request.config, request.getfixturevalue("target").backend)
+    return backend_instance(request.config, request.param)
 
 
 _case_cache: dict[tuple[str, str], Any] = {}
