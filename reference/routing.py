@@ -19,7 +19,9 @@ def softmax(z: np.ndarray) -> np.ndarray:
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * z))
+    """1 / (1 + e^-z), in a form that keeps relative precision for very negative z (no 0 below -38)."""
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 def top_k_lowest_index_wins(scores: np.ndarray, k: int) -> np.ndarray:
@@ -38,6 +40,7 @@ class Routing:
     gate_weights: np.ndarray  # [T, k]
     kept: np.ndarray          # [T, k] bool: False where capacity dropped the assignment
     balance_loss: float
+    selection: np.ndarray     # [T, E]: what top-k ranks (softmax: logits; sigmoid: s + bias)
 
 
 def route(spec: MoESpec, params: MoEParams, x: np.ndarray) -> Routing:
@@ -50,7 +53,8 @@ def route(spec: MoESpec, params: MoEParams, x: np.ndarray) -> Routing:
     logits = x @ params.router
     if spec.router == "softmax_topk":
         scores = softmax(logits)
-        selection = scores
+        # Select on logits: the same order as p, but p underflows to 0 and would fake a tie.
+        selection = logits
         probs = scores
     else:
         scores = sigmoid(logits)
@@ -64,7 +68,7 @@ def route(spec: MoESpec, params: MoEParams, x: np.ndarray) -> Routing:
     if spec.router == "sigmoid_topk":
         weights = weights * spec.routed_scaling
     kept = capacity_mask(spec, ids)
-    return Routing(logits, scores, probs, ids, weights, kept, balance_loss(spec, ids, probs))
+    return Routing(logits, scores, probs, ids, weights, kept, balance_loss(spec, ids, probs), selection)
 
 
 def capacity_mask(spec: MoESpec, expert_ids: np.ndarray) -> np.ndarray:

@@ -130,12 +130,19 @@ def routing_gaps(spec: MoESpec, params: MoEParams, x: np.ndarray) -> np.ndarray:
     softmax probability is relative. A gap of exactly 0 is a true tie (the lower index must win).
     """
     routing = route(spec, params, x)
-    selection = routing.scores + (params.router_bias if spec.router == "sigmoid_topk" else 0.0)
+    selection = routing.selection
     selected = np.take_along_axis(selection, routing.expert_ids, axis=-1)
 
-    def relative(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        scale = np.maximum(np.maximum(np.abs(a), np.abs(b)), np.finfo(np.float64).tiny)
-        return np.abs(a - b) / scale
+    if spec.router == "softmax_topk":
+        # Logits: float32 error scales with sum_i |x_i r_i|, not with the logit (which may be ~0).
+        row_scale = (np.abs(x) @ np.abs(params.router)).max(axis=-1, keepdims=True)
+
+        def relative(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            return np.abs(a - b) / np.maximum(row_scale, np.finfo(np.float64).tiny)
+    else:
+        def relative(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            scale = np.maximum(np.maximum(np.abs(a), np.abs(b)), np.finfo(np.float64).tiny)
+            return np.abs(a - b) / scale
 
     gaps = np.full(selected.shape, np.inf)
     if spec.top_k < spec.experts:
