@@ -278,8 +278,9 @@ class TorchEagerBackend(Backend):
 
     # -- routing (float32) ---------------------------------------------------------------------
     def _route(self, state: TorchEagerState, x: "torch.Tensor") -> TorchRouting:
-        """softmax_topk: p = softmax(x R), ids = topk(p). sigmoid_topk: s = sigmoid(x R), ids = topk(s + b),
-        P = s / sum s. Gate weights from the selected scores; then the capacity mask and balance loss."""
+        """softmax_topk: p = softmax(x R), ids = topk(p) (= topk of the logits). sigmoid_topk: s = sigmoid(x R),
+        ids = topk(s + b), P = s / sum s. Gate weights from the selected scores; then the capacity mask
+        and the balance loss."""
         torch = _torch()
         spec = state.spec
         logits = x.float() @ state.router
