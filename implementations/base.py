@@ -39,6 +39,7 @@ class Capabilities:
     ``bypass``: offers `Backend.expert_outputs` (every expert on every token).
     ``update``: ``master_float`` or ``requantize`` when `Backend.update` is offered (level 5).
     ``layerwise_trainer``: offers `Backend.train_stack` (level 5, block-coordinate descent).
+    ``qat_export``: offers `Backend.eval_forward`, `export_int8` and `load_exported` (the QAT checks).
     ``expert_parallel``: device counts N for which `prepare(..., ep_size=N)` shards experts (level 6).
     ``min_multiple``: per scheme, a size that hidden and ffn must be multiples of (e.g. MLX groups).
     """
@@ -54,6 +55,7 @@ class Capabilities:
     bypass: bool = False
     update: UpdateKind | None = None
     layerwise_trainer: bool = False
+    qat_export: bool = False
     expert_parallel: tuple[int, ...] = ()
     min_multiple: dict[str, int] = field(default_factory=dict)
 
@@ -127,6 +129,18 @@ class Backend(abc.ABC):
                     scheme: str, dtype: str, lr: float, group_size: int) -> list[dict[str, np.ndarray]]:
         """One pass of block-coordinate descent over a residual stack; returns effective weights per layer."""
         raise NotImplementedError(f"{self.name} does not offer train_stack")
+
+    def eval_forward(self, prepared: Any, x: np.ndarray) -> ForwardResult:
+        """QAT: the evaluation forward, on the master weights, never fake-quantized."""
+        raise NotImplementedError(f"{self.name} does not offer eval_forward")
+
+    def export_int8(self, prepared: Any) -> dict[str, np.ndarray]:
+        """QAT: the checkpoint: ``{name}.int8`` codes and ``{name}.scale`` for quantized tensors, ``{name}`` otherwise."""
+        raise NotImplementedError(f"{self.name} does not offer export_int8")
+
+    def load_exported(self, spec: MoESpec, exported: dict[str, np.ndarray]) -> Any:
+        """QAT: a prepared layer computing with the checkpoint's values, not quantized again."""
+        raise NotImplementedError(f"{self.name} does not offer load_exported")
 
     def benchmark_step(self, prepared: Any, x: np.ndarray, pass_: str, dy: np.ndarray | None = None
                        ) -> Callable[[], Any]:

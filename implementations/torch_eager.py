@@ -295,7 +295,7 @@ class TorchEagerBackend(Backend):
             selection = scores + bias  # DeepSeek-V3: the bias steers selection only, never the weights
             # P = s / sum(s), as a softmax of logsigmoid: s of very negative logits underflows to 0
             # in float32, and 0 / 0 would put NaN into the balance loss and every gradient.
-            probs = torch.softmax(torch.nn.functional.logsigmoid(logits), dim=-1)
+            probs = sigmoid_balance_probs(logits)
         ids = self._top_k(selection.detach(), spec.top_k)
         gates = self._gate_weights(spec, logits, scores, ids)
         return TorchRouting(ids, gates, self._capacity_mask(spec, ids), self._balance_loss(spec, ids, probs))
@@ -306,21 +306,8 @@ class TorchEagerBackend(Backend):
 
     def _gate_weights(self, spec: MoESpec, logits: "torch.Tensor", scores: "torch.Tensor", ids: "torch.Tensor"
                       ) -> "torch.Tensor":
-        """w = the selected scores, / their sum if ``renormalize``, * routed_scaling for sigmoid routers.
-
-        The renormalized weights are a softmax over the selected log-scores (log p = logit + const,
-        log s = logsigmoid(logit)): the same values, but a top-1 gate is exactly 1 with exactly zero
-        gradient, as the reference's, where autograd through s / sum(s) leaves rounding noise.
-        """
-        torch = _torch()
-        if spec.renormalize:
-            selected = logits.gather(-1, ids)
-            if spec.router == "sigmoid_topk":
-                selected = torch.nn.functional.logsigmoid(selected)
-            gates = torch.softmax(selected, dim=-1)
-        else:
-            gates = scores.gather(-1, ids)
-        return gates * spec.routed_scaling if spec.router == "sigmoid_topk" else gates
+        """The gate weights of the selected experts (see `router_gate_weights`); a seam for mutants."""
+        return router_gate_weights(spec, logits, scores, ids)
 
     def _capacity_mask(self, spec: MoESpec, ids: "torch.Tensor") -> "torch.Tensor":
         """Keep the first C assignments of each expert in (token, slot) row-major order."""
@@ -526,3 +513,29 @@ def _unflatten(leaves: Leaves, flat: list) -> Leaves:
         out[name] = flat[i:i + n] if isinstance(value, list) else flat[i]
         i += n
     return out
+
+
+def router_gate_weights(spec: MoESpec, logits: "torch.Tensor", scores: "torch.Tensor", ids: "torch.Tensor"
+                        ) -> "torch.Tensor":
+    """w = the selected scores, / their sum if ``renormalize``, * routed_scaling for sigmoid routers.
+
+    The renormalized weights are a softmax over the selected log-scores (log p = logit + const,
+    log s = logsigmoid(logit)): the same values, but a top-1 gate is exactly 1 with exactly zero
+    gradient, as the reference's, where autograd through s / sum(s) leaves rounding noise.
+    Shared with `torch_triton`, whose router is the same float32 torch code.
+    """
+    torch = _torch()
+    if spec.renormalize:
+        selected = logits.gather(-1, ids)
+        if spec.router == "sigmoid_topk":
+            selected = torch.nn.functional.logsigmoid(selected)
+        gates = torch.softmax(selected, dim=-1)
+    else:
+        gates = scores.gather(-1, ids)
+    return gates * spec.routed_scaling if spec.router == "sigmoid_topk" else gates
+
+
+def sigmoid_balance_probs(logits: "torch.Tensor") -> "torch.Tensor":
+    """P = s / sum(s) as a softmax of logsigmoid: s of very negative logits underflows to 0 (0/0)."""
+    torch = _torch()
+    return torch.softmax(torch.nn.functional.logsigmoid(logits), dim=-1)

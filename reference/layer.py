@@ -8,6 +8,8 @@ per token where the scheme says, the router always float.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,6 +97,25 @@ def backward(spec: MoESpec, params: MoEParams, x: np.ndarray, dy: np.ndarray, sc
     the straight-through gradient (or the prequant custom VJP), which is also the gradient with
     respect to the float master weights. Experts that received no token get exactly zero.
     """
+    return _backward(spec, params, x, dy, scheme, balance_coeff, weights_are_effective)[0]
+
+
+class RouterPath(NamedTuple):
+    """The router's share of a backward pass: d loss / d logits [T, E] and its part of dx [T, H]."""
+
+    d_logits: np.ndarray
+    x_grad: np.ndarray
+
+
+def router_path(spec: MoESpec, params: MoEParams, x: np.ndarray, dy: np.ndarray, scheme: str = "none",
+                balance_coeff: float = 0.0, weights_are_effective: bool = False) -> RouterPath:
+    """What `backward` sends through the router logits. A float32 router's error there is conditioned
+    by its margin from saturation and by cancellation over tokens; the suite bounds it from these."""
+    return _backward(spec, params, x, dy, scheme, balance_coeff, weights_are_effective)[1]
+
+
+def _backward(spec: MoESpec, params: MoEParams, x: np.ndarray, dy: np.ndarray, scheme: str,
+              balance_coeff: float, weights_are_effective: bool) -> tuple[dict[str, np.ndarray], RouterPath]:
     scheme_ = get_scheme(scheme)
     result, trace, eff = _run(spec, params, x, scheme_, weights_are_effective)
     dy = np.asarray(dy, dtype=np.float64)
@@ -114,12 +135,13 @@ def backward(spec: MoESpec, params: MoEParams, x: np.ndarray, dy: np.ndarray, sc
         grads["w2"][e] += d_w2
     d_logits = routing_backward(spec, trace.routing, d_gate, balance_coeff)
     grads["router"] = x.T @ d_logits
-    grads["x"] += d_logits @ eff.router.T
+    x_through_router = d_logits @ eff.router.T
+    grads["x"] += x_through_router
     if trace.shared is not None:
         shared_rule = _family_rule(scheme_, scheme_.shared_weights, scheme_.shared_activations)
         d_x, grads["shared_w13"], grads["shared_w2"] = mlp_backward(trace.shared, dy, shared_rule)
         grads["x"] += d_x
-    return grads
+    return grads, RouterPath(d_logits, x_through_router)
 
 
 def expert_outputs(spec: MoESpec, params: MoEParams, x: np.ndarray, scheme: str = "none",

@@ -60,11 +60,16 @@ def route(spec: MoESpec, params: MoEParams, x: np.ndarray) -> Routing:
         scores = sigmoid(logits)
         bias = params.router_bias if params.router_bias is not None else 0.0
         selection = scores + bias
-        probs = scores / scores.sum(axis=-1, keepdims=True)
+        # s / sum(s) in log space: for logits below -745 every s is 0 in float64 and the ratio 0/0.
+        probs = softmax(-np.logaddexp(0.0, -logits))
     ids = top_k_lowest_index_wins(selection, spec.top_k)
-    weights = np.take_along_axis(scores, ids, axis=-1)
     if spec.renormalize:
-        weights = weights / weights.sum(axis=-1, keepdims=True)
+        # w = s_sel / sum(s_sel) as a softmax of the selected log-scores: the same values, and no 0/0
+        # where every selected score underflows (sigmoid logits below -745).
+        log_scores = logits if spec.router == "softmax_topk" else -np.logaddexp(0.0, -logits)
+        weights = softmax(np.take_along_axis(log_scores, ids, axis=-1))
+    else:
+        weights = np.take_along_axis(scores, ids, axis=-1)
     if spec.router == "sigmoid_topk":
         weights = weights * spec.routed_scaling
     kept = capacity_mask(spec, ids)
@@ -102,21 +107,26 @@ def routing_backward(spec: MoESpec, routing: Routing, d_gate_weights: np.ndarray
     if spec.router == "sigmoid_topk":
         dw = dw * spec.routed_scaling
         weights = weights / spec.routed_scaling
-    selected = np.take_along_axis(scores, ids, axis=-1)
-    if spec.renormalize:
-        # w_k = s_k / S with S = sum of selected: d s_j = (dw_j - sum_k dw_k w_k) / S
-        d_selected = (dw - np.sum(dw * weights, axis=-1, keepdims=True)) / selected.sum(axis=-1, keepdims=True)
-    else:
-        d_selected = dw
-    d_scores = np.zeros_like(scores)
-    np.put_along_axis(d_scores, ids, d_selected, axis=-1)
-
     tokens = scores.shape[0]
     f = np.bincount(ids.reshape(-1), minlength=spec.experts) / ids.size
     d_probs = np.broadcast_to(balance_coeff * spec.experts * f / tokens, scores.shape)
+    if spec.renormalize:
+        # w = softmax(log s_sel): d log s_k = w_k (dw_k - sum_j dw_j w_j). Softmax: d log p = d logit
+        # up to a per-row constant that p's own softmax removes (sum_k w_k (dw_k - ...) = 0).
+        # Sigmoid: d logit = d log s * (1 - s). No division by the (possibly underflowed) sum.
+        d_log_selected = weights * (dw - np.sum(dw * weights, axis=-1, keepdims=True))
+        d_log = np.zeros_like(scores)
+        np.put_along_axis(d_log, ids, d_log_selected, axis=-1)
+        if spec.router == "softmax_topk":
+            return d_log + scores * (d_probs - np.sum(d_probs * scores, axis=-1, keepdims=True))
+        d_balance = (d_probs - np.sum(d_probs * routing.probs, axis=-1, keepdims=True)) * routing.probs
+        return (d_log + d_balance) * (1.0 - scores)
+    d_scores = np.zeros_like(scores)
+    np.put_along_axis(d_scores, ids, dw, axis=-1)
     if spec.router == "softmax_topk":
         d_scores = d_scores + d_probs
         return scores * (d_scores - np.sum(d_scores * scores, axis=-1, keepdims=True))
-    total = scores.sum(axis=-1, keepdims=True)
-    d_scores = d_scores + (d_probs - np.sum(d_probs * routing.probs, axis=-1, keepdims=True)) / total
-    return d_scores * scores * (1.0 - scores)
+    # P = s / sum(s): dP/ds_j / s_j' = P_j / s_j, and ds/dlogit = s (1 - s), so the balance term's
+    # d logit = (d_P - sum d_P P) * P * (1 - s): no division by sum(s), which underflows to 0.
+    d_balance = (d_probs - np.sum(d_probs * routing.probs, axis=-1, keepdims=True)) * routing.probs * (1.0 - scores)
+    return d_scores * scores * (1.0 - scores) + d_balance

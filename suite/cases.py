@@ -178,12 +178,21 @@ CASES: dict[str, Case] = {c.name: c for c in (
 )}
 
 
-def router_saturated(spec: MoESpec, params: MoEParams, x: np.ndarray, threshold: float = 1e-4) -> bool:
-    """True if some selected router score (softmax p or sigmoid s) is within ``threshold`` of 0 or 1.
+def router_margin(spec: MoESpec, params: MoEParams, x: np.ndarray) -> float:
+    """The smallest distance of a selected router score (softmax p or sigmoid s) from 0 or 1 (1.0 if E = 1
+    under softmax, where p is identically 1).
 
-    The router gradient there is proportional to p (1 - p) (or s (1 - s)), which a float32 router
-    computes with absolute error ~u: relative error u / threshold and beyond, i.e. rounding noise.
+    A float32 router computes p (1 - p) (or s (1 - s)), which every router gradient carries, with
+    absolute error ~u: relative error ~u / margin.
     """
+    if spec.experts == 1 and spec.router == "softmax_topk":
+        return 1.0
     routing = route(spec, params, x)
     selected = np.take_along_axis(routing.scores, routing.expert_ids, axis=-1)
-    return bool(np.any(np.minimum(selected, 1.0 - selected) < threshold) and spec.experts > 1)
+    return float(np.minimum(selected, 1.0 - selected).min())
+
+
+def router_saturated(spec: MoESpec, params: MoEParams, x: np.ndarray, threshold: float = 1e-4) -> bool:
+    """True if some selected router score is within ``threshold`` of 0 or 1: the router gradient there
+    is rounding noise (relative error u / threshold and beyond; see `router_margin`)."""
+    return router_margin(spec, params, x) < threshold

@@ -126,3 +126,30 @@ def assert_exactly_zero(actual: np.ndarray, what: str) -> None:
     actual = np.asarray(actual, dtype=np.float64)
     if np.any(actual != 0):
         _fail(what, f"must be exactly zero (no token reached it), max |value| {np.abs(actual).max():.3e}")
+
+
+def assert_requantized_step(actual: np.ndarray, start: np.ndarray, grad: np.ndarray, lr: float,
+                            step: np.ndarray, tight: float, what: str) -> None:
+    """``actual`` is a valid requantization of the float SGD step ``start - lr * grad``.
+
+    Valid: every element within one quantization ``step`` (its scale, broadcastable) of the float
+    step, plus slack for the backend's own gradient error: ``tight`` of each leading-axis slice's
+    gradient norm (the backward is held to a worst-row relative error, and an element's error is at
+    most its row's). And the weights must move at least half as far as the step asks, so a backend
+    that lost the update in requantization fails.
+    """
+    actual = np.asarray(actual, dtype=np.float64)
+    stepped = start - lr * grad
+    check_shape(actual, stepped, what)
+    step = np.broadcast_to(step, stepped.shape)
+    norms = np.linalg.norm(grad.reshape(grad.shape[0], -1), axis=1) if grad.ndim > 1 else np.abs(grad)
+    slack = (tight * lr * norms).reshape(-1, *([1] * (stepped.ndim - 1)))
+    excess = np.abs(actual - stepped) - (step * (1 + 1e-5) + slack)
+    if np.any(excess > 0):
+        i = tuple(int(v) for v in np.argwhere(excess > 0)[0])
+        _fail(what, f"{actual[i]:.6g} is more than one step ({step[i]:.3e}, plus gradient slack "
+                    f"{np.broadcast_to(slack, stepped.shape)[i]:.2e}) from the reference's float step "
+                    f"{stepped[i]:.6g} at {i}")
+    moved, wanted = np.linalg.norm(actual - start), np.linalg.norm(stepped - start)
+    if wanted > 0 and not moved >= 0.5 * wanted:
+        _fail(what, f"weights moved {moved:.3e}, the step asks for {wanted:.3e}")

@@ -174,6 +174,7 @@ REQUIREMENTS = {
     "bypass": lambda caps: caps.bypass,
     "update": lambda caps: caps.update is not None,
     "layerwise_trainer": lambda caps: caps.layerwise_trainer,
+    "qat_export": lambda caps: caps.qat_export,
     "expert_parallel": lambda caps: bool(caps.expert_parallel),
 }
 
