@@ -16,6 +16,8 @@ ENTRY_POINT_GROUP = "qmoe.backends"
 #: Built-in backends: name -> "module:Class". Imported lazily.
 BUILTIN_BACKENDS: dict[str, str] = {
     "torch_eager": "implementations.torch_eager:TorchEagerBackend",
+    "torch_triton": "implementations.torch_triton:TorchTritonBackend",
+    "mlx_layerwise": "implementations.mlx_layerwise:MLXLayerwiseBackend",
 }
 
 _extra: dict[str, type[Backend]] = {}

@@ -1,0 +1,178 @@
+"""Grouped GEMM over token rows sorted by expert, in Triton: int8 x int8 -> int32, scales in the epilogue.
+
+    c[r, :] = (sum_k a[src(r), k] * b[e(r), k, :]) * a_scale[src(r)] * b_scale[e(r)]
+
+for every row r of group e (rows ``group_starts[e] .. group_starts[e+1]`` of c). ``src(r)`` is r, or
+``a_rows[r]`` when the dispatch gather is fused into the A load (the JAX logbook's pack+quant fusion:
+quantize each token once, then read its codes straight from the token-major tensor).
+
+No padding to a fixed capacity: the grid has one program per (M-tile of some group, N-tile), sized by
+the upper bound ``cdiv(rows, BLOCK_M) + experts`` so that no host synchronisation is needed; every
+program finds its expert from the group offsets (a cumulative sum of per-expert tile counts), and the
+spare programs of the bound, like a group with zero rows, own no tile and do nothing (the nanochat
+devlog's FP8 failure was ``amax`` over such an empty expert: here an empty group is just zero tiles).
+
+The same kernel with ``INT8=False`` is a float grouped GEMM (float32 accumulation, no TF32), used
+where a float path must not depend on ``torch._grouped_mm``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_common import is_interpreted_kernel, next_power_of_2, record_launch
+
+
+@triton.jit
+def _grouped_gemm_kernel(a_ptr, a_scale_ptr, a_rows_ptr, b_ptr, b_scale_ptr, c_ptr, group_starts_ptr,
+                         n_cols, k_dim, n_experts,
+                         stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
+                         INT8: tl.constexpr, GATHER_A: tl.constexpr, E_BLOCK: tl.constexpr, EVEN_K: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # N-tiles vary fastest: the programs in flight share one A tile and sweep one expert's B, which
+    # stays in L2 across that expert's M-tiles (A is read from memory once).
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+
+    # Which expert owns M-tile pid_m: tiles_e = cdiv(rows_e, BLOCK_M), an empty group owns none.
+    ids = tl.arange(0, E_BLOCK)
+    in_range = ids < n_experts
+    starts = tl.load(group_starts_ptr + ids, mask=in_range, other=0)
+    ends = tl.load(group_starts_ptr + ids + 1, mask=in_range, other=0)
+    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
+    tile_end = tl.cumsum(tiles, axis=0)
+    expert = tl.sum((tile_end <= pid_m).to(tl.int32), axis=0)
+    mine = ids == expert  # no id matches for a spare program (expert == n_experts): no rows below
+    first_tile = tl.sum(tl.where(mine, tile_end - tiles, 0), axis=0)
+    row_begin = tl.sum(tl.where(mine, starts, 0), axis=0) + (pid_m - first_tile) * BLOCK_M
+    row_end = tl.sum(tl.where(mine, ends, 0), axis=0)
+
+    rows = row_begin + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    if GATHER_A:
+        src = tl.load(a_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    else:
+        src = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_cols
+    expert64 = tl.minimum(expert, n_experts - 1).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak
+    b_ptrs = b_ptr + expert64 * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+
+    k_steps = tl.where(row_begin < row_end, tl.cdiv(k_dim, BLOCK_K), 0)
+    if INT8:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(0, k_steps):
+        if EVEN_K:
+            # No mask along K: the loads stay 16-byte vectors, which the pipeliner needs to turn them
+            # into asynchronous copies (an int8 load masked per element is one byte wide).
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0)
+            b = tl.load(b_ptrs, mask=col_ok[None, :], other=0)
+        else:
+            k_ok = ks < k_dim - step * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0)
+        if INT8:
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if INT8:
+        # Dequantize at the output: the int32 sum times the token's scale times the expert's scale.
+        a_scale = tl.load(a_scale_ptr + src, mask=row_ok, other=0.0)
+        b_scale = tl.load(b_scale_ptr + expert64)
+        out = acc.to(tl.float32) * a_scale[:, None] * b_scale
+    else:
+        out = acc
+    c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :] * stride_cn
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+#: True when the kernel runs in Triton's interpreter (fixed at this module's import).
+INTERPRETED: bool = is_interpreted_kernel(_grouped_gemm_kernel)
+
+#: Interpreter tiles: each program is a Python call, so few programs; 32 keeps tile-boundary
+#: behaviour visible at the suite's sizes (T = 31, 33, 63, 65).
+_INTERPRETER_TILES = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
+
+#: Hopper tiles for the int8 tensor cores (wgmma wants K-major operands: callers pass B that way).
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+]
+_FLOAT_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+]
+
+#: One fixed config below this many multiply-adds: small problems (the correctness checks) then cost
+#: one compile each instead of an autotuning sweep, and tiles of 64 waste less on tiny groups.
+_AUTOTUNE_MIN_MACS = 2**30
+_SMALL_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3)
+
+_autotuned: dict[bool, object] = {}
+
+
+def _gpu_kernel(int8: bool):
+    """The kernel wrapped in an autotuner (built on first GPU use; the interpreter never tunes)."""
+    if int8 not in _autotuned:
+        configs = _GPU_CONFIGS if int8 else _FLOAT_GPU_CONFIGS
+        even_k = triton.heuristics({"EVEN_K": lambda args: args["k_dim"] % args["BLOCK_K"] == 0})
+        _autotuned[int8] = triton.autotune(configs=configs, key=["n_cols", "k_dim", "stride_bk"])(
+            even_k(_grouped_gemm_kernel))
+    return _autotuned[int8]
+
+
+def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_starts: torch.Tensor, *, out_dtype: torch.dtype,
+                 a_scale: torch.Tensor | None = None, b_scale: torch.Tensor | None = None,
+                 a_rows: torch.Tensor | None = None, zero_uncovered: bool = False) -> torch.Tensor:
+    """c [R, N] with rows of group e = a's rows (or ``a[a_rows]``) of that group times b[e].
+
+    a: [R_a, K] int8 (with ``a_scale`` [R_a] float32) or float; b: [E, K, N] of any strides (int8
+    with ``b_scale`` [E], or float); group_starts: [E + 1] int32 row offsets of c, non-decreasing.
+    R = len(a_rows) or R_a. Rows of c outside every group are left unwritten, or zero with
+    ``zero_uncovered`` (capacity-dropped rows sorted after the last group).
+    """
+    int8 = a.dtype == torch.int8
+    if int8 != (b.dtype == torch.int8) or int8 != (a_scale is not None) or int8 != (b_scale is not None):
+        raise ValueError("grouped_gemm: int8 operands need both scales; float operands take none")
+    experts, k_dim, n_cols = b.shape
+    n_rows = a_rows.shape[0] if a_rows is not None else a.shape[0]
+    if a.shape[-1] != k_dim:
+        raise ValueError(f"grouped_gemm: a has {a.shape[-1]} columns, b contracts over {k_dim}")
+    alloc = torch.zeros if zero_uncovered else torch.empty
+    c = alloc((n_rows, n_cols), dtype=out_dtype, device=a.device)
+    if n_rows == 0 or n_cols == 0:
+        return c
+    if k_dim == 0:
+        return c.zero_()
+    dummy = c  # pointer arguments a constexpr branch never reads
+    args = (a, a_scale if int8 else dummy, a_rows if a_rows is not None else dummy, b, b_scale if int8 else dummy,
+            c, group_starts, n_cols, k_dim, experts, a.stride(0), a.stride(1), *b.stride(), c.stride(0),
+            c.stride(1))
+    flags = dict(INT8=int8, GATHER_A=a_rows is not None, E_BLOCK=max(2, next_power_of_2(experts)))
+    record_launch("grouped_gemm_int8" if int8 else "grouped_gemm_float")
+    if INTERPRETED:
+        tiles = _INTERPRETER_TILES
+        grid = (triton.cdiv(n_cols, tiles["BLOCK_N"]), triton.cdiv(n_rows, tiles["BLOCK_M"]) + experts)
+        _grouped_gemm_kernel[grid](*args, **flags, **tiles, EVEN_K=k_dim % tiles["BLOCK_K"] == 0)
+    elif n_rows * n_cols * k_dim < _AUTOTUNE_MIN_MACS:
+        tiles = _SMALL_CONFIG.kwargs
+        grid = (triton.cdiv(n_cols, tiles["BLOCK_N"]), triton.cdiv(n_rows, tiles["BLOCK_M"]) + experts)
+        _grouped_gemm_kernel[grid](*args, **flags, **tiles, EVEN_K=k_dim % tiles["BLOCK_K"] == 0,
+                                   num_warps=_SMALL_CONFIG.num_warps, num_stages=_SMALL_CONFIG.num_stages)
+    else:
+        def grid(meta):
+            return (triton.cdiv(n_cols, meta["BLOCK_N"]), triton.cdiv(n_rows, meta["BLOCK_M"]) + experts)
+
+        _gpu_kernel(int8)[grid](*args, **flags)
+    return c

@@ -1,0 +1,462 @@
+"""The MoE layer of the torch_triton backend, in PyTorch around the Triton kernels.
+
+    y = sum_k gate_k * expert_{e_k}(x) [+ shared(x)],  expert(x) = swiglu(x W13) W2
+
+Steps: route (float32 logits, selection on float64 scores, lower index wins ties), plan the dispatch
+(token rows sorted by expert, group offsets, no capacity padding, no host synchronisation), run the
+routed experts as grouped GEMMs, combine by gate weight.
+Per scheme (`reference.schemes`):
+
+* ``none``: `torch._grouped_mm` forward and backward (no loop over experts).
+* ``qat_int8_row``: the same float path on fake-quantized weights (Triton fused per-row kernel,
+  straight-through backward); tensors of <= 65,536 elements stay float.
+* ``int8_routed``: per-token int8 activations x per-expert int8 weights through the Triton grouped
+  int8 GEMM (the SwiGLU and the hidden's int8 fused in one Triton kernel); weights quantized on
+  every call; straight-through backward (the float graph at the dequantized values, as float
+  grouped matmuls, the SwiGLU gradient a Triton kernel).
+* ``int8_routed_prequant``: weights quantized once at prepare; the JAX logbook's custom VJP
+  (MOE-I8-023/024): input gradients through the int8 kernel with the transposed weight codes and a
+  per-token-quantized output gradient (Q(d_a) fused into the SwiGLU-gradient kernel), weight
+  gradients as float grouped matmuls of the float rows.
+
+Imports torch and triton: the backend module imports this lazily.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+
+from reference.schemes import Scheme
+from reference.spec import MoESpec
+
+from ._triton_common import FALLBACKS
+from ._triton_grouped_gemm import grouped_gemm
+from ._triton_quant import fake_quant_rows, quantize_per_expert, quantize_rows
+from .torch_eager import router_gate_weights, sigmoid_balance_probs
+from ._triton_swiglu import swiglu_backward as fused_swiglu_backward
+from ._triton_swiglu import swiglu_forward
+
+
+# -- weights ---------------------------------------------------------------------------------------
+
+@dataclass
+class LayerWeights:
+    """Master weights as torch tensors: the router in float32, the projections in the compute dtype."""
+
+    router: torch.Tensor
+    w13: torch.Tensor
+    w2: torch.Tensor
+    router_bias: torch.Tensor | None = None
+    shared_w13: torch.Tensor | None = None
+    shared_w2: torch.Tensor | None = None
+
+    def items(self):
+        for field_ in fields(self):
+            value = getattr(self, field_.name)
+            if value is not None:
+                yield field_.name, value
+
+    def map(self, fn) -> "LayerWeights":
+        return LayerWeights(**{name: fn(name, value) for name, value in self.items()})
+
+
+@dataclass
+class Int8Experts:
+    """Expert weights as int8 codes with one scale per expert, in the layouts the kernel reads.
+
+    ``*_fwd``: [E, in, out] views of K-major storage (B of x @ W). ``*_bwd``: [E, out, in] views of
+    the row-major codes (B of g @ W^T, also K-major); only the prequant backward needs them.
+    """
+
+    w13_fwd: torch.Tensor
+    w13_scale: torch.Tensor
+    w2_fwd: torch.Tensor
+    w2_scale: torch.Tensor
+    w13_bwd: torch.Tensor | None = None
+    w2_bwd: torch.Tensor | None = None
+
+    @classmethod
+    def quantize(cls, w13: torch.Tensor, w2: torch.Tensor, with_transposed: bool) -> "Int8Experts":
+        w13_fwd, s13 = quantize_per_expert(w13.detach(), k_major=True)
+        w2_fwd, s2 = quantize_per_expert(w2.detach(), k_major=True)
+        if not with_transposed:
+            return cls(w13_fwd, s13, w2_fwd, s2)
+        # The same codes again in row-major storage: transposed, that is K-major for g @ W^T.
+        return cls(w13_fwd, s13, w2_fwd, s2, w13_fwd.contiguous().transpose(1, 2), w2_fwd.contiguous().transpose(1, 2))
+
+    def dequantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W13, W2) as the float values the int8 products compute with: codes * scale."""
+        return (dequantize_expert_codes(self.w13_fwd, self.w13_scale, dtype),
+                dequantize_expert_codes(self.w2_fwd, self.w2_scale, dtype))
+
+
+def dequantize_expert_codes(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (codes.to(torch.float32) * scale[:, None, None]).to(dtype).contiguous()
+
+
+# -- QAT ------------------------------------------------------------------------------------------
+
+def qat_quantized(w: torch.Tensor, scheme: Scheme) -> bool:
+    """The exporter quantizes a tensor only above ``qat_keep_float_max_numel`` elements, so training
+    fake-quantizes exactly those (review finding 3: no noise that export will not have)."""
+    return w.numel() > scheme.qat_keep_float_max_numel
+
+
+def qat_clip_abs(w: torch.Tensor, quantile: float) -> torch.Tensor:
+    """Per output channel, the ``quantile`` of |w| over the input axis (-2), NumPy's default
+    ("linear") rule: sorted[lo] + (sorted[hi] - sorted[lo]) * t, evaluated from the end nearer t.
+
+    Computed in float64 by a sort, not `torch.quantile` (which refuses tensors over 2^24 elements).
+    """
+    magnitude = w.detach().abs().to(torch.float64).sort(dim=-2).values
+    n = magnitude.shape[-2]
+    position = quantile * (n - 1)
+    low = int(position // 1)
+    high = min(low + 1, n - 1)
+    t = position - low
+    a, b = magnitude.select(-2, low), magnitude.select(-2, high)
+    return b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t
+
+
+def qat_export_rows(w: torch.Tensor, scheme: Scheme, write_values: bool, write_codes: bool):
+    """The exporter's per-row rule through the fused Triton kernel (values and/or codes, scales)."""
+    clip = None if scheme.qat_clip_quantile is None else qat_clip_abs(w, scheme.qat_clip_quantile)
+    return fake_quant_rows(w.detach(), scheme.qat_scale_floor, clip, write_values=write_values,
+                           write_codes=write_codes)
+
+
+class _FakeQuantRowsSTE(torch.autograd.Function):
+    """Forward: the exporter's per-row fake quantization. Backward: identity (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+        return qat_export_rows(w, scheme, write_values=True, write_codes=False)[0]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def training_weight(w: torch.Tensor, rule: str, scheme: Scheme, fake_quant: bool) -> torch.Tensor:
+    """What the training forward computes with for a weight under rule ``rule``."""
+    if rule == "qat_row" and fake_quant and qat_quantized(w, scheme):
+        return _FakeQuantRowsSTE.apply(w, scheme)
+    return w
+
+
+# -- routing --------------------------------------------------------------------------------------
+
+@dataclass
+class Routing:
+    expert_ids: torch.Tensor         # [T, k] int64, best first
+    gate_weights: torch.Tensor       # [T, k] float32, differentiable
+    kept: torch.Tensor | None        # [T, k] bool, None when dropless
+    balance_loss: torch.Tensor       # scalar, differentiable
+
+
+def route(spec: MoESpec, router: torch.Tensor, router_bias: torch.Tensor | None, x: torch.Tensor) -> Routing:
+    """softmax/sigmoid top-k in float32 (never quantized), capacity mask and Switch balance loss.
+
+    Selection is a stable descending sort, so among equal scores the lower expert index wins, as in
+    the reference (``torch.topk`` promises no order for ties).
+    """
+    logits = x.to(torch.float32) @ router.to(torch.float32)
+    # Select on float64 copies of the float32 logits (softmax) or scores (sigmoid): float32
+    # probabilities of a saturated router (an outlier token) underflow to 0 or round to 1 and tie
+    # experts that the reference still orders; the softmax is monotonic, so its top-k is the logits'.
+    wide = logits.detach().to(torch.float64)
+    if spec.router == "softmax_topk":
+        scores = torch.softmax(logits, dim=-1)
+        selection, probs = wide, scores
+    else:
+        scores = torch.sigmoid(logits)
+        bias = router_bias.detach().to(torch.float64) if router_bias is not None else 0.0
+        selection = torch.sigmoid(wide) + bias
+        probs = sigmoid_balance_probs(logits)
+    ids = torch.sort(selection, dim=-1, descending=True, stable=True).indices[:, : spec.top_k]
+    weights = router_gate_weights(spec, logits, scores, ids)
+    share = counts_per_expert(ids.reshape(-1), spec.experts).to(torch.float32) / ids.numel()
+    balance = spec.experts * torch.sum(share * probs.mean(dim=0))
+    return Routing(ids, weights, capacity_mask(spec, ids), balance)
+
+
+def counts_per_expert(ids: torch.Tensor, experts: int) -> torch.Tensor:
+    """How many entries of ``ids`` name each expert. A scatter-add, not `torch.bincount`, which on
+    CUDA reads the maximum back to the host: a synchronisation in the middle of every forward."""
+    return torch.zeros(experts, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+
+
+def capacity_mask(spec: MoESpec, ids: torch.Tensor) -> torch.Tensor | None:
+    """True for the first C assignments of each expert in (token, slot) order; None when dropless."""
+    capacity = spec.capacity(ids.shape[0])
+    if capacity is None:
+        return None
+    flat = ids.reshape(-1)
+    position = torch.cumsum(F.one_hot(flat, spec.experts), dim=0).gather(1, flat[:, None])[:, 0] - 1
+    return (position < capacity).reshape(ids.shape)
+
+
+# -- dispatch plan --------------------------------------------------------------------------------
+
+@dataclass
+class DispatchPlan:
+    """Token rows sorted by expert: row r of the sorted order is assignment ``order[r]`` (= t * k + slot).
+
+    ``group_starts`` [E + 1] int32: rows of expert e are group_starts[e] .. group_starts[e + 1]; an
+    expert with no token has an empty range. Capacity-dropped assignments sort after the last group
+    (``row_valid`` marks the kept rows; None when nothing can be dropped).
+    """
+
+    tokens: int
+    top_k: int
+    experts: int
+    order: torch.Tensor
+    inverse: torch.Tensor
+    row_token: torch.Tensor
+    group_starts: torch.Tensor
+    row_valid: torch.Tensor | None
+
+    @property
+    def group_ends(self) -> torch.Tensor:
+        """Cumulative row counts [E] int32: the ``offs`` of `torch._grouped_mm`."""
+        return self.group_starts[1:]
+
+    @property
+    def has_drops(self) -> bool:
+        return self.row_valid is not None
+
+    def mask_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Zero the rows no group covers (they hold whatever the GEMM left there)."""
+        return rows if self.row_valid is None else torch.where(self.row_valid[:, None], rows, 0)
+
+    def sum_per_token(self, rows: torch.Tensor) -> torch.Tensor:
+        """[N, D] sorted rows -> [T, D]: each token's k rows summed (deterministic, no atomics)."""
+        per_slot = self.mask_rows(rows)[self.inverse].view(self.tokens, self.top_k, -1)
+        return per_slot.sum(dim=1, dtype=torch.float32).to(rows.dtype)
+
+
+def plan_dispatch(expert_ids: torch.Tensor, kept: torch.Tensor | None, experts: int) -> DispatchPlan:
+    """Sort the T * k assignments by expert (stable: token order within an expert)."""
+    tokens, top_k = expert_ids.shape
+    key = expert_ids.reshape(-1)
+    if kept is not None:
+        key = torch.where(kept.reshape(-1), key, experts)
+    order = torch.argsort(key, stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    counts = counts_per_expert(key, experts + 1)[:experts]
+    starts = torch.zeros(experts + 1, dtype=torch.int32, device=key.device)
+    starts[1:] = torch.cumsum(counts, dim=0)
+    row_valid = None if kept is None else key[order] < experts
+    return DispatchPlan(tokens, top_k, experts, order, inverse, order // top_k, starts, row_valid)
+
+
+# -- float grouped matmuls (torch._grouped_mm) ------------------------------------------------------
+
+_REFUSED: set[tuple[str, torch.dtype]] = set()
+
+
+def _torch_grouped_mm(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """`torch._grouped_mm`; where a device/dtype is refused (not every build takes float32 on CUDA),
+    a per-group loop instead, counted in FALLBACKS so that a run can say it happened."""
+    key = (a.device.type, a.dtype)
+    if key not in _REFUSED:
+        try:
+            return torch._grouped_mm(a, b, offs=ends)
+        except RuntimeError:
+            _REFUSED.add(key)
+    FALLBACKS["torch_grouped_mm_loop"] += 1
+    bounds = [0, *ends.tolist()]
+    if b.dim() == 3:  # rows of a grouped: [N, K] x [E, K, M] -> [N, M]
+        pieces = [a[start:end] @ b[e] for e, (start, end) in enumerate(zip(bounds, bounds[1:]))]
+        pieces.append(a.new_zeros(a.shape[0] - bounds[-1], b.shape[-1]))
+        return torch.cat(pieces)
+    # contraction grouped: [K, N] x [N, M] -> [E, K, M]
+    return torch.stack([a[:, start:end] @ b[start:end] for start, end in zip(bounds, bounds[1:])])
+
+
+def _alignment(t: torch.Tensor) -> int:
+    """`torch._grouped_mm` wants 16-byte aligned row strides."""
+    return max(1, 16 // t.element_size())
+
+
+def _pad_last(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    extra = -t.shape[-1] % multiple
+    return F.pad(t, (0, extra)) if extra else t
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """[N, K] rows x [E, K, M] -> [N, M], row group e times b[e]; differentiable (torch's own VJP).
+
+    Feature sizes that break the 16-byte alignment (the suite's hidden = 33) are zero-padded, which
+    leaves every product unchanged.
+    """
+    align = _alignment(a)
+    k_dim, m_dim = b.shape[-2:]
+    if k_dim % align or m_dim % align:
+        a = _pad_last(a, align)
+        b = F.pad(b, (0, -m_dim % align, 0, -k_dim % align))
+        return _torch_grouped_mm(a, b, plan.group_ends)[:, :m_dim]
+    return _torch_grouped_mm(a, b, plan.group_ends)
+
+
+def grouped_weight_grad(a: torch.Tensor, g: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """dW[e] = a_e^T g_e over each group's rows: [N, K], [N, M] -> [E, K, M] (zero for an empty group)."""
+    align = _alignment(a)
+    k_dim, m_dim = a.shape[-1], g.shape[-1]
+    a_p, g_p = _pad_last(a, align), _pad_last(g, align)
+    grad = _torch_grouped_mm(a_p.t(), g_p, plan.group_ends)
+    return grad[:, :k_dim, :m_dim] if (a_p is not a or g_p is not g) else grad
+
+
+# -- routed experts -------------------------------------------------------------------------------
+
+def swiglu(a: torch.Tensor) -> torch.Tensor:
+    ffn = a.shape[-1] // 2
+    return F.silu(a[:, :ffn]) * a[:, ffn:]
+
+
+def float_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Unweighted expert outputs per sorted row, float: swiglu(x_rows W13_e) W2_e (autograd).
+
+    `torch._grouped_mm` leaves rows past the last group (capacity-dropped) unwritten, in its output
+    and in its input gradient alike; masking each input with `torch.where` keeps those rows out of
+    both directions (where's backward selects, so even a NaN there is dropped).
+    """
+    a = grouped_mm(plan.mask_rows(x[plan.row_token]), w13, plan)
+    return grouped_mm(plan.mask_rows(swiglu(a)), w2, plan)
+
+
+class _RoutedInt8Experts(torch.autograd.Function):
+    """Routed experts with int8 products: y_r = Q(swiglu(Q(x_r) Q(W13_e))) Q(W2_e) per sorted row r.
+
+    Backward ``ste``: the float graph at the dequantized values (d_w2 = Q(h)^T g, d_h = g W2^T,
+    d_w13 = Q(x)^T d_a, d_x = d_a W13^T). Backward ``prequant_vjp``: d_h = Q(g) W2^T and
+    d_x = Q(d_a) W13^T through the int8 kernel with the transposed codes; d_w2 = h^T g and
+    d_w13 = x^T d_a from the float rows.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w13, w2, plan: DispatchPlan, rule: str, prequantized: Int8Experts | None):
+        experts = prequantized if prequantized is not None else Int8Experts.quantize(w13, w2, with_transposed=False)
+        zero = plan.has_drops
+        x_codes, x_scale = quantize_rows(x)
+        a = grouped_gemm(x_codes, experts.w13_fwd, plan.group_starts, out_dtype=x.dtype, a_scale=x_scale,
+                         b_scale=experts.w13_scale, a_rows=plan.row_token, zero_uncovered=zero)
+        # The float hidden is kept only where the prequant weight gradient needs it (d_w2 = h^T g).
+        keep_h = rule == "prequant_vjp" and any(ctx.needs_input_grad)
+        h, h_codes, h_scale = swiglu_forward(a, store_h=keep_h)
+        out = grouped_gemm(h_codes, experts.w2_fwd, plan.group_starts, out_dtype=x.dtype, a_scale=h_scale,
+                           b_scale=experts.w2_scale, zero_uncovered=zero)
+        ctx.plan, ctx.rule, ctx.experts = plan, rule, experts
+        if rule == "prequant_vjp":
+            ctx.save_for_backward(x, a, h)
+        else:
+            ctx.save_for_backward(x_codes, x_scale, a, h_codes, h_scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        plan, experts = ctx.plan, ctx.experts
+        g = plan.mask_rows(g.contiguous())
+        if ctx.rule == "prequant_vjp":
+            x, a, h = ctx.saved_tensors
+            dtype = x.dtype
+            d_w2 = grouped_weight_grad(h, g, plan)
+            g_codes, g_scale = quantize_rows(g)
+            d_h = grouped_gemm(g_codes, experts.w2_bwd, plan.group_starts, out_dtype=dtype, a_scale=g_scale,
+                               b_scale=experts.w2_scale, zero_uncovered=plan.has_drops)
+            d_a, d_a_codes, d_a_scale = fused_swiglu_backward(a, d_h, quantize=True)
+            d_w13 = grouped_weight_grad(x[plan.row_token], d_a, plan)
+            d_x_rows = grouped_gemm(d_a_codes, experts.w13_bwd, plan.group_starts, out_dtype=dtype,
+                                    a_scale=d_a_scale, b_scale=experts.w13_scale, zero_uncovered=plan.has_drops)
+        else:
+            x_codes, x_scale, a, h_codes, h_scale = ctx.saved_tensors
+            dtype = a.dtype
+            w13_eff, w2_eff = experts.dequantized(dtype)
+            h_eff = (h_codes.to(torch.float32) * h_scale[:, None]).to(dtype)
+            d_w2 = grouped_weight_grad(h_eff, g, plan)
+            d_h = grouped_mm(g, w2_eff.transpose(1, 2), plan)
+            d_a = plan.mask_rows(fused_swiglu_backward(a, d_h)[0])
+            x_eff = (x_codes[plan.row_token].to(torch.float32) * x_scale[plan.row_token, None]).to(dtype)
+            d_w13 = grouped_weight_grad(x_eff, d_a, plan)
+            d_x_rows = grouped_mm(d_a, w13_eff.transpose(1, 2), plan)
+        return plan.sum_per_token(d_x_rows), d_w13, d_w2, None, None, None
+
+
+def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, plan: DispatchPlan, scheme: Scheme,
+                   prequantized: Int8Experts | None) -> torch.Tensor:
+    """Unweighted expert outputs [N, H] per sorted row under ``scheme`` (weights already training weights)."""
+    if scheme.routed_weights == "per_expert":
+        return _RoutedInt8Experts.apply(x, w13, w2, plan, scheme.backward, prequantized)
+    return float_experts(x, w13, w2, plan)
+
+
+def combine(rows: torch.Tensor, plan: DispatchPlan, routing: Routing) -> torch.Tensor:
+    """y_t = sum_k gate_{t,k} * rows[inverse(t, k)]; dropped assignments contribute nothing."""
+    weights = routing.gate_weights if routing.kept is None else routing.gate_weights * routing.kept
+    per_slot = plan.mask_rows(rows)[plan.inverse].view(plan.tokens, plan.top_k, -1)
+    return (per_slot * weights.unsqueeze(-1).to(rows.dtype)).sum(dim=1)
+
+
+def shared_expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    return swiglu(x @ w13) @ w2
+
+
+# -- the layer ------------------------------------------------------------------------------------
+
+@dataclass
+class LayerOutput:
+    y: torch.Tensor
+    routing: Routing
+
+
+def training_weights(weights: LayerWeights, scheme: Scheme, fake_quant: bool) -> LayerWeights:
+    """The weights the forward computes with (QAT: fake-quantized where the exporter quantizes)."""
+    return weights.map(lambda name, w: training_weight(w, scheme.weight_quant(name), scheme, fake_quant))
+
+
+def layer_forward(spec: MoESpec, scheme: Scheme, weights: LayerWeights, x: torch.Tensor,
+                  prequantized: Int8Experts | None = None, fake_quant: bool = True) -> LayerOutput:
+    """The MoE layer under ``scheme`` on master ``weights``; differentiable in x and the masters."""
+    used = training_weights(weights, scheme, fake_quant)
+    routing = route(spec, used.router, used.router_bias, x)
+    plan = plan_dispatch(routing.expert_ids, routing.kept, spec.experts)
+    rows = routed_experts(x, used.w13, used.w2, plan, scheme, prequantized)
+    y = combine(rows, plan, routing)
+    if used.shared_w13 is not None:
+        y = y + shared_expert(x, used.shared_w13, used.shared_w2)
+    return LayerOutput(y, routing)
+
+
+def bypass_expert_outputs(spec: MoESpec, scheme: Scheme, weights: LayerWeights, x: torch.Tensor,
+                          prequantized: Int8Experts | None = None, fake_quant: bool = True) -> torch.Tensor:
+    """Every expert on every token, [E, T, H] (GPTQ calibration): the plan of a router that picks all."""
+    used = training_weights(weights, scheme, fake_quant)
+    tokens = x.shape[0]
+    ids = torch.arange(spec.experts, device=x.device).expand(tokens, spec.experts)
+    plan = plan_dispatch(ids, None, spec.experts)
+    rows = routed_experts(x, used.w13, used.w2, plan, scheme, prequantized)
+    return rows[plan.inverse].view(tokens, spec.experts, -1).transpose(0, 1)
+
+
+def prepare_int8(scheme: Scheme, weights: LayerWeights) -> Int8Experts | None:
+    """Prequant: the expert codes, once (both layouts, for the forward and the custom backward)."""
+    if scheme.backward == "prequant_vjp":
+        return Int8Experts.quantize(weights.w13, weights.w2, with_transposed=True)
+    return None
+
+
+def effective_layer_weights(scheme: Scheme, weights: LayerWeights, prequantized: Int8Experts | None,
+                            fake_quant: bool = True) -> LayerWeights:
+    """The float values the forward computes with, by parameter."""
+    with torch.no_grad():
+        used = training_weights(weights, scheme, fake_quant)
+        if scheme.routed_weights == "per_expert":
+            experts = prequantized or Int8Experts.quantize(weights.w13, weights.w2, with_transposed=False)
+            w13, w2 = experts.dequantized(weights.w13.dtype)
+            used = replace(used, w13=w13, w2=w2)
+        return used

@@ -1,0 +1,229 @@
+"""Triton quantization kernels of the torch_triton backend.
+
+* `quantize_rows`: symmetric int8 per row (per token): s_r = amax_r / 127 (1 where amax_r = 0),
+  q = clip(rint(v / s_r), -127, 127). Activations and output gradients go through it.
+* (the SwiGLU hidden and its gradient, fused with the same per-row int8, are in `_triton_swiglu`)
+* `quantize_per_expert`: one scale per expert matrix (amax over the whole matrix), codes written in
+  the layout the grouped GEMM reads them in.
+* `fake_quant_rows`: the QAT exporter's per-row rule, fused: for each output channel (a column of a
+  [.., in, out] weight) clip_abs = amax over the input axis (or a given clip quantile),
+  s = max(clip_abs / 127, floor), q = clip(rint(clip(w, +-clip_abs) / s), -127, 127); writes the
+  fake-quantized values q * s (training) and/or the codes (export) and the scales.
+
+All arithmetic is float32 whatever the storage dtype. Every wrapper records its launch in
+`LAUNCHES` and launches nothing for an empty tensor (a zero-row expert, a zero-size grid).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_common import INT8_MAX, is_interpreted_kernel, next_power_of_2, record_launch, round_half_even
+
+
+# -- kernels --------------------------------------------------------------------------------------
+
+@triton.jit
+def _row_scale(amax):
+    """amax / 127, and 1 where that is 0: an all-zero row (the suite's zero rows) quantizes to codes
+    0, never 0/0; so does a row whose amax is so small (a float32 denormal, e.g. the gradient through
+    a saturated SiLU) that amax / 127 underflows, where v / 0 would give inf."""
+    scale = amax / 127.0
+    return tl.where(scale > 0.0, scale, 1.0)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, codes_ptr, scale_ptr, n_rows, n_cols, stride_x, stride_c,
+                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Rows [BLOCK_R] per program: amax pass, then a quantize pass over the columns."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    amax = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        mask = row_ok[:, None] & (cols < n_cols)[None, :]
+        v = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
+    scale = _row_scale(amax)
+    for start in range(0, n_cols, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        mask = row_ok[:, None] & (cols < n_cols)[None, :]
+        v = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(round_half_even(v / scale[:, None]), -127.0), 127.0)
+        tl.store(codes_ptr + rows64[:, None] * stride_c + cols[None, :], q.to(tl.int8), mask=mask)
+    tl.store(scale_ptr + rows, scale, mask=row_ok)
+
+
+@triton.jit
+def _quantize_with_scale_kernel(w_ptr, codes_ptr, scale_ptr, n_r, n_c,
+                                stride_we, stride_wr, stride_wc, stride_ce, stride_cr, stride_cc,
+                                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """codes[e] = clip(rint(w[e] / scale[e]), -127, 127), written with the output's own strides."""
+    e = tl.program_id(2).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < n_r)[:, None] & (cols < n_c)[None, :]
+    scale = tl.load(scale_ptr + e)
+    w = tl.load(w_ptr + e * stride_we + rows[:, None] * stride_wr + cols[None, :] * stride_wc,
+                mask=mask, other=0.0).to(tl.float32)
+    q = tl.minimum(tl.maximum(round_half_even(w / scale), -127.0), 127.0)
+    tl.store(codes_ptr + e * stride_ce + rows[:, None] * stride_cr + cols[None, :] * stride_cc, q.to(tl.int8),
+             mask=mask)
+
+
+@triton.jit
+def _fake_quant_rows_kernel(w_ptr, values_ptr, codes_ptr, scale_ptr, clip_ptr, n_batch, n_in, n_out,
+                            stride_wb, stride_wi, stride_wo, stride_vb, stride_vi, stride_vo, scale_floor,
+                            HAS_CLIP: tl.constexpr, WRITE_VALUES: tl.constexpr, WRITE_CODES: tl.constexpr,
+                            FLAT_BATCH: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr):
+    """One block of output channels: scale from amax (or the given clip), then clip, round, and
+    write q * s and/or q. Codes share the values' strides.
+
+    A block is ``BLOCK_O`` channels of matrix ``program_id(1)``; with ``FLAT_BATCH`` (interpreter
+    only: one program can then cover every matrix) it is ``BLOCK_O`` of the ``batch * n_out``
+    channels of all matrices, each column finding its matrix by division.
+    """
+    if FLAT_BATCH:
+        flat = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+        col_ok = flat < n_batch * n_out
+        b = (flat // n_out).to(tl.int64)
+        cols = flat % n_out
+        channel = flat
+    else:
+        b = tl.program_id(1).to(tl.int64)
+        cols = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+        col_ok = cols < n_out
+        channel = b * n_out + cols
+    w_cols = w_ptr + b * stride_wb + cols * stride_wo
+    v_cols = b * stride_vb + cols * stride_vo
+    if HAS_CLIP:
+        clip_abs = tl.load(clip_ptr + channel, mask=col_ok, other=0.0)
+    else:
+        clip_abs = tl.zeros((BLOCK_O,), dtype=tl.float32)
+        for start in range(0, n_in, BLOCK_I):
+            ins = start + tl.arange(0, BLOCK_I)
+            mask = (ins < n_in)[:, None] & col_ok[None, :]
+            w = tl.load(w_cols[None, :] + ins[:, None] * stride_wi, mask=mask, other=0.0).to(tl.float32)
+            clip_abs = tl.maximum(clip_abs, tl.max(tl.abs(w), axis=0))
+    # The exporter's floor (1/127): a row of small weights keeps a step of 1/127, so training sees
+    # the same coarse grid the int8 checkpoint will have (review finding 4: same rule both sides).
+    scale = tl.maximum(clip_abs / 127.0, scale_floor)
+    for start in range(0, n_in, BLOCK_I):
+        ins = start + tl.arange(0, BLOCK_I)
+        mask = (ins < n_in)[:, None] & col_ok[None, :]
+        w = tl.load(w_cols[None, :] + ins[:, None] * stride_wi, mask=mask, other=0.0).to(tl.float32)
+        if HAS_CLIP:
+            w = tl.minimum(tl.maximum(w, -clip_abs[None, :]), clip_abs[None, :])
+        q = tl.minimum(tl.maximum(round_half_even(w / scale[None, :]), -127.0), 127.0)
+        offsets = v_cols[None, :] + ins[:, None] * stride_vi
+        if WRITE_VALUES:
+            tl.store(values_ptr + offsets, (q * scale[None, :]).to(values_ptr.dtype.element_ty), mask=mask)
+        if WRITE_CODES:
+            tl.store(codes_ptr + offsets, q.to(tl.int8), mask=mask)
+    tl.store(scale_ptr + channel, scale, mask=col_ok)
+
+
+#: True when these kernels run in Triton's interpreter (fixed at this module's import).
+INTERPRETED: bool = is_interpreted_kernel(_quantize_rows_kernel)
+
+
+# -- wrappers -------------------------------------------------------------------------------------
+
+def _row_blocks(n_cols: int) -> tuple[int, int]:
+    """(rows, columns) per program: few large programs in the interpreter, where each program is a
+    Python call; on a GPU a few rows of at most 1024 columns (16 values per thread at 4 warps)."""
+    if INTERPRETED:
+        return 32, min(next_power_of_2(n_cols), 1024)
+    return 4, min(next_power_of_2(n_cols), 512)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 of x [R, C]: codes int8 [R, C], scales float32 [R]."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize_rows expects a 2-d tensor, got shape {tuple(x.shape)}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    rows, cols = x.shape
+    codes = torch.empty((rows, cols), dtype=torch.int8, device=x.device)
+    scale = torch.empty((rows,), dtype=torch.float32, device=x.device)
+    if rows == 0 or cols == 0:
+        return codes, scale.fill_(1.0)
+    block_r, block_c = _row_blocks(cols)
+    record_launch("quantize_rows")
+    _quantize_rows_kernel[(triton.cdiv(rows, block_r),)](
+        x, codes, scale, rows, cols, x.stride(0), codes.stride(0), BLOCK_R=block_r, BLOCK_C=block_c)
+    return codes, scale
+
+
+def per_expert_scale(w: torch.Tensor) -> torch.Tensor:
+    """s_e = amax(|w_e|) / 127 over each whole expert matrix, 1 where that is 0 (an all-zero matrix)."""
+    if w.numel() == 0:
+        return torch.ones(w.shape[0], dtype=torch.float32, device=w.device)
+    scale = w.detach().abs().amax(dim=(-2, -1)).to(torch.float32) / INT8_MAX
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def quantize_per_expert(w: torch.Tensor, k_major: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes of stacked expert weights w [E, R, C] with one scale per expert (float32 [E]).
+
+    The codes come back as an [E, R, C] tensor; with ``k_major`` its storage is [E, C, R] (R, the
+    contraction axis of ``x @ w``, contiguous), the layout the Hopper int8 tensor-core path wants for
+    the B operand. Without it, storage is [E, R, C], which is K-major for the transposed product
+    ``g @ w^T`` of the prequant backward.
+    """
+    experts, n_r, n_c = w.shape
+    scale = per_expert_scale(w)
+    if k_major:
+        codes = torch.empty((experts, n_c, n_r), dtype=torch.int8, device=w.device).transpose(1, 2)
+    else:
+        codes = torch.empty((experts, n_r, n_c), dtype=torch.int8, device=w.device)
+    if w.numel() == 0:
+        return codes, scale
+    block = 32 if INTERPRETED else 64
+    record_launch("quantize_per_expert")
+    grid = (triton.cdiv(n_c, block), triton.cdiv(n_r, block), experts)
+    _quantize_with_scale_kernel[grid](w, codes, scale, n_r, n_c, *w.stride(), *codes.stride(),
+                                      BLOCK_R=block, BLOCK_C=block)
+    return codes, scale
+
+
+def fake_quant_rows(w: torch.Tensor, scale_floor: float, clip_abs: torch.Tensor | None = None,
+                    write_values: bool = True, write_codes: bool = False
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """The QAT exporter's per-row rule on w [in, out] or [B, in, out] (rows = output channels).
+
+    Returns (fake-quantized values in w's dtype or None, int8 codes or None, float32 scales shaped
+    like w with the input axis kept as 1). ``clip_abs`` ([B, out] or [out]) replaces the amax when
+    a clip quantile is in force; it is computed by the caller with the exporter's quantile rule.
+    """
+    squeeze = w.dim() == 2
+    w3 = (w.unsqueeze(0) if squeeze else w).contiguous()
+    batch, n_in, n_out = w3.shape
+    values = torch.empty_like(w3) if write_values else None
+    codes = torch.empty(w3.shape, dtype=torch.int8, device=w.device) if write_codes else None
+    scale = torch.empty((batch, 1, n_out), dtype=torch.float32, device=w.device)
+    if w3.numel() > 0:
+        target = values if values is not None else codes
+        if values is not None and codes is not None and values.stride() != codes.stride():
+            raise AssertionError("values and codes must share strides")
+        clip = None if clip_abs is None else clip_abs.reshape(batch, n_out).to(torch.float32).contiguous()
+        # Interpreter: as few programs as possible (each is a Python call, and per-op overhead
+        # dominates), so all matrices' channels in one flat block; GPU: 64 x 128 tiles of one
+        # matrix, coalesced along the output axis.
+        if INTERPRETED:
+            block_i, block_o = min(next_power_of_2(n_in), 256), min(next_power_of_2(batch * n_out), 8192)
+            grid = (triton.cdiv(batch * n_out, block_o), 1)
+        else:
+            block_i, block_o = 64, 128
+            grid = (triton.cdiv(n_out, block_o), batch)
+        record_launch("fake_quant_rows")
+        _fake_quant_rows_kernel[grid](
+            w3, target, codes if codes is not None else target, scale, clip if clip is not None else scale,
+            batch, n_in, n_out, *w3.stride(), *target.stride(), float(scale_floor),
+            HAS_CLIP=clip is not None, WRITE_VALUES=write_values, WRITE_CODES=write_codes,
+            FLAT_BATCH=INTERPRETED, BLOCK_I=block_i, BLOCK_O=block_o)
+    if squeeze:
+        return (None if values is None else values[0], None if codes is None else codes[0], scale[0])
+    return values, codes, scale

@@ -1,0 +1,192 @@
+"""Triton SwiGLU kernels of the torch_triton backend, fused with the per-row int8 quantization.
+
+Forward, for a = x W13 [R, 2F] (gate = first F columns, up = last F):
+
+    h = silu(a_gate) * a_up,  and optionally its per-row int8 codes q = clip(rint(h / s), -127, 127)
+    with s = amax(|h_row|) / 127 (1 where that is 0)
+
+Backward, for the hidden's cotangent d_h [R, F] (silu'(g) = s (1 + g (1 - s)), s = sigmoid(g)):
+
+    d_a = [d_h * a_up * silu'(a_gate), d_h * silu(a_gate)],  and optionally Q(d_a) per row
+    (the prequant VJP quantizes d_a per token before the int8 product with W13^T).
+
+Both do all arithmetic in float32 and quantize the float32 values (before any rounding to the
+storage dtype). When a row fits one block (F <= 4096 on a GPU) it is read once and kept in
+registers; otherwise a first pass finds the row's amax and a second recomputes and writes — a
+program never reads back what it wrote, so no barrier is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_common import is_interpreted_kernel, next_power_of_2, record_launch, round_half_even
+from ._triton_quant import _row_scale
+
+
+@triton.jit
+def _gate_up(a_ptr, rows64, cols, mask, stride_a, ffn):
+    gate = tl.load(a_ptr + rows64[:, None] * stride_a + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(a_ptr + rows64[:, None] * stride_a + (cols + ffn)[None, :], mask=mask, other=0.0).to(tl.float32)
+    return gate, up
+
+
+@triton.jit
+def _hidden(a_ptr, rows64, cols, mask, stride_a, ffn):
+    gate, up = _gate_up(a_ptr, rows64, cols, mask, stride_a, ffn)
+    return gate * tl.sigmoid(gate) * up
+
+
+@triton.jit
+def _codes(v, scale):
+    return tl.minimum(tl.maximum(round_half_even(v / scale[:, None]), -127.0), 127.0).to(tl.int8)
+
+
+@triton.jit
+def _swiglu_forward_kernel(a_ptr, h_ptr, codes_ptr, scale_ptr, n_rows, ffn, stride_a, stride_h, stride_c,
+                           STORE_H: tl.constexpr, QUANTIZE: tl.constexpr, ONE_PASS: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    if ONE_PASS:
+        cols = tl.arange(0, BLOCK_C)
+        mask = row_ok[:, None] & (cols < ffn)[None, :]
+        h = _hidden(a_ptr, rows64, cols, mask, stride_a, ffn)
+        if STORE_H:
+            tl.store(h_ptr + rows64[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
+        if QUANTIZE:
+            scale = _row_scale(tl.max(tl.abs(h), axis=1))
+            tl.store(codes_ptr + rows64[:, None] * stride_c + cols[None, :], _codes(h, scale), mask=mask)
+            tl.store(scale_ptr + rows, scale, mask=row_ok)
+    else:
+        scale = tl.full((BLOCK_R,), 1.0, dtype=tl.float32)
+        if QUANTIZE:
+            amax = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for start in range(0, ffn, BLOCK_C):
+                cols = start + tl.arange(0, BLOCK_C)
+                mask = row_ok[:, None] & (cols < ffn)[None, :]
+                amax = tl.maximum(amax, tl.max(tl.abs(_hidden(a_ptr, rows64, cols, mask, stride_a, ffn)), axis=1))
+            scale = _row_scale(amax)
+            tl.store(scale_ptr + rows, scale, mask=row_ok)
+        for start in range(0, ffn, BLOCK_C):
+            cols = start + tl.arange(0, BLOCK_C)
+            mask = row_ok[:, None] & (cols < ffn)[None, :]
+            h = _hidden(a_ptr, rows64, cols, mask, stride_a, ffn)
+            if STORE_H:
+                tl.store(h_ptr + rows64[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
+            if QUANTIZE:
+                tl.store(codes_ptr + rows64[:, None] * stride_c + cols[None, :], _codes(h, scale), mask=mask)
+
+
+@triton.jit
+def _swiglu_grads(a_ptr, dh_ptr, rows64, cols, mask, stride_a, stride_dh, ffn):
+    gate, up = _gate_up(a_ptr, rows64, cols, mask, stride_a, ffn)
+    d_h = tl.load(dh_ptr + rows64[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = tl.sigmoid(gate)
+    return d_h * up * s * (1.0 + gate * (1.0 - s)), d_h * gate * s
+
+
+@triton.jit
+def _swiglu_backward_kernel(a_ptr, dh_ptr, da_ptr, codes_ptr, scale_ptr, n_rows, ffn,
+                            stride_a, stride_dh, stride_da, stride_c,
+                            QUANTIZE: tl.constexpr, ONE_PASS: tl.constexpr,
+                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    da_row = da_ptr + rows64[:, None] * stride_da
+    codes_row = codes_ptr + rows64[:, None] * stride_c
+    if ONE_PASS:
+        cols = tl.arange(0, BLOCK_C)
+        mask = row_ok[:, None] & (cols < ffn)[None, :]
+        d_gate, d_up = _swiglu_grads(a_ptr, dh_ptr, rows64, cols, mask, stride_a, stride_dh, ffn)
+        tl.store(da_row + cols[None, :], d_gate.to(da_ptr.dtype.element_ty), mask=mask)
+        tl.store(da_row + (cols + ffn)[None, :], d_up.to(da_ptr.dtype.element_ty), mask=mask)
+        if QUANTIZE:
+            scale = _row_scale(tl.maximum(tl.max(tl.abs(d_gate), axis=1), tl.max(tl.abs(d_up), axis=1)))
+            tl.store(codes_row + cols[None, :], _codes(d_gate, scale), mask=mask)
+            tl.store(codes_row + (cols + ffn)[None, :], _codes(d_up, scale), mask=mask)
+            tl.store(scale_ptr + rows, scale, mask=row_ok)
+    else:
+        scale = tl.full((BLOCK_R,), 1.0, dtype=tl.float32)
+        if QUANTIZE:
+            amax = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for start in range(0, ffn, BLOCK_C):
+                cols = start + tl.arange(0, BLOCK_C)
+                mask = row_ok[:, None] & (cols < ffn)[None, :]
+                d_gate, d_up = _swiglu_grads(a_ptr, dh_ptr, rows64, cols, mask, stride_a, stride_dh, ffn)
+                amax = tl.maximum(amax, tl.maximum(tl.max(tl.abs(d_gate), axis=1), tl.max(tl.abs(d_up), axis=1)))
+            scale = _row_scale(amax)
+            tl.store(scale_ptr + rows, scale, mask=row_ok)
+        for start in range(0, ffn, BLOCK_C):
+            cols = start + tl.arange(0, BLOCK_C)
+            mask = row_ok[:, None] & (cols < ffn)[None, :]
+            d_gate, d_up = _swiglu_grads(a_ptr, dh_ptr, rows64, cols, mask, stride_a, stride_dh, ffn)
+            tl.store(da_row + cols[None, :], d_gate.to(da_ptr.dtype.element_ty), mask=mask)
+            tl.store(da_row + (cols + ffn)[None, :], d_up.to(da_ptr.dtype.element_ty), mask=mask)
+            if QUANTIZE:
+                tl.store(codes_row + cols[None, :], _codes(d_gate, scale), mask=mask)
+                tl.store(codes_row + (cols + ffn)[None, :], _codes(d_up, scale), mask=mask)
+
+
+INTERPRETED: bool = is_interpreted_kernel(_swiglu_forward_kernel)
+
+#: Widest row a GPU program keeps in registers (4096 float32 per array over 8-16 warps).
+_ONE_PASS_MAX = 4096
+
+
+def _launch_shape(ffn: int) -> tuple[bool, int, int, int]:
+    """(one pass, rows per program, columns per block, warps). The interpreter takes many rows per
+    program (each program is a Python call); a GPU one row, the whole row when it fits."""
+    width = next_power_of_2(ffn)
+    if INTERPRETED:
+        return width <= 1024, 32, min(width, 1024), 4
+    if width <= _ONE_PASS_MAX:
+        return True, 1, width, max(4, min(16, width // 256))
+    return False, 4, 512, 4
+
+
+def swiglu_forward(a: torch.Tensor, store_h: bool = True, quantize: bool = True
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """h [R, F] (a's dtype; None unless ``store_h``) and, with ``quantize``, int8 codes [R, F] and
+    float32 scales [R] of h, for a [R, 2F]."""
+    rows, two_f = a.shape
+    ffn = two_f // 2
+    a = a if a.stride(-1) == 1 else a.contiguous()
+    h = torch.empty((rows, ffn), dtype=a.dtype, device=a.device) if store_h else None
+    codes = torch.empty((rows, ffn), dtype=torch.int8, device=a.device) if quantize else None
+    scale = torch.ones((rows,), dtype=torch.float32, device=a.device) if quantize else None
+    if rows == 0 or ffn == 0 or not (store_h or quantize):
+        return h, codes, scale
+    one_pass, block_r, block_c, warps = _launch_shape(ffn)
+    record_launch("swiglu_quantize_rows" if quantize else "swiglu")
+    dummy = h if h is not None else codes
+    _swiglu_forward_kernel[(triton.cdiv(rows, block_r),)](
+        a, h if store_h else dummy, codes if quantize else dummy, scale if quantize else dummy, rows, ffn,
+        a.stride(0), h.stride(0) if store_h else 0, codes.stride(0) if quantize else 0,
+        STORE_H=store_h, QUANTIZE=quantize, ONE_PASS=one_pass, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
+    return h, codes, scale
+
+
+def swiglu_backward(a: torch.Tensor, d_h: torch.Tensor, quantize: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """d_a [R, 2F] (a's dtype) for a [R, 2F] and d_h [R, F]; with ``quantize`` also Q(d_a) per row."""
+    rows, two_f = a.shape
+    ffn = two_f // 2
+    a = a if a.stride(-1) == 1 else a.contiguous()
+    d_h = d_h if d_h.stride(-1) == 1 else d_h.contiguous()
+    d_a = torch.empty_like(a)
+    codes = torch.empty((rows, two_f), dtype=torch.int8, device=a.device) if quantize else None
+    scale = torch.ones((rows,), dtype=torch.float32, device=a.device) if quantize else None
+    if rows == 0 or ffn == 0:
+        return d_a.zero_(), codes, scale
+    one_pass, block_r, block_c, warps = _launch_shape(ffn)
+    record_launch("swiglu_backward_quantize_rows" if quantize else "swiglu_backward")
+    _swiglu_backward_kernel[(triton.cdiv(rows, block_r),)](
+        a, d_h, d_a, codes if quantize else d_a, scale if quantize else d_a, rows, ffn,
+        a.stride(0), d_h.stride(0), d_a.stride(0), codes.stride(0) if quantize else 0,
+        QUANTIZE=quantize, ONE_PASS=one_pass, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
+    return d_a, codes, scale
