@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Literal
 import numpy as np
 
 from reference.layer import ForwardResult
-from reference.spec import ROUTER_FAMILIES, MoEParams, MoESpec
+from reference.spec import ROUTER_FAMILIES, MoEParams, MoESpec, SpecError
 
 Pass = Literal["forward", "backward"]
 UpdateKind = Literal["master_float", "requantize"]
@@ -83,6 +83,8 @@ class Backend(abc.ABC):
 
     def __init__(self, device: str | None = None) -> None:
         self.device = device or self.capabilities.devices[0]
+        if self.device not in self.capabilities.devices:
+            raise SpecError(f"{self.name} runs on {', '.join(self.capabilities.devices)}, not {self.device!r}")
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

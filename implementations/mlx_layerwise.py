@@ -113,11 +113,6 @@ class MLXLayerwiseBackend(Backend):
         min_multiple={QUANTIZED_SCHEME: 64},
     )
 
-    def __init__(self, device: str | None = None) -> None:
-        super().__init__(device)
-        if self.device not in self.capabilities.devices:
-            raise ValueError(f"mlx_layerwise runs on {self.capabilities.devices}, not {self.device!r}")
-
     @classmethod
     def unavailable_reason(cls) -> str | None:
         try:
