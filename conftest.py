@@ -1,3 +1,3 @@
 """Root conftest: loads the qmoe pytest plugin (options, backend selection, parametrization)."""
 
-pytest_plugins = ["suite.plugin"]
+pytest_plugins = ["suite.plugin", "suite.benchmarks.plugin"]

@@ -39,7 +39,7 @@ def kernels():
 
 
 @pytest.fixture
-def backend(request, kernels):
+def triton_backend(request, kernels):
     device = request.config.getoption("--device") or "cpu"
     device = "cuda" if device == "gpu" else device
     if device == "cpu" and not kernels[1].INTERPRETED:
@@ -57,8 +57,8 @@ def _launches(kernels, run) -> dict[str, int]:
 
 # -- the Triton path ran ----------------------------------------------------------------------------
 
-def test_kernels_run_in_the_interpreter_on_cpu(backend, kernels):
-    if backend.device != "cpu":
+def test_kernels_run_in_the_interpreter_on_cpu(triton_backend, kernels):
+    if triton_backend.device != "cpu":
         pytest.skip("compiled on CUDA; this test is about the CPU interpreter")
     _, gemm, quant = kernels
     assert gemm.INTERPRETED and quant.INTERPRETED
@@ -70,13 +70,13 @@ def test_kernels_run_in_the_interpreter_on_cpu(backend, kernels):
     ("int8_routed", 2, 0),            # straight-through backward: float grouped matmuls only
     ("int8_routed_prequant", 2, 2),   # custom VJP: d_h and d_x through the int8 kernel
 ])
-def test_int8_schemes_launch_the_int8_kernel(backend, kernels, scheme, forward_gemms, backward_gemms):
+def test_int8_schemes_launch_the_int8_kernel(triton_backend, kernels, scheme, forward_gemms, backward_gemms):
     data = CASES["empty_experts"].build("float32")
-    prepared = backend.prepare(data.spec, data.params, scheme, "float32")
-    forward = _launches(kernels, lambda: backend.forward(prepared, data.x))
+    prepared = triton_backend.prepare(data.spec, data.params, scheme, "float32")
+    forward = _launches(kernels, lambda: triton_backend.forward(prepared, data.x))
     assert forward.get("grouped_gemm_int8") == forward_gemms, forward
     assert forward.get("quantize_rows") == 1 and forward.get("swiglu_quantize_rows") == 1, forward
-    both = _launches(kernels, lambda: backend.backward(prepared, data.x, data.dy))
+    both = _launches(kernels, lambda: triton_backend.backward(prepared, data.x, data.dy))
     assert both.get("grouped_gemm_int8") == forward_gemms + backward_gemms, both
     if backward_gemms:  # Q(g) by the row quantizer, Q(d_a) fused into the SwiGLU backward
         assert both.get("quantize_rows") == 2 and both.get("swiglu_backward_quantize_rows") == 1, both
@@ -84,11 +84,11 @@ def test_int8_schemes_launch_the_int8_kernel(backend, kernels, scheme, forward_g
         assert both.get("quantize_rows") == 1 and both.get("swiglu_backward") == 1, both
 
 
-def test_qat_training_launches_the_fused_fake_quant_kernel(backend, kernels):
+def test_qat_training_launches_the_fused_fake_quant_kernel(triton_backend, kernels):
     data = CASES["wide_g64"].build("float32")  # w13 has 131,072 elements: quantized; w2 65,536: float
-    prepared = backend.prepare(data.spec, data.params, "qat_int8_row", "float32")
-    assert _launches(kernels, lambda: backend.forward(prepared, data.x)) == {"fake_quant_rows": 1}
-    assert _launches(kernels, lambda: backend.eval_forward(prepared, data.x)) == {}
+    prepared = triton_backend.prepare(data.spec, data.params, "qat_int8_row", "float32")
+    assert _launches(kernels, lambda: triton_backend.forward(prepared, data.x)) == {"fake_quant_rows": 1}
+    assert _launches(kernels, lambda: triton_backend.eval_forward(prepared, data.x)) == {}
 
 
 # -- ragged groups ----------------------------------------------------------------------------------
@@ -122,10 +122,10 @@ def _expected(a_codes, a_scale, a_rows, b_codes, b_scale, sizes) -> np.ndarray:
     pytest.param([31, 32, 33, 1], id="tile_boundaries"),
     pytest.param([0, 0, 40, 0], id="all_on_one"),
 ])
-def test_grouped_int8_gemm_ragged_groups(backend, kernels, sizes):
+def test_grouped_int8_gemm_ragged_groups(triton_backend, kernels, sizes):
     import torch
 
-    if backend.device != "cpu":
+    if triton_backend.device != "cpu":
         pytest.skip("kernel-level check on the interpreter; the GPU script checks the compiled kernel")
     a_codes, a_scale, a_rows, b_codes, b_scale, starts = _grouped_case(sizes, k_dim=40, n_cols=36)
     out = kernels[1].grouped_gemm(a_codes, b_codes, starts, out_dtype=torch.float32, a_scale=a_scale,
@@ -135,11 +135,11 @@ def test_grouped_int8_gemm_ragged_groups(backend, kernels, sizes):
     np.testing.assert_allclose(out.numpy(), expected, rtol=2e-6, atol=1e-6)
 
 
-def test_grouped_int8_gemm_every_group_empty(backend, kernels):
+def test_grouped_int8_gemm_every_group_empty(triton_backend, kernels):
     """Rows outside every group (capacity-dropped) are zero with zero_uncovered, never NaN."""
     import torch
 
-    if backend.device != "cpu":
+    if triton_backend.device != "cpu":
         pytest.skip("kernel-level check on the interpreter")
     a_codes, a_scale, a_rows, b_codes, b_scale, _ = _grouped_case([2, 3], k_dim=16, n_cols=8)
     starts = torch.zeros(3, dtype=torch.int32)
@@ -198,35 +198,35 @@ def _no_clip_in_training(layer, name, w, scheme, fake_quant):
                                  fake_quant)
 
 
-def test_the_unmodified_backend_passes_every_qat_check(backend):
+def test_the_unmodified_backend_passes_every_qat_check(triton_backend):
     for check in (test_qat.check_eval_never_fake_quantizes, test_qat.check_exported_tensors_fake_quantized,
                   test_qat.check_clip_rule_same_in_training_and_export, test_qat.check_round_trip_not_quantized_twice):
-        check(backend)
+        check(triton_backend)
 
 
-def test_finding_1_eval_path_fake_quantizes_is_caught(backend):
+def test_finding_1_eval_path_fake_quantizes_is_caught(triton_backend):
     with pytest.raises(ConformanceError, match="eval_forward"):
-        test_qat.check_eval_never_fake_quantizes(_EvalFakeQuantizes(backend.device))
+        test_qat.check_eval_never_fake_quantizes(_EvalFakeQuantizes(triton_backend.device))
 
 
-def test_finding_2_shared_expert_not_fake_quantized_is_caught(backend, monkeypatch):
+def test_finding_2_shared_expert_not_fake_quantized_is_caught(triton_backend, monkeypatch):
     _patched_training_weights(monkeypatch, _skip_shared)
     with pytest.raises(ConformanceError, match="shared_w13.*not fake-quantized in training"):
-        test_qat.check_exported_tensors_fake_quantized(backend)
+        test_qat.check_exported_tensors_fake_quantized(triton_backend)
 
 
-def test_finding_3_small_tensors_fake_quantized_is_caught(backend, monkeypatch):
+def test_finding_3_small_tensors_fake_quantized_is_caught(triton_backend, monkeypatch):
     _patched_training_weights(monkeypatch, _ignore_threshold)
     with pytest.raises(ConformanceError, match="stays float at export, but the training weights differ"):
-        test_qat.check_exported_tensors_fake_quantized(backend)
+        test_qat.check_exported_tensors_fake_quantized(triton_backend)
 
 
-def test_finding_4_clip_rule_differs_in_training_is_caught(backend, monkeypatch):
+def test_finding_4_clip_rule_differs_in_training_is_caught(triton_backend, monkeypatch):
     _patched_training_weights(monkeypatch, _no_clip_in_training)
     with pytest.raises(ConformanceError, match="different clip rule in training"):
-        test_qat.check_clip_rule_same_in_training_and_export(backend)
+        test_qat.check_clip_rule_same_in_training_and_export(triton_backend)
 
 
-def test_quantized_twice_on_load_is_caught(backend):
+def test_quantized_twice_on_load_is_caught(triton_backend):
     with pytest.raises(ConformanceError, match="quantized again on load"):
-        test_qat.check_round_trip_not_quantized_twice(_LoadQuantizesAgain(backend.device))
+        test_qat.check_round_trip_not_quantized_twice(_LoadQuantizesAgain(triton_backend.device))

@@ -5,7 +5,7 @@ stack: one benchmark per group size G timing a block-coordinate pass (`train_sta
 its peak memory in ``extra_info``, and one that runs `group_size_sweep` and records every row and
 the chosen G (the largest under the memory target). Run it explicitly::
 
-    pytest -m benchmark suite/bench_mlx_group_sweep.py --benchmark-json=sweep.json
+    pytest -m benchmark suite/benchmarks/test_mlx_group_sweep.py --benchmark-json=sweep.json
 
 mlx is imported inside the tests: collecting this file needs no framework.
 """

@@ -1,0 +1,347 @@
+"""One benchmark case end to end: inputs, prepare, warm-up, timed rounds, output check, extra_info.
+
+The grid (`BenchCase`) is backend x scheme x top_k x shape x pass x routing; backends come from the
+suite's selection (the registry, ``--backend``, ``--backend-module``) and never by name here, and the
+native peer of every framework a selected backend runs on is added beside them.
+
+Timed rounds (`time_rounds`): pytest-benchmark's pedantic mode, one call per round. Each round's
+(untimed) setup flushes L2 and hands the target the next of ``--bench-inputs`` distinct inputs, so no
+two consecutive rounds see the same x and a backend cannot serve a cached result; the target stores
+the call's return value, which is checked against the reference after the rounds. Warm-up rounds
+(at least one per distinct input: compilation, autotuning, capacity sizing) go through the same path.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+import reference
+from reference.schemes import get_scheme
+from reference.spec import MoEParams, SpecError
+
+from . import metrics, outputs, timing, workload
+from .peers import NoopBackend, PeerBackend, framework_of
+from .shapes import BenchShape
+
+#: ``pass`` id in test names -> (metrics pass name, the ``pass_`` handed to `Backend.benchmark_step`).
+PASS_IDS = {"fwd": ("forward", "forward"), "fwd_bwd": ("forward_backward", "backward")}
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    device: str | None
+    dtype: str
+    rounds: int = 5
+    warmup: int = 1
+    inputs: int = 2
+    check_rows: int = outputs.DEFAULT_CHECK_ROWS
+    stage_times: bool = False
+    max_call_s: float | None = None
+    threads: int | None = None
+    deadline: float | None = None  # time.monotonic() after which cases are skipped (session budget)
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One benchmark: backend x scheme x top_k x shape x pass x routing."""
+
+    backend: str
+    scheme: str
+    shape: BenchShape
+    top_k: int
+    pass_id: str
+    routing: str
+    is_peer: bool = False
+
+    @property
+    def id(self) -> str:
+        return f"{self.backend}-{self.scheme}-top{self.top_k}-{self.shape.name}-{self.pass_id}-{self.routing}"
+
+    @property
+    def pass_name(self) -> str:
+        return PASS_IDS[self.pass_id][0]
+
+    @property
+    def group(self) -> str:
+        """pytest-benchmark group: rows that did the same work (same shape, top_k, pass, routing)."""
+        return f"{self.shape.name} top{self.top_k} {self.pass_name} {self.routing}"
+
+
+def default_dtype(device: str | None) -> str:
+    """float32 on CPU (what every backend declares); bfloat16 on GPUs (what the logbook measured)."""
+    return "bfloat16" if timing.is_cuda(device) else "float32"
+
+
+# -- caches: one entry each, so memory holds one shape's arrays at a time ------------------------------------------
+class _One:
+    """A single-entry cache: a new key drops the old value first (gigabytes at the logbook's shape)."""
+
+    def __init__(self, on_drop: Callable[[], None] | None = None) -> None:
+        self.key: Any = None
+        self.value: Any = None
+        self.on_drop = on_drop
+
+    def get(self, key, make: Callable[[], Any]):
+        if self.key != key or self.value is None:
+            self.drop()
+            self.value = make()
+            self.key = key
+        return self.value
+
+    def drop(self) -> None:
+        if self.value is not None:
+            self.key, self.value = None, None
+            gc.collect()
+            if self.on_drop:
+                self.on_drop()
+
+
+def _free_device_memory() -> None:
+    """Give cached device memory back, so the next framework in the same process finds it free."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+_params = _One()
+_inputs = _One()
+_effective = _One()
+_prepared = _One(_free_device_memory)
+_loads: dict[tuple, float] = {}
+#: (backend, scheme, shape, pass) -> (top_k, seconds) of a first call over the budget: larger top-k
+#: and the other routing pattern only do more work, so they are skipped without another call.
+_too_slow: dict[tuple, tuple[int, float]] = {}
+_instances: dict[tuple, Any] = {}
+
+
+def clear_caches() -> None:
+    for cache in (_prepared, _effective, _inputs, _params):
+        cache.drop()
+    _loads.clear()
+    _too_slow.clear()
+    _instances.clear()
+
+
+def _effective_key(shape: BenchShape, scheme: str) -> tuple:
+    """Schemes that quantize the weights alike share the reference's effective weights."""
+    s = get_scheme(scheme)
+    return (s.routed_weights, s.shared_weights if shape.shared_ffn else None, s.group_size, s.qat_scale_floor,
+            s.qat_keep_float_max_numel, s.qat_clip_quantile)
+
+
+def reference_effective(shape: BenchShape, routing: str, dtype: str, scheme: str, params: MoEParams) -> MoEParams:
+    spec = shape.spec(shape.top_ks[0])
+    key = (shape, routing, dtype, _effective_key(shape, scheme))
+    return _effective.get(key, lambda: reference.effective_params(spec, params, scheme))
+
+
+def declared_device(cls: type, device: str | None) -> str | None:
+    """``device`` as the backend spells it: CUDA GPUs are ``cuda`` to torch backends, ``gpu`` to JAX/MLX ones."""
+    declared = cls.capabilities.devices
+    if device in ("cuda", "gpu") and device not in declared:
+        return next((d for d in ("cuda", "gpu") if d in declared), device)
+    return device
+
+
+def backend_instance(cls: type, device: str | None):
+    device = declared_device(cls, device)
+    key = (cls, device)
+    if key not in _instances:
+        _instances[key] = cls(device)
+    return _instances[key]
+
+
+# -- timing -------------------------------------------------------------------------------------------------
+@dataclass
+class TimedRounds:
+    results: list
+    timer: str
+    l2_flush_bytes: int
+    first_call_s: float | None = None
+
+
+def time_rounds(benchmark, steps: list[Callable[[], Any]], options: BenchOptions) -> TimedRounds:
+    """Pedantic rounds over ``steps`` (one per distinct input) with the setup/flush/timer described above."""
+    _, timer_name = timing.clock_for(options.device)  # the grid put this timer into the benchmark mark
+    flush = timing.L2Flush(options.device)
+    results: list = [None] * len(steps)
+    turn = itertools.count()
+
+    def setup():
+        i = next(turn) % len(steps)
+        flush()
+        return (i,), {}
+
+    def target(i: int) -> None:
+        results[i] = steps[i]()
+
+    warmup = max(options.warmup, len(steps))
+    benchmark.pedantic(target, setup=setup, rounds=options.rounds, warmup_rounds=warmup, iterations=1)
+    return TimedRounds(results, timer_name, flush.bytes)
+
+
+# -- one case -----------------------------------------------------------------------------------------------
+def _skip(reason: str):
+    import pytest
+
+    pytest.skip(reason)
+
+
+def run_case(benchmark, case: BenchCase, backend_cls: type, options: BenchOptions) -> dict:
+    """Run ``case``; returns the extra_info it recorded. Skips (with the reason) what cannot run here."""
+    if options.deadline is not None and time.monotonic() > options.deadline:
+        _skip("the session's time budget (--bench-session-budget-s) is spent: not started")
+    backend = backend_instance(backend_cls, options.device)
+    shape, dtype = case.shape, options.dtype
+    spec = shape.spec(case.top_k)
+    metric_pass, step_pass = PASS_IDS[case.pass_id]
+    limit = getattr(backend, "benchmark_limit", None)
+    if limit is not None:
+        reason = limit(spec, shape.tokens, metric_pass, dtype)
+        if reason:
+            _skip(f"{case.backend}: {reason}")
+
+    slow_key = (case.backend, case.scheme, shape, case.pass_id)
+    if options.max_call_s is not None and slow_key in _too_slow and _too_slow[slow_key][0] <= case.top_k:
+        k, seconds = _too_slow[slow_key]
+        _skip(f"{case.backend} {case.scheme} took {seconds:.1f} s per call at {shape.name} top{k} {metric_pass} "
+              f"(> --bench-max-call-s {options.max_call_s:g}); this case does at least as much work")
+
+    params = _params.get((shape, case.routing, dtype), lambda: workload.make_params(shape, case.routing, dtype))
+    inputs = _inputs.get((shape, dtype, options.inputs), lambda: workload.make_inputs(shape, dtype, options.inputs))
+    prepare_key = (case.backend, options.device, case.scheme, shape, case.top_k, case.routing, dtype)
+
+    def prepare():
+        try:
+            return backend.prepare(spec, params, case.scheme, dtype)
+        except SpecError as exc:
+            _skip(f"{case.backend} cannot run this case: {exc}")
+
+    prepared = _prepared.get(prepare_key, prepare)
+    steps = [backend.benchmark_step(prepared, item.x, step_pass, item.dy) for item in inputs]
+
+    first_call_s = None
+    if options.max_call_s is not None:
+        first_call_s = _call_seconds(steps[0])
+        if first_call_s > options.max_call_s:
+            first_call_s = _call_seconds(steps[0])  # the first call may have compiled: judge the second
+        if first_call_s > options.max_call_s:
+            _too_slow[slow_key] = (case.top_k, first_call_s)
+            _skip(f"{case.backend} {case.scheme} took {first_call_s:.1f} s per call (after compiling) at {shape.name} top{case.top_k} "
+                  f"{metric_pass} (> --bench-max-call-s {options.max_call_s:g}): too slow to benchmark here")
+
+    timed = time_rounds(benchmark, steps, options)
+    timed.first_call_s = first_call_s
+    info = describe(case, backend_cls, spec, options, timed)
+    info["load_imbalance"] = _load_imbalance(shape, case, spec, params, inputs[0].x)
+    stats = _stats(benchmark)
+    if stats is not None:
+        info.update(measured(spec, shape.tokens, case.scheme, dtype, metric_pass, stats, info["device_name"]))
+
+    if options.stage_times and metric_pass == "forward" and hasattr(backend, "stage_times"):
+        try:
+            info["stage_times_s"] = {k: float(v) for k, v in backend.stage_times(prepared, inputs[0].x).items()}
+        except Exception as exc:  # stage timing is optional: its failure is reported, not fatal
+            info["stage_times_error"] = f"{type(exc).__name__}: {exc}"
+
+    benchmark.extra_info.update(info)
+    effective = reference_effective(shape, case.routing, dtype, case.scheme, params)
+    rows = outputs.check_rows(shape.tokens, options.check_rows)
+    checks = []
+    for i, (item, result) in enumerate(zip(inputs, timed.results)):
+        if result is None:
+            continue  # --benchmark-disable runs one round only
+        checks.append(outputs.check_output(result, spec, effective, case.scheme, metric_pass, item.x, item.dy, rows,
+                                           what=f"{case.id} (input {i})"))
+    benchmark.extra_info["output_check"] = {
+        "what": checks[0].what if checks else None, "rows": int(rows.size), "inputs": len(checks),
+        "floor_db": outputs.OUTPUT_CHECK_FLOOR_DB,
+        "checked_rows": min((c.rows for c in checks), default=0),
+        "min_sqnr_db": min((c.sqnr_db for c in checks), default=None)}
+    return benchmark.extra_info
+
+
+def run_overhead(benchmark, options: BenchOptions, shape: BenchShape) -> dict:
+    """Time `NoopBackend`'s step through the very same rounds: the harness's own cost per call."""
+    backend = NoopBackend(options.device)
+    spec = shape.spec(shape.top_ks[0])
+    inputs = workload.make_inputs(shape, options.dtype, options.inputs)
+    steps = [backend.benchmark_step(None, item.x, "forward", item.dy) for item in inputs]
+    timed = time_rounds(benchmark, steps, options)
+    case = BenchCase(NoopBackend.name, "none", shape, spec.top_k, "fwd", "balanced")
+    info = describe(case, NoopBackend, spec, options, timed)
+    info["harness_only"] = True
+    stats = _stats(benchmark)
+    if stats is not None:
+        info.update(seconds_median=stats.median, seconds_mean=stats.mean, seconds_min=stats.min)
+    benchmark.extra_info.update(info)
+    return info
+
+
+def _call_seconds(step: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def _stats(benchmark):
+    meta = getattr(benchmark, "stats", None)
+    return getattr(meta, "stats", None) if meta is not None else None
+
+
+def describe(case: BenchCase, backend_cls: type, spec, options: BenchOptions, timed: TimedRounds) -> dict:
+    """What was run, where, with what: the part of extra_info that does not depend on the timings."""
+    try:
+        versions = dict(backend_cls.versions())
+    except Exception as exc:
+        versions = {"error": f"{type(exc).__name__}: {exc}"}
+    versions.update(python=platform.python_version(), numpy=np.__version__)
+    info = {
+        "backend": case.backend, "peer": bool(case.is_peer or issubclass(backend_cls, PeerBackend)),
+        "framework": framework_of(backend_cls), "scheme": case.scheme, "pass": case.pass_name,
+        "top_k": case.top_k, "routing": case.routing, "dtype": options.dtype,
+        **case.shape.describe(), "renormalize": spec.renormalize, "routed_scaling": spec.routed_scaling,
+        "device": options.device or "default", "device_name": timing.device_name(options.device),
+        "versions": versions, "timer": timed.timer, "l2_flush_bytes": timed.l2_flush_bytes,
+        "inputs": options.inputs, "rounds": options.rounds, "warmup_rounds": max(options.warmup, options.inputs),
+        "threads": options.threads,
+    }
+    if timed.first_call_s is not None:
+        info["first_call_s"] = timed.first_call_s
+    return info
+
+
+def measured(spec, tokens: int, scheme: str, dtype: str, pass_name: str, stats, device_name: str) -> dict:
+    """The metrics of one result (TF/s etc. from the median round)."""
+    flop_count = metrics.flops(spec, tokens, pass_name)
+    traffic = metrics.bytes_moved(spec, tokens, scheme, dtype, pass_name)
+    seconds = stats.median
+    tf = metrics.tflops(flop_count, seconds)
+    return {
+        "flops": flop_count, "bytes": traffic.total,
+        "bytes_split": {"weights": traffic.weights, "activations": traffic.activations,
+                        "gradients": traffic.gradients},
+        "seconds_median": seconds, "seconds_mean": stats.mean, "seconds_min": stats.min,
+        "tflops": tf, "tokens_per_s": metrics.tokens_per_s(tokens, seconds),
+        "gb_per_s": metrics.gb_per_s(traffic.total, seconds),
+        "pct_peak": metrics.percent_of_peak(tf, device_name, scheme, dtype),
+        "peak_operand": metrics.peak_operand(scheme, dtype),
+    }
+
+
+def _load_imbalance(shape: BenchShape, case: BenchCase, spec, params: MoEParams, x: np.ndarray) -> float:
+    key = (shape, case.routing, case.top_k, params.router.dtype.str)
+    if key not in _loads:
+        _loads[key] = workload.load_imbalance(workload.expert_loads(spec, params, x))
+    return _loads[key]
+
+

@@ -1,0 +1,188 @@
+"""The output check of every benchmark: a fast wrong answer is not a result.
+
+After the timed rounds, the output of the last timed call on each distinct input is compared with
+the reference on a sample of token rows: ``y`` for the forward pass, ``dx`` for forward+backward
+(both are per-token, so a row sample needs the reference on those rows only). What
+`Backend.benchmark_step`'s callable returns is backend-specific; the check finds the tensor in it:
+an entry named ``y``/``x``/``dx`` wherever it sits, else the first array of shape [T, H] (the
+presets keep T apart from every parameter dimension so that is unambiguous; tests/test_benchmarks.py
+holds them to it). Arrays of torch, jax, mlx and numpy are read without importing any of them.
+
+The bound (`OUTPUT_CHECK_FLOOR_DB`) is a garbage detector, not conformance (that is `pytest -m
+conformance`): SQNR of the output against the reference of the *same scheme* at the reference's
+quantization of the float weights. Legitimate differences stay far above it: bfloat16 rounding
+(u = 2^-8 per step: ~40 dB), one-code int8 flips at bfloat16 activations (~35 dB), a different but
+valid weight grid (MLX affine vs the reference's: within half a step of each weight, above the
+scheme's own ~30 dB fidelity). Wrong answers fall far below: a stale output of another input
+-3 dB, zeros 0 dB, a lost gate weight or per-expert scale a few dB, a wrong expert ~0 dB on its row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+import reference
+from reference.spec import MoEParams, MoESpec
+
+#: SQNR floor of a benchmark's output against the same-scheme reference (see the module docstring).
+OUTPUT_CHECK_FLOOR_DB = 20.0
+#: Rows compared per input: evenly spaced over the tokens.
+DEFAULT_CHECK_ROWS = 32
+#: The backward reference allocates every weight's gradient (float64, zeroed): at the logbook's shape
+#: 6.4 GB per call. The dx check therefore runs on a sub-layer of the experts the checked rows use,
+#: adding rows while that sub-layer stays within this many bytes (at least one row always).
+BACKWARD_CHECK_BYTES = 1 << 30
+_NAMED = {"forward": ("y",), "forward_backward": ("dx", "x")}
+
+
+class OutputNotFoundError(LookupError):
+    """The benchmark step's return value holds no [T, H] array to check."""
+
+
+class WrongOutputError(AssertionError):
+    """A benchmark's timed output disagrees with the reference beyond the garbage floor."""
+
+
+def _is_array(value) -> bool:
+    return hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, (dict, list, tuple))
+
+
+def _children(value):
+    """(name, child) pairs of a container: dict items, sequence items, dataclass fields, attributes."""
+    if isinstance(value, dict):
+        return list(value.items())
+    if isinstance(value, (list, tuple)):
+        return [(None, v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
+    if hasattr(value, "__dict__") and not callable(value):
+        return list(vars(value).items())
+    return []
+
+
+def find_output(result, shape: tuple[int, int], names: tuple[str, ...], depth: int = 4):
+    """The array called one of ``names`` (any depth), else the first array of ``shape``, else None."""
+    def walk(value, level):
+        if _is_array(value):
+            yield None, value
+            return
+        if level > depth:
+            return
+        for name, child in _children(value):
+            if _is_array(child):
+                yield name, child
+            else:
+                yield from walk(child, level + 1)
+
+    leaves = list(walk(result, 0))
+    for name, leaf in leaves:
+        if name in names and tuple(leaf.shape) == shape:
+            return leaf
+    for _, leaf in leaves:
+        if tuple(leaf.shape) == shape:
+            return leaf
+    return None
+
+
+def to_numpy(array) -> np.ndarray:
+    """float64 NumPy copy of a torch / jax / mlx / NumPy array (bfloat16 included)."""
+    module = type(array).__module__
+    if module.startswith("torch"):
+        return array.detach().float().cpu().numpy().astype(np.float64)
+    if module.startswith("mlx"):
+        import mlx.core as mx
+
+        return np.array(array.astype(mx.float32), dtype=np.float64)
+    return np.asarray(array).astype(np.float64)
+
+
+def check_rows(tokens: int, count: int) -> np.ndarray:
+    """``count`` distinct token indices spread evenly over [0, tokens)."""
+    return np.unique(np.linspace(0, tokens - 1, min(count, tokens)).round().astype(np.int64))
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    what: str
+    sqnr_db: float
+    floor_db: float
+    rows: int
+
+    def as_dict(self) -> dict:
+        return {"what": self.what, "sqnr_db": round(self.sqnr_db, 2) if np.isfinite(self.sqnr_db) else None,
+                "floor_db": self.floor_db, "rows": self.rows}
+
+
+def sublayer_valid(spec: MoESpec) -> bool:
+    """Whether a token's output and dx depend only on the experts it picks (dropless, and gate weights
+    that do not see the other experts: renormalized softmax, or sigmoid scores). Then the layer
+    restricted to a superset of the picked experts routes, weighs and differentiates those tokens alike:
+    their top-k within the subset is their top-k overall, and d gate / d logit of an unpicked expert is 0."""
+    return spec.capacity_factor is None and (spec.renormalize or spec.router == "sigmoid_topk")
+
+
+def sublayer(spec: MoESpec, effective: MoEParams, experts: np.ndarray) -> tuple[MoESpec, MoEParams]:
+    """The layer of ``experts`` only (router columns, biases and expert weights selected)."""
+    pick = {"router": lambda a: a[:, experts], "router_bias": lambda a: a[experts],
+            "w13": lambda a: a[experts], "w2": lambda a: a[experts]}
+    params = MoEParams(**{name: pick.get(name, lambda a: a)(value) for name, value in effective.items()})
+    return spec.replace(experts=int(experts.size)), params
+
+
+def backward_rows(spec: MoESpec, effective: MoEParams, x: np.ndarray, rows: np.ndarray,
+                  budget_bytes: int = BACKWARD_CHECK_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """(rows to check, the experts they use): rows in order while their experts' float64 weights fit."""
+    if not sublayer_valid(spec):
+        return rows, np.arange(spec.experts)
+    ids = reference.route(spec, effective, np.asarray(x[rows], dtype=np.float64)).expert_ids
+    per_expert = 8 * 3 * spec.hidden * spec.ffn
+    kept, used = [], set()
+    for row, picked in zip(rows, ids):
+        grown = used | set(int(e) for e in picked)
+        if kept and len(grown) * per_expert > budget_bytes:
+            continue
+        kept.append(row)
+        used = grown
+    return np.asarray(kept, dtype=np.int64), np.asarray(sorted(used), dtype=np.int64)
+
+
+def expected_rows(spec: MoESpec, effective: MoEParams, scheme: str, pass_: str, x: np.ndarray,
+                  dy: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows actually checked, the reference's y (forward) or dx (forward+backward) on them)."""
+    if pass_ == "forward":
+        x_rows = np.asarray(x[rows], dtype=np.float64)
+        return rows, reference.forward(spec, effective, x_rows, scheme, weights_are_effective=True).y
+    rows, experts = backward_rows(spec, effective, x, rows)
+    if experts.size < spec.experts:
+        spec, effective = sublayer(spec, effective, experts)
+    x_rows = np.asarray(x[rows], dtype=np.float64)
+    dy_rows = np.asarray(dy[rows], dtype=np.float64)
+    return rows, reference.backward(spec, effective, x_rows, dy_rows, scheme, weights_are_effective=True)["x"]
+
+
+def check_output(result, spec: MoESpec, effective: MoEParams, scheme: str, pass_: str, x: np.ndarray,
+                 dy: np.ndarray, rows: np.ndarray, what: str, floor_db: float = OUTPUT_CHECK_FLOOR_DB
+                 ) -> OutputCheck:
+    """Compare the timed call's output on ``rows`` with the reference; raise if below ``floor_db``."""
+    shape = (x.shape[0], spec.hidden)
+    found = find_output(result, shape, _NAMED[pass_])
+    target = "y" if pass_ == "forward" else "dx"
+    if found is None:
+        raise OutputNotFoundError(
+            f"{what}: benchmark_step's callable returned {type(result).__name__} with no {target} of shape "
+            f"{list(shape)}; return {target} (or a structure holding it under the name '{target}') so the "
+            "timed output can be checked")
+    rows, expected = expected_rows(spec, effective, scheme, pass_, x, dy, rows)
+    actual = to_numpy(found)[rows]
+    sqnr = reference.sqnr_db(expected, actual)
+    outcome = OutputCheck(target, float(sqnr), floor_db, int(rows.size))
+    if not sqnr >= floor_db:
+        worst = int(np.argmax(np.linalg.norm(actual - expected, axis=1)))
+        raise WrongOutputError(
+            f"{what}: the timed {target} is wrong: SQNR {sqnr:.1f} dB < {floor_db:.0f} dB against the reference "
+            f"({scheme}) on {rows.size} rows; worst token {int(rows[worst])}: |diff| "
+            f"{np.linalg.norm(actual[worst] - expected[worst]):.3e} vs |ref| {np.linalg.norm(expected[worst]):.3e}")
+    return outcome

@@ -1,0 +1,483 @@
+"""Native peers: each framework's own grouped matmul in a minimal MoE layer, benchmarked beside
+the backends with the same FLOP counting, plus a do-nothing backend for the harness-overhead check.
+
+* ``torch._grouped_mm``: rows sorted by expert, two `torch._grouped_mm` calls with the cumulative
+  row counts as ``offs``, SwiGLU between, gate-weighted ``index_add`` back to tokens.
+* ``jax.lax.ragged_dot``: the same with `jax.lax.ragged_dot` and per-expert group sizes, jitted.
+* ``mx.gather_mm``: the same with `mx.gather_mm` on expert-sorted rows (``sorted_indices=True``).
+
+Each is a full `implementations.Backend` for scheme ``none`` (float routing, dropless, optional shared
+expert), so its timed output is checked against the reference like any backend's; the backward is
+the framework's autograd. Peers are not in the backend registry: conformance never runs them; the
+benchmark grid adds the peer of every framework a selected backend uses (`framework_of`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import partial
+from typing import Any, Callable
+
+import numpy as np
+
+from implementations.base import Backend, Capabilities
+from reference.layer import ForwardResult
+from reference.spec import MoEParams, MoESpec, SpecError, validate_input
+
+#: Compute dtypes of the peers (the router is float32 whatever they are).
+_DTYPES = ("float32", "bfloat16")
+
+
+class PeerBackend(Backend):
+    """A native-op peer: scheme ``none`` only, dropless; ``framework`` names the framework it stands for."""
+
+    framework: str = ""
+
+    def _check(self, spec: MoESpec, scheme: str, dtype: str) -> None:
+        if scheme != "none":
+            raise SpecError(f"{self.name} is a float peer: scheme 'none' only, not {scheme!r}")
+        if dtype not in _DTYPES:
+            raise SpecError(f"{self.name} computes in {', '.join(_DTYPES)}, not {dtype!r}")
+        if spec.capacity_factor is not None:
+            raise SpecError(f"{self.name} is dropless (no capacity factor)")
+
+    def effective_weights(self, prepared: Any) -> dict[str, np.ndarray]:
+        return {name: np.asarray(value, dtype=np.float64) for name, value in prepared.host.items()}
+
+
+def _peer_capabilities(devices: tuple[str, ...]) -> Capabilities:
+    return Capabilities(schemes=("none",), passes=("forward", "backward"), dtypes=_DTYPES, devices=devices,
+                        capacity=False, shared_expert=True)
+
+
+class _Prepared:
+    """Device arrays by parameter name, the host copies (effective weights) and the layer's spec."""
+
+    def __init__(self, spec: MoESpec, dtype: str, arrays: dict, host: MoEParams, extra: dict | None = None):
+        self.spec, self.dtype, self.arrays, self.host = spec, dtype, arrays, host.as_dict()
+        self.extra = extra or {}
+
+
+# -- torch._grouped_mm ----------------------------------------------------------------------------------------
+class TorchGroupedMMPeer(PeerBackend):
+    name = "torch._grouped_mm"
+    framework = "torch"
+    capabilities = _peer_capabilities(("cpu", "cuda"))
+
+    def __init__(self, device: str | None = None) -> None:
+        super().__init__("cuda" if device == "gpu" else device)
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if importlib.util.find_spec("torch") is None:
+            return "torch is not installed"
+        import torch
+
+        if not hasattr(torch, "_grouped_mm"):
+            return f"torch {torch.__version__} has no torch._grouped_mm (needs >= 2.8)"
+        return None
+
+    @classmethod
+    def versions(cls) -> dict[str, str]:
+        import torch
+
+        return {"torch": torch.__version__}
+
+    def prepare(self, spec: MoESpec, params: MoEParams, scheme: str, dtype: str, ep_size: int = 1) -> _Prepared:
+        import torch
+
+        self._check(spec, scheme, dtype)
+        params.validate(spec)
+        compute = getattr(torch, dtype)
+        # torch._grouped_mm needs 16-byte aligned row strides in every operand.
+        elements = 16 // torch.empty((), dtype=compute).element_size()
+        if spec.hidden % elements or spec.ffn % elements:
+            raise SpecError(f"{self.name} needs hidden and ffn multiples of {elements} in {dtype} (16-byte strides)")
+        device = torch.device(self.device)
+        arrays = {name: torch.tensor(np.asarray(value), device=device,
+                                     dtype=torch.float32 if name.startswith("router") else compute)
+                  for name, value in params.items()}
+        return _Prepared(spec, dtype, arrays, params)
+
+    def _layer(self, p: _Prepared, w: dict, x):
+        import torch
+        import torch.nn.functional as F
+
+        spec = p.spec
+        logits = x.float() @ w["router"]
+        if spec.router == "softmax_topk":
+            scores, selection = torch.softmax(logits, dim=-1), logits
+        else:
+            scores = torch.sigmoid(logits)
+            selection = scores + w["router_bias"] if "router_bias" in w else scores
+        ids = torch.topk(selection.detach(), spec.top_k, dim=-1).indices
+        gates = scores.gather(1, ids)
+        if spec.renormalize:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        if spec.router == "sigmoid_topk":
+            gates = gates * spec.routed_scaling
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        token = order // spec.top_k
+        # scatter_add, not bincount: bincount reads the maximum back to the host (a synchronization).
+        counts = torch.zeros(spec.experts, dtype=torch.int32, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.int32))
+        ends = torch.cumsum(counts, 0, dtype=torch.int32)
+        h = torch._grouped_mm(x[token], w["w13"], offs=ends)
+        a = F.silu(h[:, :spec.ffn]) * h[:, spec.ffn:]
+        out = torch._grouped_mm(a, w["w2"], offs=ends)
+        weighted = out.float() * gates.reshape(-1)[order][:, None]
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add(0, token, weighted)
+        if "shared_w13" in w:
+            hs = x @ w["shared_w13"]
+            y = y + ((F.silu(hs[:, :spec.shared_ffn]) * hs[:, spec.shared_ffn:]) @ w["shared_w2"]).float()
+        return y.to(x.dtype), ids, gates
+
+    def forward(self, prepared: _Prepared, x: np.ndarray) -> ForwardResult:
+        import torch
+
+        validate_input(prepared.spec, x)
+        with torch.no_grad():
+            y, ids, gates = self._layer(prepared, prepared.arrays, self._put(prepared, x))
+        return ForwardResult(y.double().cpu().numpy(), ids.cpu().numpy(), gates.double().cpu().numpy(), float("nan"))
+
+    def _put(self, prepared: _Prepared, values: np.ndarray):
+        import torch
+
+        return torch.tensor(values, dtype=getattr(torch, prepared.dtype), device=self.device)
+
+    def benchmark_step(self, prepared: _Prepared, x: np.ndarray, pass_: str, dy: np.ndarray | None = None
+                       ) -> Callable[[], Any]:
+        import torch
+
+        x_t = self._put(prepared, x)
+        dy_t = self._put(prepared, dy if dy is not None else np.random.default_rng(0).standard_normal(x.shape))
+        sync = torch.cuda.synchronize if x_t.is_cuda else (lambda: None)
+        trainable = {name: t.detach().requires_grad_(name != "router_bias") for name, t in prepared.arrays.items()}
+        wanted = [x_t.detach().requires_grad_()] + [t for n, t in trainable.items() if n != "router_bias"]
+
+        def forward_step():
+            with torch.no_grad():
+                y = self._layer(prepared, prepared.arrays, x_t)[0]
+            sync()
+            return y
+
+        def backward_step():
+            with torch.enable_grad():
+                y = self._layer(prepared, trainable, wanted[0])[0]
+                grads = torch.autograd.grad(y, wanted, grad_outputs=dy_t)
+            sync()
+            return grads  # dx first
+
+        if pass_ not in ("forward", "backward"):
+            raise SpecError(f"unknown pass {pass_!r}")
+        return forward_step if pass_ == "forward" else backward_step
+
+
+# -- jax.lax.ragged_dot ---------------------------------------------------------------------------------------
+def _jax_layer(params: dict, x, spec: MoESpec):
+    import jax
+    import jax.numpy as jnp
+
+    logits = x.astype(jnp.float32) @ params["router"]
+    if spec.router == "softmax_topk":
+        scores, selection = jax.nn.softmax(logits, axis=-1), logits
+    else:
+        scores = jax.nn.sigmoid(logits)
+        selection = scores + params["router_bias"] if "router_bias" in params else scores
+    ids = jax.lax.top_k(jax.lax.stop_gradient(selection), spec.top_k)[1]
+    gates = jnp.take_along_axis(scores, ids, axis=-1)
+    if spec.renormalize:
+        gates = gates / gates.sum(axis=-1, keepdims=True)
+    if spec.router == "sigmoid_topk":
+        gates = gates * spec.routed_scaling
+    flat = ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    token = order // spec.top_k
+    sizes = jnp.bincount(flat, length=spec.experts).astype(jnp.int32)
+    h = jax.lax.ragged_dot(x[token], params["w13"], sizes)
+    a = jax.nn.silu(h[:, :spec.ffn]) * h[:, spec.ffn:]
+    out = jax.lax.ragged_dot(a, params["w2"], sizes)
+    weighted = out.astype(jnp.float32) * gates.reshape(-1)[order][:, None]
+    y = jnp.zeros(x.shape, jnp.float32).at[token].add(weighted)
+    if "shared_w13" in params:
+        hs = x @ params["shared_w13"]
+        y = y + ((jax.nn.silu(hs[:, :spec.shared_ffn]) * hs[:, spec.shared_ffn:]) @ params["shared_w2"]).astype(
+            jnp.float32)
+    return y.astype(x.dtype), ids, gates
+
+
+def _jax_forward_backward(params: dict, x, dy, spec: MoESpec):
+    import jax
+
+    trainable = {k: v for k, v in params.items() if k != "router_bias"}
+    fixed = {k: v for k, v in params.items() if k == "router_bias"}
+    y, vjp = jax.vjp(lambda p, x_: _jax_layer({**p, **fixed}, x_, spec)[0], trainable, x)
+    d_params, d_x = vjp(dy)
+    return d_x, d_params  # dx first
+
+
+class JaxRaggedDotPeer(PeerBackend):
+    name = "jax.lax.ragged_dot"
+    framework = "jax"
+    capabilities = _peer_capabilities(("cpu", "gpu"))
+    #: On GPU, XLA lowers ragged_dot to a dense masked dot over all experts (implementations/_jax_env.py,
+    #: H100 2026-11-22: 16 GiB buffers, out of memory at top-k 8): an intermediate of about rows x E x
+    #: max(2F, H) elements. Cases whose estimate passes this share of device memory are skipped.
+    GPU_MEMORY_SHARE = 0.45
+
+    def __init__(self, device: str | None = None) -> None:
+        super().__init__("gpu" if device == "cuda" else device)
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if importlib.util.find_spec("jax") is None:
+            return "jax is not installed"
+        try:
+            import jax
+
+            if not hasattr(jax.lax, "ragged_dot"):
+                return f"jax {jax.__version__} has no jax.lax.ragged_dot"
+        except Exception as exc:
+            return f"jax cannot be imported: {type(exc).__name__}: {exc}"
+        return None
+
+    @classmethod
+    def versions(cls) -> dict[str, str]:
+        import jax
+
+        return {"jax": jax.__version__, "jax_backend": jax.default_backend()}
+
+    def _device(self):
+        import jax
+
+        return jax.devices(self.device)[0]
+
+    def benchmark_limit(self, spec: MoESpec, tokens: int, pass_: str, dtype: str) -> str | None:
+        """Why this case is not run here (GPU memory of the dense lowering), or None."""
+        device = self._device()
+        if device.platform != "gpu":
+            return None
+        stats = device.memory_stats() or {}
+        limit = stats.get("bytes_limit")
+        if not limit:
+            return None
+        itemsize = 2 if dtype == "bfloat16" else 4
+        estimate = tokens * spec.top_k * spec.experts * max(2 * spec.ffn, spec.hidden) * itemsize
+        estimate *= 1 if pass_ == "forward" else 3
+        if estimate > self.GPU_MEMORY_SHARE * limit:
+            return (f"jax.lax.ragged_dot lowers to a dense masked dot on GPU: ~{estimate / 2**30:.0f} GiB of "
+                    f"intermediates (rows x experts x max(2F, H)) > {self.GPU_MEMORY_SHARE:.0%} of "
+                    f"{limit / 2**30:.0f} GiB device memory")
+        return None
+
+    def prepare(self, spec: MoESpec, params: MoEParams, scheme: str, dtype: str, ep_size: int = 1) -> _Prepared:
+        import jax
+        import jax.numpy as jnp
+
+        self._check(spec, scheme, dtype)
+        params.validate(spec)
+        device = self._device()
+        arrays = {name: jax.device_put(np.asarray(value, np.float32), device).astype(
+                      jnp.float32 if name.startswith("router") else getattr(jnp, dtype))
+                  for name, value in params.items()}
+        fwd = jax.jit(partial(_jax_layer, spec=spec))
+        fwd_bwd = jax.jit(partial(_jax_forward_backward, spec=spec))
+        return _Prepared(spec, dtype, arrays, params, {"forward": fwd, "forward_backward": fwd_bwd})
+
+    def _put(self, prepared: _Prepared, values: np.ndarray):
+        import jax
+        import jax.numpy as jnp
+
+        return jax.device_put(np.asarray(values, np.float32), self._device()).astype(getattr(jnp, prepared.dtype))
+
+    def forward(self, prepared: _Prepared, x: np.ndarray) -> ForwardResult:
+        validate_input(prepared.spec, x)
+        y, ids, gates = prepared.extra["forward"](prepared.arrays, self._put(prepared, x))
+        return ForwardResult(np.asarray(y, np.float64), np.asarray(ids).astype(np.int64),
+                             np.asarray(gates, np.float64), float("nan"))
+
+    def benchmark_step(self, prepared: _Prepared, x: np.ndarray, pass_: str, dy: np.ndarray | None = None
+                       ) -> Callable[[], Any]:
+        import jax
+
+        x_dev = self._put(prepared, x)
+        dy_dev = self._put(prepared, dy if dy is not None else np.random.default_rng(0).standard_normal(x.shape))
+        if pass_ == "forward":
+            fn = prepared.extra["forward"]
+            return lambda: jax.block_until_ready(fn(prepared.arrays, x_dev))
+        if pass_ == "backward":
+            fn = prepared.extra["forward_backward"]
+            return lambda: jax.block_until_ready(fn(prepared.arrays, x_dev, dy_dev))
+        raise SpecError(f"unknown pass {pass_!r}")
+
+
+# -- mx.gather_mm -----------------------------------------------------------------------------------------------
+def _mlx_layer(w: dict, x, spec: MoESpec):
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    logits = x.astype(mx.float32) @ w["router"]
+    if spec.router == "softmax_topk":
+        scores, selection = mx.softmax(logits, axis=-1), logits
+    else:
+        scores = mx.sigmoid(logits)
+        selection = scores + w["router_bias"] if "router_bias" in w else scores
+    ids = mx.stop_gradient(mx.argpartition(-selection, kth=spec.top_k - 1, axis=-1)[:, :spec.top_k])
+    gates = mx.take_along_axis(scores, ids, axis=-1)
+    if spec.renormalize:
+        gates = gates / gates.sum(axis=-1, keepdims=True)
+    if spec.router == "sigmoid_topk":
+        gates = gates * spec.routed_scaling
+    flat = ids.reshape(-1)
+    order = mx.argsort(flat)
+    token = order // spec.top_k
+    experts = flat[order].astype(mx.uint32)
+    rows = x[token][:, None, :]
+    h = mx.gather_mm(rows, w["w13"], rhs_indices=experts, sorted_indices=True)
+    a = nn.silu(h[..., :spec.ffn]) * h[..., spec.ffn:]
+    out = mx.gather_mm(a, w["w2"], rhs_indices=experts, sorted_indices=True)[:, 0, :]
+    weighted = out.astype(mx.float32) * gates.reshape(-1)[order][:, None]
+    y = mx.zeros(x.shape, dtype=mx.float32).at[token].add(weighted)
+    if "shared_w13" in w:
+        hs = x @ w["shared_w13"]
+        y = y + ((nn.silu(hs[:, :spec.shared_ffn]) * hs[:, spec.shared_ffn:]) @ w["shared_w2"]).astype(mx.float32)
+    return y.astype(x.dtype), ids, gates
+
+
+class MlxGatherMMPeer(PeerBackend):
+    name = "mx.gather_mm"
+    framework = "mlx"
+    capabilities = _peer_capabilities(("cpu", "gpu"))
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        try:
+            if importlib.util.find_spec("mlx") is None:
+                return "mlx is not installed"
+            import mlx.core as mx
+
+            if not hasattr(mx, "gather_mm"):
+                return f"mlx {mx.__version__} has no gather_mm"
+        except Exception as exc:
+            return f"mlx cannot be imported: {type(exc).__name__}: {exc}"
+        return None
+
+    @classmethod
+    def versions(cls) -> dict[str, str]:
+        import mlx.core as mx
+
+        return {"mlx": mx.__version__}
+
+    def _stream(self):
+        import mlx.core as mx
+
+        return mx.stream(mx.gpu if self.device == "gpu" else mx.cpu)
+
+    def prepare(self, spec: MoESpec, params: MoEParams, scheme: str, dtype: str, ep_size: int = 1) -> _Prepared:
+        import mlx.core as mx
+
+        self._check(spec, scheme, dtype)
+        params.validate(spec)
+        with self._stream():
+            arrays = {name: mx.array(np.asarray(value, np.float32)).astype(
+                          mx.float32 if name.startswith("router") else getattr(mx, dtype))
+                      for name, value in params.items()}
+            mx.eval(list(arrays.values()))
+        return _Prepared(spec, dtype, arrays, params)
+
+    def _put(self, prepared: _Prepared, values: np.ndarray):
+        import mlx.core as mx
+
+        with self._stream():
+            out = mx.array(np.asarray(values, np.float32)).astype(getattr(mx, prepared.dtype))
+            mx.eval(out)
+        return out
+
+    def forward(self, prepared: _Prepared, x: np.ndarray) -> ForwardResult:
+        import mlx.core as mx
+
+        validate_input(prepared.spec, x)
+        with self._stream():
+            y, ids, gates = _mlx_layer(prepared.arrays, self._put(prepared, x), prepared.spec)
+            mx.eval(y, ids, gates)
+        return ForwardResult(np.array(y.astype(mx.float32), np.float64), np.array(ids).astype(np.int64),
+                             np.array(gates, np.float64), float("nan"))
+
+    def benchmark_step(self, prepared: _Prepared, x: np.ndarray, pass_: str, dy: np.ndarray | None = None
+                       ) -> Callable[[], Any]:
+        import mlx.core as mx
+
+        x_dev = self._put(prepared, x)
+        dy_dev = self._put(prepared, dy if dy is not None else np.random.default_rng(0).standard_normal(x.shape))
+        spec, arrays = prepared.spec, prepared.arrays
+        trainable = [n for n in arrays if n != "router_bias"]
+        device = mx.gpu if self.device == "gpu" else mx.cpu
+
+        def layer_of(x_, *leaves):
+            return _mlx_layer({**arrays, **dict(zip(trainable, leaves))}, x_, spec)[0]
+
+        def forward_step():
+            with mx.stream(device):
+                y = _mlx_layer(arrays, x_dev, spec)[0]
+                mx.eval(y)
+            return y
+
+        def backward_step():
+            with mx.stream(device):
+                _, grads = mx.vjp(layer_of, [x_dev, *(arrays[n] for n in trainable)], [dy_dev])
+                mx.eval(grads)
+            return grads  # dx first
+
+        if pass_ not in ("forward", "backward"):
+            raise SpecError(f"unknown pass {pass_!r}")
+        return forward_step if pass_ == "forward" else backward_step
+
+
+# -- the harness-overhead backend --------------------------------------------------------------------------------
+class NoopBackend(Backend):
+    """Does nothing: its timed call is the harness's own cost (setup rotation, wrapper, timer)."""
+
+    name = "noop"
+    harness_only = True
+    capabilities = Capabilities(schemes=("none",), passes=("forward", "backward"), dtypes=_DTYPES,
+                                devices=("cpu", "cuda", "gpu"))
+
+    def prepare(self, spec: MoESpec, params: MoEParams, scheme: str, dtype: str, ep_size: int = 1) -> MoEParams:
+        return params
+
+    def forward(self, prepared: MoEParams, x: np.ndarray) -> ForwardResult:
+        raise NotImplementedError("noop measures the harness; it computes nothing")
+
+    def effective_weights(self, prepared: MoEParams) -> dict[str, np.ndarray]:
+        return prepared.as_dict()
+
+    def benchmark_step(self, prepared: MoEParams, x: np.ndarray, pass_: str, dy: np.ndarray | None = None
+                       ) -> Callable[[], Any]:
+        return _nothing
+
+
+def _nothing() -> None:
+    return None
+
+
+#: Peers by framework: a backend whose `versions()` names the framework is compared with its peer.
+PEERS: dict[str, type[PeerBackend]] = {
+    TorchGroupedMMPeer.framework: TorchGroupedMMPeer,
+    JaxRaggedDotPeer.framework: JaxRaggedDotPeer,
+    MlxGatherMMPeer.framework: MlxGatherMMPeer,
+}
+
+
+def framework_of(backend_cls: type[Backend]) -> str | None:
+    """The peer framework a backend runs on, from the framework names its `versions()` reports."""
+    if isinstance(backend_cls, type) and issubclass(backend_cls, PeerBackend):
+        return backend_cls.framework
+    try:
+        keys = backend_cls.versions().keys()
+    except Exception:
+        return None
+    for framework in PEERS:
+        if framework in keys:
+            return framework
+    return None

@@ -1,0 +1,372 @@
+"""pytest hooks of the benchmarks: options, deselection, run metadata, safe comparison, terminal table.
+
+Load it beside the suite's plugin (root ``conftest.py``: ``pytest_plugins = ["suite.plugin",
+"suite.benchmarks.plugin"]``, or ``-p suite.benchmarks.plugin``).
+
+* Deselection: tests marked ``benchmark`` run only when asked for (``-m benchmark``, or any ``-m``
+  expression naming ``benchmark`` positively, or ``--benchmark-only``); otherwise they are deselected
+  at collection and the summary says why, so ``pytest``, ``pytest tests`` and ``pytest -m conformance``
+  stay fast.
+* Run metadata: ``machine_info["qmoe"]`` (device name, preset, dtype) and ``qmoe`` in the saved JSON
+  (command, UTC date, device) for the report's header.
+* Comparison (``--benchmark-compare``): pytest-benchmark compares saved and current results by test
+  name. A saved run from another device is refused as a whole (its benchmarks are dropped from the
+  comparison, with a warning naming both devices); a saved result whose shape, dtype or routing
+  differs under the same name is dropped alone, and the summary lists each refusal. Nothing is ever
+  compared silently across devices or shapes, and ``--benchmark-compare-fail`` only judges what was
+  compared.
+* Terminal table: pytest-benchmark shows times only; after its table a qmoe table gives TF/s,
+  tokens/s, GB/s, % of peak and the output check beside the median time of every result, and the
+  harness overhead when the do-nothing backend ran.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import shlex
+import time
+
+import pytest
+
+from . import harness, shapes, workload
+from .metrics import PASSES
+
+_REFUSALS = pytest.StashKey[list]()
+_NOT_RUN = pytest.StashKey[list]()
+_DESELECTED = pytest.StashKey[int]()
+_BENCH_MARK = "benchmark"
+#: extra_info keys that must agree for two results to be compared.
+SIGNATURE = ("shape", "tokens", "hidden", "ffn", "experts", "shared_ffn", "router", "top_k", "pass", "routing",
+             "dtype", "scheme", "backend", "device_name")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("qmoe-bench", "qmoe benchmarks (pytest -m benchmark)")
+    group.addoption("--bench-shape", default=shapes.DEFAULT_PRESET, metavar="PRESET",
+                    help=f"shape preset: {', '.join(shapes.PRESETS)} (default {shapes.DEFAULT_PRESET})")
+    group.addoption("--bench-top-k", default=None, metavar="K,K",
+                    help="only these top-k values of the preset's sweep (comma-separated)")
+    group.addoption("--bench-pass", default=None, metavar="PASS",
+                    help=f"only these passes: {', '.join(PASSES)} (comma-separated; default both)")
+    group.addoption("--bench-routing", default=None, metavar="PATTERN",
+                    help=f"only these routing patterns: {', '.join(workload.ROUTINGS)} (default both)")
+    group.addoption("--bench-scheme", default=None, metavar="SCHEME",
+                    help="only these schemes (comma-separated; default every scheme a backend declares)")
+    group.addoption("--bench-dtype", default=None, help="compute dtype (default: float32 on cpu, bfloat16 on GPUs)")
+    group.addoption("--bench-rounds", type=int, default=5, help="timed rounds per benchmark (default 5)")
+    group.addoption("--bench-warmup", type=int, default=1,
+                    help="warm-up rounds (default 1; at least one per distinct input is always run)")
+    group.addoption("--bench-inputs", type=int, default=2,
+                    help="distinct inputs the rounds rotate through (default 2)")
+    group.addoption("--bench-check-rows", type=int, default=32,
+                    help="token rows of each timed output checked against the reference (default 32)")
+    group.addoption("--bench-stage-times", action="store_true",
+                    help="also record stage times of backends that offer stage_times() (forward only)")
+    group.addoption("--bench-no-peers", action="store_true",
+                    help="do not add the native peers (torch._grouped_mm, jax.lax.ragged_dot, mx.gather_mm)")
+    group.addoption("--bench-max-call-s", type=float, default=None, metavar="SECONDS",
+                    help="skip a case (with its measured time as the reason) whose first call takes longer "
+                         f"(default: {shapes.PRESET_CALL_BUDGET_S} per preset, else none; 0 = no limit)")
+    group.addoption("--bench-session-budget-s", type=float, default=None, metavar="SECONDS",
+                    help="skip (with that reason) the benchmarks that would start after this many seconds of the "
+                         "session, so a run under a wall-clock limit still ends normally and saves its results")
+    group.addoption("--bench-jsonl", default=None, metavar="PATH",
+                    help="also append every result to PATH as it finishes (one JSON object per line, the "
+                         "benchmark entries of pytest-benchmark's JSON): partial results survive a killed run")
+    group.addoption("--bench-threads", type=int, default=None, metavar="N",
+                    help="CPU threads per framework (OMP/MKL/torch/XLA), set before any framework loads; "
+                         "on a shared machine 1 avoids oversubscribed thread pools (default: the frameworks' own)")
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@pytest.hookimpl(tryfirst=True)  # before the suite's plugin imports any framework (thread settings)
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_REFUSALS] = []
+    config.stash[_NOT_RUN] = []
+    _state["config"] = config
+    budget = config.getoption("--bench-session-budget-s")
+    _state["deadline"] = time.monotonic() + budget if budget else None
+    config.stash[_DESELECTED] = 0
+    # Several frameworks share one GPU in a benchmark session: JAX must not grab 75% of it up front.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    threads = config.getoption("--bench-threads")
+    if threads:
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ[name] = str(threads)
+        import sys
+
+        if "torch" in sys.modules:  # imported by an earlier plugin: the environment is read too late
+            sys.modules["torch"].set_num_threads(threads)
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "intra_op_parallelism_threads" not in flags:
+            os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false "
+                                       f"intra_op_parallelism_threads={threads}").strip()
+    try:
+        shapes.preset(config.getoption("--bench-shape"))
+    except shapes.UnknownPresetError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def benchmarks_requested(config: pytest.Config) -> bool:
+    """True when the command asks for benchmarks: ``-m`` naming ``benchmark`` (not negated) or --benchmark-only."""
+    if config.getoption("benchmark_only", False):
+        return True
+    markexpr = config.getoption("markexpr", "") or ""
+    return re.search(r"(?<!not )\bbenchmark\b", markexpr) is not None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if benchmarks_requested(config):
+        return
+    kept, dropped = [], []
+    for item in items:
+        (dropped if item.get_closest_marker(_BENCH_MARK) else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+        config.stash[_DESELECTED] = len(dropped)
+
+
+# -- options and the grid --------------------------------------------------------------------------------------
+def _selected_device(config: pytest.Config) -> str | None:
+    """The suite's ``--device`` (None: each backend's default); None when the suite's plugin is absent."""
+    try:
+        from suite.plugin import selection
+
+        return selection(config).device
+    except (ImportError, KeyError):
+        return None
+
+
+def bench_options(config: pytest.Config) -> harness.BenchOptions:
+    device = _selected_device(config)
+    budget = config.getoption("--bench-max-call-s")
+    if budget is None:
+        budget = shapes.PRESET_CALL_BUDGET_S.get(config.getoption("--bench-shape"))
+    return harness.BenchOptions(
+        device=device, dtype=config.getoption("--bench-dtype") or harness.default_dtype(device),
+        rounds=config.getoption("--bench-rounds"), warmup=config.getoption("--bench-warmup"),
+        inputs=config.getoption("--bench-inputs"), check_rows=config.getoption("--bench-check-rows"),
+        stage_times=config.getoption("--bench-stage-times"), max_call_s=budget or None,
+        threads=config.getoption("--bench-threads"), deadline=_state.get("deadline"))
+
+
+def _devices_match(declared: tuple[str, ...], device: str | None) -> bool:
+    if device is None:
+        return True
+    gpu = {"cuda", "gpu"}
+    return device in declared or (device in gpu and bool(gpu & set(declared)))
+
+
+def bench_grid(config: pytest.Config) -> list:
+    """pytest params of `harness.BenchCase`: shape > routing > scheme > backend > top_k > pass, so that
+    a prepared layer is reused across passes and the reference's effective weights across backends."""
+    from reference.schemes import SCHEMES
+    from suite.plugin import selection
+
+    from .peers import PEERS, framework_of
+
+    sel = selection(config)
+    preset = shapes.preset(config.getoption("--bench-shape"))
+    top_ks = [int(k) for k in _csv(config.getoption("--bench-top-k")) or []]
+    passes = _csv(config.getoption("--bench-pass")) or list(PASSES)
+    routings = _csv(config.getoption("--bench-routing")) or list(workload.ROUTINGS)
+    schemes = _csv(config.getoption("--bench-scheme")) or list(SCHEMES)
+    for name, allowed, given in (("pass", PASSES, passes), ("routing", workload.ROUTINGS, routings),
+                                 ("scheme", tuple(SCHEMES), schemes)):
+        unknown = [g for g in given if g not in allowed]
+        if unknown:
+            raise pytest.UsageError(f"--bench-{name}: unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")
+    pass_ids = [pid for pid, (pname, _) in harness.PASS_IDS.items() if pname in passes]
+
+    entries = [(e.name, e.cls, e.unavailable, e.load_error, False) for e in sel.backends]
+    if not config.getoption("--bench-no-peers"):
+        frameworks = []
+        for _, cls, unavailable, error, _ in entries:
+            framework = framework_of(cls) if cls is not None and not unavailable and not error else None
+            if framework and framework not in frameworks:
+                frameworks.append(framework)
+        for framework in frameworks:
+            cls = PEERS[framework]
+            entries.append((cls.name, cls, cls.unavailable_reason(), None, True))
+
+    from .timing import clock_for
+
+    timer, timer_name = clock_for(sel.device)
+    bench_mark = {"timer": timer} if timer_name != "perf_counter" else {}
+    params, reported = [], set()
+    for shape in preset:
+        ks = [k for k in shape.top_ks if not top_ks or k in top_ks]
+        for routing in routings:
+            for scheme in schemes:
+                for name, cls, unavailable, error, is_peer in entries:
+                    caps = cls.capabilities if cls is not None else None
+                    if caps is not None and scheme not in caps.schemes:
+                        continue  # a scheme a backend does not declare is not a case at all
+                    for k in ks:
+                        for pass_id in pass_ids:
+                            case = harness.BenchCase(name, scheme, shape, k, pass_id, routing, is_peer)
+                            reason = _skip_reason(name, cls, unavailable, error, case, sel.device)
+                            if reason and (name, reason) in reported and (unavailable or error):
+                                continue  # one skipped test says an unavailable backend is unavailable
+                            if reason:
+                                reported.add((name, reason))
+                            marks = [pytest.mark.benchmark(group=case.group, **bench_mark)]
+                            if reason:
+                                marks.append(pytest.mark.skip(reason=reason))
+                            params.append(pytest.param((case, cls, error), id=case.id, marks=marks))
+    return params
+
+
+def _skip_reason(name, cls, unavailable, error, case: harness.BenchCase, device) -> str | None:
+    if error:
+        return None  # not a skip: the test fails with the load error
+    if unavailable:
+        return f"{name} unavailable: {unavailable}"
+    caps = cls.capabilities
+    if not _devices_match(caps.devices, device):
+        return f"{name} declares devices {', '.join(caps.devices)}, not {device}"
+    why = caps.unsupported(case.shape.spec(case.top_k), case.scheme)
+    if why:
+        return f"{name} {why}"
+    if harness.PASS_IDS[case.pass_id][1] not in caps.passes:
+        return f"{name} does not declare the {case.pass_name} pass"
+    return None
+
+
+_state: dict = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Remember benchmark cases that gave no result (skipped with a reason, or failed), for the report."""
+    config = _state.get("config")
+    if config is None or _BENCH_MARK not in report.keywords:
+        return
+    if report.skipped and isinstance(report.longrepr, tuple):
+        reason = report.longrepr[2].removeprefix("Skipped: ")
+        config.stash[_NOT_RUN].append({"test": report.nodeid, "outcome": "skipped", "reason": reason})
+    elif report.failed:
+        lines = str(report.longrepr).strip().splitlines()
+        message = next((ln for ln in reversed(lines) if ln.startswith("E ")), lines[-1] if lines else "")
+        config.stash[_NOT_RUN].append({"test": report.nodeid, "outcome": f"failed ({report.when})",
+                                       "reason": message.removeprefix("E").strip()[:300]})
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    """With --bench-jsonl: append the finished benchmark (name, stats, extra_info) to the file."""
+    outcome = yield
+    report = outcome.get_result()
+    path = item.config.getoption("--bench-jsonl")
+    fixture = getattr(item, "funcargs", {}).get("benchmark")
+    if not path or report.when != "call" or not report.passed or fixture is None:
+        return
+    meta = getattr(fixture, "stats", None)
+    if not meta:
+        return
+    stats = meta.stats
+    entry = {"name": fixture.name, "fullname": fixture.fullname, "group": fixture.group,
+             "extra_info": fixture.extra_info,
+             "stats": {k: getattr(stats, k) for k in ("min", "max", "mean", "stddev", "median", "rounds")}}
+    with open(path, "a") as fh:
+        fh.write(json.dumps(entry, default=str) + "\n")
+
+
+# -- pytest-benchmark hooks -----------------------------------------------------------------------------------------
+def _device_label(config: pytest.Config) -> str:
+    from .timing import device_name
+
+    return device_name(_selected_device(config))
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    options = bench_options(config)
+    machine_info["qmoe"] = {"device": _device_label(config), "device_option": options.device or "default",
+                            "preset": config.getoption("--bench-shape"), "dtype": options.dtype,
+                            "threads": options.threads}
+
+
+def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json: dict) -> None:
+    output_json["qmoe"] = {
+        "command": shlex.join(["pytest", *config.invocation_params.args]),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": _device_label(config), "preset": config.getoption("--bench-shape"),
+        "not_run": list(config.stash.get(_NOT_RUN, [])),
+    }
+
+
+def pytest_benchmark_compare_machine_info(config: pytest.Config, benchmarksession, machine_info: dict,
+                                          compared_benchmark: dict) -> None:
+    """Refuse a saved run from another device: drop its benchmarks from the comparison, loudly."""
+    current = (machine_info.get("qmoe") or {}).get("device")
+    saved = (compared_benchmark.get("machine_info", {}).get("qmoe") or {}).get("device")
+    if current != saved:
+        count = len(compared_benchmark.get("benchmarks", []))
+        message = (f"qmoe: not comparing with a saved run from another device: saved on {saved or 'an unknown device'}, "
+                   f"running on {current}; its {count} result(s) are left out of --benchmark-compare "
+                   "(and of --benchmark-compare-fail)")
+        compared_benchmark["benchmarks"] = []
+        config.stash[_REFUSALS].append(message)
+        benchmarksession.logger.warning(message)
+
+
+def refuse_mismatched(compared_mapping: dict, current: list) -> list[str]:
+    """Drop saved results whose signature differs from the current result of the same name; say which."""
+    messages = []
+    by_name = {bench.fullname: bench for bench in current}
+    for path, saved_by_name in compared_mapping.items():
+        for fullname in list(saved_by_name):
+            bench = by_name.get(fullname)
+            if bench is None:
+                continue
+            saved = saved_by_name[fullname].get("extra_info", {})
+            mine = bench.extra_info
+            diff = [f"{key} {saved.get(key)!r} -> {mine.get(key)!r}" for key in SIGNATURE
+                    if key in mine and key in saved and saved.get(key) != mine.get(key)]
+            if diff:
+                del saved_by_name[fullname]
+                messages.append(f"qmoe: not comparing {fullname} with {os.path.basename(str(path))}: "
+                                + "; ".join(diff))
+    return messages
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus):
+    bs = getattr(session.config, "_benchmarksession", None)
+    if bs is not None and bs.compared_mapping:
+        session.config.stash[_REFUSALS].extend(refuse_mismatched(bs.compared_mapping, [b for b in bs.benchmarks if b]))
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config):
+    try:
+        yield
+    finally:
+        _qmoe_summary(terminalreporter, config)
+
+
+def _qmoe_summary(tr, config: pytest.Config) -> None:
+    from .tables import terminal_rows
+
+    deselected = config.stash.get(_DESELECTED, 0)
+    if deselected:
+        tr.write_line(f"qmoe: {deselected} benchmark test(s) deselected: run them with `pytest -m benchmark` "
+                      "(they are kept out of plain and conformance runs)")
+    for message in config.stash.get(_REFUSALS, []):
+        tr.write_line(message, yellow=True)
+    bs = getattr(config, "_benchmarksession", None)
+    if bs is None:
+        return
+    results = [b for b in bs.benchmarks if b and "backend" in b.extra_info]
+    if not results:
+        return
+    tr.write_sep("-", "qmoe throughput (median round; TF/s = logbook FLOPs / time)")
+    for line in terminal_rows(results, bs.compared_mapping or {}):
+        tr.write_line(line)

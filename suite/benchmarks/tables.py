@@ -1,0 +1,140 @@
+"""Results as rows: from pytest-benchmark's JSON (saved runs) or live results, with the derived
+columns (delta vs the backend's ``none``, ratio to the framework's native peer, harness overhead).
+
+Used by the terminal table (`terminal_rows`) and by `suite.report`; nothing here imports a framework.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+#: Rows that did the same work: only they are compared (delta vs none, ratio to the peer).
+WORK_KEY = ("shape", "tokens", "hidden", "ffn", "experts", "shared_ffn", "top_k", "pass", "routing", "dtype",
+            "device_name")
+
+
+@dataclass
+class ResultRow:
+    """One benchmark result, flattened."""
+
+    name: str
+    info: dict
+    median_s: float
+    mean_s: float
+    derived: dict = field(default_factory=dict)
+
+    def get(self, key, default=None):
+        return self.info.get(key, default)
+
+    @property
+    def work(self) -> tuple:
+        return tuple(self.info.get(k) for k in WORK_KEY)
+
+
+def rows_from_json(benchmarks: list[dict]) -> list[ResultRow]:
+    """ResultRows from the ``benchmarks`` list of a pytest-benchmark JSON file (qmoe results only)."""
+    rows = []
+    for bench in benchmarks:
+        info = bench.get("extra_info") or {}
+        if "backend" not in info:
+            continue
+        stats = bench.get("stats") or {}
+        rows.append(ResultRow(bench.get("name", ""), info, float(stats.get("median", math.nan)),
+                              float(stats.get("mean", math.nan))))
+    return derive(rows)
+
+
+def rows_from_session(results) -> list[ResultRow]:
+    """ResultRows from pytest-benchmark's live `Metadata` objects."""
+    rows = [ResultRow(b.name, dict(b.extra_info), float(b.stats.median), float(b.stats.mean)) for b in results]
+    return derive(rows)
+
+
+def derive(rows: list[ResultRow]) -> list[ResultRow]:
+    """Fill ``derived``: delta_vs_none (TF/s vs the same backend's ``none``), peer and x_peer (TF/s over
+    the framework's native peer), overhead_pct (the do-nothing backend vs the fastest real case)."""
+    by_work: dict[tuple, list[ResultRow]] = {}
+    for row in rows:
+        by_work.setdefault(row.work, []).append(row)
+    for row in rows:
+        same = by_work[row.work]
+        tf = row.get("tflops")
+        if tf is None or row.get("harness_only"):
+            continue
+        base = next((r for r in same if r.get("backend") == row.get("backend") and r.get("scheme") == "none"
+                     and r.get("tflops")), None)
+        if base is not None and row.get("scheme") != "none":
+            row.derived["delta_vs_none"] = tf / base.get("tflops") - 1.0
+        if not row.get("peer") and row.get("framework"):
+            peer = next((r for r in same if r.get("peer") and r.get("framework") == row.get("framework")
+                         and r.get("tflops")), None)
+            if peer is not None:
+                row.derived["peer"] = peer.get("backend")
+                row.derived["x_peer"] = tf / peer.get("tflops")
+    overhead = overhead_ratio(rows)
+    if overhead is not None:
+        for row in rows:
+            if row.get("harness_only"):
+                row.derived["overhead_pct"] = 100.0 * overhead[0]
+    return rows
+
+
+def overhead_ratio(rows: list[ResultRow]) -> tuple[float, ResultRow, ResultRow] | None:
+    """(noop median / fastest real median, the noop row, the fastest row), or None without both."""
+    noop = [r for r in rows if r.get("harness_only") and math.isfinite(r.median_s)]
+    real = [r for r in rows if not r.get("harness_only") and math.isfinite(r.median_s)]
+    if not noop or not real:
+        return None
+    fastest = min(real, key=lambda r: r.median_s)
+    slowest_noop = max(noop, key=lambda r: r.median_s)  # several runs: the least favourable
+    return slowest_noop.median_s / fastest.median_s, slowest_noop, fastest
+
+
+def fmt(value, spec: str = ".1f", missing: str = "") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return missing
+    return format(value, spec)
+
+
+def fmt_si(value) -> str:
+    """1234567 -> '1.23M' (tokens/s)."""
+    if value is None or not math.isfinite(value):
+        return ""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+def fmt_pct(value) -> str:
+    return "" if value is None else f"{100 * value:+.1f}%"
+
+
+def terminal_rows(results, compared_mapping: dict) -> list[str]:
+    """Lines of the qmoe terminal table for live results (with the saved mean where compared)."""
+    rows = rows_from_session(results)
+    saved = {}
+    for by_name in compared_mapping.values():
+        for fullname, bench in by_name.items():
+            saved[fullname] = bench.get("stats", {}).get("mean")
+    fullnames = {b.name: b.fullname for b in results}
+    header = (f"{'benchmark':64s} {'median':>10s} {'TF/s':>8s} {'tok/s':>7s} {'GB/s':>7s} {'%peak':>6s} "
+              f"{'vs none':>8s} {'x peer':>7s} {'check':>6s} {'vs saved':>9s}")
+    lines = [header]
+    for row in rows:
+        check = (row.get("output_check") or {}).get("min_sqnr_db")
+        old = saved.get(fullnames.get(row.name))
+        versus = f"{100 * (row.mean_s / old - 1):+.1f}%" if old else ""
+        name = row.name.split("[", 1)[-1].rstrip("]")
+        lines.append(f"{name[:64]:64s} {row.median_s * 1e3:8.3f}ms {fmt(row.get('tflops'), '.3f'):>8s} "
+                     f"{fmt_si(row.get('tokens_per_s')):>7s} {fmt(row.get('gb_per_s'), '.1f'):>7s} "
+                     f"{fmt(row.get('pct_peak'), '.1f'):>6s} {fmt_pct(row.derived.get('delta_vs_none')):>8s} "
+                     f"{fmt(row.derived.get('x_peer'), '.2f'):>7s} {fmt(check, '.1f'):>6s} {versus:>9s}")
+    overhead = overhead_ratio(rows)
+    if overhead is not None:
+        ratio, noop, fastest = overhead
+        lines.append(f"harness overhead: the do-nothing backend's timed call {noop.median_s * 1e6:.2f} us = "
+                     f"{100 * ratio:.3f}% of the fastest case ({fastest.name.split('[', 1)[-1].rstrip(']')}, "
+                     f"{fastest.median_s * 1e6:.1f} us)")
+    return lines

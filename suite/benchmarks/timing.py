@@ -1,0 +1,120 @@
+"""Honest timing: device clocks, cache flushes, device and framework descriptions.
+
+On CUDA the clock is CUDA events, as triton's ``do_bench`` measures: pytest-benchmark reads its
+timer (set per test with ``pytest.mark.benchmark(timer=cuda_event_clock)``) before and after each timed call; `CudaEventClock` records an event on the device at each
+reading and returns the device time since its origin, so a round's duration is the device's time
+between the two events (the timed call itself synchronizes, so the second event follows all its work,
+whatever framework enqueued it). Between rounds `L2Flush` zeroes a buffer larger than the L2 cache
+(do_bench's 256 MB), outside the timed interval, so no round finds the previous round's weights in L2.
+
+On CPU the clock is `time.perf_counter` and there is nothing to flush.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from typing import Callable
+
+#: do_bench's flush size: larger than any current GPU's L2 (H100: 50 MB).
+L2_FLUSH_BYTES = 256 * 1024 * 1024
+
+
+def is_cuda(device: str | None) -> bool:
+    return device in ("cuda", "gpu")
+
+
+class CudaEventClock:
+    """A pytest-benchmark timer reading the CUDA device timeline, in seconds."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self._torch = torch
+        self._origin = torch.cuda.Event(enable_timing=True)
+        self._origin.record()
+        self._origin.synchronize()
+        self.__name__ = "cuda_events"
+
+    def __call__(self) -> float:
+        event = self._torch.cuda.Event(enable_timing=True)
+        event.record()
+        event.synchronize()
+        return self._origin.elapsed_time(event) / 1e3
+
+
+class L2Flush:
+    """Zero a buffer larger than L2 (a no-op where there is no CUDA device)."""
+
+    def __init__(self, device: str | None) -> None:
+        self.buffer = None
+        if is_cuda(device) and _torch_cuda_available():
+            import torch
+
+            self.buffer = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+
+    @property
+    def bytes(self) -> int:
+        return L2_FLUSH_BYTES if self.buffer is not None else 0
+
+    def __call__(self) -> None:
+        if self.buffer is not None:
+            self.buffer.zero_()
+
+
+_clock: CudaEventClock | None = None
+
+
+def cuda_event_clock() -> float:
+    """The CUDA-event timer as a plain function (made on first use), for ``pytest.mark.benchmark(timer=...)``."""
+    global _clock
+    if _clock is None:
+        _clock = CudaEventClock()
+    return _clock()
+
+
+def clock_for(device: str | None) -> tuple[Callable[[], float], str]:
+    """(timer, its name): CUDA events on a CUDA device with torch, else perf_counter."""
+    if is_cuda(device) and _torch_cuda_available():
+        return cuda_event_clock, "cuda_events"
+    return time.perf_counter, "perf_counter"
+
+
+def _torch_cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def cpu_name() -> str:
+    """The CPU model (Linux /proc/cpuinfo, else platform), with the usable core count."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name} ({cores} cores)"
+
+
+def device_name(device: str | None) -> str:
+    """What runs the benchmark: the GPU's name for cuda/gpu, else the CPU's."""
+    if is_cuda(device):
+        if _torch_cuda_available():
+            import torch
+
+            return torch.cuda.get_device_name(0)
+        try:
+            import jax
+
+            return jax.devices("gpu")[0].device_kind
+        except Exception:
+            return "unknown GPU"
+    return cpu_name()

@@ -1,0 +1,414 @@
+"""``python -m suite.report`` (or ``qmoe-report``): results tables and plots from saved runs.
+
+Reads pytest-benchmark JSON (default: the newest file under ``.benchmarks/``, as
+``--benchmark-autosave`` writes it) and, if given, the conformance outcomes that
+``pytest -m conformance --conformance-json PATH`` wrote. Writes to ``results/<dir>/``:
+
+* ``throughput.md``: per shape, pass and routing pattern, backend x scheme x top_k with TF/s, tokens/s,
+  GB/s, the delta vs the backend's own ``none``, the ratio to its framework's native peer, % of the
+  device's peak where known and the output check; a header with the command, date, device and versions;
+  the harness overhead; the cases that did not run, with their reasons.
+* ``throughput_<shape>_<pass>_<routing>.png``: TF/s vs top_k, one line per backend and scheme.
+* ``conformance.md``: backend x level (pass / fail / skip counts), skip reasons, failures, and the
+  fidelity (SQNR in dB against the float reference) per backend, scheme and dtype.
+* ``benchmarks.json``: the benchmark JSON read (raw data for the tables), unless it already lies in the
+  output directory.
+
+Tables are made with tabulate, plots with matplotlib (imported only to draw).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import re
+import shutil
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from reference.schemes import SCHEMES
+from suite.benchmarks.tables import ResultRow, fmt, fmt_pct, fmt_si, overhead_ratio, rows_from_json
+
+FLOP_NOTE = ("FLOPs = 6 T H (k F + S) forward, 3x that for forward+backward (the JAX logbook's count: routed "
+             "and shared SwiGLU projections, router excluded); TF/s and tokens/s from the median timed round; "
+             "GB/s from the compulsory bytes (weights with scales, activations, gradients: a lower bound).")
+
+
+# -- loading --------------------------------------------------------------------------------------------------
+def newest_benchmark_json(root: Path = Path(".benchmarks")) -> Path:
+    files = sorted(root.rglob("*.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise SystemExit(f"no pytest-benchmark JSON under {root}/: run `pytest -m benchmark --benchmark-autosave` "
+                         "first, or pass --benchmark-json PATH")
+    return files[-1]
+
+
+def load_benchmarks(paths: list[Path]) -> tuple[list[ResultRow], list[dict]]:
+    """Result rows of every file and each file's JSON (for its header)."""
+    docs, benches = [], []
+    for path in paths:
+        text = Path(path).read_text()
+        if str(path).endswith(".jsonl"):  # --bench-jsonl: one benchmark entry per line, no run header
+            doc = {"benchmarks": [json.loads(line) for line in text.splitlines() if line.strip()]}
+        else:
+            doc = json.loads(text)
+        doc["_path"] = str(path)
+        docs.append(doc)
+        benches.extend(doc.get("benchmarks", []))
+    # The same case measured in several files (a rerun): the later file's result stands.
+    latest = {bench.get("name"): bench for bench in benches}
+    return rows_from_json(list(latest.values())), docs
+
+
+def device_slug(rows: list[ResultRow]) -> str:
+    """results/<dir>: the GPU model (h100, h200, ...) or ``cpu``."""
+    names = {r.get("device_name", "") for r in rows}
+    for name in sorted(names):
+        match = re.search(r"\b([A-Z]\d{2,3}[A-Z]?)\b", name or "")
+        if match and r"GPU" not in match.group(1):
+            return match.group(1).lower()
+    return "cpu"
+
+
+# -- throughput.md ----------------------------------------------------------------------------------------------
+def _header(docs: list[dict], rows: list[ResultRow]) -> list[str]:
+    lines = []
+    for doc in docs:
+        q = doc.get("qmoe") or {}
+        machine = doc.get("machine_info", {})
+        lines += [f"- command: `{q.get('command', '(not recorded)')}`",
+                  f"- date: {q.get('date_utc') or doc.get('datetime', '?')}",
+                  f"- device: {q.get('device') or (machine.get('qmoe') or {}).get('device', '?')}"
+                  f" (host {machine.get('node', '?')}, {machine.get('cpu', {}).get('count', '?')} CPUs)",
+                  f"- source: `{doc['_path']}`"]
+    versions: dict[str, set] = defaultdict(set)
+    for row in rows:
+        for key, value in (row.get("versions") or {}).items():
+            versions[key].add(str(value))
+    if versions:
+        lines.append("- versions: " + ", ".join(f"{k} {'/'.join(sorted(v))}" for k, v in sorted(versions.items())))
+    dtypes = sorted({str(r.get("dtype")) for r in rows})
+    timers = sorted({f"{r.get('timer')}" + (f" + L2 flush {r.get('l2_flush_bytes') >> 20} MiB" if r.get("l2_flush_bytes")
+                                              else "") for r in rows})
+    threads = sorted({str(r.get("threads") or "framework default") for r in rows})
+    rounds = sorted({f"{r.get('rounds')} rounds after {r.get('warmup_rounds')} warm-up, {r.get('inputs')} "
+                     "distinct inputs rotated" for r in rows})
+    lines += [f"- dtype: {', '.join(dtypes)}; timer: {', '.join(timers)}; threads: {', '.join(threads)}",
+              f"- rounds: {'; '.join(rounds)}",
+              f"- {FLOP_NOTE}",
+              "- every result's timed outputs were checked against the float64 reference (SQNR column: the worst "
+              f"input, floor {rows[0].get('output_check', {}).get('floor_db', '?') if rows else '?'} dB); a "
+              "result whose check failed is not in the table."]
+    overhead = overhead_ratio(rows)
+    if overhead is not None:
+        ratio, noop, fastest = overhead
+        lines.append(f"- harness overhead: the do-nothing backend's timed call takes {noop.median_s * 1e6:.2f} us, "
+                     f"{100 * ratio:.3f}% of the fastest case ({_label(fastest)}: {fastest.median_s * 1e6:.1f} us)")
+    return lines
+
+
+def _label(row: ResultRow) -> str:
+    return (f"{row.get('backend')} {row.get('scheme')} top{row.get('top_k')} {row.get('shape')} {row.get('pass')} "
+            f"{row.get('routing')}")
+
+
+def _scheme_order(row: ResultRow) -> tuple:
+    schemes = list(SCHEMES)
+    scheme = row.get("scheme")
+    return (bool(row.get("peer")), row.get("backend"), schemes.index(scheme) if scheme in schemes else 99,
+            row.get("top_k"))
+
+
+def _groups(rows: list[ResultRow]) -> dict[tuple, list[ResultRow]]:
+    groups: dict[tuple, list[ResultRow]] = defaultdict(list)
+    for row in rows:
+        if not row.get("harness_only"):
+            groups[(row.get("shape"), row.get("pass"), row.get("routing"))].append(row)
+    return groups
+
+
+def throughput_tables(rows: list[ResultRow]) -> list[str]:
+    from tabulate import tabulate
+
+    out = []
+    shapes_seen = {}
+    for (shape, pass_, routing), group in _groups(rows).items():
+        first = group[0]
+        shapes_seen[shape] = first
+        out += [f"## {shape} · {pass_} · {routing} routing", "",
+                f"T {first.get('tokens')}, H {first.get('hidden')}, F {first.get('ffn')}, E {first.get('experts')}, "
+                f"shared {first.get('shared_ffn')}, router {first.get('router')}, {first.get('dtype')}; "
+                "max/mean rows per expert: " + ", ".join(
+                    f"top{k} {fmt(next(r.get('load_imbalance') for r in group if r.get('top_k') == k), '.2f')}"
+                    for k in sorted({r.get("top_k") for r in group})), ""]
+        top_ks = sorted({r.get("top_k") for r in group})
+        pivot = defaultdict(dict)
+        for row in group:
+            pivot[(row.get("backend"), row.get("scheme"), bool(row.get("peer")))][row.get("top_k")] = row
+        table = []
+        for (backend, scheme, peer), by_k in sorted(pivot.items(), key=lambda kv: (kv[0][2], kv[0][0],
+                                                                                    list(SCHEMES).index(kv[0][1]))):
+            table.append([backend + (" (peer)" if peer else ""), scheme]
+                         + [fmt(by_k[k].get("tflops"), ".3g") if k in by_k else "" for k in top_ks])
+        out += ["TF/s by top_k:", "",
+                tabulate(table, headers=["backend", "scheme", *[f"top{k}" for k in top_ks]], tablefmt="github"), ""]
+        detail = []
+        for row in sorted(group, key=_scheme_order):
+            check = (row.get("output_check") or {}).get("min_sqnr_db")
+            detail.append([row.get("backend") + (" (peer)" if row.get("peer") else ""), row.get("scheme"),
+                           row.get("top_k"), fmt(row.median_s * 1e3, ".3f"), fmt(row.get("tflops"), ".3g"),
+                           fmt_si(row.get("tokens_per_s")), fmt(row.get("gb_per_s"), ".1f"),
+                           fmt_pct(row.derived.get("delta_vs_none")), fmt(row.derived.get("x_peer"), ".2f"),
+                           fmt(row.get("pct_peak"), ".1f"), fmt(check, ".1f")])
+        out += [tabulate(detail, headers=["backend", "scheme", "top_k", "ms", "TF/s", "tokens/s", "GB/s",
+                                          "vs own none", "x native peer", "% peak", "check dB"],
+                         tablefmt="github", disable_numparse=True), ""]
+    if shapes_seen:
+        out += ["## Shapes", ""]
+        from suite.benchmarks.shapes import all_shapes
+
+        known = all_shapes()
+        for shape in shapes_seen:
+            source = known[shape].source if shape in known else "(unknown preset)"
+            note = known[shape].note if shape in known else ""
+            out.append(f"- `{shape}`: {source}" + (f"; {note}" if note else ""))
+        out.append("")
+    return out
+
+
+def not_run(docs: list[dict], rows: list[ResultRow]) -> list[str]:
+    """Cases without a result, with their reasons; a later file's outcome for the same case replaces an
+    earlier one's, and a case that has a result in any file is not listed."""
+    from tabulate import tabulate
+
+    measured = {row.name.split("[", 1)[-1].rstrip("]") for row in rows}
+    latest: dict[str, dict] = {}
+    for doc in docs:
+        for item in (doc.get("qmoe") or {}).get("not_run", []):
+            latest[item["test"].split("[", 1)[-1].rstrip("]")] = item
+    table = [[case, item["outcome"], item["reason"]] for case, item in latest.items() if case not in measured]
+    if not table:
+        return []
+    return ["## Cases that did not produce a result", "",
+            tabulate(table, headers=["case", "outcome", "reason"], tablefmt="github"), ""]
+
+
+def write_throughput(out_dir: Path, rows: list[ResultRow], docs: list[dict], notes: tuple[str, ...] = ()) -> Path:
+    device = next((r.get("device_name") for r in rows if r.get("device_name")), "?")
+    lines = [f"# Throughput: {device}", "", *_header(docs, rows), *[f"- note: {note}" for note in notes], "",
+             "Columns: `vs own none` = TF/s against the same backend's unquantized `none` on the same case; "
+             "`x native peer` = TF/s over its framework's native grouped matmul (torch._grouped_mm, "
+             "jax.lax.ragged_dot, mx.gather_mm) on the same case; `% peak` = of the device's dense tensor-core "
+             "peak for the scheme's operand type (int8 where routed experts run int8 x int8), where known.", ""]
+    lines += throughput_tables(rows)
+    lines += not_run(docs, rows)
+    path = out_dir / "throughput.md"
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    return path
+
+
+def write_plots(out_dir: Path, rows: list[ResultRow]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for (shape, pass_, routing), group in _groups(rows).items():
+        series = defaultdict(list)
+        for row in group:
+            if row.get("tflops") is not None:
+                series[(row.get("backend"), row.get("scheme"), bool(row.get("peer")))].append(
+                    (row.get("top_k"), row.get("tflops")))
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for (backend, scheme, peer), points in sorted(series.items()):
+            points.sort()
+            ax.plot([k for k, _ in points], [t for _, t in points], marker="o", linestyle="--" if peer else "-",
+                    label=f"{backend} · {scheme}" + (" (peer)" if peer else ""))
+        ax.set_xlabel("top_k")
+        ax.set_ylabel("TF/s")
+        ax.set_title(f"{shape} · {pass_} · {routing}")
+        ax.set_xticks(sorted({k for pts in series.values() for k, _ in pts}))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        path = out_dir / f"throughput_{_slug(shape)}_{pass_}_{routing}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", str(text)).strip("-")
+
+
+# -- conformance.md ----------------------------------------------------------------------------------------------
+_LEVEL_FILE = re.compile(r"test_level(\d)_(\w+)\.py")
+
+
+def parse_nodeid(nodeid: str) -> dict:
+    """level (from the file), backend, scheme, dtype (from the test id ``backend-scheme-case-dtype``)."""
+    path, _, rest = nodeid.partition("::")
+    match = _LEVEL_FILE.search(path)
+    if match:
+        level = f"L{match.group(1)} {match.group(2).replace('_', ' ')}"
+    else:
+        level = Path(path).stem.removeprefix("test_").replace("_", " ")
+    param = rest.split("[", 1)[1].rstrip("]") if "[" in rest else ""
+    backend, scheme, dtype = param or None, None, None
+    for name in sorted(SCHEMES, key=len, reverse=True):
+        marker = f"-{name}-"
+        if marker in f"{param}-":
+            backend, _, tail = f"{param}-".partition(marker)
+            scheme = name
+            tail = tail.rstrip("-")
+            dtype = tail.rsplit("-", 1)[-1] if tail.rsplit("-", 1)[-1] in ("float32", "bfloat16") else None
+            break
+    if backend and not scheme and "-" in backend:
+        backend = backend.split("-", 1)[0]
+    return {"level": level, "backend": backend or "(reference)", "scheme": scheme, "dtype": dtype}
+
+
+def write_conformance(out_dir: Path, path: Path | None) -> Path:
+    from tabulate import tabulate
+
+    target = out_dir / "conformance.md"
+    if path is None or not Path(path).exists():
+        target.write_text("# Conformance\n\nNo conformance outcomes were given: run `pytest -m conformance "
+                          "--conformance-json PATH` and pass `--conformance-json PATH` to the report.\n")
+        return target
+    tests = json.loads(Path(path).read_text()).get("tests", [])
+    parsed = [parse_nodeid(test["nodeid"]) for test in tests]
+    # A backend is a registered name, or one the conformance suite (suite/) ran with a scheme; any other
+    # parameter id (a case of the project's own self-tests in tests/) is not a backend.
+    known = set(_registered_backends()) | {meta["backend"] for test, meta in zip(tests, parsed)
+                                           if meta["scheme"] and test["nodeid"].startswith("suite/")}
+    for test, meta in zip(tests, parsed):
+        if meta["backend"] not in known:
+            meta["backend"] = "(self-tests)" if test["nodeid"].startswith("tests/") else "(reference)"
+    mtime = datetime.datetime.fromtimestamp(Path(path).stat().st_mtime, datetime.timezone.utc)
+    counts: dict[tuple, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    reasons: dict[tuple, int] = defaultdict(int)
+    failures = []
+    fidelity: dict[tuple, dict[str, float]] = defaultdict(dict)
+    levels, backends = [], []
+    for test, meta in zip(tests, parsed):
+        key = (meta["backend"], meta["level"])
+        counts[key][test["outcome"]] += 1
+        for collection, value in ((levels, meta["level"]), (backends, meta["backend"])):
+            if value not in collection:
+                collection.append(value)
+        if test["outcome"] == "skipped":
+            reasons[(meta["backend"], meta["level"], test.get("reason") or "")] += 1
+        elif test["outcome"] == "failed":
+            failures.append([test["nodeid"], test.get("message") or ""])
+        for figure in test.get("figures", []):
+            what = figure.get("what", "")
+            if what.endswith(" vs float") and figure.get("sqnr_db") is not None and meta["scheme"]:
+                kind = _fidelity_kind(what)
+                slot = fidelity[(meta["backend"], meta["scheme"], meta["dtype"] or "")]
+                slot[kind] = min(slot.get(kind, math.inf), float(figure["sqnr_db"]))
+
+    def cell(backend, level):
+        c = counts.get((backend, level))
+        if not c:
+            return ""
+        parts = [f"{c[o]} {label}" for o, label in (("passed", "pass"), ("failed", "FAIL"), ("skipped", "skip"))
+                 if c.get(o)]
+        return ", ".join(parts)
+
+    total = defaultdict(int)
+    for c in counts.values():
+        for outcome, n in c.items():
+            total[outcome] += n
+    lines = ["# Conformance", "",
+             f"- source: `{path}` (written {mtime:%Y-%m-%d %H:%M} UTC by `pytest -m conformance --conformance-json`)",
+             f"- outcomes: {total.get('passed', 0)} passed, {total.get('failed', 0)} failed, "
+             f"{total.get('skipped', 0)} skipped", "",
+             "## Backend x level", "",
+             tabulate([[b, *[cell(b, lv) for lv in levels]] for b in backends], headers=["backend", *levels],
+                      tablefmt="github"), ""]
+    if fidelity:
+        kinds = ["y", "dx", "router", "weights"]
+        table = [[b, s, d, *[fmt(v.get(k), ".1f") for k in kinds]] for (b, s, d), v in sorted(fidelity.items())]
+        lines += ["## Fidelity against the float reference (worst case, SQNR dB)", "",
+                  tabulate(table, headers=["backend", "scheme", "dtype", "y", "dx", "router grad", "weight grads"],
+                           tablefmt="github", disable_numparse=True), ""]
+    if failures:
+        lines += ["## Failures", "", tabulate(failures, headers=["test", "message"], tablefmt="github"), ""]
+    if reasons:
+        table = [[b, lv, r, n] for (b, lv, r), n in sorted(reasons.items())]
+        lines += ["## Skips and their reasons", "",
+                  tabulate(table, headers=["backend", "level", "reason", "tests"], tablefmt="github"), ""]
+    target.write_text("\n".join(lines).rstrip() + "\n")
+    return target
+
+
+def _registered_backends() -> list[str]:
+    try:
+        from implementations.registry import backend_names
+
+        return backend_names()
+    except Exception:  # the report must render without the registry's entry points
+        return []
+
+
+def _fidelity_kind(what: str) -> str:
+    name = what.removesuffix(" vs float")
+    if name.startswith("forward.y") or name == "y":
+        return "y"
+    if name.endswith(".x"):
+        return "dx"
+    if name.endswith(".router"):
+        return "router"
+    return "weights"
+
+
+# -- main --------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m suite.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--benchmark-json", action="append", type=Path, default=[], metavar="PATH",
+                        help="pytest-benchmark JSON, or --bench-jsonl lines (repeatable; default: the newest "
+                             "under .benchmarks/)")
+    parser.add_argument("--conformance-json", type=Path, default=None, metavar="PATH",
+                        help="outcomes written by `pytest -m conformance --conformance-json PATH`")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default: results/<device>, e.g. results/cpu, results/h100)")
+    parser.add_argument("--no-plots", action="store_true", help="tables only")
+    parser.add_argument("--note", action="append", default=[], help="a line for the header (repeatable)")
+    args = parser.parse_args(argv)
+
+    paths = args.benchmark_json or [newest_benchmark_json()]
+    rows, docs = load_benchmarks(paths)
+    if not rows:
+        raise SystemExit(f"no qmoe benchmark results in {', '.join(map(str, paths))}")
+    out_dir = args.out or Path("results") / device_slug(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [write_throughput(out_dir, rows, docs, tuple(args.note))]
+    if args.conformance_json is not None:
+        written.append(write_conformance(out_dir, args.conformance_json))
+    if not args.no_plots:
+        written += write_plots(out_dir, rows)
+    raw = out_dir / "benchmarks.json"
+    inside = all(out_dir.resolve() in Path(p).resolve().parents for p in paths)
+    if inside:
+        pass  # the raw JSON already lies in the output directory
+    elif len(paths) == 1:
+        shutil.copyfile(paths[0], raw)
+        written.append(raw)
+    else:
+        raw.write_text(json.dumps([{k: v for k, v in d.items() if k != "_path"} for d in docs], indent=1))
+        written.append(raw)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

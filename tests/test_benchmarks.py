@@ -1,0 +1,296 @@
+"""Self-tests of the benchmark machinery (fast; no framework, no timing thresholds).
+
+The FLOP formula against the JAX logbook's own numbers, the presets' sources, the byte model, the
+output check (a fast wrong answer fails, the right one passes, the dx sub-layer equals the full
+layer), the harness's rounds (inputs rotate, outputs kept) and the do-nothing backend, the
+deselection rule, and the comparison refusal across devices and shapes (unit and end to end).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import reference
+from reference.schemes import SCHEMES
+from reference.spec import MoESpec
+from suite.benchmarks import harness, metrics, outputs, plugin, shapes, tables, workload
+from suite.benchmarks.peers import NoopBackend
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- FLOPs and bytes ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shared, seconds, logbook_tflops", [(0, 0.027644, 238.640), (5632, 0.033482, 264.767)],
+                         ids=["MOE-I8-007-shared0", "MOE-I8-007-shared5632"])
+def test_flops_reproduce_the_logbook(shared, seconds, logbook_tflops):
+    """MOE-I8-007 (forward, T 32768, H 2048, F 2048, E 64, k 8): its TF/s are our FLOPs / its time."""
+    spec = MoESpec(hidden=2048, ffn=2048, experts=64, top_k=8, shared_ffn=shared)
+    ours = metrics.tflops(metrics.flops(spec, 32768, "forward"), seconds)
+    assert ours == pytest.approx(logbook_tflops, rel=2e-4)
+
+
+def test_forward_backward_is_three_forwards_and_router_is_free():
+    spec = MoESpec(hidden=64, ffn=32, experts=4, top_k=2, shared_ffn=16)
+    fwd = metrics.flops(spec, 10, "forward")
+    assert fwd == 6 * 10 * 64 * (2 * 32 + 16)
+    assert metrics.flops(spec, 10, "forward_backward") == 3 * fwd
+    assert metrics.flops(spec.replace(experts=64), 10, "forward") == fwd  # router and expert count excluded
+    with pytest.raises(ValueError, match="unknown pass"):
+        metrics.flops(spec, 10, "backward_only")
+
+
+def test_every_scheme_has_a_weight_storage_rule():
+    assert set(metrics.WEIGHT_STORAGE) == set(SCHEMES)
+
+
+def test_byte_model_orders_the_schemes():
+    """Stored int8 moves fewer weight bytes than bf16; quantizing every call moves more (MOE-I8-017)."""
+    spec = MoESpec(hidden=2048, ffn=2048, experts=64, top_k=2)
+
+    def weights(scheme):
+        return metrics.bytes_moved(spec, 32768, scheme, "bfloat16", "forward").weights
+
+    assert weights("int8_routed_prequant") < weights("none") < weights("int8_routed")
+    assert weights("int8_routed_prequant") == pytest.approx(weights("none") / 2, rel=0.01)
+    fb = metrics.bytes_moved(spec, 32768, "none", "bfloat16", "forward_backward")
+    assert fb.gradients > 0 and fb.total > 2 * metrics.bytes_moved(spec, 32768, "none", "bfloat16", "forward").total
+
+
+def test_percent_of_peak_uses_the_scheme_operand():
+    assert metrics.peak_operand("int8_routed_prequant", "bfloat16") == "int8"
+    assert metrics.peak_operand("none", "bfloat16") == "bfloat16"
+    assert metrics.percent_of_peak(494.7, "NVIDIA H100 80GB HBM3", "none", "bfloat16") == pytest.approx(50, rel=1e-3)
+    assert metrics.percent_of_peak(1.0, "AMD EPYC (2 cores)", "none", "float32") is None
+
+
+# -- shapes -----------------------------------------------------------------------------------------------------
+def test_logbook_preset_is_the_logbook_shape():
+    (s0, s1) = shapes.preset("logbook")
+    for s in (s0, s1):
+        assert (s.tokens, s.hidden, s.ffn, s.experts, s.top_ks) == (32768, 2048, 2048, 64, (1, 2, 4, 6, 8))
+    assert (s0.shared_ffn, s1.shared_ffn) == (0, 5632)
+
+
+@pytest.mark.parametrize("shape", shapes.MODELS, ids=lambda s: s.name)
+def test_model_shapes_cite_their_config(shape):
+    assert shape.source.startswith("https://huggingface.co/") and "config.json" in shape.source
+    for value in (shape.hidden, shape.ffn, shape.experts):
+        assert str(value) in shape.source, f"{shape.name}: {value} is not in the cited config excerpt"
+
+
+@pytest.mark.parametrize("shape", list(shapes.all_shapes().values()), ids=lambda s: s.name)
+def test_output_shape_is_unambiguous(shape):
+    """The output check finds y / dx as the [T, H] array: no 2-d parameter gradient may share that shape."""
+    h, e, s = shape.hidden, shape.experts, shape.shared_ffn
+    two_d = {(h, e)} | ({(h, 2 * s), (s, h)} if s else set())
+    assert (shape.tokens, h) not in two_d
+    assert max(shape.top_ks) <= shape.experts
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(shapes.UnknownPresetError, match="cpu-small"):
+        shapes.preset("nope")
+
+
+# -- workload ---------------------------------------------------------------------------------------------------
+def test_inputs_are_dtype_exact_and_routing_patterns_differ():
+    shape = shapes.CPU_SMALL[0]
+    x = workload.make_inputs(shape, "bfloat16", 2)
+    assert not np.array_equal(x[0].x, x[1].x)
+    assert np.all(x[0].x.view(np.uint32) & 0xFFFF == 0), "bfloat16 values must have empty low mantissa bits"
+    spec = shape.spec(1)
+    balanced = workload.load_imbalance(workload.expert_loads(spec, workload.make_params(shape, "balanced", "float32"),
+                                                            x[0].x))
+    skewed = workload.load_imbalance(workload.expert_loads(spec, workload.make_params(shape, "zipf", "float32"), x[0].x))
+    assert skewed > balanced + 0.5
+
+
+# -- output check -----------------------------------------------------------------------------------------------
+def _layer_case(shared=0):
+    shape = shapes.BenchShape("t", tokens=40, hidden=32, ffn=16, experts=6, top_ks=(2,), shared_ffn=shared)
+    spec = shape.spec(2)
+    params = workload.make_params(shape, "balanced", "float32")
+    inputs = workload.make_inputs(shape, "float32", 2)
+    return spec, params, inputs
+
+
+def test_output_check_passes_the_right_answer_and_fails_fast_wrong_ones():
+    spec, params, inputs = _layer_case()
+    rows = outputs.check_rows(40, 8)
+    good = reference.forward(spec, params, inputs[0].x).y
+    assert outputs.check_output((good, "ids"), spec, params, "none", "forward", inputs[0].x, inputs[0].dy, rows,
+                                "t").sqnr_db > 100
+    stale = reference.forward(spec, params, inputs[1].x).y  # another input's output: a cached result
+    for wrong in (np.zeros_like(good), stale, good * 0.5):
+        with pytest.raises(outputs.WrongOutputError, match="SQNR"):
+            outputs.check_output(wrong, spec, params, "none", "forward", inputs[0].x, inputs[0].dy, rows, "t")
+    with pytest.raises(outputs.OutputNotFoundError, match="no y of shape"):
+        outputs.check_output({"y": good[:5]}, spec, params, "none", "forward", inputs[0].x, inputs[0].dy, rows, "t")
+
+
+def test_find_output_prefers_names_then_shape():
+    a, b = np.zeros((4, 3)), np.ones((4, 3))
+    assert outputs.find_output({"w": a, "grads": {"x": b}}, (4, 3), ("dx", "x")) is b
+    assert outputs.find_output((np.zeros((3, 3)), a, b), (4, 3), ("dx", "x")) is a
+    assert outputs.find_output(SimpleNamespace(plan=None, grads={"router": a}), (9, 9), ("x",)) is None
+
+
+@pytest.mark.parametrize("router", ["softmax_topk", "sigmoid_topk"])
+def test_backward_sublayer_gives_the_full_layers_dx(router):
+    shape = shapes.BenchShape("t", tokens=24, hidden=32, ffn=16, experts=8, top_ks=(2,), router=router)
+    spec = shape.spec(2)
+    eff = reference.effective_params(spec, workload.make_params(shape, "zipf", "float32"), "int8_routed")
+    x, dy = (np.asarray(a, np.float64) for a in (workload.make_inputs(shape, "float32", 1)[0].x,
+                                                 workload.make_inputs(shape, "float32", 1)[0].dy))
+    rows, experts = outputs.backward_rows(spec, eff, x, np.arange(24), budget_bytes=3 * 8 * 3 * 32 * 16)
+    assert 1 <= rows.size < 24 and experts.size <= 3 or rows.size == 1
+    sub_spec, sub = outputs.sublayer(spec, eff, experts)
+    full = reference.backward(spec, eff, x[rows], dy[rows], "int8_routed", weights_are_effective=True)["x"]
+    part = reference.backward(sub_spec, sub, x[rows], dy[rows], "int8_routed", weights_are_effective=True)["x"]
+    np.testing.assert_allclose(part, full, rtol=1e-10, atol=1e-12)
+
+
+def test_sublayer_is_refused_where_gates_see_all_experts():
+    assert not outputs.sublayer_valid(MoESpec(hidden=8, ffn=8, experts=4, top_k=2, renormalize=False))
+    assert outputs.sublayer_valid(MoESpec(hidden=8, ffn=8, experts=4, top_k=2, router="sigmoid_topk",
+                                          renormalize=False))
+
+
+# -- harness rounds and the overhead backend ---------------------------------------------------------------------
+class FakeBenchmark:
+    """pytest-benchmark's pedantic contract, timed with perf_counter (no plugin needed)."""
+
+    def __init__(self):
+        import time
+
+        self.extra_info, self._time, self.durations = {}, time.perf_counter, []
+
+    def pedantic(self, target, setup, rounds, warmup_rounds, iterations):
+        assert iterations == 1
+        for _ in range(warmup_rounds):
+            args, kwargs = setup()
+            target(*args, **kwargs)
+        for _ in range(rounds):
+            args, kwargs = setup()
+            start = self._time()
+            target(*args, **kwargs)
+            self.durations.append(self._time() - start)
+        d = sorted(self.durations)
+        self.stats = SimpleNamespace(stats=SimpleNamespace(median=d[len(d) // 2], mean=sum(d) / len(d), min=d[0]))
+
+
+def test_rounds_rotate_inputs_and_keep_each_output():
+    seen = []
+    steps = [lambda i=i: seen.append(i) or f"out{i}" for i in range(3)]
+    options = harness.BenchOptions(device="cpu", dtype="float32", rounds=4, warmup=1, inputs=3)
+    timed = harness.time_rounds(FakeBenchmark(), steps, options)
+    assert seen == [0, 1, 2, 0, 1, 2, 0]  # 3 warm-up (one per input), then 4 timed: never the same twice running
+    assert timed.results == ["out0", "out1", "out2"] and timed.timer == "perf_counter"
+
+
+def test_device_names_follow_each_backends_spelling():
+    from implementations.torch_eager import TorchEagerBackend
+    from suite.benchmarks.peers import JaxRaggedDotPeer
+
+    assert harness.declared_device(TorchEagerBackend, "gpu") == "cuda"
+    assert harness.declared_device(JaxRaggedDotPeer, "cuda") == "gpu"
+    assert harness.declared_device(JaxRaggedDotPeer, "cpu") == "cpu" and harness.declared_device(NoopBackend, None) is None
+
+
+def test_noop_backend_measures_the_harness_and_the_ratio_is_computed():
+    bench = FakeBenchmark()
+    options = harness.BenchOptions(device="cpu", dtype="float32", rounds=3)
+    info = harness.run_overhead(bench, options, shapes.CPU_SMALL[0])
+    assert info["harness_only"] and info["backend"] == NoopBackend.name and info["seconds_median"] >= 0
+    assert NoopBackend("cpu").benchmark_step(None, np.zeros((2, 2)), "forward")() is None
+    rows = tables.derive([tables.ResultRow("noop", {"harness_only": True}, 2e-7, 2e-7),
+                          tables.ResultRow("a", {"tflops": 1.0}, 4e-4, 4e-4),
+                          tables.ResultRow("b", {"tflops": 1.0}, 2e-3, 2e-3)])
+    ratio, noop, fastest = tables.overhead_ratio(rows)
+    assert ratio == pytest.approx(5e-4) and fastest.name == "a"  # recorded, never asserted against a threshold
+
+
+# -- deselection and comparison ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("markexpr, only, wanted", [("benchmark", False, True), ("benchmark and not slow", False, True),
+                                                    ("conformance", False, False), ("not benchmark", False, False),
+                                                    ("", False, False), ("", True, True)])
+def test_benchmarks_run_only_when_asked(markexpr, only, wanted):
+    options = {"markexpr": markexpr, "benchmark_only": only}
+    config = SimpleNamespace(getoption=lambda name, default=None: options.get(name, default))
+    assert plugin.benchmarks_requested(config) is wanted
+
+
+def test_compare_refuses_another_device_and_mismatched_shapes():
+    config = SimpleNamespace(stash={plugin._REFUSALS: []})
+    session = SimpleNamespace(logger=SimpleNamespace(warning=lambda message: None))
+    saved = {"machine_info": {"qmoe": {"device": "NVIDIA H100 80GB HBM3"}}, "benchmarks": [{"fullname": "t"}]}
+    plugin.pytest_benchmark_compare_machine_info(config, session, {"qmoe": {"device": "AMD EPYC (2 cores)"}}, saved)
+    assert saved["benchmarks"] == [] and "another device" in config.stash[plugin._REFUSALS][0]
+    same = {"machine_info": {"qmoe": {"device": "X"}}, "benchmarks": [{"fullname": "t"}]}
+    plugin.pytest_benchmark_compare_machine_info(config, session, {"qmoe": {"device": "X"}}, same)
+    assert same["benchmarks"] == [{"fullname": "t"}]
+
+    mapping = {"0001_run.json": {"t": {"extra_info": {"shape": "cpu-small", "tokens": 256}},
+                                 "u": {"extra_info": {"shape": "cpu-small", "tokens": 256}}}}
+    current = [SimpleNamespace(fullname="t", extra_info={"shape": "cpu-small", "tokens": 512}),
+               SimpleNamespace(fullname="u", extra_info={"shape": "cpu-small", "tokens": 256})]
+    messages = plugin.refuse_mismatched(mapping, current)
+    assert list(mapping["0001_run.json"]) == ["u"] and "tokens 256 -> 512" in messages[0]
+
+
+_E2E_TEST = textwrap.dedent('''
+    import time
+    import pytest
+
+    @pytest.mark.benchmark
+    def test_sleep(benchmark):
+        benchmark.extra_info.update(backend="b", shape="s", tokens=1)
+        benchmark.pedantic(time.sleep, args=(0.002,), rounds=3, iterations=1)
+''')
+
+
+def _saved_run(tmp: Path, device: str, mean: float) -> None:
+    folder = tmp / ".benchmarks" / "saved"
+    folder.mkdir(parents=True)
+    stats = {k: mean for k in ("min", "max", "mean", "median")}
+    stats.update(stddev=0.0, rounds=3, iqr=0.0, q1=mean, q3=mean, iqr_outliers=0, stddev_outliers=0, outliers="0;0",
+                 ld15iqr=mean, hd15iqr=mean, ops=1 / mean, total=3 * mean, iterations=1)
+    doc = {"machine_info": {"qmoe": {"device": device}}, "commit_info": {}, "datetime": "2026-01-01T00:00:00",
+           "version": "5.3.1", "benchmarks": [{"group": None, "name": "test_sleep", "fullname": "test_e2e.py::test_sleep",
+                                               "params": None, "param": None, "extra_info": {"backend": "b", "shape": "s", "tokens": 1}, "options": {},
+                                               "stats": stats}]}
+    (folder / "0001_saved.json").write_text(json.dumps(doc))
+
+
+def _run_e2e(tmp: Path) -> subprocess.CompletedProcess:
+    (tmp / "test_e2e.py").write_text(_E2E_TEST)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "suite.benchmarks.plugin", "-p", "no:cacheprovider",
+                           "-m", "benchmark", "test_e2e.py", f"--benchmark-storage=file://{tmp / '.benchmarks'}",
+                           "--benchmark-compare=saved/0001", "--benchmark-compare-fail=mean:10%", "-q"],
+                          cwd=tmp, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_compare_fail_catches_a_regression_on_the_same_device(tmp_path):
+    from suite.benchmarks.timing import device_name
+
+    _saved_run(tmp_path, device_name(None), mean=1e-5)  # "saved" 1e-5 s; a 2 ms sleep is a regression
+    result = _run_e2e(tmp_path)
+    assert result.returncode != 0 and "Performance has regressed" in result.stdout + result.stderr
+
+
+def test_compare_refuses_a_run_from_another_device(tmp_path):
+    _saved_run(tmp_path, "Some Other Accelerator", mean=1e-5)
+    result = _run_e2e(tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "not comparing with a saved run from another device" in output and "Some Other Accelerator" in output

@@ -1,0 +1,110 @@
+"""Self-tests of `python -m suite.report`: it renders the tables and plots from a small fixture run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from suite import report
+
+DEVICE = "NVIDIA H100 80GB HBM3"
+
+
+def _bench(backend, scheme, top_k, tflops, seconds, peer=False, framework="torch", **extra):
+    info = {"backend": backend, "peer": peer, "framework": framework, "scheme": scheme, "pass": "forward",
+            "top_k": top_k, "routing": "balanced", "dtype": "bfloat16", "shape": "logbook-shared0", "tokens": 32768,
+            "hidden": 2048, "ffn": 2048, "experts": 64, "shared_ffn": 0, "router": "softmax_topk",
+            "device_name": DEVICE, "versions": {"torch": "2.11"}, "timer": "cuda_events", "l2_flush_bytes": 256 << 20,
+            "inputs": 2, "rounds": 5, "warmup_rounds": 2, "tflops": tflops, "tokens_per_s": 32768 / seconds,
+            "gb_per_s": 1000.0, "pct_peak": 100 * tflops / 989.4, "load_imbalance": 1.1,
+            "output_check": {"min_sqnr_db": 41.5, "floor_db": 20.0}, **extra}
+    return {"name": f"test_throughput[{backend}-{scheme}-top{top_k}]", "fullname": "x", "extra_info": info,
+            "stats": {"median": seconds, "mean": seconds}}
+
+
+FIXTURE = {
+    "machine_info": {"node": "gpu-host", "cpu": {"count": 16}, "qmoe": {"device": DEVICE}},
+    "datetime": "2026-11-23T15:00:00",
+    "qmoe": {"command": "pytest -m benchmark --bench-shape logbook-shared0 --device cuda",
+             "date_utc": "2026-11-23 15:00 UTC", "device": DEVICE,
+             "not_run": [{"test": "t[jax.lax.ragged_dot-none-top8]", "outcome": "skipped",
+                          "reason": "jax.lax.ragged_dot lowers to a dense masked dot on GPU"}]},
+    "benchmarks": [
+        _bench("torch_x", "none", 2, 300.0, 0.0055),
+        _bench("torch_x", "int8_routed_prequant", 2, 375.0, 0.0044),
+        _bench("torch_x", "none", 8, 400.0, 0.0165),
+        _bench("torch_x", "int8_routed_prequant", 8, 600.0, 0.011),
+        _bench("torch._grouped_mm", "none", 2, 500.0, 0.0033, peer=True),
+        _bench("torch._grouped_mm", "none", 8, 500.0, 0.0132, peer=True),
+        {"name": "test_harness_overhead[noop]", "stats": {"median": 5e-6, "mean": 5e-6},
+         "extra_info": {"backend": "noop", "harness_only": True, "device_name": DEVICE}},
+    ],
+}
+
+CONFORMANCE = {"tests": [
+    {"nodeid": "suite/test_level3_forward.py::test_forward[torch_x-none-top2-balanced-float32]", "outcome": "passed",
+     "reason": None, "message": None,
+     "figures": [{"what": "forward.y", "sqnr_db": 130.0}]},
+    {"nodeid": "suite/test_level3_forward.py::test_forward_fidelity[torch_x-int8_routed-top2-balanced-float32]",
+     "outcome": "passed", "reason": None, "message": None,
+     "figures": [{"what": "forward.y vs float", "sqnr_db": 33.25}]},
+    {"nodeid": "suite/test_level4_backward.py::test_backward[torch_x-int8_routed-top2-balanced-float32]",
+     "outcome": "failed", "reason": None, "message": "ConformanceError: grad.x: worst row ...",
+     "figures": [{"what": "grad.x vs float", "sqnr_db": 12.0}, {"what": "grad.w13 vs float", "sqnr_db": 28.0}]},
+    {"nodeid": "suite/test_level1_quantizer.py::test_codes[torch_x-qat_int8_row-top2-balanced-float32]",
+     "outcome": "skipped", "reason": "torch_x does not declare scheme qat_int8_row", "message": None, "figures": []},
+]}
+
+
+@pytest.fixture
+def written(tmp_path: Path) -> Path:
+    bench = tmp_path / "run.json"
+    bench.write_text(json.dumps(FIXTURE))
+    conformance = tmp_path / "conformance.json"
+    conformance.write_text(json.dumps(CONFORMANCE))
+    out = tmp_path / "out"
+    assert report.main(["--benchmark-json", str(bench), "--conformance-json", str(conformance), "--out", str(out)]) == 0
+    return out
+
+
+def test_throughput_table_has_header_deltas_peers_and_overhead(written: Path):
+    text = (written / "throughput.md").read_text()
+    for expected in ("pytest -m benchmark --bench-shape logbook-shared0 --device cuda", "2026-11-23 15:00 UTC", DEVICE,
+                     "cuda_events + L2 flush 256 MiB", "harness overhead"):
+        assert expected in text
+    assert "+25.0%" in text and "+50.0%" in text        # 375/300 and 600/400: delta vs the backend's none
+    assert "| 0.60 " in text and "| 1.20 " in text      # 300/500 and 600/500: ratio to torch._grouped_mm
+    assert "torch._grouped_mm (peer)" in text
+    assert "0.152% of the fastest case" in text         # 5 us / 3.3 ms
+    assert "dense masked dot" in text                   # cases that did not run keep their reason
+    assert "logbook-shared0" in text and "seeds/jax-moe-ep-int8-logbook.txt" in text  # the shape's source
+
+
+def test_plots_and_raw_json_are_written(written: Path):
+    pytest.importorskip("matplotlib")
+    plot = written / "throughput_logbook-shared0_forward_balanced.png"
+    assert plot.exists() and plot.read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((written / "benchmarks.json").read_text())["qmoe"]["device"] == DEVICE
+
+
+def test_conformance_table_counts_levels_fidelity_and_reasons(written: Path):
+    text = (written / "conformance.md").read_text()
+    assert "2 passed, 1 failed, 1 skipped" in text
+    assert "L3 forward" in text and "L4 backward" in text and "L1 quantizer" in text
+    assert "33.2" in text and "12.0" in text and "28.0" in text   # worst SQNR per scheme and tensor kind
+    assert "does not declare scheme qat_int8_row" in text and "ConformanceError" in text
+
+
+def test_nodeids_parse_into_level_backend_scheme_dtype():
+    meta = report.parse_nodeid("suite/test_level4_backward.py::test_backward[torch_triton-int8_routed_prequant-top2-"
+                               "empty_experts-bfloat16]")
+    assert meta == {"level": "L4 backward", "backend": "torch_triton", "scheme": "int8_routed_prequant",
+                    "dtype": "bfloat16"}
+    assert report.parse_nodeid("suite/test_errors.py::test_unknown[mlx_layerwise]")["backend"] == "mlx_layerwise"
+
+
+def test_missing_inputs_explain_themselves(tmp_path: Path):
+    with pytest.raises(SystemExit, match="benchmark-autosave"):
+        report.newest_benchmark_json(tmp_path / ".benchmarks")
