@@ -18,6 +18,7 @@ BUILTIN_BACKENDS: dict[str, str] = {
     "torch_eager": "implementations.torch_eager:TorchEagerBackend",
     "torch_triton": "implementations.torch_triton:TorchTritonBackend",
     "mlx_layerwise": "implementations.mlx_layerwise:MLXLayerwiseBackend",
+    "jax_prequant": "implementations.jax_prequant:JaxPrequantBackend",
 }
 
 _extra: dict[str, type[Backend]] = {}

@@ -1,0 +1,67 @@
+"""JAX process settings and device choice for the `jax_prequant` backend.
+
+Imported only once the backend is selected (it imports jax). Two process-wide settings are pinned
+here, the first time the backend touches JAX:
+
+* ``jax_enable_x64 = False``: float32 stays float32 and the int8 x int8 products accumulate in int32
+  exactly as on an accelerator; float64 inputs are cast down at the boundary, never silently kept.
+* matmul precision: every float32 dot in the backend passes ``precision=HIGHEST`` itself (see
+  `precision_for`), so float32 means float32 also on GPUs whose default would be TF32. The global
+  ``jax_default_matmul_precision`` is left to the caller (the suite's plugin sets it to highest too).
+
+Simulated devices for expert parallelism must be set before jax is imported:
+``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (the suite plugin does this for CPU runs).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+jax.config.update("jax_enable_x64", False)
+
+#: Precision of every float32 dot product in the backend (float32 must not silently become TF32).
+FLOAT_PRECISION = jax.lax.Precision.HIGHEST
+
+
+def precision_for(dtype) -> jax.lax.Precision | None:
+    """HIGHEST for float32 operands; None (the operands' own precision) for bfloat16 and integers."""
+    return FLOAT_PRECISION if jax.numpy.dtype(dtype) == jax.numpy.float32 else None
+
+#: Environment override of the grouped-matmul formulation: ``ragged`` or ``padded``.
+GROUPED_ENV = "QMOE_JAX_GROUPED"
+FORMULATIONS: tuple[str, ...] = ("ragged", "padded")
+GPU_PLATFORMS: tuple[str, ...] = ("gpu", "cuda", "rocm")
+
+#: XLA options for the programs of int8 schemes on GPU: int8 x int8 GEMMs go to cuBLASLt instead of
+#: XLA's default Triton GEMM fusions. H100, 2026-11-23 (results/h100/jax_prequant_seed.md): the raw
+#: expert GEMM [64, 4608, 2048] x [64, 2048, 4096] ran at 1210-1332 int8 TOP/s through cuBLAS against
+#: 526-541 bf16 TF/s; the int8_routed_prequant layer at top_k 8 went from 408 to 542 TF/s forward
+#: (-9.6% -> +19.4% against bf16) and 434 -> 491 TF/s forward+backward, and its compilation from
+#: about 90 s of Triton autotuning to seconds.
+INT8_GPU_OPTIONS: dict[str, bool] = {"xla_gpu_enable_triton_gemm": False}
+
+
+def platform_devices(device: str) -> list:
+    """JAX devices for the backend's ``device`` name (``cpu``, ``gpu``/``cuda``)."""
+    platform = "gpu" if device in GPU_PLATFORMS else device
+    try:
+        return jax.devices(platform)
+    except RuntimeError as exc:
+        raise RuntimeError(f"jax has no {platform} devices here ({exc})") from None
+
+
+def select_formulation(platform: str, override: str | None = None) -> str:
+    """``padded`` on GPUs, ``ragged`` elsewhere, unless ``override`` (or $QMOE_JAX_GROUPED) names one.
+
+    Why: XLA lowers ``ragged_dot`` on GPU to a dense masked dot over all experts (H100, 2026-11-22:
+    12.8 TF/s bf16, out of memory at top_k 8), while a capacity-padded batched matmul is a plain
+    cuBLAS batched GEMM. On CPU and TPU ``ragged_dot`` is the native grouped matmul.
+    """
+    choice = override or os.environ.get(GROUPED_ENV) or None
+    if choice is not None:
+        if choice not in FORMULATIONS:
+            raise ValueError(f"grouped formulation {choice!r} is not one of {', '.join(FORMULATIONS)}")
+        return choice
+    return "padded" if platform in GPU_PLATFORMS else "ragged"

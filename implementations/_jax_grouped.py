@@ -1,0 +1,295 @@
+"""Grouped (per-expert) matmuls over rows sorted by group, in two formulations, and their int8 VJPs.
+
+``ragged``: rows sorted by group, contiguous, ``group_sizes`` says where each group ends;
+``jax.lax.ragged_dot_general`` does the work (the native grouped matmul on CPU and TPU). Rows past
+``sum(group_sizes)`` belong to no group and come out zero.
+
+``padded``: every group owns ``capacity`` consecutive rows (unused ones are zero), so the grouped
+matmul is one batched matmul ``[G, C, K] x [G, K, N]`` — a cuBLAS batched GEMM on GPU, where XLA
+lowers ``ragged_dot`` to a dense masked dot (H100, 2026-11-22: 12.8 TF/s bf16 for the seed shape,
+out of memory at top_k 8). ``capacity`` is a static shape: `bucket_capacity` rounds the largest group
+up to one of 8 sizes per octave, so a layer recompiles only when its routing moves between buckets.
+
+Both formulations share `Placement`: where each source row lands (``slot_of_row``) and which source
+row fills each slot (``source``), so gathers/scatters are plain index lookups with a zero fill.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax.lax import RaggedDotDimensionNumbers, ragged_dot_general
+
+from ._jax_env import precision_for
+from ._jax_quant import dequantize, quantize_rows
+
+
+@dataclass(frozen=True)
+class GroupedLayout:
+    """How M rows map to G groups.
+
+    ``group_sizes`` [G] int32: rows in each group. ``row_group`` [M] int32: the group of each row
+    (padding rows carry some valid group; their rows are zero). Static: ``kind`` (ragged | padded),
+    ``groups`` (G), ``capacity`` (rows per group when padded, else 0).
+    """
+
+    group_sizes: jax.Array
+    row_group: jax.Array
+    kind: str
+    groups: int
+    capacity: int
+
+
+jax.tree_util.register_dataclass(GroupedLayout, data_fields=["group_sizes", "row_group"],
+                                 meta_fields=["kind", "groups", "capacity"])
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Placement:
+    """Rows of a source array placed into a grouped layout.
+
+    ``source`` [M]: the source row filling each slot (R, one past the end, for an empty slot).
+    ``slot_of_row`` [R]: the slot of each source row (M for a row that is not placed: invalid,
+    capacity-dropped, or overflowing a too-small static capacity). ``needed_capacity``: the largest
+    group's row count, to check a static capacity against.
+    """
+
+    source: jax.Array
+    slot_of_row: jax.Array
+    layout: GroupedLayout
+    needed_capacity: jax.Array
+
+
+def bucket_capacity(rows: int, minimum: int = 16) -> int:
+    """``rows`` rounded up to 8 sizes per octave (<= 12.5% padding), then to a multiple of 16.
+
+    Multiples of 16 keep int8 GEMM operands aligned for the tensor cores.
+    """
+    rows = max(int(rows), 1)
+    if rows <= minimum:
+        return minimum
+    step = 2 ** max(int(math.floor(math.log2(rows))) - 3, 0)
+    bucketed = -(-rows // step) * step
+    return -(-bucketed // 16) * 16
+
+
+def place_rows(row_group: jax.Array, valid: jax.Array, groups: int, kind: str, capacity: int = 0) -> Placement:
+    """Sort R source rows by group (stable: a group keeps its rows in source order) into a layout.
+
+    Invalid rows are placed nowhere. ``padded`` needs ``capacity`` > 0; rows past it in their group
+    are placed nowhere either, and ``needed_capacity`` tells the caller to retry with a larger one.
+    """
+    rows = row_group.shape[0]
+    key = jnp.where(valid, row_group, groups).astype(jnp.int32)
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)
+    sorted_key = key[order]
+    counts = jnp.zeros((groups + 1,), jnp.int32).at[key].add(1)
+    group_sizes = counts[:groups]
+    starts = jnp.cumsum(counts) - counts
+    position = jnp.arange(rows, dtype=jnp.int32) - starts[sorted_key]
+    in_group = sorted_key < groups
+    if kind == "ragged":
+        slots = rows
+        slot_sorted = jnp.where(in_group, jnp.arange(rows, dtype=jnp.int32), slots)
+        source = jnp.where(in_group, order, rows)
+        slot_group = jnp.minimum(sorted_key, groups - 1)
+    elif kind == "padded":
+        if capacity < 1:
+            raise ValueError("the padded formulation needs a static capacity >= 1")
+        slots = groups * capacity
+        fits = in_group & (position < capacity)
+        slot_sorted = jnp.where(fits, sorted_key * capacity + position, slots)
+        source = jnp.full((slots,), rows, jnp.int32).at[slot_sorted].set(order, mode="drop")
+        slot_group = jnp.arange(slots, dtype=jnp.int32) // capacity
+    else:
+        raise ValueError(f"unknown grouped formulation {kind!r}")
+    slot_of_row = jnp.zeros((rows,), jnp.int32).at[order].set(slot_sorted)
+    layout = GroupedLayout(group_sizes, slot_group, kind, groups, capacity if kind == "padded" else 0)
+    needed = jnp.max(group_sizes) if groups else jnp.int32(0)
+    return Placement(source, slot_of_row, layout, needed)
+
+
+def take_rows(values: jax.Array, index: jax.Array) -> jax.Array:
+    """values[index] along axis 0, zero where index is out of range (the "nowhere" slot/row)."""
+    return values.at[index].get(mode="fill", fill_value=0)
+
+
+@jax.custom_vjp
+def permute_rows(values: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+    """values[index] (zero where out of range) for a partial permutation ``index`` with inverse
+    ``inverse``; its transpose is the gather ``g[inverse]`` instead of a scatter-add.
+
+    Why: autodiff of a gather is a scatter-add, which XLA runs with atomics on GPU; the packing and
+    unpacking of routed rows are permutations, so the transpose is just the other gather.
+    """
+    return take_rows(values, index)
+
+
+def _permute_rows_forward(values, index, inverse):
+    return take_rows(values, index), inverse
+
+
+def _permute_rows_backward(inverse, g):
+    return take_rows(g, inverse), None, None
+
+
+permute_rows.defvjp(_permute_rows_forward, _permute_rows_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gather_token_rows(tokens: jax.Array, source: jax.Array, slot_of_assignment: jax.Array, top_k: int) -> jax.Array:
+    """Rows of token-level ``tokens`` [T, ...] for slots filled by assignment a = source (token a // k;
+    empty slots zero). Transpose: d tokens[t] = sum_k g[slot(t, k)], a gather and a sum, no scatter."""
+    return take_rows(tokens, token_of_slot(source, tokens.shape[0], top_k))
+
+
+def token_of_slot(source: jax.Array, tokens: int, top_k: int) -> jax.Array:
+    """Token index (a // k) of each slot's assignment, ``tokens`` (out of range) for empty slots."""
+    return jnp.where(source < tokens * top_k, source // top_k, tokens)
+
+
+def _gather_token_rows_forward(tokens, source, slot_of_assignment, top_k):
+    return gather_token_rows(tokens, source, slot_of_assignment, top_k), (slot_of_assignment, tokens.shape[0])
+
+
+def _gather_token_rows_backward(top_k, residuals, g):
+    slot_of_assignment, tokens = residuals
+    per_assignment = take_rows(g, slot_of_assignment)
+    return per_assignment.reshape(tokens, top_k, *g.shape[1:]).sum(axis=1), None, None
+
+
+gather_token_rows.defvjp(_gather_token_rows_forward, _gather_token_rows_backward)
+
+
+def _dot_numbers(transpose_rhs: bool) -> tuple:
+    return (([1], [2 if transpose_rhs else 1]), ([], []))
+
+
+def grouped_dot(lhs: jax.Array, rhs: jax.Array, layout: GroupedLayout, *, transpose_rhs: bool = False,
+                accumulate=jnp.float32) -> jax.Array:
+    """out[m] = lhs[m] @ rhs[g(m)] (rhs [G, K, N]), or lhs[m] @ rhs[g(m)]^T with ``transpose_rhs``
+    (rhs [G, N, K]); accumulated in ``accumulate`` (int32 for int8 operands)."""
+    precision = precision_for(lhs.dtype)
+    if layout.kind == "ragged":
+        numbers = RaggedDotDimensionNumbers(dot_dimension_numbers=_dot_numbers(transpose_rhs),
+                                            lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+        return ragged_dot_general(lhs, rhs, layout.group_sizes, numbers, precision=precision,
+                                  preferred_element_type=accumulate)
+    g, c = layout.groups, layout.capacity
+    batched = lhs.reshape(g, c, lhs.shape[-1])
+    contract = 2 if transpose_rhs else 1
+    out = jax.lax.dot_general(batched, rhs, (([2], [contract]), ([0], [0])), precision=precision,
+                              preferred_element_type=accumulate)
+    return out.reshape(g * c, out.shape[-1])
+
+
+def grouped_weight_grad(lhs: jax.Array, g: jax.Array, layout: GroupedLayout) -> jax.Array:
+    """dW[e] = sum over rows m of group e of lhs[m]^T g[m]: [G, K, N], float32 accumulation.
+
+    A group with no rows gets exactly zero.
+    """
+    if layout.kind == "ragged":
+        numbers = RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
+                                            lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+        return ragged_dot_general(lhs, g, layout.group_sizes, numbers, precision=precision_for(lhs.dtype),
+                                  preferred_element_type=jnp.float32)
+    groups, c = layout.groups, layout.capacity
+    return jax.lax.dot_general(lhs.reshape(groups, c, lhs.shape[-1]), g.reshape(groups, c, g.shape[-1]),
+                               (([1], [1]), ([0], [0])), precision=precision_for(lhs.dtype),
+                               preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def float_grouped_dot(lhs: jax.Array, rhs: jax.Array, layout: GroupedLayout) -> jax.Array:
+    """out[m] = lhs[m] @ rhs[g(m)] in the operands' dtype with float32 accumulation.
+
+    Its VJP is the exact one, ``dx = g W[g]^T`` and ``dW = x^T g``, written out so that both products
+    keep the operands' dtype: autodiff of a dot with a float32 result hands the transposed dots a
+    float32 cotangent, which turns bfloat16 GEMMs into float32 ones (H100, 2026-11-23: forward+backward
+    of scheme ``none`` at 192 TF/s against 314 TF/s for the int8 path with its hand-written VJP).
+    """
+    return grouped_dot(lhs, rhs, layout).astype(lhs.dtype)
+
+
+def _float_grouped_dot_forward(lhs, rhs, layout):
+    return float_grouped_dot(lhs, rhs, layout), (lhs, rhs, layout)
+
+
+def _float_grouped_dot_backward(residuals, g):
+    lhs, rhs, layout = residuals
+    g = g.astype(lhs.dtype)
+    dx = grouped_dot(g, rhs, layout, transpose_rhs=True).astype(lhs.dtype)
+    return dx, grouped_weight_grad(lhs, g, layout).astype(rhs.dtype), None
+
+
+float_grouped_dot.defvjp(_float_grouped_dot_forward, _float_grouped_dot_backward)
+
+
+def _expert_scale(scale: jax.Array, layout: GroupedLayout) -> jax.Array:
+    """Per-row copy [M, 1] of the per-group weight scale [G, 1, 1]."""
+    return scale.reshape(-1)[layout.row_group][:, None]
+
+
+def int8_grouped_product(codes: jax.Array, scale: jax.Array, w_codes: jax.Array, w_scale: jax.Array,
+                         layout: GroupedLayout, transpose_rhs: bool = False) -> jax.Array:
+    """(q_x q_w[g]) * s_x * s_w[g] in float32: int8 x int8 with int32 accumulation, dequantized once."""
+    acc = grouped_dot(codes, w_codes, layout, transpose_rhs=transpose_rhs, accumulate=jnp.int32)
+    return acc.astype(jnp.float32) * (scale * _expert_scale(w_scale, layout))
+
+
+@functools.lru_cache(maxsize=None)
+def int8_grouped_dot(rule: str, dtype_name: str):
+    """The routed int8 projection with its backward rule, as a custom-VJP function.
+
+    Arguments ``(x, x_codes, x_scale, w, w_codes, w_scale, w_codes_t, layout)``: float rows ``x``
+    [M, K] and their per-row codes/scales; float expert weights ``w`` [G, K, N], their per-expert
+    codes [G, K, N] and scales [G, 1, 1], and optionally the same codes stored transposed
+    (``w_codes_t`` [G, N, K], or None). Forward: ``y = (q_x q_w[g]) s_x s_w[g]`` with int32
+    accumulation, from ``w_codes_t`` when given — every int8 product then contracts the minor axis of
+    both operands, the layout int8 tensor-core GEMMs take without a transpose. ``w`` itself is not
+    read: pre-quantized weights are consumed as they are.
+
+    Backward, for output cotangent ``g`` (codes, scales and layout get no gradient):
+
+    * ``ste`` (straight-through): ``dx = g (s_w q_w)^T``, ``dw = (s_x q_x)^T g``.
+    * ``prequant_vjp`` (logbook MOE-I8-023/024): ``dx = (q_g q_w^T) s_g s_w`` — the per-row-quantized
+      cotangent against the transposed pre-quantized weights, int32 accumulation — and the float
+      surrogate ``dw = x^T g`` from the un-quantized rows.
+    """
+    if rule not in ("ste", "prequant_vjp"):
+        raise ValueError(f"unknown backward rule {rule!r}")
+    dtype = jnp.dtype(dtype_name)
+
+    @jax.custom_vjp
+    def dot(x, x_codes, x_scale, w, w_codes, w_scale, w_codes_t, layout):
+        if w_codes_t is None:
+            product = int8_grouped_product(x_codes, x_scale, w_codes, w_scale, layout)
+        else:
+            product = int8_grouped_product(x_codes, x_scale, w_codes_t, w_scale, layout, transpose_rhs=True)
+        return product.astype(dtype)
+
+    def forward(x, x_codes, x_scale, w, w_codes, w_scale, w_codes_t, layout):
+        y = dot(x, x_codes, x_scale, w, w_codes, w_scale, w_codes_t, layout)
+        kept = x if rule == "prequant_vjp" else (x_codes, x_scale)
+        return y, (kept, w_codes, w_scale, layout)
+
+    def backward(residuals, g):
+        kept, w_codes, w_scale, layout = residuals
+        if rule == "prequant_vjp":
+            g_codes, g_scale = quantize_rows(g)
+            dx = int8_grouped_product(g_codes, g_scale, w_codes, w_scale, layout, transpose_rhs=True)
+            dw = grouped_weight_grad(kept, g.astype(dtype), layout)
+        else:
+            x_codes, x_scale = kept
+            dx = grouped_dot(g.astype(dtype), w_codes.astype(dtype), layout, transpose_rhs=True)
+            dx = dx * _expert_scale(w_scale, layout)
+            dw = grouped_weight_grad(dequantize(x_codes, x_scale, dtype), g.astype(dtype), layout)
+        return dx.astype(dtype), None, None, dw.astype(dtype), None, None, None, None
+
+    dot.defvjp(forward, backward)
+    return dot

@@ -1,0 +1,235 @@
+"""The MoE layer in JAX, as four stages: pack, up, down, combine (+ the shared expert).
+
+    y = sum_k gate_k * W2[e_k]^T Q(silu(Q(x) W1[e_k]) * (Q(x) W3[e_k])) [+ shared(x)]
+
+with Q the per-token int8 quantizer where the scheme quantizes routed activations, and the expert
+weights int8 with one scale per expert matrix (quantized in the step for ``int8_routed``/``int8_all``,
+once at prepare for ``int8_routed_prequant``). Routed rows are packed by a stable argsort on the
+expert id (the logbook's ``argsort`` routing pack), the fused ``w13`` projection gives gate and up in
+one grouped matmul, and the shared expert is one fused dense SwiGLU.
+
+Activations are quantized once per token and their codes gathered for the first projection
+(MOE-I8-009: T rows quantized instead of T*k).
+
+`LayerPlan` is the static part of a compiled layer: everything that fixes shapes or code paths.
+Single-device layers run `run_layer`; expert-parallel ones (``ep_size`` > 1) run the same stages per
+device inside `_jax_ep.run_layer_ep`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from reference.schemes import get_scheme
+from reference.spec import MoESpec
+
+from ._jax_env import GPU_PLATFORMS, precision_for
+from ._jax_grouped import (GroupedLayout, Placement, float_grouped_dot, gather_token_rows, int8_grouped_dot,
+                           permute_rows, place_rows, take_rows, token_of_slot)
+from ._jax_quant import int8_dense_dot, quantize_columns, quantize_per_expert, quantize_rows
+from ._jax_routing import RoutingOut, route
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Static description of one compiled layer (hashable: part of jit's cache key).
+
+    ``experts`` is the spec's expert count rounded up to a multiple of ``ep_size`` (the extra experts
+    are zero and never selected). ``expert_capacity``: rows per expert of the padded formulation
+    (0 for ragged). ``dispatch_capacity``: rows each device sends to each other device (EP only).
+    ``platform``: the devices' JAX platform (``cpu``, ``gpu``, ...).
+    """
+
+    spec: MoESpec
+    scheme: str
+    dtype: str
+    formulation: str
+    experts: int
+    expert_capacity: int = 0
+    ep_size: int = 1
+    dispatch_capacity: int = 0
+    mesh: Any = None
+    platform: str = "cpu"
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def routed_int8(self) -> bool:
+        return get_scheme(self.scheme).routed_weights != "float"
+
+    @property
+    def shared_int8(self) -> bool:
+        return get_scheme(self.scheme).shared_weights != "float"
+
+    @property
+    def prequantized(self) -> bool:
+        return get_scheme(self.scheme).backward == "prequant_vjp"
+
+    @property
+    def int8_gemms_on_gpu(self) -> bool:
+        """True where the program has int8 x int8 GEMMs and runs on a GPU (see `_jax_env.INT8_GPU_OPTIONS`)."""
+        return self.platform in GPU_PLATFORMS and (self.routed_int8 or self.shared_int8)
+
+    @property
+    def routed_rule(self) -> str:
+        return "prequant_vjp" if self.prequantized else "ste"
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Packed:
+    """What the pack stage hands to the experts: float rows, their int8 codes/scales (or None),
+    where they came from, and the routing."""
+
+    rows: jax.Array
+    rows_codes: jax.Array | None
+    rows_scale: jax.Array | None
+    placement: Placement
+    routing: RoutingOut
+
+
+def swiglu(a: jax.Array, dtype) -> jax.Array:
+    """h = silu(a_gate) * a_up for fused pre-activations a = [gate | up], computed in float32."""
+    a = a.astype(jnp.float32)
+    ffn = a.shape[-1] // 2
+    return (jax.nn.silu(a[:, :ffn]) * a[:, ffn:]).astype(dtype)
+
+
+def gather_tokens(values: jax.Array, source: jax.Array, top_k: int) -> jax.Array:
+    """Rows of token-level ``values`` [T, ...] for slots whose source is assignment a (token a // k),
+    without a gradient (int8 codes and scales)."""
+    return take_rows(values, token_of_slot(source, values.shape[0], top_k))
+
+
+def pack_rows(plan: LayerPlan, x: jax.Array, expert_ids: jax.Array, valid: jax.Array, groups: int,
+              capacity: int) -> tuple[Placement, jax.Array, jax.Array | None, jax.Array | None]:
+    """Place the T*k assignments by expert and gather their rows (and pre-quantized codes/scales)."""
+    top_k = expert_ids.shape[1]
+    placement = place_rows(expert_ids.reshape(-1), valid.reshape(-1), groups, plan.formulation, capacity)
+    rows = gather_token_rows(x, placement.source, placement.slot_of_row, top_k)
+    if not plan.routed_int8:
+        return placement, rows, None, None
+    codes, scale = quantize_rows(x)
+    return placement, rows, gather_tokens(codes, placement.source, top_k), gather_tokens(scale, placement.source, top_k)
+
+
+def stage_pack(plan: LayerPlan, params: dict, frozen: dict, x: jax.Array) -> Packed:
+    """Route (float32), then pack the kept assignments by expert (stable argsort)."""
+    routing = route(plan.spec, x, params["router"], frozen.get("router_bias"))
+    placement, rows, codes, scale = pack_rows(plan, x.astype(plan.compute_dtype), routing.expert_ids,
+                                              routing.kept, plan.experts, plan.expert_capacity)
+    return Packed(rows, codes, scale, placement, routing)
+
+
+def routed_projection(plan: LayerPlan, rows: jax.Array, rows_codes, rows_scale, weight: jax.Array,
+                      prequantized: tuple | None, layout: GroupedLayout) -> jax.Array:
+    """rows @ weight[expert] per row, float or int8 as the scheme says.
+
+    ``int8_routed``/``int8_all`` quantize the weight here, in the step; ``int8_routed_prequant``
+    consumes the codes made once at prepare (MOE-I8-019: no weight rounding in the hot path).
+    """
+    if not plan.routed_int8:
+        return float_grouped_dot(rows, weight, layout)
+    if rows_codes is None:
+        rows_codes, rows_scale = quantize_rows(rows)
+    w_codes, w_scale, w_codes_t = prequantized if plan.prequantized else (*quantize_per_expert(weight), None)
+    dot = int8_grouped_dot(plan.routed_rule, plan.dtype)
+    return dot(rows, rows_codes, rows_scale, weight, w_codes, w_scale, w_codes_t, layout)
+
+
+def stage_up(plan: LayerPlan, packed_rows: tuple, w13: jax.Array, w13_prequantized, layout: GroupedLayout
+             ) -> jax.Array:
+    """h = silu(x W1[e]) * (x W3[e]) for every packed row, from one fused w13 projection."""
+    rows, codes, scale = packed_rows
+    return swiglu(routed_projection(plan, rows, codes, scale, w13, w13_prequantized, layout), plan.compute_dtype)
+
+
+def stage_down(plan: LayerPlan, hidden: jax.Array, w2: jax.Array, w2_prequantized, layout: GroupedLayout
+               ) -> jax.Array:
+    """out = Q(h) W2[e] for every packed row (h quantized per row for int8 schemes)."""
+    return routed_projection(plan, hidden, None, None, w2, w2_prequantized, layout)
+
+
+def weighted_sum(out_rows: jax.Array, placement: Placement, gates: jax.Array) -> jax.Array:
+    """y[t] = sum_k gate[t, k] * out[slot(t, k)] in float32; unplaced assignments contribute zero."""
+    tokens, top_k = gates.shape
+    per_assignment = permute_rows(out_rows, placement.slot_of_row, placement.source).reshape(tokens, top_k, -1)
+    # an elementwise product and a k-sum (fused), not a [1, k] x [k, H] dot per token
+    return jnp.sum(gates[:, :, None] * per_assignment.astype(jnp.float32), axis=1)
+
+
+def stage_combine(out_rows: jax.Array, packed: Packed) -> jax.Array:
+    """Unsort the expert outputs back to their tokens and mix them with the gate weights."""
+    return weighted_sum(out_rows, packed.placement, packed.routing.gate_weights)
+
+
+def shared_expert(plan: LayerPlan, params: dict, x: jax.Array) -> jax.Array | None:
+    """The shared SwiGLU on every token, fused w13; int8 per-token x per-output-channel where the
+    scheme quantizes it (quantized in the step, straight-through backward). float32 result."""
+    if "shared_w13" not in params:
+        return None
+    dtype = plan.compute_dtype
+    x = x.astype(dtype)
+    w13, w2 = params["shared_w13"], params["shared_w2"]
+    if not plan.shared_int8:
+        a = jnp.dot(x, w13, precision=precision_for(dtype), preferred_element_type=jnp.float32)
+        h = swiglu(a, dtype)
+        return jnp.dot(h, w2, precision=precision_for(dtype), preferred_element_type=jnp.float32)
+    dot = int8_dense_dot(plan.dtype)
+    h = swiglu(dot(x, *quantize_rows(x), w13, *quantize_columns(w13)), dtype)
+    return dot(h, *quantize_rows(h), w2, *quantize_columns(w2)).astype(jnp.float32)
+
+
+def prequantized_weights(frozen: dict) -> tuple[tuple | None, tuple | None]:
+    """(codes, scale, transposed codes) of w13 and of w2 made at prepare, or None."""
+    if "w13_codes" not in frozen:
+        return None, None
+    return tuple((frozen[f"{name}_codes"], frozen[f"{name}_scale"], frozen[f"{name}_codes_t"])
+                 for name in ("w13", "w2"))
+
+
+def finish(plan: LayerPlan, routed: jax.Array, shared: jax.Array | None) -> jax.Array:
+    return (routed if shared is None else routed + shared).astype(plan.compute_dtype)
+
+
+def run_layer(plan: LayerPlan, params: dict, frozen: dict, x: jax.Array) -> tuple[jax.Array, RoutingOut, dict]:
+    """(y, routing, needed sizes) on one device: pack -> up -> down -> combine, plus the shared expert.
+
+    ``needed``: the static sizes this routing needs (``expert_capacity`` for the padded formulation),
+    for the caller to check against the plan and recompile with a larger bucket if exceeded.
+    """
+    if plan.ep_size > 1:
+        from ._jax_ep import run_layer_ep
+
+        return run_layer_ep(plan, params, frozen, x)
+    w13_q, w2_q = prequantized_weights(frozen)
+    packed = stage_pack(plan, params, frozen, x)
+    layout = packed.placement.layout
+    hidden = stage_up(plan, (packed.rows, packed.rows_codes, packed.rows_scale), params["w13"], w13_q, layout)
+    out_rows = stage_down(plan, hidden, params["w2"], w2_q, layout)
+    y = finish(plan, stage_combine(out_rows, packed), shared_expert(plan, params, x))
+    needed = {"expert_capacity": packed.placement.needed_capacity, "dispatch_capacity": jnp.int32(0)}
+    return y, packed.routing, needed
+
+
+def run_bypass(plan: LayerPlan, params: dict, frozen: dict, x: jax.Array) -> jax.Array:
+    """Every expert on every token, [E, T, H], gate weights unused (GPTQ calibration statistics)."""
+    tokens = x.shape[0]
+    x = x.astype(plan.compute_dtype)
+    experts = jnp.repeat(jnp.arange(plan.experts, dtype=jnp.int32), tokens)
+    rows_x = jnp.tile(x, (plan.experts, 1))
+    plan_all = LayerPlan(plan.spec, plan.scheme, plan.dtype, plan.formulation, plan.experts,
+                         expert_capacity=tokens if plan.formulation == "padded" else 0, platform=plan.platform)
+    placement, rows, codes, scale = pack_rows(plan_all, rows_x, experts[:, None], jnp.ones((experts.size, 1), bool),
+                                              plan.experts, plan_all.expert_capacity)
+    w13_q, w2_q = prequantized_weights(frozen)
+    hidden = stage_up(plan_all, (rows, codes, scale), params["w13"], w13_q, placement.layout)
+    out_rows = stage_down(plan_all, hidden, params["w2"], w2_q, placement.layout)
+    out = take_rows(out_rows, placement.slot_of_row)
+    return out.reshape(plan.experts, tokens, -1)

@@ -1,0 +1,433 @@
+"""`jax_prequant`: JAX MoE with int8 routed experts, pre-quantized weights, a custom VJP and
+expert parallelism (the design of ``seeds/jax-moe-ep-int8-logbook.txt``).
+
+Schemes ``none``, ``int8_dense``, ``int8_routed``, ``int8_all``, ``int8_routed_prequant``:
+per-token activation scales, one scale per expert weight matrix, int8 x int8 grouped matmuls with
+int32 accumulation, dequantized once at the output. ``int8_routed_prequant`` quantizes the expert
+weights once here in `prepare` and its backward is the logbook's final custom VJP (MOE-I8-024).
+
+Grouped matmul formulation (`_jax_env.select_formulation`): ``ragged`` (``jax.lax.ragged_dot_general``)
+on CPU and TPU; ``padded`` (capacity-padded batched matmul) on GPU, where ragged_dot lowers to a dense
+masked dot. Force one with ``JaxPrequantBackend(grouped="padded")`` or ``QMOE_JAX_GROUPED=padded``.
+On GPU the programs of int8 schemes compile with ``_jax_env.INT8_GPU_OPTIONS`` (cuBLASLt int8 GEMMs
+instead of XLA's Triton GEMM fusions, which ran the int8 expert GEMMs slower than bfloat16 on an H100).
+
+Expert parallelism: ``prepare(..., ep_size=N)`` shards experts over N devices (mesh axis ``ep``);
+CPU runs need ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` before jax is imported.
+
+Static shapes: the padded formulation and the EP dispatch need per-expert / per-device-pair row
+capacities. They are sized from the routing of the input (one small routing program), bucketed
+(8 sizes per octave), cached per token count, and checked after every run; a run whose routing
+outgrew them is rerun with larger ones, so results are always dropless.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import numpy as np
+
+from reference.layer import ForwardResult
+from reference.schemes import get_scheme
+from reference.spec import MoEParams, MoESpec, SpecError, validate_input
+
+from .base import Backend, Capabilities
+
+SCHEMES = ("none", "int8_dense", "int8_routed", "int8_all", "int8_routed_prequant")
+DTYPES = ("float32", "bfloat16")
+#: Passes accepted by `JaxPrequantBackend.benchmark_step`: forward, or forward+backward.
+FORWARD_BACKWARD = ("backward", "forward_backward")
+
+
+@dataclass
+class JaxPrepared:
+    """A prepared layer: device arrays, the static plan and the effective (dequantized) weights.
+
+    ``params``: the float arrays gradients are taken for (router float32; experts padded to a
+    multiple of ``ep_size``). ``frozen``: the rest (router bias; pre-quantized expert codes/scales).
+    ``sizes``: token count -> (expert_capacity, dispatch_capacity) found so far. ``effective``: the
+    dequantized float64 weights, made on first request (at benchmark shapes they are gigabytes).
+    """
+
+    spec: MoESpec
+    scheme: str
+    dtype: str
+    plan: Any
+    params: dict
+    frozen: dict
+    devices: list
+    sizes: dict[int, tuple[int, int]] = field(default_factory=dict)
+    effective: dict[str, np.ndarray] | None = None
+
+
+class JaxPrequantBackend(Backend):
+    name = "jax_prequant"
+    capabilities = Capabilities(
+        schemes=SCHEMES,
+        passes=("forward", "backward"),
+        dtypes=DTYPES,
+        devices=("cpu", "gpu"),
+        routers=("softmax_topk", "sigmoid_topk"),
+        capacity=True,
+        shared_expert=True,
+        quantizer=True,
+        bypass=True,
+        expert_parallel=(2, 4),
+    )
+
+    def __init__(self, device: str | None = None, grouped: str | None = None) -> None:
+        """``grouped``: force the grouped-matmul formulation (``ragged`` or ``padded``)."""
+        super().__init__(device)
+        self.grouped = grouped
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if importlib.util.find_spec("jax") is None:
+            return "jax is not installed"
+        try:
+            import jax  # noqa: F401
+        except Exception as exc:  # a broken install must become a skip reason, not a crash
+            return f"jax cannot be imported: {type(exc).__name__}: {exc}"
+        return None
+
+    @classmethod
+    def versions(cls) -> dict[str, str]:
+        import jax
+        import jaxlib
+
+        return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "jax_backend": jax.default_backend()}
+
+    # -- prepare -------------------------------------------------------------------------------------
+    def prepare(self, spec: MoESpec, params: MoEParams, scheme: str, dtype: str, ep_size: int = 1) -> JaxPrepared:
+        """Validate, move weights to the device(s) (experts sharded over ``ep`` when ``ep_size`` > 1)
+        and, for ``int8_routed_prequant``, quantize the expert weights once."""
+        get_scheme(scheme)
+        if scheme not in SCHEMES:
+            raise ValueError(f"{self.name} does not implement scheme {scheme!r}; it implements {', '.join(SCHEMES)}")
+        if dtype not in DTYPES:
+            raise ValueError(f"{self.name} does not implement dtype {dtype!r}; it implements {', '.join(DTYPES)}")
+        params.validate(spec)
+        from . import _jax_env, _jax_programs
+        from ._jax_layer import LayerPlan
+
+        devices = _jax_env.platform_devices(self.device)
+        if not isinstance(ep_size, int) or ep_size < 1:
+            raise ValueError(f"ep_size must be a positive integer, got {ep_size!r}")
+        if ep_size > len(devices):
+            raise RuntimeError(
+                f"ep_size={ep_size} needs {ep_size} {self.device} devices, jax sees {len(devices)}; on CPU set "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={max(ep_size, 4)} before jax is imported")
+        experts = -(-spec.experts // ep_size) * ep_size
+        mesh = _make_mesh(devices[:ep_size]) if ep_size > 1 else None
+        plan = LayerPlan(spec, scheme, dtype, _jax_env.select_formulation(devices[0].platform, self.grouped),
+                         experts, ep_size=ep_size, mesh=mesh, platform=devices[0].platform)
+        host_params, host_frozen = _host_arrays(spec, params, experts)
+        put = _placer(devices[0], mesh)
+        compute = {name: "float32" if name == "router" else dtype for name in host_params}
+        # cast on the device: a host-side bfloat16 cast of the seed shape's 768M weights takes seconds
+        device_params = {name: put(value, name in _EXPERT_ARRAYS).astype(compute[name])
+                         for name, value in host_params.items()}
+        frozen = {name: put(value, False) for name, value in host_frozen.items()}
+        if plan.prequantized:
+            (w13_codes, w13_scale), (w2_codes, w2_scale) = _jax_programs.quantize_experts(
+                device_params["w13"], device_params["w2"])
+            # Both layouts of the codes: [E, in, out] for the input gradient, [E, out, in] for the
+            # forward, so every int8 product contracts the minor axis of both operands.
+            w13_codes_t, w2_codes_t = _jax_programs.transpose_codes(w13_codes, w2_codes)
+            frozen.update({name: put(value, True) for name, value in
+                           (("w13_codes", w13_codes), ("w13_scale", w13_scale), ("w13_codes_t", w13_codes_t),
+                            ("w2_codes", w2_codes), ("w2_scale", w2_scale), ("w2_codes_t", w2_codes_t))})
+        return JaxPrepared(spec, scheme, dtype, plan, device_params, frozen, devices[:ep_size])
+
+    def effective_weights(self, prepared: JaxPrepared) -> dict[str, np.ndarray]:
+        if prepared.effective is None:
+            prepared.effective = _effective_weights(prepared.spec, prepared.plan, prepared.params, prepared.frozen)
+        return {name: value.copy() for name, value in prepared.effective.items()}
+
+    # -- forward / backward ---------------------------------------------------------------------------
+    def forward(self, prepared: JaxPrepared, x: np.ndarray) -> ForwardResult:
+        from . import _jax_programs
+
+        validate_input(prepared.spec, x)
+        x_dev = self._put_tokens(prepared, x)
+        outputs = self._run_sized(prepared, x_dev, lambda plan: _jax_programs.forward(
+            prepared.params, prepared.frozen, x_dev, plan))
+        y, ids, gates, balance, _ = outputs
+        return ForwardResult(np.asarray(y, dtype=np.float64), np.asarray(ids).astype(np.int64),
+                             np.asarray(gates, dtype=np.float64), float(balance))
+
+    def backward(self, prepared: JaxPrepared, x: np.ndarray, dy: np.ndarray, balance_coeff: float = 0.0
+                 ) -> dict[str, np.ndarray]:
+        """Gradients of sum(y * dy) + balance_coeff * balance_loss, float64, keyed x and the float
+        parameters (router_bias steers selection only and has none)."""
+        from . import _jax_programs
+
+        validate_input(prepared.spec, x)
+        validate_input(prepared.spec, dy, "dy")
+        if dy.shape != x.shape:
+            raise SpecError(f"dy has shape {dy.shape}, expected the output's shape {x.shape}")
+        x_dev = self._put_tokens(prepared, x)
+        dy_dev = self._put_tokens(prepared, dy)
+        d_params, d_x, _ = self._run_sized(prepared, x_dev, lambda plan: _jax_programs.forward_backward(
+            prepared.params, prepared.frozen, x_dev, dy_dev, np.float32(balance_coeff), plan))
+        experts = prepared.spec.experts
+        grads = {"x": np.asarray(d_x, dtype=np.float64)}
+        for name, value in d_params.items():
+            value = np.asarray(value, dtype=np.float64)
+            grads[name] = value[:experts] if name in _EXPERT_ARRAYS else value
+        return grads
+
+    def quantize_int8(self, values: np.ndarray, axis: int | tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """Symmetric int8 codes and float32 scales (kept dims), computed by the backend's own quantizer."""
+        import jax.numpy as jnp
+
+        from ._jax_quant import quantize_symmetric
+
+        codes, scale = quantize_symmetric(jnp.asarray(np.asarray(values, dtype=np.float32)), axis)
+        return np.asarray(codes), np.asarray(scale)
+
+    def expert_outputs(self, prepared: JaxPrepared, x: np.ndarray) -> np.ndarray:
+        from . import _jax_programs
+
+        validate_input(prepared.spec, x)
+        plan = _noted(replace(prepared.plan, ep_size=1, mesh=None))
+        out = _jax_programs.bypass(prepared.params, prepared.frozen, self._put_tokens(prepared, x), plan)
+        return np.asarray(out, dtype=np.float64)[: prepared.spec.experts]
+
+    # -- benchmarks -------------------------------------------------------------------------------------
+    def benchmark_step(self, prepared: JaxPrepared, x: np.ndarray, pass_: str, dy: np.ndarray | None = None
+                       ) -> Callable[[], Any]:
+        """A callable running one ``pass_`` (``forward``, or ``backward`` = forward+backward) on
+        device-resident x / dy, returning after ``block_until_ready``.
+
+        The static capacities are sized here from this x's routing (outside the timed call) and the
+        first run's needed sizes are checked, so the timed call never overflows; a training loop with
+        changing routing would keep the bucket and rerun on overflow, as `forward` does.
+        """
+        import jax
+
+        from . import _jax_programs
+
+        validate_input(prepared.spec, x)
+        x_dev = self._put_tokens(prepared, x)
+        plan = self._plan_for(prepared, x_dev)
+        if pass_ == "forward":
+            def run():
+                return _jax_programs.forward(prepared.params, prepared.frozen, x_dev, plan)
+        elif pass_ in FORWARD_BACKWARD:
+            if dy is None:
+                dy = np.random.default_rng(0).standard_normal(x.shape)
+            dy_dev = self._put_tokens(prepared, dy)
+
+            def run():
+                return _jax_programs.forward_backward(prepared.params, prepared.frozen, x_dev, dy_dev,
+                                                      np.float32(0.0), plan)
+        else:
+            raise ValueError(f"unknown pass {pass_!r}: use 'forward' or one of {FORWARD_BACKWARD}")
+        needed = jax.device_get(run()[-1])
+        if _outgrown(plan, needed):
+            raise RuntimeError(f"benchmark sizing failed: plan {plan} but the routing needs {needed}")
+
+        def step():
+            return jax.block_until_ready(run())
+
+        return step
+
+    def stage_times(self, prepared: JaxPrepared, x: np.ndarray, repeats: int = 5) -> dict[str, float]:
+        """Median seconds of each forward stage, run as separate programs on device-resident data:
+        ``pack`` (route, argsort pack, gather, activation quantization), ``up`` (fused w13 grouped
+        matmul + SwiGLU; weight quantization too for int8_routed), ``down`` (w2 grouped matmul),
+        ``combine`` (unsort and gate-weighted sum), and ``shared`` when the layer has a shared expert.
+        Single device only (``ep_size`` = 1): in EP the stages interleave with the all_to_alls."""
+        import jax
+
+        from . import _jax_programs as programs
+
+        if prepared.plan.ep_size != 1:
+            raise ValueError("stage_times runs on one device (prepare with ep_size=1)")
+        validate_input(prepared.spec, x)
+        x_dev = self._put_tokens(prepared, x)
+        plan = self._plan_for(prepared, x_dev)
+        p, f = prepared.params, prepared.frozen
+        packed = programs.pack_stage(p, f, x_dev, plan)
+        hidden = programs.up_stage(p, f, packed, plan)
+        out_rows = programs.down_stage(p, f, hidden, packed, plan)
+        stages = {"pack": lambda: programs.pack_stage(p, f, x_dev, plan),
+                  "up": lambda: programs.up_stage(p, f, packed, plan),
+                  "down": lambda: programs.down_stage(p, f, hidden, packed, plan),
+                  "combine": lambda: programs.combine_stage(out_rows, packed, plan)}
+        if prepared.spec.shared_ffn:
+            stages["shared"] = lambda: programs.shared_stage(p, x_dev, plan)
+        return {name: _median_seconds(fn, repeats, jax.block_until_ready) for name, fn in stages.items()}
+
+    # -- helpers ----------------------------------------------------------------------------------------
+    def _put_tokens(self, prepared: JaxPrepared, values: np.ndarray):
+        """Token-major array onto the device(s): split over ``ep`` when the count divides evenly."""
+        import jax
+
+        host = np.asarray(values, dtype=np.float32)
+        mesh = prepared.plan.mesh
+        if mesh is None:
+            return jax.device_put(host, prepared.devices[0])
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        spec = PartitionSpec("ep") if host.shape[0] % prepared.plan.ep_size == 0 else PartitionSpec()
+        return jax.device_put(host, NamedSharding(mesh, spec))
+
+    def _plan_for(self, prepared: JaxPrepared, x_dev) -> Any:
+        """The plan with static capacities for this token count (sized from the routing if new)."""
+        plan = prepared.plan
+        if plan.formulation == "ragged" and plan.ep_size == 1:
+            return _noted(plan)
+        tokens = x_dev.shape[0]
+        if tokens not in prepared.sizes:
+            from . import _jax_programs
+
+            routing = _jax_programs.routing_only(prepared.params["router"], prepared.frozen.get("router_bias"),
+                                                 x_dev, plan.spec)
+            ids, kept = (np.asarray(a) for a in routing)
+            prepared.sizes[tokens] = _bucketed(plan, tokens, *_needed_sizes(plan, ids, kept))
+        capacity, dispatch = prepared.sizes[tokens]
+        return _noted(replace(plan, expert_capacity=capacity, dispatch_capacity=dispatch))
+
+    def _run_sized(self, prepared: JaxPrepared, x_dev, run: Callable[[Any], tuple]) -> tuple:
+        """Run with the cached static sizes; rerun with larger buckets while the routing outgrows them."""
+        import jax
+
+        tokens = x_dev.shape[0]
+        for _ in range(4):
+            plan = self._plan_for(prepared, x_dev)
+            outputs = run(plan)
+            needed = jax.device_get(outputs[-1])
+            if not _outgrown(plan, needed):
+                return outputs
+            prepared.sizes[tokens] = _bucketed(plan, tokens, int(needed["expert_capacity"]),
+                                               int(needed["dispatch_capacity"]))
+        raise RuntimeError(f"static capacities kept being outgrown: {prepared.sizes[tokens]} vs {needed}")
+
+
+# -- module helpers (no framework at import) ---------------------------------------------------------------
+
+_EXPERT_ARRAYS = ("w13", "w2", "w13_codes", "w13_scale", "w13_codes_t", "w2_codes", "w2_scale", "w2_codes_t")
+
+
+def _noted(plan):
+    """``plan``, recorded as live (compiled programs are dropped past a bound: `_jax_programs.note_plan`)."""
+    from . import _jax_programs
+
+    _jax_programs.note_plan(plan)
+    return plan
+
+
+def _make_mesh(devices: list):
+    from jax.sharding import Mesh
+
+    return Mesh(np.array(devices), ("ep",))
+
+
+def _placer(device, mesh):
+    """put(host_array, expert_axis) -> device array: experts sharded over ``ep``, the rest replicated."""
+    import jax
+
+    if mesh is None:
+        return lambda value, _: jax.device_put(value, device)
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return lambda value, experts: jax.device_put(value, NamedSharding(mesh, PartitionSpec("ep") if experts
+                                                                       else PartitionSpec()))
+
+
+def _host_arrays(spec: MoESpec, params: MoEParams, experts: int) -> tuple[dict, dict]:
+    """float32 NumPy arrays (exact: inputs hold values of the compute dtype); expert arrays padded
+    with zero experts up to ``experts``."""
+
+    def expert_padded(w: np.ndarray) -> np.ndarray:
+        pad = experts - w.shape[0]
+        return np.concatenate([w, np.zeros((pad, *w.shape[1:]), w.dtype)]) if pad else w
+
+    host = {"router": np.asarray(params.router, np.float32),
+            "w13": np.asarray(expert_padded(params.w13), np.float32),
+            "w2": np.asarray(expert_padded(params.w2), np.float32)}
+    if spec.shared_ffn:
+        host["shared_w13"] = np.asarray(params.shared_w13, np.float32)
+        host["shared_w2"] = np.asarray(params.shared_w2, np.float32)
+    frozen = {}
+    if spec.router == "sigmoid_topk" and params.router_bias is not None:
+        frozen["router_bias"] = np.asarray(params.router_bias, np.float32)
+    return host, frozen
+
+
+def _effective_weights(spec: MoESpec, plan, device_params: dict, frozen: dict) -> dict[str, np.ndarray]:
+    """The float64 values the forward computes with: codes * scale where the scheme quantizes (the
+    very codes the prequant forward consumes, or the in-step quantizer's), the stored values elsewhere."""
+    from . import _jax_programs
+
+    def dequantized(codes, scale) -> np.ndarray:
+        return np.asarray(codes, np.float64) * np.asarray(scale, np.float64)
+
+    effective = {name: np.asarray(value).astype(np.float64) for name, value in device_params.items()}
+    if "router_bias" in frozen:
+        effective["router_bias"] = np.asarray(frozen["router_bias"], np.float64)
+    if plan.routed_int8:
+        if plan.prequantized:
+            w13_q = (frozen["w13_codes"], frozen["w13_scale"])
+            w2_q = (frozen["w2_codes"], frozen["w2_scale"])  # the transposed copies hold the same codes
+        else:
+            w13_q, w2_q = _jax_programs.quantize_experts(device_params["w13"], device_params["w2"])
+        effective["w13"] = dequantized(*w13_q)
+        effective["w2"] = dequantized(*w2_q)
+    if plan.shared_int8 and spec.shared_ffn:
+        w13_q, w2_q = _jax_programs.quantize_shared(device_params["shared_w13"], device_params["shared_w2"])
+        effective["shared_w13"] = dequantized(*w13_q)
+        effective["shared_w2"] = dequantized(*w2_q)
+    effective["w13"] = effective["w13"][: spec.experts]
+    effective["w2"] = effective["w2"][: spec.experts]
+    return effective
+
+
+def _needed_sizes(plan, expert_ids: np.ndarray, kept: np.ndarray) -> tuple[int, int]:
+    """(rows of the fullest expert, rows of the fullest (source, destination) device pair)."""
+    flat, keep = expert_ids.reshape(-1), kept.reshape(-1)
+    per_expert = np.bincount(flat[keep], minlength=plan.experts)
+    if plan.ep_size == 1:
+        return int(per_expert.max(initial=0)), 0
+    tokens, top_k = expert_ids.shape
+    local_tokens = -(-tokens // plan.ep_size)
+    source = np.repeat(np.arange(tokens) // local_tokens, top_k)[keep]
+    destination = flat[keep] // (plan.experts // plan.ep_size)
+    pairs = np.bincount(source * plan.ep_size + destination, minlength=plan.ep_size**2)
+    return int(per_expert.max(initial=0)), int(pairs.max(initial=0))
+
+
+def _bucketed(plan, tokens: int, expert_rows: int, pair_rows: int) -> tuple[int, int]:
+    """Static capacities for the needed row counts, bucketed and capped at what can ever arrive."""
+    from ._jax_grouped import bucket_capacity
+
+    padded_tokens = -(-tokens // plan.ep_size) * plan.ep_size
+    capacity = 0
+    if plan.formulation == "padded":
+        capacity = min(bucket_capacity(expert_rows), padded_tokens)
+    dispatch = 0
+    if plan.ep_size > 1:
+        dispatch = min(bucket_capacity(pair_rows), (padded_tokens // plan.ep_size) * plan.spec.top_k)
+    return capacity, dispatch
+
+
+def _outgrown(plan, needed: dict) -> bool:
+    grown_capacity = plan.formulation == "padded" and int(needed["expert_capacity"]) > plan.expert_capacity
+    grown_dispatch = plan.ep_size > 1 and int(needed["dispatch_capacity"]) > plan.dispatch_capacity
+    return grown_capacity or grown_dispatch
+
+
+def _median_seconds(fn: Callable[[], Any], repeats: int, block: Callable[[Any], Any]) -> float:
+    block(fn())
+    times = []
+    for _ in range(max(repeats, 1)):
+        start = time.perf_counter()
+        block(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

@@ -1,0 +1,151 @@
+"""Level 6, expert parallel: the layer with experts sharded over N devices equals the same backend on
+one device — routing, output, balance loss and every gradient — for N in {2, 4}.
+
+Comparison convention as level 4: the output and x's gradient row by row, the router's gradient as a
+whole tensor, each expert's weight gradients as a whole tensor (exactly zero where no token reached
+the expert). The tolerance is the ``expert_parallel`` level of `suite.tolerances`: a backend against
+itself, so only float reassociation between the two compiled programs can move a value.
+
+Which configurations. Every (case, scheme, dtype, N) of the full grid costs two fresh compilations of
+a sharded program (seconds each on CPU), so the default is a covering design of `CONFIGS`: every
+scheme at N = 2 and at N = 4, each scheme in both dtypes, and each case chosen for what it does to the
+dispatch — uneven routing (``all_on_one_top2``, ``one_expert``: one device receives most tokens;
+``zipf_skew``), idle devices whose experts' gradients must stay exactly zero (``empty_experts``),
+capacity applied in global token order (``capacity_drop``), a router bias (``sigmoid``), the shared
+expert beside the sharded ones (``shared_expert``) and fewer tokens than devices (``one_token``).
+``QMOE_LEVEL6_GRID=full`` runs the whole grid (`FULL_CASES` x schemes x dtypes x N) instead.
+
+On CPU, N devices are simulated (``--xla_force_host_platform_device_count``, set by the plugin).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from reference.schemes import SCHEMES
+
+from .cases import CASES
+from .checks import ConformanceError, assert_close, assert_exactly_zero, rerun_hint
+from .test_level4_backward import BALANCE_COEFF
+from .tolerances import DTYPES, tolerance
+
+pytestmark = pytest.mark.conformance
+REQUIRES = ("expert_parallel",)
+EP_SIZES = (2, 4)
+#: Environment switch for the whole grid (slow: about 500 tests per backend).
+GRID_ENV = "QMOE_LEVEL6_GRID"
+
+
+@dataclass(frozen=True)
+class EPConfig:
+    case: str
+    scheme: str
+    dtype: str
+    ep_size: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.scheme}-{CASES[self.case].id}-{self.dtype}-ep{self.ep_size}"
+
+
+#: The covering design (see the module docstring): each scheme at N = 2 and N = 4 and in both dtypes.
+CONFIGS: tuple[EPConfig, ...] = (
+    EPConfig("all_on_one_top2", "none", "float32", 2),
+    EPConfig("zipf_skew", "none", "bfloat16", 4),
+    EPConfig("balanced", "int8_dense", "float32", 2),
+    # the largest difference of the full grid (5.1e-3, grad.x): the int8 shared expert in bfloat16
+    EPConfig("shared_expert", "int8_dense", "bfloat16", 4),
+    EPConfig("capacity_drop", "int8_routed", "bfloat16", 2),
+    EPConfig("one_expert", "int8_routed", "float32", 4),
+    EPConfig("sigmoid", "int8_all", "float32", 2),
+    EPConfig("one_token", "int8_all", "bfloat16", 4),
+    EPConfig("empty_experts", "int8_routed_prequant", "float32", 2),
+    EPConfig("all_on_one_top2", "int8_routed_prequant", "bfloat16", 4),
+)
+FULL_CASES = ("balanced", "zipf_skew", "all_on_one_top2", "one_expert", "empty_experts", "capacity_drop",
+              "sigmoid", "shared_expert", "one_token")
+
+
+def _configs() -> tuple[EPConfig, ...]:
+    grid = os.environ.get(GRID_ENV, "")
+    if grid == "full":
+        return tuple(EPConfig(*c) for c in itertools.product(FULL_CASES, SCHEMES, DTYPES, EP_SIZES))
+    if grid:
+        raise pytest.UsageError(f"{GRID_ENV}={grid!r}: use 'full' or leave it unset")
+    return CONFIGS
+
+
+def _skip_unless_declared(backend, config: EPConfig, pass_: str) -> None:
+    caps = backend.capabilities
+    why = caps.unsupported(CASES[config.case].spec, config.scheme)
+    if why:
+        pytest.skip(f"{backend.name} {why}")
+    if config.dtype not in caps.dtypes:
+        pytest.skip(f"{backend.name} does not declare dtype {config.dtype}")
+    if config.ep_size not in caps.expert_parallel:
+        pytest.skip(f"{backend.name} does not declare expert_parallel size {config.ep_size}")
+    if pass_ not in caps.passes:
+        pytest.skip(f"{backend.name} does not declare {pass_}")
+
+
+def _both(backend, config: EPConfig):
+    """(case data, layer on one device, layer sharded over ``ep_size`` devices)."""
+    data = CASES[config.case].build(config.dtype)
+    one = backend.prepare(data.spec, data.params.copy(), config.scheme, config.dtype)
+    sharded = backend.prepare(data.spec, data.params.copy(), config.scheme, config.dtype, ep_size=config.ep_size)
+    return data, one, sharded
+
+
+def _assert_same_routing(one, sharded, what: str) -> None:
+    """Expert ids identical: routing is decided on the global token set before the dispatch, by the
+    same float32 arithmetic, so no selection may resolve differently."""
+    if not np.array_equal(np.asarray(sharded.expert_ids), np.asarray(one.expert_ids)):
+        wrong = np.argwhere(np.asarray(sharded.expert_ids) != np.asarray(one.expert_ids))
+        t, k = (int(i) for i in wrong[0])
+        raise ConformanceError(f"{what}.expert_ids: {len(wrong)} differ; token {t} slot {k}: sharded "
+                               f"{sharded.expert_ids[t, k]}, one device {one.expert_ids[t, k]}\n{rerun_hint()}")
+
+
+@pytest.mark.parametrize("config", _configs(), ids=lambda c: c.id)
+def test_expert_parallel_forward(backend, config):
+    _skip_unless_declared(backend, config, "forward")
+    tol = tolerance(config.scheme, config.dtype, "expert_parallel")
+    data, one_state, sharded_state = _both(backend, config)
+    one = backend.forward(one_state, data.x)
+    sharded = backend.forward(sharded_state, data.x)
+    what = f"ep{config.ep_size}.forward"
+    _assert_same_routing(one, sharded, what)
+    assert_close(np.asarray(sharded.gate_weights), np.asarray(one.gate_weights), tol.tight, f"{what}.gate_weights",
+                 tol.reason)
+    assert_close(np.asarray(sharded.y), np.asarray(one.y), tol.tight, f"{what}.y", tol.reason)
+    bound = tol.tight * max(1.0, abs(float(one.balance_loss)))
+    assert abs(float(sharded.balance_loss) - float(one.balance_loss)) <= bound, \
+        f"{what}.balance_loss {float(sharded.balance_loss)} vs one device {float(one.balance_loss)}\n{rerun_hint()}"
+
+
+@pytest.mark.parametrize("config", _configs(), ids=lambda c: c.id)
+def test_expert_parallel_backward(backend, config):
+    _skip_unless_declared(backend, config, "backward")
+    tol = tolerance(config.scheme, config.dtype, "expert_parallel")
+    data, one_state, sharded_state = _both(backend, config)
+    one = backend.backward(one_state, data.x, data.dy, balance_coeff=BALANCE_COEFF)
+    sharded = backend.backward(sharded_state, data.x, data.dy, balance_coeff=BALANCE_COEFF)
+    assert sorted(sharded) == sorted(one), f"ep{config.ep_size} gradient keys {sorted(sharded)} vs {sorted(one)}"
+    for name, expected in one.items():
+        expected = np.asarray(expected, dtype=np.float64)
+        actual = np.asarray(sharded[name], dtype=np.float64)
+        if name in ("w13", "w2"):
+            for e in range(data.spec.experts):
+                what = f"ep{config.ep_size}.grad.{name}[expert={e}]"
+                if not np.any(expected[e]):
+                    assert_exactly_zero(actual[e], what)
+                else:
+                    assert_close(actual[e], expected[e], tol.tight, what, tol.reason, by_row=False)
+        else:
+            assert_close(actual, expected, tol.tight, f"ep{config.ep_size}.grad.{name}", tol.reason,
+                         by_row=(name == "x"))

@@ -1,0 +1,353 @@
+"""Checks specific to the `jax_prequant` backend (the conformance suite covers its numerics on the
+default formulation): what the compiled program does with the weights (no weight rounding in the
+int8_routed_prequant step, int32 accumulation), the prequant custom VJP rule, which grouped-matmul
+formulation and XLA options each platform gets, the padded (GPU) formulation's numerics on CPU,
+static-capacity sizing, that expert parallelism really shards and exchanges, stage timing and the
+benchmark step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+
+import numpy as np
+import pytest
+
+pytest.importorskip("jax", reason="the jax_prequant backend needs jax")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import reference  # noqa: E402
+from implementations import _jax_ep, _jax_env, _jax_programs  # noqa: E402
+from implementations._jax_grouped import bucket_capacity, int8_grouped_dot, place_rows, take_rows  # noqa: E402
+from implementations._jax_quant import quantize_per_expert, quantize_rows  # noqa: E402
+from implementations.jax_prequant import JaxPrequantBackend  # noqa: E402
+from reference import MoEParams, MoESpec  # noqa: E402
+from suite.cases import CASES  # noqa: E402
+from suite.checks import ConformanceError, assert_close, assert_exactly_zero  # noqa: E402
+from suite.tolerances import tolerance  # noqa: E402
+
+SCHEMES = JaxPrequantBackend.capabilities.schemes
+# Weight shapes chosen so that no activation tensor of the step has as many elements:
+# w13 [4, 24, 80] (7680 elements), w2 [4, 40, 24] (3840).
+HLO_SPEC = MoESpec(hidden=24, ffn=40, experts=4, top_k=2)
+WEIGHT_ELEMENTS = {"w13": 4 * 24 * 80, "w2": 4 * 40 * 24}
+
+
+def _layer(spec: MoESpec, tokens: int, seed: int = 0) -> tuple[MoEParams, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    params = MoEParams.random(spec, seed=seed).map(lambda a: a.astype(np.float32).astype(np.float64))
+    x = rng.standard_normal((tokens, spec.hidden)).astype(np.float32).astype(np.float64)
+    dy = rng.standard_normal((tokens, spec.hidden)).astype(np.float32).astype(np.float64)
+    return params, x, dy
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_step(scheme: str, grouped: str) -> tuple[object, str]:
+    """(jaxpr, optimized HLO text) of the forward+backward program for HLO_SPEC (cached: several
+    tests inspect the same program)."""
+    backend = JaxPrequantBackend("cpu", grouped=grouped)
+    params, x, dy = _layer(HLO_SPEC, tokens=10)
+    prepared = backend.prepare(HLO_SPEC, params, scheme, "float32")
+    x_dev = backend._put_tokens(prepared, x)
+    plan = backend._plan_for(prepared, x_dev)
+    args = (prepared.params, prepared.frozen, x_dev, backend._put_tokens(prepared, dy), np.float32(0.05))
+    jaxpr = jax.make_jaxpr(lambda *a: _jax_programs.forward_backward(*a, plan=plan))(*args)
+    hlo = _jax_programs.forward_backward.lower(*args, plan=plan).compile().as_text()
+    return jaxpr, hlo
+
+
+def _sub_jaxprs(value):
+    if hasattr(value, "eqns"):
+        yield value
+    elif hasattr(value, "jaxpr") and hasattr(value.jaxpr, "eqns"):
+        yield value.jaxpr
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _sub_jaxprs(item)
+
+
+def _jaxpr_round_sizes(jaxpr) -> list[int]:
+    """Element counts of every `round` output anywhere in the jaxpr (nested jaxprs included)."""
+    sizes, stack = [], [jaxpr.jaxpr]
+    while stack:
+        current = stack.pop()
+        for eqn in current.eqns:
+            if eqn.primitive.name == "round":
+                sizes.extend(int(np.prod(v.aval.shape)) for v in eqn.outvars)
+            for param in eqn.params.values():
+                stack.extend(_sub_jaxprs(param))
+    return sizes
+
+
+def _hlo_round_sizes(hlo: str) -> list[int]:
+    """Element counts of every round-nearest-even instruction in optimized HLO text."""
+    shapes = re.findall(r"=\s*[a-z0-9]+\[([0-9,]*)\][^ ]*\s+round-nearest-even\(", hlo)
+    return [int(np.prod([int(d) for d in s.split(",") if d])) for s in shapes]
+
+
+@pytest.mark.parametrize("grouped", _jax_env.FORMULATIONS)
+def test_prequant_step_never_rounds_weights(grouped):
+    """MOE-I8-019: the prequant forward+backward quantizes only activations and cotangents."""
+    jaxpr, hlo = _compiled_step("int8_routed_prequant", grouped)
+    for where, sizes in (("jaxpr", _jaxpr_round_sizes(jaxpr)), ("optimized HLO", _hlo_round_sizes(hlo))):
+        assert sizes, f"{where}: no rounding at all; the activations should be quantized"
+        for name, elements in WEIGHT_ELEMENTS.items():
+            assert elements not in sizes, f"{where}: a round over a {name}-shaped tensor ({elements} elements)"
+
+
+@pytest.mark.parametrize("grouped", _jax_env.FORMULATIONS)
+def test_in_step_scheme_rounds_weights(grouped):
+    """Positive control for the check above: int8_routed quantizes both weights in the step."""
+    jaxpr, hlo = _compiled_step("int8_routed", grouped)
+    for where, sizes in (("jaxpr", _jaxpr_round_sizes(jaxpr)), ("optimized HLO", _hlo_round_sizes(hlo))):
+        for name, elements in WEIGHT_ELEMENTS.items():
+            assert elements in sizes, f"{where}: int8_routed should round its {name} in the step"
+
+
+@pytest.mark.parametrize("grouped", _jax_env.FORMULATIONS)
+def test_int8_products_accumulate_in_int32(grouped):
+    """Every int8 x int8 product in the prequant step asks for an int32 result."""
+    jaxpr, _ = _compiled_step("int8_routed_prequant", grouped)
+    products, stack = [], [jaxpr.jaxpr]
+    while stack:
+        current = stack.pop()
+        for eqn in current.eqns:
+            if eqn.primitive.name in ("dot_general", "ragged_dot_general"):
+                dtypes = {str(v.aval.dtype) for v in eqn.invars[:2]}
+                if dtypes == {"int8"}:
+                    products.append(str(eqn.outvars[0].aval.dtype))
+            for param in eqn.params.values():
+                stack.extend(_sub_jaxprs(param))
+    # two forward projections, two input-gradient projections through the int8 weights
+    assert len(products) == 4 and set(products) == {"int32"}, products
+
+
+def _int8_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy per-row symmetric int8 (DESIGN.md): scale amax / 127 (1 for a zero row), round half even."""
+    amax = np.abs(values).max(axis=-1, keepdims=True)
+    scale = np.where(amax > 0, amax / 127.0, 1.0)
+    return np.clip(np.rint(values / scale), -127, 127), scale
+
+
+@pytest.mark.parametrize("grouped", _jax_env.FORMULATIONS)
+def test_prequant_custom_vjp(grouped):
+    """The custom VJP of int8_routed_prequant on one grouped projection (logbook MOE-I8-023/024):
+    grad_lhs = (q_g q_w[e]^T) s_g s_w[e], the per-row-quantized cotangent against the transposed
+    pre-quantized codes; grad_rhs = x^T g per expert from the un-quantized float rows (the float
+    grouped-matmul surrogate). The straight-through rule's input gradient, g (s_w q_w)^T, must differ:
+    otherwise this test could not tell the rules apart."""
+    rng = np.random.default_rng(1)
+    groups, k, n = 3, 16, 12
+    row_group = np.array([0, 2, 0, 0, 2, 2, 0, 2, 2, 0, 0], np.int32)  # expert 1 gets no row
+    placement = place_rows(jnp.asarray(row_group), jnp.ones(row_group.shape, bool), groups, grouped, capacity=8)
+    x = take_rows(jnp.asarray(rng.standard_normal((row_group.size, k)), jnp.float32), placement.source)
+    w = jnp.asarray(rng.standard_normal((groups, k, n)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((x.shape[0], n)), jnp.float32)
+    w_codes, w_scale = quantize_per_expert(w)
+    x_codes, x_scale = quantize_rows(x)
+    layout = placement.layout
+
+    def projection(rule):
+        dot = int8_grouped_dot(rule, "float32")
+        return lambda x_, w_: dot(x_, x_codes, x_scale, w_, w_codes, w_scale, jnp.swapaxes(w_codes, 1, 2), layout)
+
+    _, pullback = jax.vjp(projection("prequant_vjp"), x, w)
+    dx, dw = (np.asarray(a, np.float64) for a in pullback(g))
+    _, ste_pullback = jax.vjp(projection("ste"), x, w)
+    ste_dx = np.asarray(ste_pullback(g)[0], np.float64)
+
+    slot_group = np.asarray(layout.row_group)
+    filled = np.asarray(placement.source) < row_group.size  # padded slots hold no row
+    g64, x64 = np.asarray(g, np.float64), np.asarray(x, np.float64)
+    g_codes, g_scale = _int8_codes(g64)
+    codes, scale = np.asarray(w_codes, np.float64), np.asarray(w_scale, np.float64).reshape(-1)
+    expected_dx = np.stack([g_codes[m] @ codes[slot_group[m]].T * g_scale[m, 0] * scale[slot_group[m]]
+                            for m in range(x.shape[0])])
+    expected_dw = np.stack([x64[filled & (slot_group == e)].T @ g64[filled & (slot_group == e)]
+                            for e in range(groups)])
+    assert_close(dx[filled], expected_dx[filled], 1e-5, "grad_lhs")
+    assert_close(dw[[0, 2]], expected_dw[[0, 2]], 1e-5, "grad_rhs", by_row=False)
+    assert_exactly_zero(dw[1], "grad_rhs of the expert without rows")
+    with pytest.raises(ConformanceError):
+        assert_close(ste_dx[filled], expected_dx[filled], 1e-5, "straight-through grad_lhs")
+
+
+def test_formulation_by_platform(monkeypatch):
+    monkeypatch.delenv(_jax_env.GROUPED_ENV, raising=False)
+    assert _jax_env.select_formulation("gpu") == "padded"
+    assert _jax_env.select_formulation("cuda") == "padded"
+    assert _jax_env.select_formulation("cpu") == "ragged"
+    assert _jax_env.select_formulation("tpu") == "ragged"
+    assert _jax_env.select_formulation("gpu", "ragged") == "ragged"
+    monkeypatch.setenv(_jax_env.GROUPED_ENV, "padded")
+    assert _jax_env.select_formulation("cpu") == "padded"
+    with pytest.raises(ValueError, match="not one of ragged, padded"):
+        _jax_env.select_formulation("cpu", "dense")
+
+
+def test_backend_formulation_choice(monkeypatch):
+    monkeypatch.delenv(_jax_env.GROUPED_ENV, raising=False)
+    params, _, _ = _layer(HLO_SPEC, 4)
+    assert JaxPrequantBackend("cpu").prepare(HLO_SPEC, params, "none", "float32").plan.formulation == "ragged"
+    forced = JaxPrequantBackend("cpu", grouped="padded").prepare(HLO_SPEC, params, "none", "float32")
+    assert forced.plan.formulation == "padded"
+    monkeypatch.setenv(_jax_env.GROUPED_ENV, "padded")
+    assert JaxPrequantBackend("cpu").prepare(HLO_SPEC, params, "none", "float32").plan.formulation == "padded"
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_int8_programs_on_gpu_use_cublas_options(scheme):
+    """Plans with int8 GEMMs on a GPU compile with `INT8_GPU_OPTIONS` (cuBLASLt int8 GEMMs, not XLA's
+    Triton GEMM fusions); bfloat16/float32-only plans and every CPU plan keep XLA's defaults."""
+    assert _jax_env.INT8_GPU_OPTIONS == {"xla_gpu_enable_triton_gemm": False}
+    spec = MoESpec(hidden=8, ffn=8, experts=2, top_k=1, shared_ffn=8)
+    params, _, _ = _layer(spec, 4)
+    plan = JaxPrequantBackend("cpu").prepare(spec, params, scheme, "float32").plan
+    assert plan.platform == "cpu" and not plan.int8_gemms_on_gpu
+    assert _jax_programs.forward.for_plan(plan) is _jax_programs.forward.default
+    on_gpu = dataclasses.replace(plan, platform="gpu")
+    assert on_gpu.int8_gemms_on_gpu == (scheme != "none")
+    expected = _jax_programs.forward.int8_gpu if scheme != "none" else _jax_programs.forward.default
+    assert _jax_programs.forward.for_plan(on_gpu) is expected
+
+
+def test_bucket_capacity():
+    for rows in (1, 15, 16, 17, 100, 1000, 1100, 4097, 70000):
+        bucket = bucket_capacity(rows)
+        assert bucket >= rows and bucket % 16 == 0
+        assert bucket <= max(16, -(-int(rows * 1.125) // 16) * 16 + 16), (rows, bucket)
+    assert bucket_capacity(1100) == 1152
+
+
+def _check_against_reference(backend, prepared, case_data, scheme, dtype="float32") -> None:
+    """Forward and backward tight against the reference at the backend's effective weights."""
+    spec, x, dy = case_data.spec, case_data.x, case_data.dy
+    eff = MoEParams(**backend.effective_weights(prepared))
+    result = backend.forward(prepared, x)
+    expected = reference.forward(spec, eff, x, scheme, weights_are_effective=True)
+    np.testing.assert_array_equal(result.expert_ids, expected.expert_ids)
+    assert_close(result.y, expected.y, tolerance(scheme, dtype, "forward").tight, "forward.y")
+    grads = backend.backward(prepared, x, dy, balance_coeff=0.05)
+    expected_grads = reference.backward(spec, eff, x, dy, scheme, 0.05, weights_are_effective=True)
+    tight = tolerance(scheme, dtype, "backward").tight
+    for name, value in expected_grads.items():
+        if name in ("w13", "w2"):
+            for e in range(spec.experts):
+                if np.any(value[e]):
+                    assert_close(grads[name][e], value[e], tight, f"grad.{name}[{e}]", by_row=False)
+                else:
+                    assert_exactly_zero(grads[name][e], f"grad.{name}[{e}]")
+        else:
+            assert_close(grads[name], value, tight, f"grad.{name}", by_row=(name == "x"))
+
+
+#: Each scheme once on the padded formulation, with the cases that stress it: experts with no rows
+#: (whole zero capacity blocks), capacity drops, the shared expert (int8 per-channel for int8_dense /
+#: int8_all) and top-1 with every token on one expert (one full block, the rest empty).
+PADDED_CASES = (("none", "empty_experts"), ("int8_dense", "shared_expert"), ("int8_routed", "capacity_drop"),
+                ("int8_all", "shared_expert"), ("int8_routed_prequant", "one_expert"))
+
+
+@pytest.mark.parametrize(("scheme", "case"), PADDED_CASES)
+def test_padded_formulation_matches_reference(scheme, case):
+    """The GPU formulation, run on CPU: same numerics as the reference, dropless and with capacity."""
+    backend = JaxPrequantBackend("cpu", grouped="padded")
+    data = CASES[case].build("float32")
+    prepared = backend.prepare(data.spec, data.params, scheme, "float32")
+    _check_against_reference(backend, prepared, data, scheme)
+
+
+def test_padded_capacity_grows_when_outgrown():
+    """A cached bucket smaller than the routing needs is detected after the run and the run redone."""
+    backend = JaxPrequantBackend("cpu", grouped="padded")
+    data = CASES["all_on_one_top2"].build("float32")
+    prepared = backend.prepare(data.spec, data.params, "int8_routed_prequant", "float32")
+    prepared.sizes[data.x.shape[0]] = (16, 0)  # every token goes to one expert: 33 rows needed
+    _check_against_reference(backend, prepared, data, "int8_routed_prequant")
+    assert prepared.sizes[data.x.shape[0]][0] >= data.x.shape[0]
+
+
+def _need_devices(n: int) -> None:
+    if len(jax.devices("cpu")) < n:
+        pytest.skip(f"needs {n} CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=4 before jax is "
+                    "imported (the suite plugin sets it)")
+
+
+def test_expert_parallel_padded_with_uneven_experts():
+    """EP with the GPU formulation and an expert count that does not divide over the devices."""
+    scheme = "int8_routed_prequant"
+    _need_devices(2)
+    spec = MoESpec(hidden=16, ffn=12, experts=3, top_k=2, shared_ffn=8)
+    params, x, dy = _layer(spec, tokens=7, seed=3)
+    backend = JaxPrequantBackend("cpu", grouped="padded")
+    one = backend.prepare(spec, params, scheme, "float32")
+    two = backend.prepare(spec, params, scheme, "float32", ep_size=2)
+    assert two.plan.experts == 4
+    np.testing.assert_allclose(backend.forward(two, x).y, backend.forward(one, x).y, rtol=1e-5, atol=1e-6)
+    g_one, g_two = backend.backward(one, x, dy), backend.backward(two, x, dy)
+    for name in g_one:
+        np.testing.assert_allclose(g_two[name], g_one[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_expert_parallel_shards_experts_and_exchanges_rows(monkeypatch):
+    """Level 6 compares the backend with itself, so it would pass with expert parallelism silently
+    off. Check that the expert arrays are split over the devices and that the program exchanges rows
+    (all-to-all); and, as a control, that a dispatch keeping every row on its own device (so tokens
+    meet the wrong experts) fails level 6's comparison."""
+    _need_devices(4)
+    scheme = "int8_routed_prequant"
+    data = CASES["balanced"].build("float32")
+    backend = JaxPrequantBackend("cpu")
+    sharded = backend.prepare(data.spec, data.params, scheme, "float32", ep_size=4)
+    for name in ("w13", "w2", "w13_codes_t", "w2_codes_t"):
+        array = sharded.params.get(name, sharded.frozen.get(name))
+        shards = array.addressable_shards
+        assert len({shard.device for shard in shards}) == 4, f"{name} is not spread over 4 devices"
+        assert all(shard.data.shape[0] == array.shape[0] // 4 for shard in shards), f"{name} is replicated"
+    x_dev = backend._put_tokens(sharded, data.x)
+    plan = backend._plan_for(sharded, x_dev)
+    hlo = _jax_programs.forward.lower(sharded.params, sharded.frozen, x_dev, plan=plan).compile().as_text()
+    assert "all-to-all" in hlo, "the sharded forward exchanges no rows"
+
+    expected = backend.forward(backend.prepare(data.spec, data.params, scheme, "float32"), data.x).y
+    monkeypatch.setattr(_jax_ep, "_exchange", lambda values: values)
+    _jax_programs.forward.clear_cache()  # retrace with the broken dispatch, and drop it afterwards
+    try:
+        broken = backend.forward(backend.prepare(data.spec, data.params, scheme, "float32", ep_size=2), data.x).y
+    finally:
+        _jax_programs.forward.clear_cache()
+    with pytest.raises(ConformanceError):
+        assert_close(broken, expected, tolerance(scheme, "float32", "expert_parallel").tight, "broken dispatch.y")
+
+
+def test_ep_size_beyond_devices_says_how_to_fix():
+    params, _, _ = _layer(HLO_SPEC, 4)
+    with pytest.raises(RuntimeError, match="xla_force_host_platform_device_count"):
+        JaxPrequantBackend("cpu").prepare(HLO_SPEC, params, "none", "float32", ep_size=len(jax.devices("cpu")) + 1)
+
+
+@pytest.mark.parametrize("grouped", _jax_env.FORMULATIONS)
+def test_stage_times(grouped):
+    spec = MoESpec(hidden=16, ffn=12, experts=4, top_k=2, shared_ffn=8)
+    params, x, _ = _layer(spec, tokens=9)
+    backend = JaxPrequantBackend("cpu", grouped=grouped)
+    times = backend.stage_times(backend.prepare(spec, params, "int8_all", "float32"), x, repeats=2)
+    assert list(times) == ["pack", "up", "down", "combine", "shared"]
+    assert all(isinstance(t, float) and t > 0 for t in times.values()), times
+
+
+@pytest.mark.parametrize("pass_", ["forward", "backward"])
+def test_benchmark_step(pass_):
+    params, x, dy = _layer(HLO_SPEC, tokens=12)
+    backend = JaxPrequantBackend("cpu", grouped="padded")
+    prepared = backend.prepare(HLO_SPEC, params, "int8_routed_prequant", "bfloat16")
+    step = backend.benchmark_step(prepared, x, pass_, dy)
+    out = step()
+    leaves = jax.tree.leaves(out)
+    assert all(leaf.is_fully_addressable and np.all(np.isfinite(np.asarray(leaf, np.float32))) for leaf in leaves)
+    if pass_ == "forward":
+        assert out[0].shape == x.shape and str(out[0].dtype) == "bfloat16"
