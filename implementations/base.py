@@ -75,6 +75,10 @@ class Capabilities:
         return None
 
 
+#: The frameworks' names for an NVIDIA GPU (torch: cuda; JAX, MLX: gpu).
+_GPU_NAMES = ("cuda", "gpu")
+
+
 class Backend(abc.ABC):
     """A MoE layer implementation under test. Instances are cheap; state lives in `prepare`'s result."""
 
@@ -82,9 +86,18 @@ class Backend(abc.ABC):
     capabilities: ClassVar[Capabilities]
 
     def __init__(self, device: str | None = None) -> None:
-        self.device = device or self.capabilities.devices[0]
+        self.device = self.declared_device(device) or self.capabilities.devices[0]
         if self.device not in self.capabilities.devices:
             raise SpecError(f"{self.name} runs on {', '.join(self.capabilities.devices)}, not {self.device!r}")
+
+    @classmethod
+    def declared_device(cls, device: str | None) -> str | None:
+        """``device`` as this backend spells it: a CUDA GPU is ``cuda`` to torch, ``gpu`` to JAX and MLX,
+        and either name reaches a backend that declares the other."""
+        declared = cls.capabilities.devices
+        if device in _GPU_NAMES and device not in declared:
+            return next((name for name in _GPU_NAMES if name in declared), device)
+        return device
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

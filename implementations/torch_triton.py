@@ -118,7 +118,7 @@ class TorchTritonBackend(Backend):
     )
 
     def __init__(self, device: str | None = None) -> None:
-        super().__init__("cuda" if device == "gpu" else device)
+        super().__init__(device)
         if self.device == "cuda" and not _torch().cuda.is_available():
             raise RuntimeError(f"{self.name}: device 'cuda' requested but torch.cuda.is_available() is False")
 

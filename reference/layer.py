@@ -8,9 +8,8 @@ per token where the scheme says, the router always float.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 

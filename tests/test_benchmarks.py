@@ -201,9 +201,9 @@ def test_device_names_follow_each_backends_spelling():
     from implementations.torch_eager import TorchEagerBackend
     from suite.benchmarks.peers import JaxRaggedDotPeer
 
-    assert harness.declared_device(TorchEagerBackend, "gpu") == "cuda"
-    assert harness.declared_device(JaxRaggedDotPeer, "cuda") == "gpu"
-    assert harness.declared_device(JaxRaggedDotPeer, "cpu") == "cpu" and harness.declared_device(NoopBackend, None) is None
+    assert TorchEagerBackend.declared_device("gpu") == "cuda"
+    assert JaxRaggedDotPeer.declared_device("cuda") == "gpu"
+    assert JaxRaggedDotPeer.declared_device("cpu") == "cpu" and NoopBackend.declared_device(None) is None
 
 
 def test_noop_backend_measures_the_harness_and_the_ratio_is_computed():

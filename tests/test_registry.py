@@ -33,3 +33,14 @@ def test_bad_backend_reference(reference, match):
 def test_unknown_name_lists_known_ones():
     with pytest.raises(UnknownBackendError, match="known backends: torch_eager"):
         get_backend_class("nope")
+
+
+def test_device_names_reach_each_backend_in_its_spelling_and_undeclared_ones_fail():
+    from implementations.mlx_layerwise import MLXLayerwiseBackend
+    from implementations.torch_eager import TorchEagerBackend
+    from reference import SpecError
+
+    assert MLXLayerwiseBackend("cuda").device == "gpu"  # MLX's name; no GPU is touched at construction
+    assert TorchEagerBackend("cpu").device == "cpu"
+    with pytest.raises(SpecError, match="runs on cpu, cuda, not 'metal'"):
+        TorchEagerBackend("metal")

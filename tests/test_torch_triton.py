@@ -40,8 +40,7 @@ def kernels():
 
 @pytest.fixture
 def triton_backend(request, kernels):
-    device = request.config.getoption("--device") or "cpu"
-    device = "cuda" if device == "gpu" else device
+    device = TorchTritonBackend.declared_device(request.config.getoption("--device") or "cpu")
     if device == "cpu" and not kernels[1].INTERPRETED:
         pytest.skip("CPU run without TRITON_INTERPRET=1 at kernel import")
     return TorchTritonBackend(device)

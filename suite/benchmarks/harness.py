@@ -144,16 +144,8 @@ def reference_effective(shape: BenchShape, routing: str, dtype: str, scheme: str
     return _effective.get(key, lambda: reference.effective_params(spec, params, scheme))
 
 
-def declared_device(cls: type, device: str | None) -> str | None:
-    """``device`` as the backend spells it: CUDA GPUs are ``cuda`` to torch backends, ``gpu`` to JAX/MLX ones."""
-    declared = cls.capabilities.devices
-    if device in ("cuda", "gpu") and device not in declared:
-        return next((d for d in ("cuda", "gpu") if d in declared), device)
-    return device
-
-
 def backend_instance(cls: type, device: str | None):
-    device = declared_device(cls, device)
+    device = cls.declared_device(device)
     key = (cls, device)
     if key not in _instances:
         _instances[key] = cls(device)

@@ -64,9 +64,6 @@ class TorchGroupedMMPeer(PeerBackend):
     framework = "torch"
     capabilities = _peer_capabilities(("cpu", "cuda"))
 
-    def __init__(self, device: str | None = None) -> None:
-        super().__init__("cuda" if device == "gpu" else device)
-
     @classmethod
     def unavailable_reason(cls) -> str | None:
         if importlib.util.find_spec("torch") is None:
@@ -225,9 +222,6 @@ class JaxRaggedDotPeer(PeerBackend):
     #: H100 2026-11-22: 16 GiB buffers, out of memory at top-k 8): an intermediate of about rows x E x
     #: max(2F, H) elements. Cases whose estimate passes this share of device memory are skipped.
     GPU_MEMORY_SHARE = 0.45
-
-    def __init__(self, device: str | None = None) -> None:
-        super().__init__("gpu" if device == "cuda" else device)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
