@@ -11,7 +11,7 @@ from reference import MoEParams
 
 from .cases import routing_gaps
 from .checks import ConformanceError, assert_close, assert_sqnr, check_shape, rerun_hint
-from .tolerances import tolerance
+from .tolerances import FLOAT32_EPS, GATE_RELATIVE, GATE_UNDERFLOW, LOGIT_ERROR_TERMS, tolerance
 
 pytestmark = pytest.mark.conformance
 
@@ -48,11 +48,7 @@ def assert_same_routing(spec, params, x, result, expected, what: str) -> None:
         raise ConformanceError(
             f"{what}.gate_weights: {int((excess > 0).sum())} of {gates.size} differ; token {t} slot {k}: got "
             f"{gates[t, k]:.9g}, reference {expected.gate_weights[t, k]:.9g}, allowed {bound[t, 0]:.2e} "
-            f"(float32 router: 1e-5 relative plus the logit rounding error)\n{rerun_hint()}")
-
-
-#: Gate weights below float32's smallest normal number may flush to zero in a correct float32 router.
-GATE_UNDERFLOW = float(np.finfo(np.float32).tiny)
+            f"(float32 router: {GATE_RELATIVE:.0e} relative plus the logit rounding error)\n{rerun_hint()}")
 
 
 def logit_error_bound(params, x) -> np.ndarray:
@@ -63,13 +59,13 @@ def logit_error_bound(params, x) -> np.ndarray:
     Negligible for the fixed cases; generated layers with outliers reach logits of hundreds.
     """
     row_scale = (np.abs(x) @ np.abs(params.router)).max(axis=-1, keepdims=True)
-    return 2 * float(np.finfo(np.float32).eps) * row_scale
+    return LOGIT_ERROR_TERMS * FLOAT32_EPS * row_scale
 
 
 def gate_weight_bound(params, x) -> np.ndarray:
     """[T, 1] relative error of a float32 router's gate weights: 1e-5 for the softmax/sigmoid and the
     renormalisation themselves, plus `logit_error_bound`."""
-    return 1e-5 + logit_error_bound(params, x)
+    return GATE_RELATIVE + logit_error_bound(params, x)
 
 
 def output_bound(tight: float, params, x) -> float:

@@ -18,8 +18,8 @@ from reference import SCHEMES
 from .checks import ConformanceError, assert_close, rerun_hint
 from .cases import router_margin, router_saturated
 from .strategies import case_data
-from .test_level3_forward import GATE_UNDERFLOW, assert_same_routing, effective_as_params, output_bound
-from .tolerances import tolerance
+from .test_level3_forward import assert_same_routing, effective_as_params, output_bound
+from .tolerances import FLOAT32_EPS, GATE_UNDERFLOW, ROUTER_MARGIN_FACTOR, tolerance
 
 pytestmark = pytest.mark.conformance
 
@@ -93,7 +93,7 @@ def _assert_router_grad(case, eff, scheme: str, got: np.ndarray, expected: np.nd
     """
     d_logits = reference.router_path(case.spec, eff, case.x, case.dy, scheme, weights_are_effective=True).d_logits
     margin = router_margin(case.spec, eff, case.x)
-    relative = btol.tight + 4 * float(np.finfo(np.float32).eps) / margin
+    relative = btol.tight + ROUTER_MARGIN_FACTOR * FLOAT32_EPS / margin
     allowed = relative * np.linalg.norm(np.abs(case.x).T @ np.abs(d_logits))
     err = np.linalg.norm(got - expected)
     if not err <= allowed:

@@ -105,6 +105,21 @@ def _entry(scheme: str, dtype: str, level: str) -> Tolerance:
     return Tolerance(tight, why, _FLOORS[scheme])
 
 
+#: The router (never quantized, float32 in every backend): bounds that scale with the input, so they are
+#: constants here and applied per token by the tests (`suite.test_level3_forward`, `suite.test_properties`).
+FLOAT32_EPS = 2.0 ** -23  #: np.finfo(np.float32).eps (= 2u); the "u" in the bounds below
+#: Gate weights: relative error of the softmax/sigmoid and renormalisation themselves (a few u, x10 margin).
+GATE_RELATIVE = 1e-5
+#: ... plus the logits' rounding: a gate is exp/sigmoid of a logit (difference), so an absolute logit error
+#: e is a relative gate error e; a float32 logit errs by ~u * sum_i |x_i r_i|, and a difference has two.
+LOGIT_ERROR_TERMS = 2
+#: Gates below float32's smallest normal number may flush to zero in a correct float32 router.
+GATE_UNDERFLOW = 2.0 ** -126
+#: Router gradients carry p (1 - p) (or s (1 - s)), which float32 computes with absolute error ~u: relative
+#: error u / margin from saturation; 4x margin on top of the backward's tight bound.
+ROUTER_MARGIN_FACTOR = 4
+
+
 #: The table itself: every scheme x dtype x level.
 TOLERANCES: dict[tuple[str, str, str], Tolerance] = {
     (scheme, dtype, level): _entry(scheme, dtype, level)
