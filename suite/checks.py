@@ -5,6 +5,7 @@ rerun that one case. Every comparison's figures are recorded for the report.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -14,13 +15,18 @@ import numpy as np
 
 from reference import sqnr_db
 
-#: Set by the suite's conftest: receives (what, figures) for the running test.
-_recorder: Callable[[str, "ErrorFigures"], None] | None = None
+#: Set by the suite's plugin: receives (what, figures as a dict) for the running test.
+_recorder: Callable[[str, dict], None] | None = None
 
 
-def set_recorder(recorder: Callable[[str, "ErrorFigures"], None] | None) -> None:
+def set_recorder(recorder: Callable[[str, dict], None] | None) -> None:
     global _recorder
     _recorder = recorder
+
+
+def _record(what: str, figures: dict) -> None:
+    if _recorder is not None:
+        _recorder(what, figures)
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,10 @@ class ErrorFigures:
     worst_row: int
     mean_rel: float
     sqnr_db: float
+    #: error / allowed error at the row where that is largest (> 1 fails); None where no bound applied
+    ratio: float | None = None
+    #: the relative bound at that row (allowed error / reference norm)
+    bound: float | None = None
 
     def as_dict(self) -> dict[str, float]:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) and k != "sqnr_db" else v)
@@ -74,8 +84,19 @@ class ConformanceError(AssertionError):
     """A backend disagrees with the reference beyond the tolerance table."""
 
 
-def _fail(what: str, detail: str) -> None:
+def fail(what: str, detail: str, error: float | None = None, bound: float | None = None) -> None:
+    """Raise a ConformanceError naming ``what``; record ``error`` against ``bound`` (same units) so the
+    report and the mutant tests can say by how much a check failed. A discrete mismatch (an expert
+    id, a missing gradient) records no figures: it fails by any margin."""
+    if error is not None and bound is not None:
+        ratio = math.inf if bound == 0 else error / bound
+        _record(what, {"failed": True, "error": float(error), "bound": float(bound), "ratio": float(ratio)})
+    elif error is None and bound is None:
+        _record(what, {"failed": True, "error": None, "bound": None, "ratio": math.inf})
     raise ConformanceError(f"{what}: {detail}\n{rerun_hint()}")
+
+
+_fail = fail
 
 
 def check_shape(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
@@ -90,35 +111,55 @@ def check_shape(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
                     f"{tuple(int(i) for i in np.argwhere(bad)[0])}")
 
 
-def assert_close(actual: np.ndarray, expected: np.ndarray, tight: float, what: str, reason: str = "",
-                 by_row: bool = True) -> ErrorFigures:
-    """Worst row's relative error <= ``tight`` (the whole tensor's when not ``by_row``); records the figures.
+def assert_close(actual: np.ndarray, expected: np.ndarray, tight: float | np.ndarray, what: str,
+                 reason: str = "", by_row: bool = True, extra: np.ndarray | float = 0.0) -> ErrorFigures:
+    """Each row's error ||a_t - r_t|| <= tight_t ||r_t|| + extra_t; records the figures.
 
-    The reference must not be all zeros (a backend returning zeros would then pass): that is a case
-    bug and fails too.
+    Rows are tokens (``by_row``) or the whole tensor as one row. ``tight`` is a relative bound (one
+    number, or one per row) and ``extra`` an absolute one per row: the effect of the quantizer
+    code flips the reference found possible in that row (`reference.flip_envelope`). The reference
+    must not be all zeros (a backend returning zeros would then pass): that is a case bug and fails too.
     """
     check_shape(actual, expected, what)
     if not np.any(np.asarray(expected)):
         _fail(what, "the reference is all zeros, so this comparison could not fail; fix the case")
     figures = error_figures(actual, expected, by_row)
-    if _recorder is not None:
-        _recorder(what, figures)
-    if not figures.worst_row_rel <= tight:
-        _fail(what, f"worst row {figures.worst_row} relative error {figures.worst_row_rel:.3e} > {tight:.1e} "
-                    f"(max abs {figures.max_abs:.3e}, mean rel {figures.mean_rel:.2e}, SQNR {figures.sqnr_db:.1f} dB)"
-                    + (f"; tolerance: {reason}" if reason else ""))
+    a = np.asarray(actual, dtype=np.float64)
+    r = np.asarray(expected, dtype=np.float64)
+    rows = a.shape[0] if (a.ndim > 1 and by_row) else 1
+    err = np.linalg.norm((a - r).reshape(rows, -1), axis=1)
+    ref = np.linalg.norm(r.reshape(rows, -1), axis=1)
+    allowed = np.broadcast_to(np.asarray(tight, dtype=np.float64), (rows,)) * ref \
+        + np.broadcast_to(np.asarray(extra, dtype=np.float64), (rows,))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.where(allowed > 0, err / np.where(allowed > 0, allowed, 1.0), np.where(err > 0, np.inf, 0.0))
+        relative_bound = np.where(ref > 0, allowed / np.where(ref > 0, ref, 1.0), np.inf)
+    worst = int(np.argmax(ratios))
+    figures = dataclasses.replace(figures, ratio=float(ratios[worst]), bound=float(relative_bound[worst]))
+    _record(what, figures.as_dict())
+    if not ratios[worst] <= 1.0:
+        row = f"row {worst}" if rows > 1 else "the tensor"
+        _fail(what, f"{row}: error {err[worst]:.3e} > allowed {allowed[worst]:.3e} "
+                    f"({ratios[worst]:.3g}x the bound; relative error {err[worst] / max(ref[worst], 1e-300):.3e} "
+                    f"against a relative bound of {relative_bound[worst]:.2e}; worst relative row "
+                    f"{figures.worst_row} at {figures.worst_row_rel:.3e}, max abs {figures.max_abs:.3e}, "
+                    f"SQNR {figures.sqnr_db:.1f} dB)" + (f"; tolerance: {reason}" if reason else ""),
+              error=float(err[worst]), bound=float(allowed[worst]))
     return figures
 
 
 def assert_sqnr(actual: np.ndarray, expected: np.ndarray, floor_db: float, what: str) -> float:
     """Fidelity: SQNR of ``actual`` against the float reference is at least ``floor_db``."""
     check_shape(actual, expected, what)
+    if not np.any(np.asarray(expected)):
+        _fail(what, "the float reference is all zeros, so its SQNR says nothing; fix the case")
     figures = error_figures(actual, expected)
-    if _recorder is not None:
-        _recorder(what, figures)
+    _record(what, figures.as_dict())
     if not figures.sqnr_db >= floor_db:
+        # In noise power: (floor - actual) dB as a ratio of allowed to seen noise.
         _fail(what, f"SQNR {figures.sqnr_db:.1f} dB < floor {floor_db:.1f} dB against the float reference "
-                    f"(max abs {figures.max_abs:.3e})")
+                    f"(max abs {figures.max_abs:.3e})",
+              error=10 ** (-figures.sqnr_db / 10), bound=10 ** (-floor_db / 10))
     return figures.sqnr_db
 
 

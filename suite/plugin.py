@@ -259,7 +259,7 @@ def prepared(backend, target: Target, data):
 def _record_figures(request: pytest.FixtureRequest):
     """Route every comparison's error figures into the test's report (for --conformance-json)."""
     figures: list[tuple[str, dict]] = []
-    checks.set_recorder(lambda what, f: figures.append((what, f.as_dict())))
+    checks.set_recorder(lambda what, f: figures.append((what, f)))
     request.node.user_properties.append(("figures", figures))
     yield
     checks.set_recorder(None)
