@@ -4,6 +4,7 @@ Public names: `MoESpec`, `MoEParams`, `forward`, `backward`, `ForwardResult`, th
 `SCHEMES`, the quantizers and the update rules.
 """
 
+from .flips import FlipEnvelope, flip_envelope, possible_code_change
 from .layer import ForwardResult, backward, effective_params, expert_outputs, forward, router_path
 from .quantization import (Quantized, quantize_affine_groups, quantize_per_expert, quantize_per_output_channel,
                            quantize_per_token, quantize_qat_rows, quantize_symmetric_int8, sqnr_db)
@@ -14,8 +15,9 @@ from .updates import (block_coordinate_descent, master_float_step, requantize_st
                       sgd_step_requantize, stack_backward, stack_forward, stack_loss)
 
 __all__ = [
-    "ForwardResult", "MoEParams", "MoESpec", "PARAM_NAMES", "Quantized", "SCHEMES", "Scheme", "SpecError",
-    "UnknownSchemeError", "backward", "router_path", "effective_params", "expert_outputs", "forward", "get_scheme",
+    "FlipEnvelope", "ForwardResult", "MoEParams", "MoESpec", "PARAM_NAMES", "Quantized", "SCHEMES", "Scheme", "SpecError",
+    "UnknownSchemeError", "backward", "router_path", "effective_params", "expert_outputs", "flip_envelope", "forward", "get_scheme",
+    "possible_code_change",
     "quantize_affine_groups", "quantize_per_expert", "quantize_per_output_channel", "quantize_per_token",
     "quantize_qat_rows", "quantize_symmetric_int8", "route", "sqnr_db", "validate_input",
     # update rules and the residual stack (reference/updates.py)

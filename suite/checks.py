@@ -15,6 +15,10 @@ import numpy as np
 
 from reference import sqnr_db
 
+from .bounds import gate_weight_bound
+from .cases import ROUTING_MARGIN, routing_gaps
+from .tolerances import GATE_RELATIVE, GATE_UNDERFLOW
+
 #: Set by the suite's plugin: receives (what, figures as a dict) for the running test.
 _recorder: Callable[[str, dict], None] | None = None
 
@@ -194,3 +198,33 @@ def assert_requantized_step(actual: np.ndarray, start: np.ndarray, grad: np.ndar
     moved, wanted = np.linalg.norm(actual - start), np.linalg.norm(stepped - start)
     if wanted > 0 and not moved >= 0.5 * wanted:
         _fail(what, f"weights moved {moved:.3e}, the step asks for {wanted:.3e}")
+
+
+def assert_same_routing(spec, params, x, result, expected, what: str) -> None:
+    """Expert ids equal where the reference's choice is unambiguous (a gap of exactly 0 is a tie the
+    lower index must win); gate weights to float32 router precision."""
+    gaps = routing_gaps(spec, params, x)
+    decided = (gaps == 0) | (gaps >= ROUTING_MARGIN)
+    ids = np.asarray(result.expert_ids)
+    if ids.shape != expected.expert_ids.shape:
+        fail(f"{what}.expert_ids", f"shape {ids.shape}, expected {expected.expert_ids.shape}")
+    wrong = (ids != expected.expert_ids) & decided
+    if wrong.any():
+        t, k = (int(i) for i in np.argwhere(wrong)[0])
+        fail(f"{what}.expert_ids",
+             f"{int(wrong.sum())} of {ids.size} differ; token {t} slot {k}: got expert {ids[t, k]}, reference "
+             f"{expected.expert_ids[t, k]} (reference row {expected.expert_ids[t].tolist()})")
+    gates = np.asarray(result.gate_weights, dtype=np.float64)
+    check_shape(gates, expected.gate_weights, f"{what}.gate_weights")
+    if not np.all(np.isfinite(expected.gate_weights)):
+        fail(f"{what}.gate_weights", "the reference's are not finite (a reference bug)")
+    bound = gate_weight_bound(params, x) * np.abs(expected.gate_weights).max(axis=-1, keepdims=True)
+    error = np.abs(gates - expected.gate_weights)
+    allowed = np.broadcast_to(bound + GATE_UNDERFLOW, gates.shape)
+    if np.any(error > allowed):
+        t, k = np.unravel_index(np.argmax(error / allowed), gates.shape)
+        fail(f"{what}.gate_weights",
+             f"{int((error > allowed).sum())} of {gates.size} differ; worst token {t} slot {k}: got "
+             f"{gates[t, k]:.9g}, reference {expected.gate_weights[t, k]:.9g}, allowed {allowed[t, k]:.2e} "
+             f"(float32 router: {GATE_RELATIVE:.0e} relative plus the logit rounding error)",
+             error=float(error[t, k]), bound=float(allowed[t, k]))

@@ -58,6 +58,16 @@ class Target:
         return f"{self.backend}-{self.scheme}-{self.case.id}-{self.dtype}"
 
 
+def parse_target_id(nodeid: str) -> dict[str, str] | None:
+    """The parts of a grid test's id (``...[backend-scheme-topK-case-dtype]``), or None for other tests."""
+    if not nodeid.endswith("]") or "[" not in nodeid:
+        return None
+    parts = nodeid[nodeid.index("[") + 1:-1].split("-")
+    if len(parts) != 5 or not parts[2].startswith("top"):
+        return None
+    return dict(zip(("backend", "scheme", "top_k", "case", "dtype"), parts))
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("qmoe", "qmoe conformance and benchmarks")
     group.addoption("--backend", action="append", default=[], metavar="NAME",

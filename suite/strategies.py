@@ -31,12 +31,15 @@ TOKEN_COUNTS = (1, 2, 3, 7, 15, 16, 17, 31, 32, 33, 63, 64, 65)
 
 
 @st.composite
-def moe_specs(draw, router: str | None = None) -> MoESpec:
-    """Small specs with sizes that are not multiples of any block, top_k up to experts."""
+def moe_specs(draw, router: str | None = None, multiple: int = 1) -> MoESpec:
+    """Small specs, top_k up to experts. Sizes are not multiples of any block, unless the scheme under
+    test needs hidden and ffn to be multiples of ``multiple`` (MLX's groups of 64): then one or two of them."""
     experts = draw(st.integers(1, 8), label="experts")
+    hidden_sizes, ffn_sizes = ([8, 12, 16, 24, 33], [8, 12, 17, 24]) if multiple <= 1 else \
+        ([multiple, 2 * multiple], [multiple, 2 * multiple])
     return MoESpec(
-        hidden=draw(st.sampled_from([8, 12, 16, 24, 33]), label="hidden"),
-        ffn=draw(st.sampled_from([8, 12, 17, 24]), label="ffn"),
+        hidden=draw(st.sampled_from(hidden_sizes), label="hidden"),
+        ffn=draw(st.sampled_from(ffn_sizes), label="ffn"),
         experts=experts,
         top_k=draw(st.integers(1, experts), label="top_k"),
         router=router or draw(st.sampled_from(["softmax_topk", "sigmoid_topk"]), label="router"),
@@ -48,9 +51,10 @@ def moe_specs(draw, router: str | None = None) -> MoESpec:
 
 
 @st.composite
-def case_data(draw, dtype: str) -> CaseData:
-    """A generated layer and input: zero rows, outlier rows/features, skewed routing, ragged sizes."""
-    spec = draw(moe_specs(), label="spec")
+def case_data(draw, dtype: str, multiple: int = 1) -> CaseData:
+    """A generated layer and input: zero rows, outlier rows/features, skewed routing, ragged sizes
+    (multiples of ``multiple`` where the scheme needs them)."""
+    spec = draw(moe_specs(multiple=multiple), label="spec")
     tokens = draw(st.sampled_from(TOKEN_COUNTS), label="tokens")
     seed = draw(st.integers(0, 2**16), label="seed")
     pattern = draw(st.sampled_from(["balanced", "zipf", "one_expert", "empty_experts", "zero_rows_outliers"]),

@@ -15,7 +15,7 @@ from reference import get_scheme
 from reference.quantization import quantize_weight
 
 from .checks import assert_close, assert_requantized_step
-from .test_level3_forward import effective_as_params
+from .bounds import effective_as_params
 from .tolerances import tolerance
 
 pytestmark = pytest.mark.conformance

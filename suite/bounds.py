@@ -1,0 +1,96 @@
+"""Bounds computed from the case in hand: what the tolerance table's constants become for one input.
+
+The table (`suite.tolerances`) holds the constants and their reasons; here they meet the inputs:
+the router's logit rounding of each token, and the effect of the int8 codes that a correct backend
+may choose differently (`reference.flip_envelope`). Tests ask for a bound by tensor name and get a
+relative part per row and an absolute part per row, which `suite.checks.assert_close` adds up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+import reference
+from reference import FlipEnvelope, MoEParams, MoESpec
+
+from .tolerances import FLIP_SAFETY, FLOAT32_EPS, GATE_RELATIVE, LOGIT_ERROR_TERMS, Tolerance
+
+
+def effective_as_params(backend, prepared) -> MoEParams:
+    """The backend's effective weights as MoEParams (the reference evaluates at them)."""
+    weights = backend.effective_weights(prepared)
+    return MoEParams(**{k: np.asarray(v, dtype=np.float64) for k, v in weights.items()})
+
+
+def logit_error_bound(params: MoEParams, x: np.ndarray) -> np.ndarray:
+    """[T, 1] the relative error a token's gate weights inherit from float32 logits.
+
+    A gate is exp (or sigmoid) of a logit (difference), so an absolute logit error e is a relative
+    gate error e; float32 logits err by about u * sum_i |x_i r_i| (two of them in a difference).
+    Negligible for the fixed cases; generated layers with outliers reach logits of hundreds.
+    """
+    row_scale = (np.abs(x) @ np.abs(params.router)).max(axis=-1, keepdims=True)
+    return LOGIT_ERROR_TERMS * FLOAT32_EPS * row_scale
+
+
+def gate_weight_bound(params: MoEParams, x: np.ndarray) -> np.ndarray:
+    """[T, 1] relative error of a float32 router's gate weights: 1e-5 for the softmax/sigmoid and the
+    renormalisation themselves, plus `logit_error_bound`."""
+    return GATE_RELATIVE + logit_error_bound(params, x)
+
+
+@dataclass(frozen=True)
+class Bound:
+    """``relative`` x ||reference row|| + ``absolute`` per row: what `assert_close` allows."""
+
+    relative: np.ndarray | float
+    absolute: np.ndarray | float
+    reason: str
+
+
+class CaseBounds:
+    """The bounds of one comparison set: a tolerance entry evaluated at one layer, input and scheme."""
+
+    def __init__(self, tol: Tolerance, spec: MoESpec, params: MoEParams, x: np.ndarray, scheme: str, dtype: str,
+                 dy: np.ndarray | None = None, bypass: bool = False) -> None:
+        self.tol = tol
+        self.logit = logit_error_bound(params, x)
+        self.envelope: FlipEnvelope | None = None
+        if tol.flip_aware and reference.get_scheme(scheme).quantized:
+            self.envelope = reference.flip_envelope(spec, params, x, scheme, dtype, dy=dy,
+                                                    gate_error=gate_weight_bound(params, x), bypass=bypass)
+
+    def _flips(self, values: np.ndarray | None) -> np.ndarray | float:
+        if values is None:
+            return 0.0
+        return FLIP_SAFETY * np.linalg.norm(values.reshape(values.shape[0], -1), axis=1)
+
+    def _reason(self) -> str:
+        if self.envelope is None:
+            return self.tol.reason
+        counts = ", ".join(f"{site} {n}" for site, n in self.envelope.flips.items() if n)
+        return (f"{self.tol.reason}; possible int8 code flips in this case: {counts or 'none'} "
+                f"(rows with one are held to {FLIP_SAFETY:g}x their computed effect on top)")
+
+    def output(self) -> Bound:
+        """y [T, H] by token: the tight bound, the gates' logit rounding (y is linear in them), the flips."""
+        flips = self._flips(None if self.envelope is None else self.envelope.y)
+        return Bound(self.tol.tight + self.logit[:, 0], flips, f"{self._reason()}; plus the gates' logit rounding")
+
+    def expert_output(self, expert: int) -> Bound:
+        """Bypass: expert ``expert``'s output on every token [T, H]."""
+        env = None if self.envelope is None else self.envelope.expert_outputs
+        return Bound(self.tol.tight, self._flips(None if env is None else env[expert]), self._reason())
+
+    def gradient(self, name: str, expert: int | None = None) -> Bound:
+        """A gradient: ``x`` by token, weight gradients by expert (``expert``) or whole, the router whole."""
+        if self.envelope is None:
+            return Bound(self.tol.tight, 0.0, self.tol.reason)
+        values = self.envelope.grads[name]
+        if expert is not None:
+            values = values[expert][None]
+        elif name != "x":
+            values = values[None]
+        return Bound(self.tol.tight, self._flips(values), self._reason())
