@@ -16,7 +16,7 @@ import numpy as np
 
 from reference import MoEParams, MoESpec, route
 
-Pattern = Literal["balanced", "zipf", "one_expert", "empty_experts", "ties", "zero_rows_outliers"]
+Pattern = Literal["balanced", "zipf", "one_expert", "empty_experts", "ties", "zero_rows_outliers", "exact_ties"]
 
 #: Minimum relative gap between competing selection scores in a case, unless exactly 0 (a deliberate
 #: tie). A float32 router's scores carry ~1e-6 relative error; below 1e-4 it could pick either expert.
@@ -76,6 +76,8 @@ class Case:
             if self.tokens > 2:
                 x[1] *= 1e3
                 x[2, -1] *= 50.0
+        if self.pattern == "exact_ties":
+            x, params = _exact_ties(rng, x, params)
         params = params.map(lambda a: round_to_dtype(a, dtype))
         if params.router is not None:
             params.router = round_to_dtype(params.router, "float32")
@@ -155,6 +157,47 @@ def routing_gaps(spec: MoESpec, params: MoEParams, x: np.ndarray) -> np.ndarray:
     return gaps
 
 
+#: Exact-tie grids (pattern ``exact_ties``): codes ~ N(0, TIE_CODE_SPREAD), a share TIE_FRACTION of them
+#: moved onto .5, token rows with amax 127 * 2^k for k in TIE_TOKEN_EXPONENTS, expert matrices 127 * 2^j for
+#: j in TIE_WEIGHT_EXPONENTS (rms of rows ~0.6-10 and of weights ~1 / sqrt(fan_in), as in the other cases).
+#: Every tie is a full half code of quantization error: with these figures the reference's SQNR against
+#: float (y 35.0, dx 35.9, router 33.8, weights 32.7 dB under int8_routed) stays above the other cases'
+#: worst, so the fidelity floors are unchanged by this case.
+TIE_CODE_SPREAD = 40.0
+TIE_FRACTION = 0.35
+TIE_TOKEN_EXPONENTS = (-6, -5, -4, -3, -2)
+TIE_WEIGHT_EXPONENTS = (-9, -8, -7)
+
+
+def tie_grid(rng: np.random.Generator, shape: tuple[int, ...], exponent: int) -> np.ndarray:
+    """Values on a power-of-two int8 grid with many exact .5 ties, amax exactly 127 * 2^exponent.
+
+    Codes are rounded normals (|c| <= 126); a share TIE_FRACTION of them moves by 0.5 away from zero, so
+    that v / 2^exponent is an exact half-integer (0.5, 2.5, -4.5, ...: round half to even and half away
+    from zero disagree on half of those); one element is +-127, so a symmetric int8 scale over the whole
+    array is exactly 2^exponent. Every value has at most 8 significant bits: exact in bfloat16.
+    """
+    codes = np.clip(np.rint(rng.standard_normal(shape) * TIE_CODE_SPREAD), -126, 126)
+    half = rng.random(shape) < TIE_FRACTION
+    codes = codes + np.where(half, np.where(codes < 0, -0.5, 0.5), 0.0)
+    flat = codes.reshape(-1)
+    flat[rng.integers(flat.size)] = 127.0 * rng.choice([-1.0, 1.0])
+    return flat.reshape(shape) * 2.0**exponent
+
+
+def _exact_ties(rng: np.random.Generator, x: np.ndarray, params: MoEParams) -> tuple[np.ndarray, MoEParams]:
+    """Pattern ``exact_ties``: every token row (but its constant feature 1 in column 0, itself the
+    code 2^-k on the row's grid) and every routed expert matrix on a power-of-two grid (`tie_grid`), so
+    that per-token activation scales and per-expert weight scales are exact powers of two and their
+    quantizers meet exact .5 ties. The router stays random float (no routing ties)."""
+    x = x.copy()
+    for t in range(x.shape[0]):
+        x[t, 1:] = tie_grid(rng, x[t, 1:].shape, int(rng.choice(TIE_TOKEN_EXPONENTS)))
+    w13 = np.stack([tie_grid(rng, w.shape, int(rng.choice(TIE_WEIGHT_EXPONENTS))) for w in params.w13])
+    w2 = np.stack([tie_grid(rng, w.shape, int(rng.choice(TIE_WEIGHT_EXPONENTS))) for w in params.w2])
+    return x, params.replace(w13=w13, w2=w2)
+
+
 def _spec(hidden=32, ffn=16, experts=4, top_k=2, **options) -> MoESpec:
     return MoESpec(hidden=hidden, ffn=ffn, experts=experts, top_k=top_k, **options)
 
@@ -175,6 +218,15 @@ CASES: dict[str, Case] = {c.name: c for c in (
     Case("topk_all", _spec(top_k=4), tokens=31, seed=8),
     Case("zero_rows_outliers", _spec(), tokens=33, pattern="zero_rows_outliers", seed=9),
     Case("wide_g64", _spec(hidden=128, ffn=128, experts=4, shared_ffn=64), tokens=31, seed=10),
+    # Activations and routed expert weights on power-of-two int8 grids with exact .5 ties: a quantizer
+    # that rounds half away from zero gets other codes (in x, in the weights, in float32 and bfloat16).
+    Case("exact_ties", _spec(), tokens=33, pattern="exact_ties", seed=11),
+    # A shared expert that is not gate-weighted: with renormalize=False the gates do not sum to 1, so
+    # adding the shared output inside the gated sum (sum_k g_k (expert_k + shared)) differs visibly.
+    Case("shared_no_renorm", _spec(shared_ffn=24, renormalize=False), tokens=33, seed=12),
+    # The same with the DeepSeek-V3 sigmoid router (gates sum to routed_scaling = 2.5).
+    Case("shared_sigmoid", _spec(experts=8, router="sigmoid_topk", routed_scaling=2.5, shared_ffn=24),
+         tokens=33, seed=13),
 )}
 
 
