@@ -197,6 +197,69 @@ def test_rounds_rotate_inputs_and_keep_each_output():
     assert timed.results == ["out0", "out1", "out2"] and timed.timer == "perf_counter"
 
 
+class _ReferenceStep(NoopBackend):
+    """A tiny NumPy backend for the harness: its timed step computes the reference forward (or dx)."""
+
+    name = "reference_step"
+    harness_only = False
+
+    def prepare(self, spec, params, scheme, dtype, ep_size=1):
+        return spec, params
+
+    def effective_weights(self, prepared):
+        return prepared[1].as_dict()
+
+    def benchmark_step(self, prepared, x, pass_, dy=None):
+        spec, params = prepared
+        if pass_ == "forward":
+            return lambda: reference.forward(spec, params, x).y
+        return lambda: reference.backward(spec, params, x, dy)  # a dict holding dx under "x"
+
+
+class _ForgetsItsOutput(_ReferenceStep):
+    """The same work, but the timed step returns None: nothing the output check could compare."""
+
+    name = "forgets_its_output"
+
+    def benchmark_step(self, prepared, x, pass_, dy=None):
+        compute = super().benchmark_step(prepared, x, pass_, dy)
+
+        def step():
+            compute()  # the work is done, its result dropped
+
+        return step
+
+
+@pytest.mark.parametrize("pass_id", ["fwd", "fwd_bwd"])
+def test_a_step_whose_output_cannot_be_checked_fails_the_benchmark(pass_id):
+    """The timed output is checked against the reference; a step returning None (or nothing with the
+    output's shape) fails the benchmark, saying so, instead of recording an unchecked timing."""
+    shape = shapes.BenchShape("t", tokens=40, hidden=32, ffn=16, experts=6, top_ks=(2,))
+    options = harness.BenchOptions(device="cpu", dtype="float32", rounds=2, warmup=1, inputs=2)
+    harness.clear_caches()
+    good = harness.BenchCase(_ReferenceStep.name, "none", shape, 2, pass_id, "balanced")
+    info = harness.run_case(FakeBenchmark(), good, _ReferenceStep, options)
+    assert info["output_check"]["inputs"] == 2 and info["output_check"]["min_sqnr_db"] > 100
+    bad = harness.BenchCase(_ForgetsItsOutput.name, "none", shape, 2, pass_id, "balanced")
+    target = "y" if pass_id == "fwd" else "dx"
+    with pytest.raises(outputs.OutputNotFoundError, match=f"returned None, so the timed output cannot be checked"
+                                                          f".*return {target}"):
+        harness.run_case(FakeBenchmark(), bad, _ForgetsItsOutput, options)
+
+
+def test_an_input_whose_step_never_ran_is_told_apart_from_a_none_output():
+    """``--benchmark-disable`` runs one round: the other inputs' steps never ran (not the same as None)."""
+    steps = [lambda: "out0", lambda: "out1"]
+    options = harness.BenchOptions(device="cpu", dtype="float32", rounds=1, warmup=0, inputs=2)
+
+    class OneCall(FakeBenchmark):
+        def pedantic(self, target, setup, rounds, warmup_rounds, iterations):
+            args, kwargs = setup()
+            target(*args, **kwargs)
+
+    assert harness.time_rounds(OneCall(), steps, options).results == ["out0", harness.NOT_RUN]
+
+
 def test_device_names_follow_each_backends_spelling():
     from implementations.torch_eager import TorchEagerBackend
     from suite.benchmarks.peers import JaxRaggedDotPeer

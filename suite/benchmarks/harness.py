@@ -153,9 +153,14 @@ def backend_instance(cls: type, device: str | None):
 
 
 # -- timing -------------------------------------------------------------------------------------------------
+#: Stands in `TimedRounds.results` for an input whose step never ran (``--benchmark-disable`` runs one
+#: round only), as distinct from a step that ran and returned None (which fails the output check).
+NOT_RUN = type("NotRun", (), {"__repr__": lambda self: "NOT_RUN"})()
+
+
 @dataclass
 class TimedRounds:
-    results: list
+    results: list  # per distinct input, the last timed call's return value, or NOT_RUN
     timer: str
     l2_flush_bytes: int
     first_call_s: float | None = None
@@ -165,7 +170,7 @@ def time_rounds(benchmark, steps: list[Callable[[], Any]], options: BenchOptions
     """Pedantic rounds over ``steps`` (one per distinct input) with the setup/flush/timer described above."""
     _, timer_name = timing.clock_for(options.device)  # the grid put this timer into the benchmark mark
     flush = timing.L2Flush(options.device)
-    results: list = [None] * len(steps)
+    results: list = [NOT_RUN] * len(steps)
     turn = itertools.count()
 
     def setup():
@@ -250,10 +255,13 @@ def run_case(benchmark, case: BenchCase, backend_cls: type, options: BenchOption
     rows = outputs.check_rows(shape.tokens, options.check_rows)
     checks = []
     for i, (item, result) in enumerate(zip(inputs, timed.results)):
-        if result is None:
-            continue  # --benchmark-disable runs one round only
+        if result is NOT_RUN:
+            continue  # --benchmark-disable runs one round only; a step that returned None is checked (and fails)
         checks.append(outputs.check_output(result, spec, effective, case.scheme, metric_pass, item.x, item.dy, rows,
                                            what=f"{case.id} (input {i})"))
+    if not checks:
+        raise outputs.OutputNotFoundError(f"{case.id}: no timed call ran, so no output could be checked: "
+                                          "an unchecked timing is not a result")
     benchmark.extra_info["output_check"] = {
         "what": checks[0].what if checks else None, "rows": int(rows.size), "inputs": len(checks),
         "floor_db": outputs.OUTPUT_CHECK_FLOOR_DB,

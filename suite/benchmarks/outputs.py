@@ -7,6 +7,8 @@ the reference on a sample of token rows: ``y`` for the forward pass, ``dx`` for 
 an entry named ``y``/``x``/``dx`` wherever it sits, else the first array of shape [T, H] (the
 presets keep T apart from every parameter dimension so that is unambiguous; tests/test_benchmarks.py
 holds them to it). Arrays of torch, jax, mlx and numpy are read without importing any of them.
+A step that returns None, or nothing holding such an array, fails the benchmark: a timing whose
+output was never checked is not a result.
 
 The bound (`OUTPUT_CHECK_FLOOR_DB`) is a garbage detector, not conformance (that is `pytest -m
 conformance`): SQNR of the output against the reference of the *same scheme* at the reference's
@@ -168,8 +170,13 @@ def check_output(result, spec: MoESpec, effective: MoEParams, scheme: str, pass_
                  ) -> OutputCheck:
     """Compare the timed call's output on ``rows`` with the reference; raise if below ``floor_db``."""
     shape = (x.shape[0], spec.hidden)
-    found = find_output(result, shape, _NAMED[pass_])
     target = "y" if pass_ == "forward" else "dx"
+    if result is None:
+        raise OutputNotFoundError(
+            f"{what}: benchmark_step's callable returned None, so the timed output cannot be checked and the "
+            f"timing is not a result; return {target} (shape {list(shape)}, or a structure holding it under the "
+            f"name '{target}')")
+    found = find_output(result, shape, _NAMED[pass_])
     if found is None:
         raise OutputNotFoundError(
             f"{what}: benchmark_step's callable returned {type(result).__name__} with no {target} of shape "
