@@ -16,11 +16,10 @@ import numpy as np
 
 from reference import MoEParams, MoESpec, route
 
+from .tolerances import ROUTER_SATURATION, ROUTING_MARGIN
+
 Pattern = Literal["balanced", "zipf", "one_expert", "empty_experts", "ties", "zero_rows_outliers", "exact_ties"]
 
-#: Minimum relative gap between competing selection scores in a case, unless exactly 0 (a deliberate
-#: tie). A float32 router's scores carry ~1e-6 relative error; below 1e-4 it could pick either expert.
-ROUTING_MARGIN = 1e-4
 
 DTYPES: dict[str, np.dtype] = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
 
@@ -244,7 +243,7 @@ def router_margin(spec: MoESpec, params: MoEParams, x: np.ndarray) -> float:
     return float(np.minimum(selected, 1.0 - selected).min())
 
 
-def router_saturated(spec: MoESpec, params: MoEParams, x: np.ndarray, threshold: float = 1e-4) -> bool:
+def router_saturated(spec: MoESpec, params: MoEParams, x: np.ndarray, threshold: float = ROUTER_SATURATION) -> bool:
     """True if some selected router score is within ``threshold`` of 0 or 1: the router gradient there
     is rounding noise (relative error u / threshold and beyond; see `router_margin`)."""
     return router_margin(spec, params, x) < threshold

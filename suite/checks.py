@@ -16,8 +16,9 @@ import numpy as np
 from reference import sqnr_db
 
 from .bounds import gate_weight_bound
-from .cases import ROUTING_MARGIN, routing_gaps
-from .tolerances import GATE_RELATIVE, GATE_UNDERFLOW
+from .cases import routing_gaps
+from .tolerances import (GATE_RELATIVE, GATE_UNDERFLOW, REQUANTIZED_MIN_MOVE, REQUANTIZED_STEP_RELATIVE,
+                         ROUTING_MARGIN)
 
 #: Set by the suite's plugin: receives (what, figures as a dict) for the running test.
 _recorder: Callable[[str, dict], None] | None = None
@@ -189,14 +190,14 @@ def assert_requantized_step(actual: np.ndarray, start: np.ndarray, grad: np.ndar
     step = np.broadcast_to(step, stepped.shape)
     norms = np.linalg.norm(grad.reshape(grad.shape[0], -1), axis=1) if grad.ndim > 1 else np.abs(grad)
     slack = (tight * lr * norms).reshape(-1, *([1] * (stepped.ndim - 1)))
-    excess = np.abs(actual - stepped) - (step * (1 + 1e-5) + slack)
+    excess = np.abs(actual - stepped) - (step * (1 + REQUANTIZED_STEP_RELATIVE) + slack)
     if np.any(excess > 0):
         i = tuple(int(v) for v in np.argwhere(excess > 0)[0])
         _fail(what, f"{actual[i]:.6g} is more than one step ({step[i]:.3e}, plus gradient slack "
                     f"{np.broadcast_to(slack, stepped.shape)[i]:.2e}) from the reference's float step "
                     f"{stepped[i]:.6g} at {i}")
     moved, wanted = np.linalg.norm(actual - start), np.linalg.norm(stepped - start)
-    if wanted > 0 and not moved >= 0.5 * wanted:
+    if wanted > 0 and not moved >= REQUANTIZED_MIN_MOVE * wanted:
         _fail(what, f"weights moved {moved:.3e}, the step asks for {wanted:.3e}")
 
 

@@ -27,9 +27,9 @@ from reference import MoEParams, get_scheme
 from reference.quantization import quantize_weight
 from reference.updates import TRAINABLE_PARAMS, block_coordinate_descent, stack_backward, stack_forward, stack_loss
 
-from .cases import ROUTING_MARGIN, CaseData, round_to_dtype, routing_gaps
+from .cases import CaseData, round_to_dtype, routing_gaps
 from .checks import ConformanceError, assert_close, assert_requantized_step, rerun_hint
-from .tolerances import tolerance
+from .tolerances import ROUTING_MARGIN, tolerance
 
 pytestmark = pytest.mark.conformance
 REQUIRES = ("layerwise_trainer",)

@@ -171,6 +171,25 @@ GATE_UNDERFLOW = 2.0 ** -126
 ROUTER_MARGIN_FACTOR = 4
 
 
+#: Minimum relative gap between competing selection scores in a case, unless exactly 0 (a deliberate
+#: tie). A float32 router's scores carry ~1e-6 relative error; below 1e-4 it could pick either expert:
+#: cases avoid such near-ties and the routing check leaves them undecided.
+ROUTING_MARGIN = 1e-4
+#: A selected router score within this of 0 or 1 is saturated: p (1 - p) in float32 errs by u / margin
+#: relative (1.2e-3 here), so the router gradient there is held to the margin-scaled bound (test_properties).
+ROUTER_SATURATION = 1e-4
+#: Level 5 (requantizing update): a weight may sit one quantization step from the float SGD step (the
+#: grid rounds it), to 1e-5 relative of that step (the step's own float32 arithmetic) ...
+REQUANTIZED_STEP_RELATIVE = 1e-5
+#: ... and the weights must move at least this share of the distance the step asks for, so a backend that
+#: lost the update in re-quantization fails (a correct one moves ~1x; rounding cannot halve a step of
+#: several quantization steps, which LR of the update test guarantees).
+REQUANTIZED_MIN_MOVE = 0.5
+#: Benchmarks re-check their timed outputs against the same-scheme reference (a garbage detector, not
+#: conformance): legitimate differences stay above 30 dB (bfloat16 ~40 dB, one-code int8 flips at bfloat16
+#: activations ~35 dB, another valid affine grid ~30 dB); wrong answers fall to ~0-3 dB.
+BENCHMARK_OUTPUT_FLOOR_DB = 20.0
+
 #: The balance loss (a float32 mean of router probabilities over T tokens): relative, floored at 1.
 BALANCE_LOSS_RELATIVE = 1e-5
 

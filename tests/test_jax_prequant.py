@@ -26,6 +26,7 @@ from implementations._jax_grouped import bucket_capacity, int8_grouped_dot, plac
 from implementations._jax_quant import quantize_per_expert, quantize_rows  # noqa: E402
 from implementations.jax_prequant import JaxPrequantBackend  # noqa: E402
 from reference import MoEParams, MoESpec  # noqa: E402
+from suite.bounds import CaseBounds  # noqa: E402
 from suite.cases import CASES  # noqa: E402
 from suite.checks import ConformanceError, assert_close, assert_exactly_zero  # noqa: E402
 from suite.tolerances import tolerance  # noqa: E402
@@ -230,19 +231,23 @@ def _check_against_reference(backend, prepared, case_data, scheme, dtype="float3
     result = backend.forward(prepared, x)
     expected = reference.forward(spec, eff, x, scheme, weights_are_effective=True)
     np.testing.assert_array_equal(result.expert_ids, expected.expert_ids)
-    assert_close(result.y, expected.y, tolerance(scheme, dtype, "forward").tight, "forward.y")
+    bound = CaseBounds(tolerance(scheme, dtype, "forward"), spec, eff, x, scheme, dtype).output()
+    assert_close(result.y, expected.y, bound.relative, "forward.y", extra=bound.absolute)
     grads = backend.backward(prepared, x, dy, balance_coeff=0.05)
     expected_grads = reference.backward(spec, eff, x, dy, scheme, 0.05, weights_are_effective=True)
-    tight = tolerance(scheme, dtype, "backward").tight
+    bounds = CaseBounds(tolerance(scheme, dtype, "backward"), spec, eff, x, scheme, dtype, dy=dy)
     for name, value in expected_grads.items():
         if name in ("w13", "w2"):
             for e in range(spec.experts):
                 if np.any(value[e]):
-                    assert_close(grads[name][e], value[e], tight, f"grad.{name}[{e}]", by_row=False)
+                    bound = bounds.gradient(name, e)
+                    assert_close(grads[name][e], value[e], bound.relative, f"grad.{name}[{e}]", by_row=False,
+                                 extra=bound.absolute)
                 else:
                     assert_exactly_zero(grads[name][e], f"grad.{name}[{e}]")
         else:
-            assert_close(grads[name], value, tight, f"grad.{name}", by_row=(name == "x"))
+            bound = bounds.gradient(name)
+            assert_close(grads[name], value, bound.relative, f"grad.{name}", by_row=(name == "x"), extra=bound.absolute)
 
 
 #: Each scheme once on the padded formulation, with the cases that stress it: experts with no rows

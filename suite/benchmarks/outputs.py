@@ -29,8 +29,10 @@ import numpy as np
 import reference
 from reference.spec import MoEParams, MoESpec
 
+from ..tolerances import BENCHMARK_OUTPUT_FLOOR_DB
+
 #: SQNR floor of a benchmark's output against the same-scheme reference (see the module docstring).
-OUTPUT_CHECK_FLOOR_DB = 20.0
+OUTPUT_CHECK_FLOOR_DB = BENCHMARK_OUTPUT_FLOOR_DB
 #: Rows compared per input: evenly spaced over the tokens.
 DEFAULT_CHECK_ROWS = 32
 #: The backward reference allocates every weight's gradient (float64, zeroed): at the logbook's shape
