@@ -17,8 +17,8 @@ from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
 
-from reference.layer import ForwardResult
-from reference.spec import ROUTER_FAMILIES, MoEParams, MoESpec, SpecError
+from qmoe.reference.layer import ForwardResult
+from qmoe.reference.spec import ROUTER_FAMILIES, MoEParams, MoESpec, SpecError
 
 Pass = Literal["forward", "backward"]
 UpdateKind = Literal["master_float", "requantize"]
@@ -28,7 +28,7 @@ UpdateKind = Literal["master_float", "requantize"]
 class Capabilities:
     """What a backend offers; the suite asks these, never the backend's name.
 
-    ``schemes``: scheme names from `reference.schemes.SCHEMES` it implements.
+    ``schemes``: scheme names from `qmoe.reference.schemes.SCHEMES` it implements.
     ``passes``: ``forward`` and/or ``backward``.
     ``dtypes``: compute dtypes (``float32``, ``bfloat16``, ...). Inputs are given in float64 holding
     values exactly representable in that dtype.

@@ -15,10 +15,10 @@ ENTRY_POINT_GROUP = "qmoe.backends"
 
 #: Built-in backends: name -> "module:Class". Imported lazily.
 BUILTIN_BACKENDS: dict[str, str] = {
-    "torch_eager": "implementations.torch_eager:TorchEagerBackend",
-    "torch_triton": "implementations.torch_triton:TorchTritonBackend",
-    "mlx_layerwise": "implementations.mlx_layerwise:MLXLayerwiseBackend",
-    "jax_prequant": "implementations.jax_prequant:JaxPrequantBackend",
+    "torch_eager": "qmoe.implementations.torch_eager:TorchEagerBackend",
+    "torch_triton": "qmoe.implementations.torch_triton:TorchTritonBackend",
+    "mlx_layerwise": "qmoe.implementations.mlx_layerwise:MLXLayerwiseBackend",
+    "jax_prequant": "qmoe.implementations.jax_prequant:JaxPrequantBackend",
 }
 
 _extra: dict[str, type[Backend]] = {}

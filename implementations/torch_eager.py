@@ -5,7 +5,7 @@ example of a qmoe backend: capabilities at the top, then prepare / forward / bac
 weights / update / benchmark step. Every numeric rule lives in one small method, so that
 `tests/mutants.py` plants a bug by overriding one method.
 
-Numerics (DESIGN.md, `reference.schemes`):
+Numerics (DESIGN.md, `qmoe.reference.schemes`):
 
 - symmetric int8: scale = amax / 127 (1 where amax = 0), q = clamp(round_half_even(v / scale), -127, 127);
 - routed experts (``int8_routed``, ``int8_all``): per-token activation scales, one weight scale per
@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any, Callable, Union
 
 import numpy as np
 
-from reference.layer import ForwardResult
-from reference.schemes import Scheme, get_scheme
-from reference.spec import MoEParams, MoESpec, SpecError, validate_input
+from qmoe.reference.layer import ForwardResult
+from qmoe.reference.schemes import Scheme, get_scheme
+from qmoe.reference.spec import MoEParams, MoESpec, SpecError, validate_input
 
 from .base import Backend, Capabilities
 

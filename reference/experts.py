@@ -2,7 +2,7 @@
 
 Forward and backward take the already-dequantized weights; the activation rule says whether
 the inputs of each projection are quantized per token, and the backward rule says how the
-quantizers are differentiated (see `reference.schemes.Scheme.backward`).
+quantizers are differentiated (see `qmoe.reference.schemes.Scheme.backward`).
 """
 
 from __future__ import annotations

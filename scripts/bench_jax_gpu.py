@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reference import MoEParams, MoESpec  # noqa: E402
+from qmoe.reference import MoEParams, MoESpec  # noqa: E402
 
 SCHEMES = ("none", "int8_dense", "int8_routed", "int8_all", "int8_routed_prequant")
 PASSES = ("forward", "forward_backward")
@@ -96,7 +96,7 @@ def gemm_probe(args, spec: MoESpec, capacity: int) -> list[str]:
     import jax
     import jax.numpy as jnp
 
-    from implementations._jax_env import INT8_GPU_OPTIONS
+    from qmoe.implementations.jax_prequant.env import INT8_GPU_OPTIONS
 
     int8_jit = functools.partial(jax.jit, compiler_options=INT8_GPU_OPTIONS)
 
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     def over_budget() -> bool:
         return bool(args.budget_s) and time.perf_counter() - started > args.budget_s
 
-    from implementations.jax_prequant import JaxPrequantBackend
+    from qmoe.implementations.jax_prequant import JaxPrequantBackend
 
     backend = JaxPrequantBackend(args.device, grouped=args.grouped)
     notes: list[str] = []

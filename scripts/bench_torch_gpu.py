@@ -35,8 +35,8 @@ os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import reference  # noqa: E402
-from reference import MoEParams, MoESpec, get_scheme  # noqa: E402
+from qmoe import reference  # noqa: E402
+from qmoe.reference import MoEParams, MoESpec, get_scheme  # noqa: E402
 
 SCHEMES = ("none", "int8_routed", "int8_routed_prequant", "qat_int8_row")
 SEED_SHAPE = dict(tokens=32768, hidden=2048, ffn=2048, experts=64)
@@ -56,15 +56,15 @@ class Log:
 
 def worst_rel(actual: np.ndarray, expected: np.ndarray, by_row: bool) -> float:
     """The suite's figure: worst token row for y and dx, the whole tensor for weight/router grads."""
-    from suite.checks import error_figures
+    from qmoe.suite.checks import error_figures
 
     return error_figures(actual, expected, by_row=by_row).worst_row_rel
 
 
 def check_compiled(backend, log: Log) -> bool:
     """Small-shape conformance of the compiled kernels; returns True when every check passed."""
-    from suite.cases import CASES
-    from suite.tolerances import tolerance
+    from qmoe.suite.cases import CASES
+    from qmoe.suite.tolerances import tolerance
 
     ok = True
     log("## correctness of the compiled kernels (float32, worst row relative error vs reference)")
@@ -98,7 +98,7 @@ def check_compiled(backend, log: Log) -> bool:
                 f"{'ok' if passed else 'FAIL'}")
     ok &= check_bf16(backend, log)
     try:
-        from suite import test_qat  # imports pytest
+        from qmoe.suite import test_qat  # imports pytest
     except ImportError as error:
         log(f"qat checks not run: {error}")
         return False
@@ -161,7 +161,7 @@ def cuda_time_ms(step, warmup: int, repeats: int) -> float:
 
 def seed_weights(spec: MoESpec, device: torch.device, seed: int):
     """Random bf16 expert weights (1/sqrt(fan_in)) and a float32 router, made on the device."""
-    from implementations._triton_layer import LayerWeights
+    from qmoe.implementations.torch_triton.layer import LayerWeights
 
     gen = torch.Generator(device=device).manual_seed(seed)
     h, f, e = spec.hidden, spec.ffn, spec.experts
@@ -175,7 +175,7 @@ def seed_weights(spec: MoESpec, device: torch.device, seed: int):
 
 def native_peer_steps(spec: MoESpec, weights, x: torch.Tensor, dy: torch.Tensor):
     """torch._grouped_mm bf16 on rows already sorted by expert (the routing's own group sizes)."""
-    from implementations._triton_layer import plan_dispatch, route
+    from qmoe.implementations.torch_triton.layer import plan_dispatch, route
 
     with torch.no_grad():
         routing = route(spec, weights.router, None, x)
@@ -204,9 +204,9 @@ def native_peer_steps(spec: MoESpec, weights, x: torch.Tensor, dy: torch.Tensor)
 
 def int8_kernel_only_step(spec: MoESpec, weights, x: torch.Tensor):
     """The Triton int8 grouped GEMMs alone (up + down projection on pre-quantized sorted rows)."""
-    from implementations._triton_grouped_gemm import grouped_gemm
-    from implementations._triton_layer import Int8Experts, plan_dispatch, route
-    from implementations._triton_quant import quantize_rows
+    from qmoe.implementations.torch_triton.kernels.grouped_gemm import grouped_gemm
+    from qmoe.implementations.torch_triton.layer import Int8Experts, plan_dispatch, route
+    from qmoe.implementations.torch_triton.kernels.quant import quantize_rows
 
     with torch.no_grad():
         routing = route(spec, weights.router, None, x)
@@ -285,8 +285,8 @@ def main() -> int:
         return 2
     import triton
 
-    from implementations import _triton_common
-    from implementations.torch_triton import TorchTritonBackend
+    from qmoe.implementations import _triton_common
+    from qmoe.implementations.torch_triton import TorchTritonBackend
 
     log = Log()
     props = torch.cuda.get_device_properties(0)

@@ -38,7 +38,7 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("QMOE_DEVICE") =
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from reference import MoESpec, get_scheme  # noqa: E402
+from qmoe.reference import MoESpec, get_scheme  # noqa: E402
 
 SPEC = MoESpec(hidden=64, ffn=160, experts=8, top_k=2)
 LAYERS = 2
@@ -59,7 +59,7 @@ INPUT_STD = float(os.environ.get("QMOE_INPUT_STD", 4.0))
 def random_stack(seed: int, device: torch.device, out_scale: float = 1.0):
     """Layer weights: router 1/sqrt(hidden); projections of standard deviation WEIGHT_STD
     (``out_scale`` times that for w2)."""
-    from implementations._triton_layer import LayerWeights
+    from qmoe.implementations.torch_triton.layer import LayerWeights
 
     gen = torch.Generator().manual_seed(seed)
     h, f, e = SPEC.hidden, SPEC.ffn, SPEC.experts
@@ -73,7 +73,7 @@ def random_stack(seed: int, device: torch.device, out_scale: float = 1.0):
 
 def stack_loss(layers, x, target, scheme, fake_quant: bool, balance_coeff: float = 0.0) -> torch.Tensor:
     """0.5 * sum((x_L - target)^2) / T + balance_coeff * sum_l balance_loss_l, through the layer."""
-    from implementations._triton_layer import layer_forward
+    from qmoe.implementations.torch_triton.layer import layer_forward
 
     hidden, balance = x, 0.0
     for weights in layers:
@@ -92,7 +92,7 @@ def perturbed(teacher, noise, amount: float):
 
 
 def teacher_output(teacher, x: torch.Tensor) -> torch.Tensor:
-    from implementations._triton_layer import layer_forward
+    from qmoe.implementations.torch_triton.layer import layer_forward
 
     hidden = x
     for weights in teacher:
@@ -152,7 +152,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown report here")
     args = parser.parse_args()
 
-    from implementations.torch_triton import TorchTritonBackend
+    from qmoe.implementations.torch_triton import TorchTritonBackend
 
     torch.manual_seed(args.seed)
     device_name = "cuda" if os.environ.get("QMOE_DEVICE") == "cuda" else "cpu"

@@ -1,9 +1,9 @@
 """Bounds computed from the case in hand: what the tolerance table's constants become for one input.
 
-The table (`suite.tolerances`) holds the constants and their reasons; here they meet the inputs:
+The table (`qmoe.suite.tolerances`) holds the constants and their reasons; here they meet the inputs:
 the router's logit rounding of each token, and the effect of the int8 codes that a correct backend
-may choose differently (`reference.flip_envelope`). Tests ask for a bound by tensor name and get a
-relative part per row and an absolute part per row, which `suite.checks.assert_close` adds up.
+may choose differently (`qmoe.reference.flip_envelope`). Tests ask for a bound by tensor name and get a
+relative part per row and an absolute part per row, which `qmoe.suite.checks.assert_close` adds up.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import reference
-from reference import FlipEnvelope, MoEParams, MoESpec
+from qmoe import reference
+from qmoe.reference import FlipEnvelope, MoEParams, MoESpec
 
 from .tolerances import FLIP_SAFETY, FLOAT32_EPS, GATE_RELATIVE, LOGIT_ERROR_TERMS, Tolerance
 

@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 
-from reference import MoEParams, MoESpec, route
+from qmoe.reference import MoEParams, MoESpec, route
 
 from .tolerances import ROUTER_SATURATION, ROUTING_MARGIN
 

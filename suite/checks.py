@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from reference import sqnr_db
+from qmoe.reference import sqnr_db
 
 from .bounds import gate_weight_bound
 from .cases import routing_gaps
@@ -122,7 +122,7 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, tight: float | np.nda
 
     Rows are tokens (``by_row``) or the whole tensor as one row. ``tight`` is a relative bound (one
     number, or one per row) and ``extra`` an absolute one per row: the effect of the quantizer
-    code flips the reference found possible in that row (`reference.flip_envelope`). The reference
+    code flips the reference found possible in that row (`qmoe.reference.flip_envelope`). The reference
     must not be all zeros (a backend returning zeros would then pass): that is a case bug and fails too.
     """
     check_shape(actual, expected, what)

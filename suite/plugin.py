@@ -1,11 +1,16 @@
-"""The pytest plugin: options, backend selection, parametrization, report header, results JSON.
+"""The pytest plugin (entry point ``pytest11: qmoe``): options, markers, backend selection, the
+capability-driven grid, the results JSON, and the benchmark plugin (`qmoe.suite.benchmarks.plugin`).
 
-Loaded by the root ``conftest.py`` (or ``-p suite.plugin`` from elsewhere). Nothing here imports a
-framework: backends are resolved by name in ``pytest_configure`` and imported only when selected.
+Inert until used: loaded in every pytest run of an environment where qmoe is installed, it only
+registers its options and markers. It activates — sets the environment the frameworks read at import
+(Triton's interpreter and JAX's host devices on CPU, TF32 off, full-precision JAX matmuls), loads the
+hypothesis profile and resolves the selected backends — when a qmoe option is given or a qmoe test
+module is collected. Nothing here imports a framework: backends are imported only when selected.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import platform
@@ -15,17 +20,21 @@ from typing import Any
 
 import pytest
 
-from implementations.registry import (BackendLoadError, UnknownBackendError, backend_names, get_backend_class,
-                                      load_class, register)
-from reference import SCHEMES
+from qmoe.implementations.registry import (BackendLoadError, UnknownBackendError, backend_names, get_backend_class,
+                                           load_class, register)
+from qmoe.reference import SCHEMES
 
 from . import checks
 from .cases import CASES, Case
 from .strategies import register_profiles
 from .tolerances import DTYPES
 
+#: The directory of qmoe's conformance and benchmark modules: collecting one activates the plugin.
+SUITE_DIR = Path(__file__).resolve().parent
 _SELECTION = pytest.StashKey["Selection"]()
 _RESULTS = pytest.StashKey[list]()
+#: backend -> reason -> number of grid combinations not generated (not applicable to that backend)
+_NOT_APPLICABLE = pytest.StashKey[dict]()
 
 
 @dataclass
@@ -68,12 +77,18 @@ def parse_target_id(nodeid: str) -> dict[str, str] | None:
     return dict(zip(("backend", "scheme", "top_k", "case", "dtype"), parts))
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
+def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
+    # One entry point: the benchmark plugin's options and hooks come with this one (pytest_addoption is
+    # historic, so a plugin registered here still adds its options).
+    from .benchmarks import plugin as benchmarks_plugin
+
+    if not pluginmanager.is_registered(benchmarks_plugin):
+        pluginmanager.register(benchmarks_plugin, "qmoe.benchmarks")
     group = parser.getgroup("qmoe", "qmoe conformance and benchmarks")
     group.addoption("--backend", action="append", default=[], metavar="NAME",
                     help="run only these backends (repeat or comma-separate); default: every known backend")
     group.addoption("--backend-module", action="append", default=[], metavar="PKG.MODULE:CLASS",
-                    help="load an out-of-tree Backend class and select it")
+                    help="load an out-of-tree Backend class and select it (alone, without --backend: only it)")
     group.addoption("--device", default=None, help="device for every backend (cpu, cuda, gpu); default: its first")
     group.addoption("--conformance-json", default=None, metavar="PATH",
                     help="write every conformance outcome with its error figures to PATH (for the report)")
@@ -83,7 +98,44 @@ def _parse_names(values: list[str]) -> list[str]:
     return [n.strip() for v in values for n in v.split(",") if n.strip()]
 
 
+#: Markers of qmoe's tests (also in the repository's pyproject.toml, for --strict-markers there).
+MARKERS = (
+    "conformance: compares a backend (or the reference itself) against the float reference",
+    "benchmark: throughput measurements (pytest-benchmark); deselected unless benchmarks are asked for",
+    "gpu: needs a CUDA/Metal device",
+    "slow: long-running; excluded from the default CI run",
+)
+#: Options whose use activates the plugin (a default value does not).
+_QMOE_OPTIONS = ("--backend", "--backend-module", "--device", "--conformance-json")
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    for marker in MARKERS:
+        config.addinivalue_line("markers", marker)
+    config.stash[_RESULTS] = []
+    config.stash[_NOT_APPLICABLE] = collections.defaultdict(collections.Counter)
+    if any(config.getoption(name) for name in _QMOE_OPTIONS):
+        activate(config)
+
+
+def is_qmoe_path(path: Path) -> bool:
+    """True for a file of qmoe's suite (in this checkout or installed)."""
+    return SUITE_DIR in Path(path).resolve().parents
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector) -> None:
+    """Activate before a qmoe test module is imported (and with it, perhaps, a framework)."""
+    if is_qmoe_path(module_path):
+        activate(parent.config)
+
+
+def activate(config: pytest.Config) -> "Selection":
+    """Set up a qmoe run (once): the environment frameworks read at import, the hypothesis profile,
+    and the selected backends. Called when a qmoe option is given or a qmoe module is collected; the
+    project's own tests call it from their conftest."""
+    if _SELECTION in config.stash:
+        return config.stash[_SELECTION]
     device = config.getoption("--device")
     # Before any framework import: Triton kernels run interpreted on CPU; JAX gets 4 host devices for
     # expert-parallel tests; TF32 stays off and JAX matmuls stay full precision so float32 means float32.
@@ -94,6 +146,8 @@ def pytest_configure(config: pytest.Config) -> None:
             os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=4").strip()
     os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
     os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+    # Several frameworks share one GPU in a benchmark session: JAX must not grab 75% of it up front.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     register_profiles()
     if not config.getoption("--hypothesis-profile", None):
         from hypothesis import settings
@@ -108,17 +162,15 @@ def pytest_configure(config: pytest.Config) -> None:
         except BackendLoadError as exc:
             raise pytest.UsageError(str(exc)) from None
         module_names.append(cls.name)
-    wanted = _parse_names(config.getoption("--backend")) or [*backend_names()]
-    for name in module_names:
-        if name not in wanted and not config.getoption("--backend"):
-            wanted.append(name)
+    # --backend-module alone selects the loaded classes; with --backend, exactly the names given.
+    wanted = _parse_names(config.getoption("--backend")) or module_names or [*backend_names()]
     known = backend_names()
     for name in wanted:
         if name not in known:
             raise pytest.UsageError(f"unknown backend {name!r}; known backends: {', '.join(known)}")
         selection.backends.append(_resolve(name))
     config.stash[_SELECTION] = selection
-    config.stash[_RESULTS] = []
+    return selection
 
 
 def _resolve(name: str) -> BackendEntry:
@@ -134,10 +186,14 @@ def _resolve(name: str) -> BackendEntry:
 
 
 def selection(config: pytest.Config) -> Selection:
-    return config.stash[_SELECTION]
+    return activate(config)
 
 
-def pytest_report_header(config: pytest.Config) -> list[str]:
+def pytest_report_collectionfinish(config: pytest.Config) -> list[str]:
+    """The selected backends with their versions, once a qmoe run is active (after collection: the
+    plugin may have activated only when it met a qmoe module)."""
+    if _SELECTION not in config.stash:
+        return []
     lines = [f"qmoe: python {platform.python_version()}, device {selection(config).device or 'backend default'}"]
     for entry in selection(config).backends:
         if entry.load_error:
@@ -155,25 +211,25 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 # -- parametrization ------------------------------------------------------------------------------
 
-def _skip_reason(entry: BackendEntry, scheme: str | None, case: Case | None, dtype: str | None,
-                 requires: tuple[str, ...]) -> str | None:
-    """Why a (backend, scheme, case, dtype) combination is skipped, from capabilities only."""
-    if entry.load_error:
-        return None  # not a skip: the backend fixture raises the load error
-    if entry.unavailable:
-        return f"{entry.name} unavailable: {entry.unavailable}"
+def _not_applicable(entry: BackendEntry, scheme: str | None, case: Case | None, dtype: str | None,
+                    requires: tuple[str, ...], schemes: tuple[str, ...] = ()) -> str | None:
+    """Why a (backend, scheme, case, dtype) combination does not apply to a backend, from its declared
+    capabilities; None when it applies. ``schemes``: for backend-only tests, the schemes of which the
+    backend must declare one."""
     caps = entry.cls.capabilities
     if scheme is not None and case is not None:
         why = caps.unsupported(case.spec, scheme)
         if why:
-            return f"{entry.name} {why}"
+            return why
     elif scheme is not None and scheme not in caps.schemes:
-        return f"{entry.name} does not declare scheme {scheme}"
+        return f"does not declare scheme {scheme}"
+    if schemes and not set(schemes) & set(caps.schemes):
+        return f"declares none of the schemes {', '.join(schemes)}"
     if dtype is not None and dtype not in caps.dtypes:
-        return f"{entry.name} does not declare dtype {dtype}"
+        return f"does not declare dtype {dtype}"
     for requirement in requires:
         if not REQUIREMENTS[requirement](caps):
-            return f"{entry.name} does not declare {requirement}"
+            return f"does not declare {requirement}"
     return None
 
 
@@ -192,34 +248,90 @@ REQUIREMENTS = {
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Parametrize ``target`` (backend x scheme x case x dtype), or ``backend`` alone, from the selection.
 
-    A test module narrows the grid with module attributes: ``CASE_NAMES`` (default: all cases),
-    ``SCHEMES_UNDER_TEST`` (default: all schemes), ``DTYPES_UNDER_TEST`` and ``REQUIRES`` (capability
-    names from `REQUIREMENTS`, e.g. ``("backward",)``). Skips carry the capability they lack.
+    Only combinations a backend declares are generated; the others are counted per backend and reason
+    for the terminal summary. A backend that cannot run here (a missing dependency) gets one skip per
+    test, saying why. A test module narrows the grid with module attributes: ``CASE_NAMES`` (default:
+    all cases), ``SCHEMES_UNDER_TEST`` (default: all schemes), ``DTYPES_UNDER_TEST``, ``REQUIRES``
+    (capability names from `REQUIREMENTS`, e.g. ``("backward",)``); and ``applies_to`` (see
+    `pytest_collection_modifyitems`) for what depends on a test's other parameters.
     """
+    if not is_qmoe_path(metafunc.definition.path):
+        return
     module = metafunc.module
     requires = getattr(module, "REQUIRES", ())
     sel = selection(metafunc.config)
-    if "target" in metafunc.fixturenames:
-        case_names = getattr(module, "CASE_NAMES", tuple(CASES))
-        schemes = getattr(module, "SCHEMES_UNDER_TEST", tuple(SCHEMES))
-        dtypes = getattr(module, "DTYPES_UNDER_TEST", DTYPES)
-        params = []
-        for entry in sel.backends:
-            for scheme in schemes:
-                for case_name in case_names:
-                    for dtype in dtypes:
-                        target = Target(entry.name, scheme, CASES[case_name], dtype)
-                        reason = _skip_reason(entry, scheme, target.case, dtype, requires)
-                        marks = [pytest.mark.skip(reason=reason)] if reason else []
-                        params.append(pytest.param(target, id=target.id, marks=marks))
+    not_applicable = metafunc.config.stash[_NOT_APPLICABLE]
+    grid = "target" in metafunc.fixturenames
+    if not grid and "backend" not in metafunc.fixturenames:
+        return
+    params = []
+    for entry in sel.backends:
+        if entry.unavailable and not entry.load_error:
+            params.append(pytest.param(Target(entry.name, "", CASES["balanced"], "") if grid else entry.name,
+                                       id=f"{entry.name}-unavailable",
+                                       marks=[pytest.mark.skip(reason=f"{entry.name} unavailable: {entry.unavailable}")]))
+            continue
+        if not grid:
+            reason = None if entry.load_error else _not_applicable(
+                entry, None, None, None, requires, getattr(module, "SCHEMES_UNDER_TEST", ()))
+            if reason:
+                not_applicable[entry.name][reason] += 1
+            else:
+                params.append(pytest.param(entry.name, id=entry.name))
+            continue
+        for scheme in getattr(module, "SCHEMES_UNDER_TEST", tuple(SCHEMES)):
+            for case_name in getattr(module, "CASE_NAMES", tuple(CASES)):
+                for dtype in getattr(module, "DTYPES_UNDER_TEST", DTYPES):
+                    target = Target(entry.name, scheme, CASES[case_name], dtype)
+                    reason = None
+                    if not entry.load_error:  # a backend that cannot load fails in its fixture, with the reason
+                        reason = _not_applicable(entry, scheme, target.case, dtype, requires)
+                    if reason:
+                        not_applicable[entry.name][reason] += 1
+                    else:
+                        params.append(pytest.param(target, id=target.id))
+    if grid:
         metafunc.parametrize("target", params)
-    elif "backend" in metafunc.fixturenames:
-        params = []
-        for entry in sel.backends:
-            reason = _skip_reason(entry, None, None, None, requires)
-            params.append(pytest.param(entry.name, id=entry.name,
-                                       marks=[pytest.mark.skip(reason=reason)] if reason else []))
+    else:
         metafunc.parametrize("backend", params, indirect=True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Leave out (as not applicable, counted in the summary) the qmoe tests whose module's
+    ``applies_to(capabilities, test_name, params)`` gives a reason: combinations that depend on more
+    than the grid (a fidelity floor, an expert-parallel configuration)."""
+    if _SELECTION not in config.stash:
+        return
+    entries = {entry.name: entry for entry in config.stash[_SELECTION].backends}
+    kept, dropped = [], []
+    for item in items:
+        rule = getattr(getattr(item, "module", None), "applies_to", None)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        name = getattr(params.get("target"), "backend", None) or params.get("backend")
+        entry = entries.get(name) if isinstance(name, str) else None
+        reason = None
+        if rule and entry and entry.cls and not entry.unavailable and is_qmoe_path(item.path):
+            reason = rule(entry.cls.capabilities, item.originalname, params)
+        if reason:
+            config.stash[_NOT_APPLICABLE][entry.name][reason] += 1
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        items[:] = kept
+        config.hook.pytest_deselected(items=dropped)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """One line per backend: how many combinations did not apply to it, and why."""
+    counts = config.stash.get(_NOT_APPLICABLE, {})
+    if not counts:
+        return
+    terminalreporter.section("qmoe: combinations not generated (not declared by the backend)")
+    for backend, reasons in counts.items():
+        total = sum(reasons.values())
+        detail = "; ".join(f"{reason} ({n})" for reason, n in reasons.most_common())
+        terminalreporter.write_line(f"{backend}: {total} not applicable: {detail}")
 
 
 # -- fixtures ---------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""``python -m suite.report`` (or ``qmoe-report``): results tables and plots from saved runs.
+"""``python -m qmoe.suite.report`` (or ``qmoe-report``): results tables and plots from saved runs.
 
 Reads pytest-benchmark JSON (default: the newest file under ``.benchmarks/``, as
 ``--benchmark-autosave`` writes it) and, if given, the conformance outcomes that
@@ -29,8 +29,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from reference.schemes import SCHEMES
-from suite.benchmarks.tables import ResultRow, fmt, fmt_pct, fmt_si, overhead_ratio, rows_from_json
+from qmoe.reference.schemes import SCHEMES
+from qmoe.suite.benchmarks.tables import ResultRow, fmt, fmt_pct, fmt_si, overhead_ratio, rows_from_json
 
 FLOP_NOTE = ("FLOPs = 6 T H (k F + S) forward, 3x that for forward+backward (the JAX logbook's count: routed "
              "and shared SwiGLU projections, router excluded); TF/s and tokens/s from the median timed round; "
@@ -168,7 +168,7 @@ def throughput_tables(rows: list[ResultRow]) -> list[str]:
                          tablefmt="github", disable_numparse=True), ""]
     if shapes_seen:
         out += ["## Shapes", ""]
-        from suite.benchmarks.shapes import all_shapes
+        from qmoe.suite.benchmarks.shapes import all_shapes
 
         known = all_shapes()
         for shape in shapes_seen:
@@ -288,7 +288,7 @@ def write_conformance(out_dir: Path, path: Path | None) -> Path:
     # A backend is a registered name, or one the conformance suite (suite/) ran with a scheme; any other
     # parameter id (a case of the project's own self-tests in tests/) is not a backend.
     known = set(_registered_backends()) | {meta["backend"] for test, meta in zip(tests, parsed)
-                                           if meta["scheme"] and test["nodeid"].startswith("suite/")}
+                                           if meta["scheme"] and not test["nodeid"].startswith("tests/")}
     for test, meta in zip(tests, parsed):
         if meta["backend"] not in known:
             meta["backend"] = "(self-tests)" if test["nodeid"].startswith("tests/") else "(reference)"
@@ -352,7 +352,7 @@ def write_conformance(out_dir: Path, path: Path | None) -> Path:
 
 def _registered_backends() -> list[str]:
     try:
-        from implementations.registry import backend_names
+        from qmoe.implementations.registry import backend_names
 
         return backend_names()
     except Exception:  # the report must render without the registry's entry points
@@ -372,7 +372,7 @@ def _fidelity_kind(what: str) -> str:
 
 # -- main --------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m suite.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m qmoe.suite.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--benchmark-json", action="append", type=Path, default=[], metavar="PATH",
                         help="pytest-benchmark JSON, or --bench-jsonl lines (repeatable; default: the newest "
                              "under .benchmarks/)")

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import HealthCheck, assume, settings
 from hypothesis import strategies as st
 
-from reference import MoESpec
+from qmoe.reference import MoESpec
 
 from .cases import Case, CaseData, round_to_dtype
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from implementations import UnknownBackendError, get_backend
-from reference import MoEParams, MoESpec, SpecError, UnknownSchemeError
+from qmoe.implementations import UnknownBackendError, get_backend
+from qmoe.reference import MoEParams, MoESpec, SpecError, UnknownSchemeError
 
 pytestmark = pytest.mark.conformance
 

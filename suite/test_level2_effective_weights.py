@@ -23,14 +23,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from reference import get_scheme
-from reference.quantization import INT8_MAX, Quantized, quantize_weight
+from qmoe.reference import get_scheme
+from qmoe.reference.quantization import INT8_MAX, Quantized, quantize_weight
 
-from . import checks
-from .cases import round_to_dtype
-from .checks import check_shape, fail
-from .test_level1_quantizer import tie_slack
-from .tolerances import (
+from qmoe.suite import checks
+from qmoe.suite.cases import round_to_dtype
+from qmoe.suite.checks import check_shape, fail
+from qmoe.suite.test_level1_quantizer import tie_slack
+from qmoe.suite.tolerances import (
     AFFINE_LEVEL_SLACK,
     AFFINE_STEPS_FROM_GIVEN,
     EFFECTIVE_BF16_BOUNDARY,
@@ -126,7 +126,7 @@ def _check_symmetric(actual: np.ndarray, given: np.ndarray, reference: Quantized
 
 def _groups(a: np.ndarray, group_size: int) -> np.ndarray:
     """[..., in, out] -> [groups, group_size]: runs of ``group_size`` input rows of one output column
-    (the grouping of `reference.quantization.quantize_affine_groups`)."""
+    (the grouping of `qmoe.reference.quantization.quantize_affine_groups`)."""
     n_in = a.shape[-2]
     if n_in % group_size:
         raise ValueError(f"affine groups of {group_size} need the input axis ({n_in}) to be a multiple of it")

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import reference
-
-from .bounds import CaseBounds, effective_as_params
-from .checks import assert_close
-from .tolerances import tolerance
+from qmoe import reference
+from qmoe.suite.bounds import CaseBounds, effective_as_params
+from qmoe.suite.checks import assert_close
+from qmoe.suite.tolerances import tolerance
 
 pytestmark = pytest.mark.conformance
 REQUIRES = ("bypass",)

@@ -6,12 +6,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import reference
-from .bounds import CaseBounds, effective_as_params
-from .checks import assert_close, assert_same_routing, assert_sqnr, fail
-from .tolerances import BALANCE_LOSS_RELATIVE, tolerance
+from qmoe import reference
+from qmoe.suite.bounds import CaseBounds, effective_as_params
+from qmoe.suite.checks import assert_close, assert_same_routing, assert_sqnr, fail
+from qmoe.suite.tolerances import BALANCE_LOSS_RELATIVE, tolerance
 
 pytestmark = pytest.mark.conformance
+
+
+def applies_to(caps, test_name: str, params: dict) -> str | None:
+    """The fidelity test applies to quantized schemes only: ``none`` is compared tightly to float."""
+    scheme = params["target"].scheme
+    if test_name.endswith("_fidelity") and not tolerance(scheme, "float32", "forward").sqnr_floor_db:
+        return f"scheme {scheme} has no fidelity floor (compared tightly to float)"
+    return None
 
 
 def test_forward(backend, target, data, prepared):
@@ -31,7 +39,5 @@ def test_forward(backend, target, data, prepared):
 
 def test_forward_fidelity(backend, target, data, prepared):
     floor = tolerance(target.scheme, target.dtype, "forward").floor("y")
-    if floor is None:
-        pytest.skip(f"scheme {target.scheme} has no fidelity floor: it is compared tightly to float")
     y = np.asarray(backend.forward(prepared, data.x).y)
     assert_sqnr(y, reference.forward(data.spec, data.params, data.x).y, floor, "forward.y vs float")

@@ -10,13 +10,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import reference
-
-from .bounds import CaseBounds, effective_as_params
-from .checks import assert_close, assert_exactly_zero, assert_sqnr, fail
-from .tolerances import tolerance
+from qmoe import reference
+from qmoe.suite.bounds import CaseBounds, effective_as_params
+from qmoe.suite.checks import assert_close, assert_exactly_zero, assert_sqnr, fail
+from qmoe.suite.tolerances import tolerance
 
 pytestmark = pytest.mark.conformance
+
+
+def applies_to(caps, test_name: str, params: dict) -> str | None:
+    """The fidelity test applies to quantized schemes only: ``none`` is compared tightly to float."""
+    scheme = params["target"].scheme
+    if test_name.endswith("_fidelity") and not tolerance(scheme, "float32", "forward").sqnr_floor_db:
+        return f"scheme {scheme} has no fidelity floor (compared tightly to float)"
+    return None
 REQUIRES = ("backward",)
 
 #: Weight of the balance loss in the differentiated objective: non-zero so its gradient is checked.
@@ -59,8 +66,6 @@ def test_backward(backend, target, data, prepared):
 
 def test_backward_fidelity(backend, target, data, prepared):
     tol = tolerance(target.scheme, target.dtype, "backward")
-    if not tol.sqnr_floor_db:
-        pytest.skip(f"scheme {target.scheme} has no fidelity floor: it is compared tightly to float")
     grads = _backward(backend, prepared, data)
     expected = reference.backward(data.spec, data.params, data.x, data.dy, "none", BALANCE_COEFF)
     for name, value in expected.items():

@@ -1,6 +1,6 @@
 """Level 5, stack: the layerwise / grouped trainer is one pass of the reference block-coordinate descent.
 
-``Backend.train_stack`` runs `reference.updates.block_coordinate_descent` (requantize rule) over a
+``Backend.train_stack`` runs `qmoe.reference.updates.block_coordinate_descent` (requantize rule) over a
 residual stack ``x_{l+1} = x_l + moe_l(x_l)`` with loss ``0.5 * sum((x_L - target)^2) / T``: groups
 of ``group_size`` consecutive layers, each group stepped jointly with the later layers frozen.
 
@@ -22,14 +22,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import reference
-from reference import MoEParams, get_scheme
-from reference.quantization import quantize_weight
-from reference.updates import TRAINABLE_PARAMS, block_coordinate_descent, stack_backward, stack_forward, stack_loss
+from qmoe import reference
+from qmoe.reference import MoEParams, get_scheme
+from qmoe.reference.quantization import quantize_weight
+from qmoe.reference.updates import TRAINABLE_PARAMS, block_coordinate_descent, stack_backward, stack_forward, stack_loss
 
-from .cases import CaseData, round_to_dtype, routing_gaps
-from .checks import ConformanceError, assert_close, assert_requantized_step, rerun_hint
-from .tolerances import ROUTING_MARGIN, tolerance
+from qmoe.suite.cases import CaseData, round_to_dtype, routing_gaps
+from qmoe.suite.checks import ConformanceError, assert_close, assert_requantized_step, rerun_hint
+from qmoe.suite.tolerances import ROUTING_MARGIN, tolerance
 
 pytestmark = pytest.mark.conformance
 REQUIRES = ("layerwise_trainer",)

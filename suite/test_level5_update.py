@@ -10,13 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import reference
-from reference import get_scheme
-from reference.quantization import quantize_weight
+from qmoe import reference
+from qmoe.reference import get_scheme
+from qmoe.reference.quantization import quantize_weight
 
-from .checks import assert_close, assert_requantized_step
-from .bounds import effective_as_params
-from .tolerances import tolerance
+from qmoe.suite.checks import assert_close, assert_requantized_step
+from qmoe.suite.bounds import effective_as_params
+from qmoe.suite.tolerances import tolerance
 
 pytestmark = pytest.mark.conformance
 REQUIRES = ("update",)

@@ -12,14 +12,14 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-import reference
-from reference import SCHEMES
+from qmoe import reference
+from qmoe.reference import SCHEMES
 
-from .bounds import Bound, CaseBounds, effective_as_params
-from .cases import router_margin, router_saturated
-from .checks import assert_close, assert_same_routing, fail
-from .strategies import case_data
-from .tolerances import FLOAT32_EPS, GATE_UNDERFLOW, ROUTER_MARGIN_FACTOR, tolerance
+from qmoe.suite.bounds import Bound, CaseBounds, effective_as_params
+from qmoe.suite.cases import router_margin, router_saturated
+from qmoe.suite.checks import assert_close, assert_same_routing, fail
+from qmoe.suite.strategies import case_data
+from qmoe.suite.tolerances import FLOAT32_EPS, GATE_UNDERFLOW, ROUTER_MARGIN_FACTOR, tolerance
 
 pytestmark = pytest.mark.conformance
 

@@ -12,7 +12,7 @@ forward — it is not quantized a second time.
 
 A backend opts in with ``Capabilities(qat_export=True)`` and implements ``eval_forward(prepared, x) -> ForwardResult``, ``export_int8(prepared) -> dict`` (``"{name}.int8"``
 codes and ``"{name}.scale"`` scales for the quantized projections, ``"{name}"`` floats otherwise),
-``load_exported(spec, exported) -> prepared``, and ``prepare`` accepting a `reference.Scheme` object
+``load_exported(spec, exported) -> prepared``, and ``prepare`` accepting a `qmoe.reference.Scheme` object
 (``qat_int8_row`` with a clip quantile) for finding 4.
 
 The ``check_*`` functions take a backend and raise `ConformanceError`; the tests call them, and
@@ -26,17 +26,20 @@ import dataclasses
 import numpy as np
 import pytest
 
-import reference
-from reference import MoEParams, MoESpec, get_scheme
-from reference.quantization import quantize_qat_rows
+from qmoe import reference
+from qmoe.reference import MoEParams, MoESpec, get_scheme
+from qmoe.reference.quantization import quantize_qat_rows
 
-from .cases import Case, CaseData
-from .checks import ConformanceError, assert_close, rerun_hint
-from .tolerances import tolerance
+from qmoe.suite.cases import Case, CaseData
+from qmoe.suite.checks import ConformanceError, assert_close, rerun_hint
+from qmoe.suite.tolerances import tolerance
 
 pytestmark = pytest.mark.conformance
 
 SCHEME = "qat_int8_row"
+#: Backends that declare the scheme and the QAT extras (see `qmoe.suite.plugin.REQUIREMENTS`).
+SCHEMES_UNDER_TEST = (SCHEME,)
+REQUIRES = ("qat_export",)
 EXTRAS = ("eval_forward", "export_int8", "load_exported")
 
 #: QAT cases need tensors on both sides of the 65,536-element threshold, which the fixed cases'
@@ -54,10 +57,7 @@ CLIP_QUANTILE = 0.9
 
 @pytest.fixture
 def qat_backend(backend):
-    if SCHEME not in backend.capabilities.schemes:
-        pytest.skip(f"{backend.name} does not declare scheme {SCHEME}")
-    if not backend.capabilities.qat_export:
-        pytest.skip(f"{backend.name} does not declare qat_export ({', '.join(EXTRAS)})")
+    """A backend that declares the QAT scheme and ``qat_export`` (others are not generated: see REQUIRES)."""
     return backend
 
 

@@ -7,17 +7,17 @@ Two kinds of bound per entry:
   measures arithmetic, not quantization, so it is small.
 * ``sqnr_floor_db``: fidelity against the float reference (scheme ``none`` at the original float64
   weights), per tensor kind. Floors were set from the reference's own SQNR over the fixed cases
-  (`python -m suite.tolerances` prints the measurement) minus a 3 dB margin; for comparison, torchao
+  (`python -m qmoe.suite.tolerances` prints the measurement) minus a 3 dB margin; for comparison, torchao
   holds fp8 grouped-GEMM outputs at >= 27 dB and gradients at >= 24-26 dB.
 
 Error model behind ``tight`` (u = unit roundoff: 2^-24 float32, 2^-8 bfloat16):
 * float arithmetic: a length-K dot product in float32 has relative error ~ sqrt(K) u; K <= 512 in the
   cases, two projections and a SwiGLU in a chain: ~ 1e-5 with margin. Correct backends show 2e-7 to
-  2.5e-6 (`python -m suite.tolerances --headroom conformance.json` prints the worst error / bound).
+  2.5e-6 (`python -m qmoe.suite.tolerances --headroom conformance.json` prints the worst error / bound).
 * int8 code flips, computed per case (``flip_aware``, float32): the backend computes a quantizer's input
   (x, the SwiGLU hidden, the prequant VJP's cotangents) in its own precision, so a value within that
   rounding of a .5 code boundary may take the neighbouring code. The reference finds exactly those
-  elements (`reference.flip_envelope`: K u_acc |x||W| for a projection, the SwiGLU's own rounding, the
+  elements (`qmoe.reference.flip_envelope`: K u_acc |x||W| for a projection, the SwiGLU's own rounding, the
   scale's) and propagates one code step at each through the layer; a row is allowed FLIP_SAFETY x that
   effect on top of the float bound. Rows without such an element get nothing: a lost per-token scale,
   a skipped re-quantization of the hidden, a float weight or a gradient through the wrong operand moves
@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from reference.schemes import SCHEMES
+from qmoe.reference.schemes import SCHEMES
 
 LEVELS: tuple[str, ...] = ("quantizer", "effective_weights", "forward", "backward", "update", "expert_parallel")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16")
@@ -48,7 +48,7 @@ class Tolerance:
     tight: float
     reason: str
     sqnr_floor_db: dict[str, float] = field(default_factory=dict)
-    #: add the computed effect of possible int8 code flips (`reference.flip_envelope`) to ``tight``
+    #: add the computed effect of possible int8 code flips (`qmoe.reference.flip_envelope`) to ``tight``
     flip_aware: bool = False
 
     def floor(self, kind: str) -> float | None:
@@ -56,7 +56,7 @@ class Tolerance:
 
 
 #: The reference's own fidelity (dB): its SQNR against float, worst over the fixed cases, per scheme and
-#: tensor kind (y / dx / router gradient / weight gradients). Printed by `python -m suite.tolerances`;
+#: tensor kind (y / dx / router gradient / weight gradients). Printed by `python -m qmoe.suite.tolerances`;
 #: `tests/test_tolerances.py` re-measures it, so a change of the cases or the reference shows here.
 #: int8_dense's router gradient is exact (its experts are float) and has no floor.
 MEASURED_SQNR_DB: dict[str, dict[str, float]] = {
@@ -92,7 +92,7 @@ def _floors(scheme: str, dtype: str) -> dict[str, float]:
 
 #: Float arithmetic alone, per (dtype, per-token int8 somewhere): the relative bound of a row (token) in
 #: which no quantizer code can flip. Float32 rows that can flip add the computed effect of those flips
-#: (`reference.flip_envelope`, times FLIP_SAFETY); bfloat16 keeps its own error model's constant, because
+#: (`qmoe.reference.flip_envelope`, times FLIP_SAFETY); bfloat16 keeps its own error model's constant, because
 #: there the compute dtype's rounding reaches about half the hidden codes of every row (see below).
 _TIGHT: dict[tuple[str, bool], tuple[float, str]] = {
     ("float32", False): (1e-5, "float32 dot products, K <= 512: ~sqrt(K) u = 1.4e-6 per projection, x7 margin"),
@@ -157,7 +157,7 @@ def _entry(scheme: str, dtype: str, level: str) -> Tolerance:
 
 
 #: The router (never quantized, float32 in every backend): bounds that scale with the input, so they are
-#: constants here and applied per token by the tests (`suite.test_level3_forward`, `suite.test_properties`).
+#: constants here and applied per token by the tests (`qmoe.suite.test_level3_forward`, `qmoe.suite.test_properties`).
 FLOAT32_EPS = 2.0 ** -23  #: np.finfo(np.float32).eps (= 2u); the "u" in the bounds below
 #: Gate weights: relative error of the softmax/sigmoid and renormalisation themselves (a few u, x10 margin).
 GATE_RELATIVE = 1e-5
@@ -214,8 +214,8 @@ def _measure_floors() -> None:  # pragma: no cover - a maintenance tool, run by 
     """Print the reference's SQNR vs float per scheme and tensor kind over the fixed cases."""
     import numpy as np
 
-    import reference
-    from suite.cases import CASES
+    from qmoe import reference
+    from qmoe.suite.cases import CASES
 
     for scheme in SCHEMES:
         if scheme == "none":
@@ -250,7 +250,7 @@ def headroom(rows: list[dict]) -> dict[tuple[str, str, str], tuple[float, str]]:
     The bounds' promise is that correct backends sit within 100x of them: a worst ratio below 0.01
     means the bound is looser than that for every comparison of the group.
     """
-    from suite.plugin import parse_target_id
+    from qmoe.suite.plugin import parse_target_id
 
     worst: dict[tuple[str, str, str], tuple[float, str]] = {}
     for row in rows:

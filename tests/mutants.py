@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from implementations.base import Backend
-from implementations.torch_eager import INT8_MAX, Int8Tensor, TorchEagerBackend, TorchEagerState, TorchRouting
-from implementations.torch_triton import TorchTritonBackend
-from reference.layer import ForwardResult
-from reference.schemes import Scheme
-from reference.spec import MoESpec
+from qmoe.implementations.base import Backend
+from qmoe.implementations.torch_eager import INT8_MAX, Int8Tensor, TorchEagerBackend, TorchEagerState, TorchRouting
+from qmoe.implementations.torch_triton import TorchTritonBackend
+from qmoe.reference.layer import ForwardResult
+from qmoe.reference.schemes import Scheme
+from qmoe.reference.spec import MoESpec
 
 
 class MutantSwappedGateUp(TorchEagerBackend):
@@ -187,7 +187,7 @@ class MutantPrequantWeightGradFromQuantizedHidden(TorchTritonBackend):
     name = "mutant_triton_prequant_dw2_from_quantized_hidden"
 
     def _run(self, prepared, weights, x, fake_quant):
-        from implementations import _triton_layer as layer
+        from qmoe.implementations.torch_triton import layer
 
         if prepared.scheme.backward != "prequant_vjp":
             return super()._run(prepared, weights, x, fake_quant)
@@ -205,7 +205,7 @@ class MutantPrequantWeightGradFromQuantizedHidden(TorchTritonBackend):
 
 @functools.cache
 def _prequant_dw2_from_q_h() -> Any:
-    from implementations import _triton_layer as layer
+    from qmoe.implementations.torch_triton import layer
 
     class RoutedInt8ExpertsDw2FromQh(layer._RoutedInt8Experts):
         """`_RoutedInt8Experts` with its prequant backward copied, d_w2 alone changed."""

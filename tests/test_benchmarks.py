@@ -19,11 +19,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import reference
-from reference.schemes import SCHEMES
-from reference.spec import MoESpec
-from suite.benchmarks import harness, metrics, outputs, plugin, shapes, tables, workload
-from suite.benchmarks.peers import NoopBackend
+from qmoe import reference
+from qmoe.reference.schemes import SCHEMES
+from qmoe.reference.spec import MoESpec
+from qmoe.suite.benchmarks import harness, metrics, outputs, plugin, shapes, tables, workload
+from qmoe.suite.benchmarks.peers import NoopBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -261,8 +261,8 @@ def test_an_input_whose_step_never_ran_is_told_apart_from_a_none_output():
 
 
 def test_device_names_follow_each_backends_spelling():
-    from implementations.torch_eager import TorchEagerBackend
-    from suite.benchmarks.peers import JaxRaggedDotPeer
+    from qmoe.implementations.torch_eager import TorchEagerBackend
+    from qmoe.suite.benchmarks.peers import JaxRaggedDotPeer
 
     assert TorchEagerBackend.declared_device("gpu") == "cuda"
     assert JaxRaggedDotPeer.declared_device("cuda") == "gpu"
@@ -337,14 +337,14 @@ def _saved_run(tmp: Path, device: str, mean: float) -> None:
 def _run_e2e(tmp: Path) -> subprocess.CompletedProcess:
     (tmp / "test_e2e.py").write_text(_E2E_TEST)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "suite.benchmarks.plugin", "-p", "no:cacheprovider",
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
                            "-m", "benchmark", "test_e2e.py", f"--benchmark-storage=file://{tmp / '.benchmarks'}",
                            "--benchmark-compare=saved/0001", "--benchmark-compare-fail=mean:10%", "-q"],
                           cwd=tmp, env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_compare_fail_catches_a_regression_on_the_same_device(tmp_path):
-    from suite.benchmarks.timing import device_name
+    from qmoe.suite.benchmarks.timing import device_name
 
     _saved_run(tmp_path, device_name(None), mean=1e-5)  # "saved" 1e-5 s; a 2 ms sleep is a regression
     result = _run_e2e(tmp_path)

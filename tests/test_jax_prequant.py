@@ -20,16 +20,16 @@ pytest.importorskip("jax", reason="the jax_prequant backend needs jax")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-import reference  # noqa: E402
-from implementations import _jax_ep, _jax_env, _jax_programs  # noqa: E402
-from implementations._jax_grouped import bucket_capacity, int8_grouped_dot, place_rows, take_rows  # noqa: E402
-from implementations._jax_quant import quantize_per_expert, quantize_rows  # noqa: E402
-from implementations.jax_prequant import JaxPrequantBackend  # noqa: E402
-from reference import MoEParams, MoESpec  # noqa: E402
-from suite.bounds import CaseBounds  # noqa: E402
-from suite.cases import CASES  # noqa: E402
-from suite.checks import ConformanceError, assert_close, assert_exactly_zero  # noqa: E402
-from suite.tolerances import tolerance  # noqa: E402
+from qmoe import reference  # noqa: E402
+from qmoe.implementations.jax_prequant import env as _jax_env, expert_parallel as _jax_ep, programs as _jax_programs  # noqa: E402
+from qmoe.implementations.jax_prequant.grouped import bucket_capacity, int8_grouped_dot, place_rows, take_rows  # noqa: E402
+from qmoe.implementations.jax_prequant.quant import quantize_per_expert, quantize_rows  # noqa: E402
+from qmoe.implementations.jax_prequant import JaxPrequantBackend  # noqa: E402
+from qmoe.reference import MoEParams, MoESpec  # noqa: E402
+from qmoe.suite.bounds import CaseBounds  # noqa: E402
+from qmoe.suite.cases import CASES  # noqa: E402
+from qmoe.suite.checks import ConformanceError, assert_close, assert_exactly_zero  # noqa: E402
+from qmoe.suite.tolerances import tolerance  # noqa: E402
 
 SCHEMES = JaxPrequantBackend.capabilities.schemes
 # Weight shapes chosen so that no activation tensor of the step has as many elements:

@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("torch", reason="the mutants are built on torch_eager")
 
-from implementations.torch_triton import TorchTritonBackend  # noqa: E402
+from qmoe.implementations.torch_triton import TorchTritonBackend  # noqa: E402
 from tests.mutants import CONTROLS, MUTANTS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,15 +1,15 @@
-"""The flip envelope (`reference.flip_envelope`): which codes may flip, and that a flip stays inside it."""
+"""The flip envelope (`qmoe.reference.flip_envelope`): which codes may flip, and that a flip stays inside it."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-import reference
-from reference.experts import mlp_forward, silu
-from reference.flips import ACCUMULATE_ROUNDOFF, UNIT_ROUNDOFF, _hidden_arithmetic, possible_code_change
-from reference.quantization import quantize_per_token
-from suite.cases import CASES
+from qmoe import reference
+from qmoe.reference.experts import mlp_forward, silu
+from qmoe.reference.flips import ACCUMULATE_ROUNDOFF, UNIT_ROUNDOFF, _hidden_arithmetic, possible_code_change
+from qmoe.reference.quantization import quantize_per_token
+from qmoe.suite.cases import CASES
 
 U32 = UNIT_ROUNDOFF["float32"]
 

@@ -15,9 +15,9 @@ from typing import Callable
 import numpy as np
 import pytest
 
-import reference
-from reference import MoEParams, MoESpec
-from reference.quantization import quantize_per_token
+from qmoe import reference
+from qmoe.reference import MoEParams, MoESpec
+from qmoe.reference.quantization import quantize_per_token
 
 pytestmark = pytest.mark.conformance
 

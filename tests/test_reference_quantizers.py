@@ -7,9 +7,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-import reference
-from reference import MoEParams, MoESpec
-from reference.quantization import (INT8_MAX, dequantized_weight, quantize_affine_groups, quantize_per_expert,
+from qmoe import reference
+from qmoe.reference import MoEParams, MoESpec
+from qmoe.reference.quantization import (INT8_MAX, dequantized_weight, quantize_affine_groups, quantize_per_expert,
                                     quantize_per_output_channel, quantize_per_token, quantize_qat_rows,
                                     quantize_symmetric_int8, sqnr_db)
 

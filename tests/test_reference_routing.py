@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import reference
-from reference import MoEParams, MoESpec
-from reference.routing import balance_loss, capacity_mask, sigmoid, softmax
+from qmoe import reference
+from qmoe.reference import MoEParams, MoESpec
+from qmoe.reference.routing import balance_loss, capacity_mask, sigmoid, softmax
 
 pytestmark = pytest.mark.conformance
 

@@ -8,10 +8,10 @@ from typing import Callable
 import numpy as np
 import pytest
 
-import reference
-from reference import MoEParams, MoESpec
-from reference.quantization import dequantized_weight, quantize_weight
-from reference.updates import TRAINABLE_PARAMS
+from qmoe import reference
+from qmoe.reference import MoEParams, MoESpec
+from qmoe.reference.quantization import dequantized_weight, quantize_weight
+from qmoe.reference.updates import TRAINABLE_PARAMS
 
 pytestmark = pytest.mark.conformance
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from implementations import registry
-from implementations.registry import BackendLoadError, UnknownBackendError, get_backend_class, load_class
+from qmoe.implementations import registry
+from qmoe.implementations.registry import BackendLoadError, UnknownBackendError, get_backend_class, load_class
 
 
 def test_builtin_resolves_without_importing_its_framework():
@@ -36,9 +36,9 @@ def test_unknown_name_lists_known_ones():
 
 
 def test_device_names_reach_each_backend_in_its_spelling_and_undeclared_ones_fail():
-    from implementations.mlx_layerwise import MLXLayerwiseBackend
-    from implementations.torch_eager import TorchEagerBackend
-    from reference import SpecError
+    from qmoe.implementations.mlx_layerwise import MLXLayerwiseBackend
+    from qmoe.implementations.torch_eager import TorchEagerBackend
+    from qmoe.reference import SpecError
 
     assert MLXLayerwiseBackend("cuda").device == "gpu"  # MLX's name; no GPU is touched at construction
     assert TorchEagerBackend("cpu").device == "cpu"

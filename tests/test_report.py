@@ -1,4 +1,4 @@
-"""Self-tests of `python -m suite.report`: it renders the tables and plots from a small fixture run."""
+"""Self-tests of `python -m qmoe.suite.report`: it renders the tables and plots from a small fixture run."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from suite import report
+from qmoe.suite import report
 
 DEVICE = "NVIDIA H100 80GB HBM3"
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import reference
-from reference.schemes import SCHEMES
-from suite import tolerances
-from suite.cases import CASES
+from qmoe import reference
+from qmoe.reference.schemes import SCHEMES
+from qmoe.suite import tolerances
+from qmoe.suite.cases import CASES
 
 SUITE = Path(tolerances.__file__).resolve().parent
 #: Names in the table module that are its structure, not bounds.
@@ -94,7 +94,7 @@ def test_fidelity_floors_come_from_the_measurement(scheme):
             continue
         assert kind in table, f"{scheme}: {kind} loses fidelity ({value:.1f} dB) but has no measurement"
         assert abs(table[kind] - value) <= 0.051, \
-            f"{scheme}: {kind} measured {value:.2f} dB, the table says {table[kind]}: re-measure (python -m suite.tolerances)"
+            f"{scheme}: {kind} measured {value:.2f} dB, the table says {table[kind]}: re-measure (python -m qmoe.suite.tolerances)"
     for dtype in tolerances.DTYPES:
         floors = tolerances.tolerance(scheme, dtype, "forward").sqnr_floor_db
         assert set(floors) == set(table)

@@ -19,10 +19,10 @@ import pytest
 pytest.importorskip("torch", reason="torch_triton needs torch")
 pytest.importorskip("triton", reason="torch_triton needs triton")
 
-from implementations.torch_triton import TorchTritonBackend  # noqa: E402
-from suite import test_qat  # noqa: E402
-from suite.cases import CASES  # noqa: E402
-from suite.checks import ConformanceError  # noqa: E402
+from qmoe.implementations.torch_triton import TorchTritonBackend  # noqa: E402
+from qmoe.suite import test_qat  # noqa: E402
+from qmoe.suite.cases import CASES  # noqa: E402
+from qmoe.suite.checks import ConformanceError  # noqa: E402
 
 pytestmark = pytest.mark.conformance
 
@@ -33,7 +33,8 @@ def kernels():
     reason = TorchTritonBackend.unavailable_reason()
     if reason:
         pytest.skip(f"torch_triton unavailable: {reason}")
-    from implementations import _triton_common, _triton_grouped_gemm, _triton_quant
+    from qmoe.implementations.torch_triton import common as _triton_common
+    from qmoe.implementations.torch_triton.kernels import grouped_gemm as _triton_grouped_gemm, quant as _triton_quant
 
     return _triton_common, _triton_grouped_gemm, _triton_quant
 
@@ -171,7 +172,7 @@ class _LoadQuantizesAgain(TorchTritonBackend):
 
 def _patched_training_weights(monkeypatch, choose):
     """Replace the layer's choice of training weights by ``choose(name, w, scheme, fake_quant)``."""
-    from implementations import _triton_layer
+    from qmoe.implementations.torch_triton import layer as _triton_layer
 
     monkeypatch.setattr(_triton_layer, "training_weights", lambda weights, scheme, fake_quant: weights.map(
         lambda name, w: choose(_triton_layer, name, w, scheme, fake_quant)))

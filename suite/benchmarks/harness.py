@@ -22,9 +22,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-import reference
-from reference.schemes import get_scheme
-from reference.spec import MoEParams, SpecError
+from qmoe import reference
+from qmoe.reference.schemes import get_scheme
+from qmoe.reference.spec import MoEParams, SpecError
 
 from . import metrics, outputs, timing, workload
 from .peers import NoopBackend, PeerBackend, framework_of

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from reference.schemes import SCHEMES, get_scheme
-from reference.spec import MoESpec
+from qmoe.reference.schemes import SCHEMES, get_scheme
+from qmoe.reference.spec import MoESpec
 
 PASSES = ("forward", "forward_backward")
 #: Bytes per element of a compute dtype.

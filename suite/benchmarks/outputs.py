@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import reference
-from reference.spec import MoEParams, MoESpec
+from qmoe import reference
+from qmoe.reference.spec import MoEParams, MoESpec
 
 from ..tolerances import BENCHMARK_OUTPUT_FLOOR_DB
 

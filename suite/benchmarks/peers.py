@@ -6,7 +6,7 @@ the backends with the same FLOP counting, plus a do-nothing backend for the harn
 * ``jax.lax.ragged_dot``: the same with `jax.lax.ragged_dot` and per-expert group sizes, jitted.
 * ``mx.gather_mm``: the same with `mx.gather_mm` on expert-sorted rows (``sorted_indices=True``).
 
-Each is a full `implementations.Backend` for scheme ``none`` (float routing, dropless, optional shared
+Each is a full `qmoe.implementations.Backend` for scheme ``none`` (float routing, dropless, optional shared
 expert), so its timed output is checked against the reference like any backend's; the backward is
 the framework's autograd. Peers are not in the backend registry: conformance never runs them; the
 benchmark grid adds the peer of every framework a selected backend uses (`framework_of`).
@@ -20,9 +20,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from implementations.base import Backend, Capabilities
-from reference.layer import ForwardResult
-from reference.spec import MoEParams, MoESpec, SpecError, validate_input
+from qmoe.implementations.base import Backend, Capabilities
+from qmoe.reference.layer import ForwardResult
+from qmoe.reference.spec import MoEParams, MoESpec, SpecError, validate_input
 
 #: Compute dtypes of the peers (the router is float32 whatever they are).
 _DTYPES = ("float32", "bfloat16")

@@ -1,7 +1,7 @@
 """pytest hooks of the benchmarks: options, deselection, run metadata, safe comparison, terminal table.
 
-Load it beside the suite's plugin (root ``conftest.py``: ``pytest_plugins = ["suite.plugin",
-"suite.benchmarks.plugin"]``, or ``-p suite.benchmarks.plugin``).
+Load it beside the suite's plugin (root ``conftest.py``: ``pytest_plugins = ["qmoe.suite.plugin",
+"qmoe.suite.benchmarks.plugin"]``, or ``-p qmoe.suite.benchmarks.plugin``).
 
 * Deselection: tests marked ``benchmark`` run only when asked for (``-m benchmark``, or any ``-m``
   expression naming ``benchmark`` positively, or ``--benchmark-only``); otherwise they are deselected
@@ -137,7 +137,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _selected_device(config: pytest.Config) -> str | None:
     """The suite's ``--device`` (None: each backend's default); None when the suite's plugin is absent."""
     try:
-        from suite.plugin import selection
+        from qmoe.suite.plugin import selection
 
         return selection(config).device
     except (ImportError, KeyError):
@@ -167,8 +167,8 @@ def _devices_match(declared: tuple[str, ...], device: str | None) -> bool:
 def bench_grid(config: pytest.Config) -> list:
     """pytest params of `harness.BenchCase`: shape > routing > scheme > backend > top_k > pass, so that
     a prepared layer is reused across passes and the reference's effective weights across backends."""
-    from reference.schemes import SCHEMES
-    from suite.plugin import selection
+    from qmoe.reference.schemes import SCHEMES
+    from qmoe.suite.plugin import selection
 
     from .peers import PEERS, framework_of
 

@@ -1,6 +1,6 @@
 """Benchmark shapes: one source of truth for every preset (``--bench-shape NAME``).
 
-A `BenchShape` is a MoE layer (`reference.MoESpec` without ``top_k``) plus a token count and the
+A `BenchShape` is a MoE layer (`qmoe.reference.MoESpec` without ``top_k``) plus a token count and the
 top-k values to sweep. Presets:
 
 * ``cpu-small`` (default): small enough that every backend, interpreted Triton included, finishes
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from reference.spec import MoESpec
+from qmoe.reference.spec import MoESpec
 
 #: Tokens per benchmark call for the real-model layers: one 4096-token training micro-batch,
 #: large enough that every expert gets rows at the models' top-k (4096 * k / E >= 16 rows each).

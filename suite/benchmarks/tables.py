@@ -1,7 +1,7 @@
 """Results as rows: from pytest-benchmark's JSON (saved runs) or live results, with the derived
 columns (delta vs the backend's ``none``, ratio to the framework's native peer, harness overhead).
 
-Used by the terminal table (`terminal_rows`) and by `suite.report`; nothing here imports a framework.
+Used by the terminal table (`terminal_rows`) and by `qmoe.suite.report`; nothing here imports a framework.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 Each test times `Backend.benchmark_step` in pedantic rounds (`harness.time_rounds`), checks the timed
 outputs against the reference, and records FLOPs, TF/s, tokens/s, GB/s, device and versions in
 ``extra_info``. `test_harness_overhead` times the do-nothing backend through the same rounds.
-Needs the benchmark plugin (`suite.benchmarks.plugin`); deselected unless benchmarks are asked for.
+Needs the benchmark plugin (`qmoe.suite.benchmarks.plugin`); deselected unless benchmarks are asked for.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ pytestmark = pytest.mark.benchmark
 
 
 def _plugin_loaded(config: pytest.Config) -> bool:
-    return config.pluginmanager.has_plugin("suite.benchmarks.plugin")
+    return config.pluginmanager.has_plugin("qmoe.suite.benchmarks.plugin")
 
 
-_NO_PLUGIN = ("the benchmark plugin is not loaded: add 'suite.benchmarks.plugin' to pytest_plugins in the root "
-              "conftest.py, or run with -p suite.benchmarks.plugin")
+_NO_PLUGIN = ("the benchmark plugin is not loaded: add 'qmoe.suite.benchmarks.plugin' to pytest_plugins in the root "
+              "conftest.py, or run with -p qmoe.suite.benchmarks.plugin")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -30,9 +30,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             if name in metafunc.fixturenames:
                 metafunc.parametrize(name, [pytest.param(None, id="no-plugin", marks=pytest.mark.skip(reason=_NO_PLUGIN))])
         return
-    from .plugin import bench_grid, bench_options
-    from .shapes import preset
-    from .timing import clock_for
+    from qmoe.suite.benchmarks.plugin import bench_grid, bench_options
+    from qmoe.suite.benchmarks.shapes import preset
+    from qmoe.suite.benchmarks.timing import clock_for
 
     if "bench_case" in metafunc.fixturenames:
         metafunc.parametrize("bench_case", bench_grid(metafunc.config))
@@ -44,8 +44,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def test_throughput(benchmark, bench_case, request: pytest.FixtureRequest) -> None:
-    from .harness import run_case
-    from .plugin import bench_options
+    from qmoe.suite.benchmarks.harness import run_case
+    from qmoe.suite.benchmarks.plugin import bench_options
 
     case, cls, load_error = bench_case
     if load_error:
@@ -55,7 +55,7 @@ def test_throughput(benchmark, bench_case, request: pytest.FixtureRequest) -> No
 
 def test_harness_overhead(benchmark, overhead_shape, request: pytest.FixtureRequest) -> None:
     """The do-nothing backend through the same rounds: the harness's own cost per timed call."""
-    from .harness import run_overhead
-    from .plugin import bench_options
+    from qmoe.suite.benchmarks.harness import run_overhead
+    from qmoe.suite.benchmarks.plugin import bench_options
 
     run_overhead(benchmark, bench_options(request.config), overhead_shape)

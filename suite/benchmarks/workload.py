@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reference.spec import MoEParams, MoESpec
+from qmoe.reference.spec import MoEParams, MoESpec
 
 from .shapes import BenchShape
 
@@ -120,7 +120,7 @@ def make_inputs(shape: BenchShape, dtype: str, count: int, seed: int = 0) -> lis
 
 def expert_loads(spec: MoESpec, params: MoEParams, x: np.ndarray) -> np.ndarray:
     """Rows each expert receives from ``x`` under the reference's routing (float64), length E."""
-    from reference.routing import route
+    from qmoe.reference.routing import route
 
     ids = route(spec, params, np.asarray(x, dtype=np.float64)).expert_ids
     return np.bincount(ids.reshape(-1), minlength=spec.experts)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import is_interpreted_kernel, next_power_of_2, record_launch
+from ..common import is_interpreted_kernel, next_power_of_2, record_launch
 
 
 @triton.jit

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.lax import RaggedDotDimensionNumbers, ragged_dot_general
 
-from ._jax_env import precision_for
-from ._jax_quant import dequantize, quantize_rows
+from .env import precision_for
+from .quant import dequantize, quantize_rows
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from ._jax_grouped import gather_token_rows, permute_rows, place_rows, take_rows
-from ._jax_layer import (LayerPlan, finish, gather_tokens, prequantized_weights, shared_expert, stage_down, stage_up,
+from .grouped import gather_token_rows, permute_rows, place_rows, take_rows
+from .layer import (LayerPlan, finish, gather_tokens, prequantized_weights, shared_expert, stage_down, stage_up,
                          weighted_sum)
-from ._jax_quant import quantize_rows
-from ._jax_routing import RoutingOut, route
+from .quant import quantize_rows
+from .routing import RoutingOut, route
 
 AXIS = "ep"
 

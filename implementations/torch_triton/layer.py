@@ -5,7 +5,7 @@
 Steps: route (float32 logits, selection on float64 scores, lower index wins ties), plan the dispatch
 (token rows sorted by expert, group offsets, no capacity padding, no host synchronisation), run the
 routed experts as grouped GEMMs, combine by gate weight.
-Per scheme (`reference.schemes`):
+Per scheme (`qmoe.reference.schemes`):
 
 * ``none``: `torch._grouped_mm` forward and backward (no loop over experts).
 * ``qat_int8_row``: the same float path on fake-quantized weights (Triton fused per-row kernel,
@@ -29,15 +29,15 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 
-from reference.schemes import Scheme
-from reference.spec import MoESpec
+from qmoe.reference.schemes import Scheme
+from qmoe.reference.spec import MoESpec
 
-from ._triton_common import FALLBACKS
-from ._triton_grouped_gemm import grouped_gemm
-from ._triton_quant import fake_quant_rows, quantize_per_expert, quantize_rows
-from .torch_eager import router_gate_weights, sigmoid_balance_probs
-from ._triton_swiglu import swiglu_backward as fused_swiglu_backward
-from ._triton_swiglu import swiglu_forward
+from .common import FALLBACKS
+from .kernels.grouped_gemm import grouped_gemm
+from .kernels.quant import fake_quant_rows, quantize_per_expert, quantize_rows
+from ..torch_eager import router_gate_weights, sigmoid_balance_probs
+from .kernels.swiglu import swiglu_backward as fused_swiglu_backward
+from .kernels.swiglu import swiglu_forward
 
 
 # -- weights ---------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 * `quantize_rows`: symmetric int8 per row (per token): s_r = amax_r / 127 (1 where amax_r = 0),
   q = clip(rint(v / s_r), -127, 127). Activations and output gradients go through it.
-* (the SwiGLU hidden and its gradient, fused with the same per-row int8, are in `_triton_swiglu`)
+* (the SwiGLU hidden and its gradient, fused with the same per-row int8, are in `kernels.swiglu`)
 * `quantize_per_expert`: one scale per expert matrix (amax over the whole matrix), codes written in
   the layout the grouped GEMM reads them in.
 * `fake_quant_rows`: the QAT exporter's per-row rule, fused: for each output channel (a column of a
@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import INT8_MAX, is_interpreted_kernel, next_power_of_2, record_launch, round_half_even
+from ..common import INT8_MAX, is_interpreted_kernel, next_power_of_2, record_launch, round_half_even
 
 
 # -- kernels --------------------------------------------------------------------------------------

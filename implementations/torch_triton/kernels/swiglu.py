@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import is_interpreted_kernel, next_power_of_2, record_launch, round_half_even
-from ._triton_quant import _row_scale
+from ..common import is_interpreted_kernel, next_power_of_2, record_launch, round_half_even
+from .quant import _row_scale
 
 
 @triton.jit

@@ -7,10 +7,10 @@ sub-stacks only: the weight gradients are [U, ...] for the U used experts, never
 MoE8 report's dense-gradient memory problem). Gradients of a quantized expert come from
 `trainable_gather_qmm`'s straight-through VJP.
 
-The residual stack and its loss are those of `reference.updates`:
+The residual stack and its loss are those of `qmoe.reference.updates`:
 ``x_{l+1} = x_l + moe_l(x_l)``, ``L = 0.5 * sum((x_L - target)^2) / T + balance_coeff * sum_l balance_l``.
 
-This module imports mlx at import time; `implementations.mlx_layerwise` imports it lazily.
+This module imports mlx at import time; `qmoe.implementations.mlx_layerwise` imports it lazily.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
-from reference.spec import MoESpec
+from qmoe.reference.spec import MoESpec
 
-from ._mlx_layer import DispatchPlan, LayerWeights, forward_planned, plan_layer
+from .layer import DispatchPlan, LayerWeights, forward_planned, plan_layer
 
 #: Float (never quantized) parameters that SGD steps; ``router_bias`` steers selection only.
 FLOAT_TRAINABLE: tuple[str, ...] = ("router", "shared_w13", "shared_w2")
@@ -84,7 +84,7 @@ def layer_gradients(spec: MoESpec, weights: LayerWeights, x: mx.array, dy: mx.ar
 def sgd_step(weights: LayerWeights, gradients: LayerGradients, lr: float) -> LayerWeights:
     """One SGD step: experts re-quantized (one projection at a time), float parameters W - lr * g.
 
-    Matches `reference.updates.requantize_step` for the experts that received tokens; experts with
+    Matches `qmoe.reference.updates.requantize_step` for the experts that received tokens; experts with
     none keep their codes bit for bit (their gradient is exactly zero; see `QuantizedExperts.sgd_step`).
     """
     grads, used = gradients.grads, gradients.plan.used
@@ -154,7 +154,7 @@ def run_layer(spec: MoESpec, weights: LayerWeights, x: mx.array) -> mx.array:
 
 def block_coordinate_descent(spec: MoESpec, layers: Sequence[LayerWeights], x: mx.array, target: mx.array,
                              lr: float, group_size: int, balance_coeff: float = 0.0) -> list[LayerWeights]:
-    """One front-to-back pass of grouped SGD over the stack, as `reference.updates.block_coordinate_descent`.
+    """One front-to-back pass of grouped SGD over the stack, as `qmoe.reference.updates.block_coordinate_descent`.
 
     For each group of ``group_size`` consecutive layers: plan the tail from the group's input, take
     the group's gradients jointly with the later layers frozen, step each of its layers (experts

@@ -24,18 +24,18 @@ from typing import Any, Callable
 
 import numpy as np
 
-from reference.layer import ForwardResult
-from reference.schemes import get_scheme
-from reference.spec import MoEParams, MoESpec, SpecError, validate_input
+from qmoe.reference.layer import ForwardResult
+from qmoe.reference.schemes import get_scheme
+from qmoe.reference.spec import MoEParams, MoESpec, SpecError, validate_input
 
-from .base import Backend, Capabilities
+from ..base import Backend, Capabilities
 
 QUANTIZED_SCHEME = "int8_affine_g64"
 
 
 @dataclass(frozen=True)
 class MLXPrepared:
-    """One layer resident on the MLX device (``weights`` is a `_mlx_layer.LayerWeights`)."""
+    """One layer resident on the MLX device (``weights`` is a `layer.LayerWeights`)."""
 
     spec: MoESpec
     scheme: str
@@ -67,8 +67,8 @@ def _to_numpy(values) -> np.ndarray:
 
 def layer_weights_on_device(spec: MoESpec, params: MoEParams, scheme: str, dtype: str):
     """`LayerWeights` for ``params``: router float32; experts quantized under ``int8_affine_g64``."""
-    from ._mlx_experts import make_experts
-    from ._mlx_layer import LayerWeights
+    from .experts import make_experts
+    from .layer import LayerWeights
 
     params.validate(spec)
     quantized = scheme == QUANTIZED_SCHEME
@@ -159,7 +159,7 @@ class MLXLayerwiseBackend(Backend):
         return MLXPrepared(spec, scheme, dtype, weights)
 
     def forward(self, prepared: MLXPrepared, x: np.ndarray) -> ForwardResult:
-        from ._mlx_layer import forward_static
+        from .layer import forward_static
 
         validate_input(prepared.spec, x)
         with self._stream():
@@ -177,7 +177,7 @@ class MLXLayerwiseBackend(Backend):
                  ) -> dict[str, np.ndarray]:
         """Straight-through gradients; experts with no token get exact zeros (filled in at the NumPy boundary:
         on the device only the used experts' gradients ever exist)."""
-        from ._mlx_training import layer_gradients
+        from .training import layer_gradients
 
         spec = prepared.spec
         validate_input(spec, x)
@@ -197,7 +197,7 @@ class MLXLayerwiseBackend(Backend):
         return out
 
     def expert_outputs(self, prepared: MLXPrepared, x: np.ndarray) -> np.ndarray:
-        from ._mlx_layer import bypass_outputs
+        from .layer import bypass_outputs
 
         validate_input(prepared.spec, x)
         with self._stream():
@@ -205,7 +205,7 @@ class MLXLayerwiseBackend(Backend):
 
     def update(self, prepared: MLXPrepared, x: np.ndarray, dy: np.ndarray, lr: float) -> MLXPrepared:
         """W' = deq(Q(W - lr g)) per expert projection that received tokens; float params W - lr g."""
-        from ._mlx_training import layer_gradients, sgd_step
+        from .training import layer_gradients, sgd_step
 
         validate_input(prepared.spec, x)
         validate_input(prepared.spec, dy, "dy")
@@ -217,8 +217,8 @@ class MLXLayerwiseBackend(Backend):
 
     def train_stack(self, spec: MoESpec, layers: list[MoEParams], x: np.ndarray, target: np.ndarray,
                     scheme: str, dtype: str, lr: float, group_size: int) -> list[dict[str, np.ndarray]]:
-        """`reference.updates.block_coordinate_descent` with the requantize rule, on the device."""
-        from ._mlx_training import block_coordinate_descent
+        """`qmoe.reference.updates.block_coordinate_descent` with the requantize rule, on the device."""
+        from .training import block_coordinate_descent
 
         self._check(spec, scheme, dtype)
         if not layers:
@@ -235,8 +235,8 @@ class MLXLayerwiseBackend(Backend):
     def benchmark_step(self, prepared: MLXPrepared, x: np.ndarray, pass_: str, dy: np.ndarray | None = None
                        ) -> Callable[[], Any]:
         """Forward: the fixed-shape dispatch; backward: plan + straight-through gradients. `mx.eval` inside."""
-        from ._mlx_layer import forward_static
-        from ._mlx_training import layer_gradients
+        from .layer import forward_static
+        from .training import layer_gradients
 
         mx = _mx()
         with self._stream():

@@ -6,10 +6,10 @@ per-token activation scales, one scale per expert weight matrix, int8 x int8 gro
 int32 accumulation, dequantized once at the output. ``int8_routed_prequant`` quantizes the expert
 weights once here in `prepare` and its backward is the logbook's final custom VJP (MOE-I8-024).
 
-Grouped matmul formulation (`_jax_env.select_formulation`): ``ragged`` (``jax.lax.ragged_dot_general``)
+Grouped matmul formulation (`env.select_formulation`): ``ragged`` (``jax.lax.ragged_dot_general``)
 on CPU and TPU; ``padded`` (capacity-padded batched matmul) on GPU, where ragged_dot lowers to a dense
 masked dot. Force one with ``JaxPrequantBackend(grouped="padded")`` or ``QMOE_JAX_GROUPED=padded``.
-On GPU the programs of int8 schemes compile with ``_jax_env.INT8_GPU_OPTIONS`` (cuBLASLt int8 GEMMs
+On GPU the programs of int8 schemes compile with ``env.INT8_GPU_OPTIONS`` (cuBLASLt int8 GEMMs
 instead of XLA's Triton GEMM fusions, which ran the int8 expert GEMMs slower than bfloat16 on an H100).
 
 Expert parallelism: ``prepare(..., ep_size=N)`` shards experts over N devices (mesh axis ``ep``);
@@ -31,11 +31,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from reference.layer import ForwardResult
-from reference.schemes import get_scheme
-from reference.spec import MoEParams, MoESpec, SpecError, validate_input
+from qmoe.reference.layer import ForwardResult
+from qmoe.reference.schemes import get_scheme
+from qmoe.reference.spec import MoEParams, MoESpec, SpecError, validate_input
 
-from .base import Backend, Capabilities
+from ..base import Backend, Capabilities
 
 SCHEMES = ("none", "int8_dense", "int8_routed", "int8_all", "int8_routed_prequant")
 DTYPES = ("float32", "bfloat16")
@@ -111,10 +111,10 @@ class JaxPrequantBackend(Backend):
         if dtype not in DTYPES:
             raise ValueError(f"{self.name} does not implement dtype {dtype!r}; it implements {', '.join(DTYPES)}")
         params.validate(spec)
-        from . import _jax_env, _jax_programs
-        from ._jax_layer import LayerPlan
+        from . import env, programs
+        from .layer import LayerPlan
 
-        devices = _jax_env.platform_devices(self.device)
+        devices = env.platform_devices(self.device)
         if not isinstance(ep_size, int) or ep_size < 1:
             raise ValueError(f"ep_size must be a positive integer, got {ep_size!r}")
         if ep_size > len(devices):
@@ -123,7 +123,7 @@ class JaxPrequantBackend(Backend):
                 f"XLA_FLAGS=--xla_force_host_platform_device_count={max(ep_size, 4)} before jax is imported")
         experts = -(-spec.experts // ep_size) * ep_size
         mesh = _make_mesh(devices[:ep_size]) if ep_size > 1 else None
-        plan = LayerPlan(spec, scheme, dtype, _jax_env.select_formulation(devices[0].platform, self.grouped),
+        plan = LayerPlan(spec, scheme, dtype, env.select_formulation(devices[0].platform, self.grouped),
                          experts, ep_size=ep_size, mesh=mesh, platform=devices[0].platform)
         host_params, host_frozen = _host_arrays(spec, params, experts)
         put = _placer(devices[0], mesh)
@@ -133,11 +133,11 @@ class JaxPrequantBackend(Backend):
                          for name, value in host_params.items()}
         frozen = {name: put(value, False) for name, value in host_frozen.items()}
         if plan.prequantized:
-            (w13_codes, w13_scale), (w2_codes, w2_scale) = _jax_programs.quantize_experts(
+            (w13_codes, w13_scale), (w2_codes, w2_scale) = programs.quantize_experts(
                 device_params["w13"], device_params["w2"])
             # Both layouts of the codes: [E, in, out] for the input gradient, [E, out, in] for the
             # forward, so every int8 product contracts the minor axis of both operands.
-            w13_codes_t, w2_codes_t = _jax_programs.transpose_codes(w13_codes, w2_codes)
+            w13_codes_t, w2_codes_t = programs.transpose_codes(w13_codes, w2_codes)
             frozen.update({name: put(value, True) for name, value in
                            (("w13_codes", w13_codes), ("w13_scale", w13_scale), ("w13_codes_t", w13_codes_t),
                             ("w2_codes", w2_codes), ("w2_scale", w2_scale), ("w2_codes_t", w2_codes_t))})
@@ -150,11 +150,11 @@ class JaxPrequantBackend(Backend):
 
     # -- forward / backward ---------------------------------------------------------------------------
     def forward(self, prepared: JaxPrepared, x: np.ndarray) -> ForwardResult:
-        from . import _jax_programs
+        from . import programs
 
         validate_input(prepared.spec, x)
         x_dev = self._put_tokens(prepared, x)
-        outputs = self._run_sized(prepared, x_dev, lambda plan: _jax_programs.forward(
+        outputs = self._run_sized(prepared, x_dev, lambda plan: programs.forward(
             prepared.params, prepared.frozen, x_dev, plan))
         y, ids, gates, balance, _ = outputs
         return ForwardResult(np.asarray(y, dtype=np.float64), np.asarray(ids).astype(np.int64),
@@ -164,7 +164,7 @@ class JaxPrequantBackend(Backend):
                  ) -> dict[str, np.ndarray]:
         """Gradients of sum(y * dy) + balance_coeff * balance_loss, float64, keyed x and the float
         parameters (router_bias steers selection only and has none)."""
-        from . import _jax_programs
+        from . import programs
 
         validate_input(prepared.spec, x)
         validate_input(prepared.spec, dy, "dy")
@@ -172,7 +172,7 @@ class JaxPrequantBackend(Backend):
             raise SpecError(f"dy has shape {dy.shape}, expected the output's shape {x.shape}")
         x_dev = self._put_tokens(prepared, x)
         dy_dev = self._put_tokens(prepared, dy)
-        d_params, d_x, _ = self._run_sized(prepared, x_dev, lambda plan: _jax_programs.forward_backward(
+        d_params, d_x, _ = self._run_sized(prepared, x_dev, lambda plan: programs.forward_backward(
             prepared.params, prepared.frozen, x_dev, dy_dev, np.float32(balance_coeff), plan))
         experts = prepared.spec.experts
         grads = {"x": np.asarray(d_x, dtype=np.float64)}
@@ -185,17 +185,17 @@ class JaxPrequantBackend(Backend):
         """Symmetric int8 codes and float32 scales (kept dims), computed by the backend's own quantizer."""
         import jax.numpy as jnp
 
-        from ._jax_quant import quantize_symmetric
+        from .quant import quantize_symmetric
 
         codes, scale = quantize_symmetric(jnp.asarray(np.asarray(values, dtype=np.float32)), axis)
         return np.asarray(codes), np.asarray(scale)
 
     def expert_outputs(self, prepared: JaxPrepared, x: np.ndarray) -> np.ndarray:
-        from . import _jax_programs
+        from . import programs
 
         validate_input(prepared.spec, x)
         plan = _noted(replace(prepared.plan, ep_size=1, mesh=None))
-        out = _jax_programs.bypass(prepared.params, prepared.frozen, self._put_tokens(prepared, x), plan)
+        out = programs.bypass(prepared.params, prepared.frozen, self._put_tokens(prepared, x), plan)
         return np.asarray(out, dtype=np.float64)[: prepared.spec.experts]
 
     # -- benchmarks -------------------------------------------------------------------------------------
@@ -210,21 +210,21 @@ class JaxPrequantBackend(Backend):
         """
         import jax
 
-        from . import _jax_programs
+        from . import programs
 
         validate_input(prepared.spec, x)
         x_dev = self._put_tokens(prepared, x)
         plan = self._plan_for(prepared, x_dev)
         if pass_ == "forward":
             def run():
-                return _jax_programs.forward(prepared.params, prepared.frozen, x_dev, plan)
+                return programs.forward(prepared.params, prepared.frozen, x_dev, plan)
         elif pass_ in FORWARD_BACKWARD:
             if dy is None:
                 dy = np.random.default_rng(0).standard_normal(x.shape)
             dy_dev = self._put_tokens(prepared, dy)
 
             def run():
-                return _jax_programs.forward_backward(prepared.params, prepared.frozen, x_dev, dy_dev,
+                return programs.forward_backward(prepared.params, prepared.frozen, x_dev, dy_dev,
                                                       np.float32(0.0), plan)
         else:
             raise ValueError(f"unknown pass {pass_!r}: use 'forward' or one of {FORWARD_BACKWARD}")
@@ -245,7 +245,7 @@ class JaxPrequantBackend(Backend):
         Single device only (``ep_size`` = 1): in EP the stages interleave with the all_to_alls."""
         import jax
 
-        from . import _jax_programs as programs
+        from . import programs
 
         if prepared.plan.ep_size != 1:
             raise ValueError("stage_times runs on one device (prepare with ep_size=1)")
@@ -285,9 +285,9 @@ class JaxPrequantBackend(Backend):
             return _noted(plan)
         tokens = x_dev.shape[0]
         if tokens not in prepared.sizes:
-            from . import _jax_programs
+            from . import programs
 
-            routing = _jax_programs.routing_only(prepared.params["router"], prepared.frozen.get("router_bias"),
+            routing = programs.routing_only(prepared.params["router"], prepared.frozen.get("router_bias"),
                                                  x_dev, plan.spec)
             ids, kept = (np.asarray(a) for a in routing)
             prepared.sizes[tokens] = _bucketed(plan, tokens, *_needed_sizes(plan, ids, kept))
@@ -316,10 +316,10 @@ _EXPERT_ARRAYS = ("w13", "w2", "w13_codes", "w13_scale", "w13_codes_t", "w2_code
 
 
 def _noted(plan):
-    """``plan``, recorded as live (compiled programs are dropped past a bound: `_jax_programs.note_plan`)."""
-    from . import _jax_programs
+    """``plan``, recorded as live (compiled programs are dropped past a bound: `programs.note_plan`)."""
+    from . import programs
 
-    _jax_programs.note_plan(plan)
+    programs.note_plan(plan)
     return plan
 
 
@@ -364,7 +364,7 @@ def _host_arrays(spec: MoESpec, params: MoEParams, experts: int) -> tuple[dict, 
 def _effective_weights(spec: MoESpec, plan, device_params: dict, frozen: dict) -> dict[str, np.ndarray]:
     """The float64 values the forward computes with: codes * scale where the scheme quantizes (the
     very codes the prequant forward consumes, or the in-step quantizer's), the stored values elsewhere."""
-    from . import _jax_programs
+    from . import programs
 
     def dequantized(codes, scale) -> np.ndarray:
         return np.asarray(codes, np.float64) * np.asarray(scale, np.float64)
@@ -377,11 +377,11 @@ def _effective_weights(spec: MoESpec, plan, device_params: dict, frozen: dict) -
             w13_q = (frozen["w13_codes"], frozen["w13_scale"])
             w2_q = (frozen["w2_codes"], frozen["w2_scale"])  # the transposed copies hold the same codes
         else:
-            w13_q, w2_q = _jax_programs.quantize_experts(device_params["w13"], device_params["w2"])
+            w13_q, w2_q = programs.quantize_experts(device_params["w13"], device_params["w2"])
         effective["w13"] = dequantized(*w13_q)
         effective["w2"] = dequantized(*w2_q)
     if plan.shared_int8 and spec.shared_ffn:
-        w13_q, w2_q = _jax_programs.quantize_shared(device_params["shared_w13"], device_params["shared_w2"])
+        w13_q, w2_q = programs.quantize_shared(device_params["shared_w13"], device_params["shared_w2"])
         effective["shared_w13"] = dequantized(*w13_q)
         effective["shared_w2"] = dequantized(*w2_q)
     effective["w13"] = effective["w13"][: spec.experts]
@@ -405,7 +405,7 @@ def _needed_sizes(plan, expert_ids: np.ndarray, kept: np.ndarray) -> tuple[int, 
 
 def _bucketed(plan, tokens: int, expert_rows: int, pair_rows: int) -> tuple[int, int]:
     """Static capacities for the needed row counts, bucketed and capped at what can ever arrive."""
-    from ._jax_grouped import bucket_capacity
+    from .grouped import bucket_capacity
 
     padded_tokens = -(-tokens // plan.ep_size) * plan.ep_size
     capacity = 0

@@ -10,7 +10,7 @@ checkpoint stores, per layer ``i``::
 and in the safetensors metadata the format name, the `MoESpec` as JSON, group size and bits.
 Loading gives back every tensor bit for bit (`bit_identical` checks it).
 
-This module imports mlx at import time; `implementations.mlx_layerwise` does not import it.
+This module imports mlx at import time; `qmoe.implementations.mlx_layerwise` does not import it.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
-from reference.spec import MoEParams, MoESpec
+from qmoe.reference.spec import MoEParams, MoESpec
 
-from ._mlx_experts import AFFINE_BITS, AFFINE_GROUP_SIZE, QuantizedExperts
-from ._mlx_layer import LayerWeights
+from .experts import AFFINE_BITS, AFFINE_GROUP_SIZE, QuantizedExperts
+from .layer import LayerWeights
 
 CHECKPOINT_FORMAT = "qmoe-mlx-expert-int8-v1"
 _FLOAT_PARAMS = ("router", "router_bias", "shared_w13", "shared_w2")
@@ -40,7 +40,7 @@ class CheckpointError(ValueError):
 
 def quantize_expert_layers(spec: MoESpec, layers: Sequence[MoEParams], dtype: str = "float32") -> list[LayerWeights]:
     """Device layers with only the routed experts quantized (scheme ``int8_affine_g64``)."""
-    from .mlx_layerwise import layer_weights_on_device
+    from . import layer_weights_on_device
 
     return [layer_weights_on_device(spec, layer, "int8_affine_g64", dtype) for layer in layers]
 

@@ -12,7 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ._jax_env import precision_for
+from .env import precision_for
 
 INT8_MAX = 127
 

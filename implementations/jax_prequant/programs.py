@@ -13,16 +13,22 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ._jax_env import INT8_GPU_OPTIONS
-from ._jax_layer import (LayerPlan, Packed, prequantized_weights, run_bypass, run_layer, shared_expert, stage_combine,
-                         stage_down, stage_pack, stage_up)
-from ._jax_quant import quantize_columns, quantize_per_expert
-from ._jax_routing import route
+from .env import INT8_GPU_OPTIONS
+from .expert_parallel import run_layer_ep
+from .layer import (LayerPlan, Packed, prequantized_weights, run_bypass, run_layer, shared_expert, stage_combine,
+                    stage_down, stage_pack, stage_up)
+from .quant import quantize_columns, quantize_per_expert
+from .routing import route
+
+
+def _run_layer(plan: LayerPlan, params: dict, frozen: dict, x: jax.Array):
+    """The layer on one device, or with its experts split over ``plan.ep_size`` devices."""
+    return (run_layer_ep if plan.ep_size > 1 else run_layer)(plan, params, frozen, x)
 
 
 class _Program:
     """A program jit-compiled per `LayerPlan` (static), with XLA's default options or, for plans
-    with int8 GEMMs on a GPU, `INT8_GPU_OPTIONS` (cuBLASLt int8 GEMMs; see `_jax_env`).
+    with int8 GEMMs on a GPU, `INT8_GPU_OPTIONS` (cuBLASLt int8 GEMMs; see `env`).
 
     Called like the jitted function: ``program(*arrays, plan)`` or ``program(*arrays, plan=plan)``.
     """
@@ -54,7 +60,7 @@ _jit = _Program
 @_jit
 def forward(params: dict, frozen: dict, x: jax.Array, plan: LayerPlan):
     """(y, expert_ids, gate_weights, balance_loss, needed sizes)."""
-    y, routing, needed = run_layer(plan, params, frozen, x)
+    y, routing, needed = _run_layer(plan, params, frozen, x)
     return y, routing.expert_ids, routing.gate_weights, routing.balance_loss, needed
 
 
@@ -64,7 +70,7 @@ def forward_backward(params: dict, frozen: dict, x: jax.Array, dy: jax.Array, ba
     """(d params, d x, needed sizes) of L = sum(y * dy) + balance_coeff * balance_loss."""
 
     def objective(params, x):
-        y, routing, needed = run_layer(plan, params, frozen, x)
+        y, routing, needed = _run_layer(plan, params, frozen, x)
         return (y, routing.balance_loss), needed
 
     (y, _), pullback, needed = jax.vjp(objective, params, x, has_aux=True)

@@ -10,7 +10,7 @@ Two dispatch paths share one expert computation (`expert_rows_forward`):
   assignments experts kept and the experts that received at least one, re-indexed 0..U-1, so the
   trainable gather (`trainable_gather_qmm`) produces weight gradients for those U experts only.
 
-This module imports mlx at import time; `implementations.mlx_layerwise` imports it lazily.
+This module imports mlx at import time; `qmoe.implementations.mlx_layerwise` imports it lazily.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from dataclasses import dataclass, replace
 import mlx.core as mx
 import numpy as np
 
-from reference.spec import MoESpec
+from qmoe.reference.spec import MoESpec
 
-from ._mlx_experts import Experts
+from .experts import Experts
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def capacity_mask(spec: MoESpec, expert_ids: mx.array) -> mx.array:
 
 
 def route(spec: MoESpec, router: mx.array, router_bias: mx.array | None, x: mx.array) -> RouterOutput:
-    """Router in float32 (no scheme quantizes it), as `reference.routing.route`.
+    """Router in float32 (no scheme quantizes it), as `qmoe.reference.routing.route`.
 
     softmax_topk: p = softmax(x R); ids = topk(p); w = p[ids] (/ sum w if renormalize).
     sigmoid_topk: s = sigmoid(x R); ids = topk(s + bias); w = s[ids] (/ sum if renormalize) * scaling;

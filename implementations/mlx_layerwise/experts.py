@@ -12,7 +12,7 @@ cotangent is the gradient of the *dequantized* weight, and it is computed only f
 in: callers pass the experts that received tokens (`QuantizedExperts.take`), never the full stack,
 so no dense float gradient exists for an expert without a token (the report's 31 GB FP32 problem).
 
-This module imports mlx at import time; `implementations.mlx_layerwise` imports it lazily.
+This module imports mlx at import time; `qmoe.implementations.mlx_layerwise` imports it lazily.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """torch_triton: PyTorch + Triton MoE — grouped GEMMs over expert-sorted rows, int8 kernels, QAT.
 
-Schemes (`reference.schemes`), each without a Python loop over experts:
+Schemes (`qmoe.reference.schemes`), each without a Python loop over experts:
 
 * ``none``: `torch._grouped_mm` forward and backward (runs on CPU in torch >= 2.8 as well).
 * ``int8_routed`` / ``int8_routed_prequant``: a Triton grouped int8 x int8 GEMM with int32
@@ -31,7 +31,7 @@ Backend extras (QAT, beyond `Backend`; suite/test_qat.py checks them where a bac
   whatever scheme was prepared (so a float-trained model exports by post-training quantization).
 * ``load_exported(spec, exported, dtype="float32") -> prepared``: a model whose weights are the
   dequantized export and whose forward does not fake-quantize again (not quantized twice).
-* ``prepare`` also takes a `reference.schemes.Scheme` object (e.g. ``qat_int8_row`` with a clip
+* ``prepare`` also takes a `qmoe.reference.schemes.Scheme` object (e.g. ``qat_int8_row`` with a clip
   quantile), so the clip rule can be checked in training and export alike.
 
 Inputs may be ``bfloat16`` on CUDA for benchmarks; conformance declares float32 only (the CPU
@@ -46,16 +46,16 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from reference.layer import ForwardResult
-from reference.schemes import Scheme, get_scheme
-from reference.spec import MoEParams, MoESpec, SpecError, validate_input
+from qmoe.reference.layer import ForwardResult
+from qmoe.reference.schemes import Scheme, get_scheme
+from qmoe.reference.spec import MoEParams, MoESpec, SpecError, validate_input
 
-from .base import Backend, Capabilities
+from ..base import Backend, Capabilities
 
 if TYPE_CHECKING:  # torch and triton are imported lazily: the module must import without them
     import torch
 
-    from . import _triton_layer
+    from . import layer
 
 SCHEMES = ("none", "int8_routed", "int8_routed_prequant", "qat_int8_row")
 #: Projections the QAT exporter may store as int8 (the router always stays float).
@@ -70,11 +70,11 @@ def _torch():
     return torch
 
 
-def _layer() -> "_triton_layer":
+def _layer() -> "layer":
     """The torch/Triton layer module; importing it builds the kernels (interpreted or compiled)."""
-    from . import _triton_layer
+    from . import layer
 
-    return _triton_layer
+    return layer
 
 
 def _numpy(t: "torch.Tensor") -> np.ndarray:
@@ -93,8 +93,8 @@ class TritonPrepared:
     scheme: Scheme
     dtype: str
     device: "torch.device"
-    weights: Any              # _triton_layer.LayerWeights
-    int8_experts: Any = None  # _triton_layer.Int8Experts | None
+    weights: Any              # layer.LayerWeights
+    int8_experts: Any = None  # layer.Int8Experts | None
     fake_quant: bool = True
 
     @property
@@ -140,9 +140,9 @@ class TorchTritonBackend(Backend):
     def versions(cls) -> dict[str, str]:
         import triton
 
-        from . import _triton_grouped_gemm
+        from .kernels import grouped_gemm
 
-        mode = "interpreter" if _triton_grouped_gemm.INTERPRETED else "compiled"
+        mode = "interpreter" if grouped_gemm.INTERPRETED else "compiled"
         return {"torch": _torch().__version__, "triton": f"{triton.__version__} ({mode})"}
 
     # -- prepare -----------------------------------------------------------------------------------
@@ -171,7 +171,7 @@ class TorchTritonBackend(Backend):
 
     def prepare_tensors(self, spec: MoESpec, scheme: Scheme, dtype: str, device: "torch.device",
                         weights: Any, fake_quant: bool = True) -> TritonPrepared:
-        """`prepare` from torch tensors already on the device (a `_triton_layer.LayerWeights`), for
+        """`prepare` from torch tensors already on the device (a `layer.LayerWeights`), for
         scripts that build seed-shape weights there instead of passing gigabytes through NumPy."""
         with _torch().no_grad():
             int8_experts = _layer().prepare_int8(scheme, weights)
@@ -186,9 +186,9 @@ class TorchTritonBackend(Backend):
 
     def _check_kernel_mode(self) -> None:
         """CPU tensors need the interpreter; it cannot be switched on after the kernels were built."""
-        from . import _triton_grouped_gemm
+        from .kernels import grouped_gemm
 
-        if self.device == "cpu" and not _triton_grouped_gemm.INTERPRETED:
+        if self.device == "cpu" and not grouped_gemm.INTERPRETED:
             raise RuntimeError(f"{self.name} on cpu needs TRITON_INTERPRET=1 in the environment before the "
                                "Triton kernels are imported (the qmoe pytest plugin sets it for cpu runs)")
 
@@ -249,7 +249,7 @@ class TorchTritonBackend(Backend):
         """The Triton per-row quantizer on float32 ``values``: the reduced axes are moved last and
         flattened into rows. Returns int8 codes and float scales (keepdims)."""
         torch = _torch()
-        from ._triton_quant import quantize_rows
+        from .kernels.quant import quantize_rows
 
         self._check_kernel_mode()
         v = torch.tensor(np.asarray(values), dtype=torch.float32, device=self.device)

@@ -10,7 +10,7 @@ passes, and returns the rows with the largest G whose peak stays under the targe
 Larger G holds more layers' expert gradients at once (memory up) and needs fewer passes over the
 tail of the stack (time down). Run as a script to print or write the Markdown table::
 
-    python -m implementations._mlx_sweep --layers 8 --tokens 128 --hidden 128 --ffn 256 --experts 32 \\
+    python -m qmoe.implementations.mlx_layerwise.sweep --layers 8 --tokens 128 --hidden 128 --ffn 256 --experts 32 \\
         --top-k 2 --groups 1,2,4,8 --target-mib 128 --out results/mlx_group_sweep.md
 
 This module imports mlx at import time.
@@ -32,11 +32,11 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
-from reference.spec import MoEParams, MoESpec
+from qmoe.reference.spec import MoEParams, MoESpec
 
-from ._mlx_experts import AFFINE_GROUP_SIZE
-from ._mlx_layer import LayerWeights
-from ._mlx_training import block_coordinate_descent
+from .experts import AFFINE_GROUP_SIZE
+from .layer import LayerWeights
+from .training import block_coordinate_descent
 
 MIB = 1 << 20
 #: Scales each layer's w2 so its output is a small fraction of its input, as a trained (pre-norm)
@@ -105,7 +105,7 @@ def device_description() -> str:
 
 def build_stack(spec: MoESpec, n_layers: int, tokens: int, dtype: str = "float32", seed: int = 0) -> SweepStack:
     """Seeded random layers (experts quantized int8_affine_g64), input and target, evaluated on the device."""
-    from .mlx_layerwise import _to_device, layer_weights_on_device
+    from . import _to_device, layer_weights_on_device
 
     rng = np.random.default_rng(seed)
     layers = []
@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = MoESpec(hidden=args.hidden, ffn=args.ffn, experts=args.experts, top_k=args.top_k)
     result = group_size_sweep(spec, args.layers, args.tokens, [int(g) for g in args.groups.split(",")],
                               int(args.target_mib * MIB), dtype=args.dtype, steps=args.steps)
-    report = sweep_markdown(result, "python -m implementations._mlx_sweep " + " ".join(sys.argv[1:] if argv is None
+    report = sweep_markdown(result, "python -m qmoe.implementations.mlx_layerwise.sweep " + " ".join(sys.argv[1:] if argv is None
                                                                                       else argv))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Router (softmax / sigmoid top-k), capacity mask and Switch balance loss, in float32 JAX.
 
-Same equations as `reference.routing`; the router is never quantized, also in bfloat16 layers.
+Same equations as `qmoe.reference.routing`; the router is never quantized, also in bfloat16 layers.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from reference.spec import MoESpec
+from qmoe.reference.spec import MoESpec
 
-from ._jax_env import FLOAT_PRECISION
+from .env import FLOAT_PRECISION
 
 
 @jax.tree_util.register_dataclass

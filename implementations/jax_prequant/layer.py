@@ -13,7 +13,7 @@ Activations are quantized once per token and their codes gathered for the first 
 
 `LayerPlan` is the static part of a compiled layer: everything that fixes shapes or code paths.
 Single-device layers run `run_layer`; expert-parallel ones (``ep_size`` > 1) run the same stages per
-device inside `_jax_ep.run_layer_ep`.
+device inside `expert_parallel.run_layer_ep`.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from reference.schemes import get_scheme
-from reference.spec import MoESpec
+from qmoe.reference.schemes import get_scheme
+from qmoe.reference.spec import MoESpec
 
-from ._jax_env import GPU_PLATFORMS, precision_for
-from ._jax_grouped import (GroupedLayout, Placement, float_grouped_dot, gather_token_rows, int8_grouped_dot,
+from .env import GPU_PLATFORMS, precision_for
+from .grouped import (GroupedLayout, Placement, float_grouped_dot, gather_token_rows, int8_grouped_dot,
                            permute_rows, place_rows, take_rows, token_of_slot)
-from ._jax_quant import int8_dense_dot, quantize_columns, quantize_per_expert, quantize_rows
-from ._jax_routing import RoutingOut, route
+from .quant import int8_dense_dot, quantize_columns, quantize_per_expert, quantize_rows
+from .routing import RoutingOut, route
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class LayerPlan:
 
     @property
     def int8_gemms_on_gpu(self) -> bool:
-        """True where the program has int8 x int8 GEMMs and runs on a GPU (see `_jax_env.INT8_GPU_OPTIONS`)."""
+        """True where the program has int8 x int8 GEMMs and runs on a GPU (see `env.INT8_GPU_OPTIONS`)."""
         return self.platform in GPU_PLATFORMS and (self.routed_int8 or self.shared_int8)
 
     @property
@@ -199,15 +199,11 @@ def finish(plan: LayerPlan, routed: jax.Array, shared: jax.Array | None) -> jax.
 
 
 def run_layer(plan: LayerPlan, params: dict, frozen: dict, x: jax.Array) -> tuple[jax.Array, RoutingOut, dict]:
-    """(y, routing, needed sizes) on one device: pack -> up -> down -> combine, plus the shared expert.
+    """(y, routing, needed sizes) on one device (``plan.ep_size`` 1; `expert_parallel.run_layer_ep` otherwise): pack -> up -> down -> combine, plus the shared expert.
 
     ``needed``: the static sizes this routing needs (``expert_capacity`` for the padded formulation),
     for the caller to check against the plan and recompile with a larger bucket if exceeded.
     """
-    if plan.ep_size > 1:
-        from ._jax_ep import run_layer_ep
-
-        return run_layer_ep(plan, params, frozen, x)
     w13_q, w2_q = prequantized_weights(frozen)
     packed = stage_pack(plan, params, frozen, x)
     layout = packed.placement.layout

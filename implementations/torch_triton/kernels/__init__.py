@@ -1,0 +1,1 @@
+"""torch_triton's Triton kernels: the grouped int8 GEMM, the per-row quantizers and the fused SwiGLU."""
