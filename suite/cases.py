@@ -201,6 +201,10 @@ def _spec(hidden=32, ffn=16, experts=4, top_k=2, **options) -> MoESpec:
     return MoESpec(hidden=hidden, ffn=ffn, experts=experts, top_k=top_k, **options)
 
 
+#: Weight of the balance loss in the objective levels 4 and 6 differentiate, sum(y * dy) + c * balance_loss:
+#: non-zero so that its gradient is checked too.
+BALANCE_COEFF = 0.05
+
 #: The fixed cases, by name. T values sit on tile boundaries (1, 31, 33, 63, 65).
 CASES: dict[str, Case] = {c.name: c for c in (
     Case("balanced", _spec(), tokens=33),

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from qmoe.implementations.registry import (BackendLoadError, UnknownBackendError, backend_names, get_backend_class,
@@ -25,7 +26,7 @@ from qmoe.implementations.registry import (BackendLoadError, UnknownBackendError
 from qmoe.reference import SCHEMES
 
 from . import checks
-from .cases import CASES, Case
+from .cases import BALANCE_COEFF, CASES, Case
 from .strategies import register_profiles
 from .tolerances import DTYPES
 
@@ -372,9 +373,38 @@ def data(target: Target):
     return type(cached)(cached.case, cached.dtype, cached.params.copy(), cached.x.copy(), cached.dy.copy())
 
 
+#: Per session and target: the prepared layer and the backend's outputs, so that the tight and the
+#: fidelity test of one target (and levels 2-4) share one prepare, one forward and one backward.
+_target_cache: dict[tuple[str, str | None, str], Any] = {}
+
+
+def _cached(request: pytest.FixtureRequest, what: str, compute):
+    key = (request.getfixturevalue("target").id, selection(request.config).device, what)
+    if key not in _target_cache:
+        _target_cache[key] = compute()
+    return _target_cache[key]
+
+
 @pytest.fixture
-def prepared(backend, target: Target, data):
-    return backend.prepare(data.spec, data.params, target.scheme, target.dtype)
+def prepared(request: pytest.FixtureRequest, backend, target: Target, data):
+    """The backend's prepared layer for the target (once per session: tests must not mutate it)."""
+    return _cached(request, "prepared", lambda: backend.prepare(data.spec, data.params, target.scheme, target.dtype))
+
+
+@pytest.fixture
+def backend_forward(request: pytest.FixtureRequest, backend, data, prepared):
+    """``backend.forward(prepared, data.x)``, once per target and session."""
+    return _cached(request, "forward", lambda: backend.forward(prepared, data.x))
+
+
+@pytest.fixture
+def backend_backward(request: pytest.FixtureRequest, backend, data, prepared):
+    """The gradients of ``sum(y * dy) + BALANCE_COEFF * balance_loss`` as float64 NumPy, once per target and session."""
+    def compute():
+        grads = backend.backward(prepared, data.x, data.dy, balance_coeff=BALANCE_COEFF)
+        return {name: np.asarray(value, dtype=np.float64) for name, value in grads.items()}
+
+    return _cached(request, "backward", compute)
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,7 @@ import pytest
 
 from qmoe import reference
 from qmoe.suite.bounds import CaseBounds, effective_as_params
+from qmoe.suite.cases import BALANCE_COEFF
 from qmoe.suite.checks import assert_close, assert_exactly_zero, assert_sqnr, fail
 from qmoe.suite.tolerances import tolerance
 
@@ -26,22 +27,13 @@ def applies_to(caps, test_name: str, params: dict) -> str | None:
     return None
 REQUIRES = ("backward",)
 
-#: Weight of the balance loss in the differentiated objective: non-zero so its gradient is checked.
-BALANCE_COEFF = 0.05
-
-
-def _backward(backend, prepared, data):
-    grads = backend.backward(prepared, data.x, data.dy, balance_coeff=BALANCE_COEFF)
-    return {name: np.asarray(value, dtype=np.float64) for name, value in grads.items()}
-
-
 def _kind(name: str) -> str:
     return name if name in ("x", "router") else "weights"
 
 
-def test_backward(backend, target, data, prepared):
+def test_backward(backend, target, data, prepared, backend_backward):
     tol = tolerance(target.scheme, target.dtype, "backward")
-    grads = _backward(backend, prepared, data)
+    grads = backend_backward
     eff = effective_as_params(backend, prepared)
     expected = reference.backward(data.spec, eff, data.x, data.dy, target.scheme, BALANCE_COEFF,
                                   weights_are_effective=True)
@@ -64,9 +56,9 @@ def test_backward(backend, target, data, prepared):
                          extra=bound.absolute)
 
 
-def test_backward_fidelity(backend, target, data, prepared):
+def test_backward_fidelity(target, data, backend_backward):
     tol = tolerance(target.scheme, target.dtype, "backward")
-    grads = _backward(backend, prepared, data)
+    grads = backend_backward
     expected = reference.backward(data.spec, data.params, data.x, data.dy, "none", BALANCE_COEFF)
     for name, value in expected.items():
         floor = tol.floor(_kind(name))

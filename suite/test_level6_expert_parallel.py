@@ -29,9 +29,8 @@ import pytest
 
 from qmoe.reference.schemes import SCHEMES
 
-from qmoe.suite.cases import CASES
+from qmoe.suite.cases import BALANCE_COEFF, CASES
 from qmoe.suite.checks import ConformanceError, assert_close, assert_exactly_zero, rerun_hint
-from qmoe.suite.test_level4_backward import BALANCE_COEFF
 from qmoe.suite.tolerances import DTYPES, tolerance
 
 pytestmark = pytest.mark.conformance
