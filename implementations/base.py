@@ -12,8 +12,9 @@ never calls one that is not declared.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -150,7 +151,8 @@ class Backend(abc.ABC):
         raise NotImplementedError(f"{self.name} does not offer eval_forward")
 
     def export_int8(self, prepared: Any) -> dict[str, np.ndarray]:
-        """QAT: the checkpoint: ``{name}.int8`` codes and ``{name}.scale`` for quantized tensors, ``{name}`` otherwise."""
+        """QAT: the checkpoint: ``{name}.int8`` codes and ``{name}.scale`` for quantized tensors, ``{name}``
+        otherwise."""
         raise NotImplementedError(f"{self.name} does not offer export_int8")
 
     def load_exported(self, spec: MoESpec, exported: dict[str, np.ndarray]) -> Any:

@@ -28,11 +28,12 @@ Propagation of a perturbation e (>= 0) through the layer's operations:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
-from .experts import silu, silu_grad
-from .layer import _run, effective_params
+from .experts import MLPCache, silu, silu_grad
+from .layer import ForwardResult, _run, _Trace, effective_params
 from .quantization import INT8_MAX, quantize_per_token
 from .routing import routing_backward
 from .schemes import Scheme, get_scheme
@@ -178,7 +179,7 @@ def flip_envelope(spec: MoESpec, params: MoEParams, x: np.ndarray, scheme: str |
     routed_quantized = scheme_.routed_activations == "per_token"
     e_x_routed = input_flips(scheme_.routed_activations, "x")
     e_y = np.zeros_like(x)
-    chains: list[tuple[np.ndarray, np.ndarray, int, object, _ExpertFlips]] = []
+    chains: list[tuple[np.ndarray, np.ndarray, int, MLPCache, _ExpertFlips]] = []
     for tokens, slots, cache in trace.assignments:
         e = int(result.expert_ids[tokens[0], slots[0]])
         chain = _mlp_flips(cache.xq, cache.a, cache.w13, cache.w2, e_x_routed[tokens], routed_quantized, u)
@@ -215,7 +216,7 @@ def _bypass_envelope(spec: MoESpec, eff: MoEParams, x: np.ndarray, scheme: Schem
     return np.stack(outs)
 
 
-def _backward_chain(cache, chain: _ExpertFlips, g: np.ndarray, rule: str, u: float, flips: dict[str, int],
+def _backward_chain(cache: MLPCache, chain: _ExpertFlips, g: np.ndarray, rule: str, u: float, flips: dict[str, int],
                     flip_rows: np.ndarray, tokens: np.ndarray, gate_relative: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(e_dx [rows, H], e_dw13, e_dw2) of one projection chain under its backward rule."""
@@ -252,7 +253,10 @@ def _backward_chain(cache, chain: _ExpertFlips, g: np.ndarray, rule: str, u: flo
     return e_dx, e_dw13, e_dw2
 
 
-def _backward_envelope(spec, eff, x, dy, scheme: Scheme, result, trace, chains, shared_chain, gate_error,
+def _backward_envelope(spec: MoESpec, eff: MoEParams, x: np.ndarray, dy: np.ndarray, scheme: Scheme,
+                       result: ForwardResult, trace: _Trace,
+                       chains: list[tuple[np.ndarray, np.ndarray, int, MLPCache, _ExpertFlips]],
+                       shared_chain: _ExpertFlips | None, gate_error: np.ndarray | float,
                        u: float, flips: dict[str, int], flip_rows: np.ndarray) -> dict[str, np.ndarray]:
     from .layer import _family_rule
 
@@ -280,7 +284,8 @@ def _backward_envelope(spec, eff, x, dy, scheme: Scheme, result, trace, chains, 
         shared_rule = _family_rule(scheme, scheme.shared_weights, scheme.shared_activations)
         all_rows = np.arange(x.shape[0])
         e_dx, grads["shared_w13"], grads["shared_w2"] = _backward_chain(
-            trace.shared, shared_chain, dy, shared_rule, u, flips, flip_rows, all_rows, gate_relative * 0)
+            cast(MLPCache, trace.shared), shared_chain, dy, shared_rule, u, flips, flip_rows, all_rows,
+            gate_relative * 0)
         grads["x"] += e_dx
     return grads
 

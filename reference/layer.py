@@ -9,7 +9,7 @@ per token where the scheme says, the router always float.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import numpy as np
 
@@ -70,7 +70,9 @@ def _run(spec: MoESpec, params: MoEParams, x: np.ndarray, scheme: Scheme,
         expert_out[e] = out
     shared = None
     if spec.shared_ffn:
-        out, shared = mlp_forward(x, eff.shared_w13, eff.shared_w2, scheme.shared_activations)
+        # shared_ffn > 0: the validated parameters carry the shared expert.
+        out, shared = mlp_forward(x, cast(np.ndarray, eff.shared_w13), cast(np.ndarray, eff.shared_w2),
+                                  scheme.shared_activations)
         y += out
     result = ForwardResult(y, routing.expert_ids, routing.gate_weights, routing.balance_loss)
     return result, _Trace(routing, assignments, expert_out, shared), eff

@@ -8,8 +8,9 @@ expert ``shared_w13 [H, 2S]`` and ``shared_w2 [S, H]``.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
@@ -79,7 +80,7 @@ class MoESpec:
             shapes["shared_w2"] = (s, h)
         return shapes
 
-    def replace(self, **changes: object) -> "MoESpec":
+    def replace(self, **changes: Any) -> MoESpec:
         return dataclasses.replace(self, **changes)
 
 
@@ -95,7 +96,7 @@ class MoEParams:
     shared_w2: np.ndarray | None = None
 
     @classmethod
-    def random(cls, spec: MoESpec, seed: int = 0, expert_spread: float = 4.0) -> "MoEParams":
+    def random(cls, spec: MoESpec, seed: int = 0, expert_spread: float = 4.0) -> MoEParams:
         """Seeded random parameters with 1/sqrt(fan_in) scale.
 
         Each expert gets its own magnitude, log-uniform over a ``expert_spread`` range, so that a
@@ -126,14 +127,14 @@ class MoEParams:
     def as_dict(self) -> dict[str, np.ndarray]:
         return dict(self.items())
 
-    def map(self, fn) -> "MoEParams":
+    def map(self, fn: Callable[[np.ndarray], np.ndarray]) -> MoEParams:
         """A new MoEParams with ``fn`` applied to every present array."""
         return MoEParams(**{name: fn(value) for name, value in self.items()})
 
-    def replace(self, **changes: np.ndarray | None) -> "MoEParams":
+    def replace(self, **changes: Any) -> MoEParams:
         return dataclasses.replace(self, **changes)
 
-    def copy(self) -> "MoEParams":
+    def copy(self) -> MoEParams:
         return self.map(np.array)
 
     def validate(self, spec: MoESpec) -> None:

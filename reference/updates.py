@@ -17,7 +17,8 @@ consecutive layers: group_size = 1 is layerwise, group_size = L is one joint ste
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 

@@ -11,6 +11,7 @@ module is collected. Nothing here imports a framework: backends are imported onl
 from __future__ import annotations
 
 import collections
+import importlib
 import json
 import os
 import platform
@@ -124,11 +125,31 @@ def is_qmoe_path(path: Path) -> bool:
     return SUITE_DIR in Path(path).resolve().parents
 
 
+class QmoeModule(pytest.Module):
+    """A qmoe test module, imported by its package name (``qmoe.suite.test_level3_forward``) wherever it
+    lies: in this checkout, installed, or reached with ``--pyargs qmoe.suite``. pytest's own import by
+    path would name it ``suite.test_...`` (qmoe is a namespace package), a second copy of the suite's
+    modules beside the ``qmoe.suite`` ones the plugin uses."""
+
+    def _getobj(self):
+        relative = self.path.resolve().relative_to(SUITE_DIR).with_suffix("")
+        name = ".".join(("qmoe", "suite", *relative.parts))
+        try:
+            return importlib.import_module(name)
+        except pytest.skip.Exception:
+            raise
+        except Exception as exc:
+            raise self.CollectError(f"cannot import qmoe test module {name}: {type(exc).__name__}: {exc}") from exc
+
+
 @pytest.hookimpl(tryfirst=True)
-def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector) -> None:
-    """Activate before a qmoe test module is imported (and with it, perhaps, a framework)."""
-    if is_qmoe_path(module_path):
-        activate(parent.config)
+def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector) -> pytest.Module | None:
+    """Activate before a qmoe test module is imported (and with it, perhaps, a framework); import it by its
+    qmoe name."""
+    if not is_qmoe_path(module_path):
+        return None
+    activate(parent.config)
+    return QmoeModule.from_parent(parent, path=module_path)
 
 
 def activate(config: pytest.Config) -> "Selection":
@@ -306,12 +327,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     entries = {entry.name: entry for entry in config.stash[_SELECTION].backends}
     kept, dropped = [], []
     for item in items:
-        rule = getattr(getattr(item, "module", None), "applies_to", None)
         params = getattr(getattr(item, "callspec", None), "params", {})
+        if not is_qmoe_path(item.path) or not ({"target", "backend"} & set(params)):
+            kept.append(item)
+            continue
         name = getattr(params.get("target"), "backend", None) or params.get("backend")
         entry = entries.get(name) if isinstance(name, str) else None
+        if entry is None:  # no selected backend applies: pytest's empty parameter set
+            config.stash[_NOT_APPLICABLE]["(no selected backend)"][item.originalname] += 1
+            dropped.append(item)
+            continue
+        rule = getattr(getattr(item, "module", None), "applies_to", None)
         reason = None
-        if rule and entry and entry.cls and not entry.unavailable and is_qmoe_path(item.path):
+        if rule and entry.cls and not entry.unavailable:
             reason = rule(entry.cls.capabilities, item.originalname, params)
         if reason:
             config.stash[_NOT_APPLICABLE][entry.name][reason] += 1
