@@ -45,7 +45,7 @@ def load_class(reference: str) -> type[Backend]:
     if cls is None:
         raise BackendLoadError(f"module {module_name!r} has no attribute {class_name!r}")
     if not (isinstance(cls, type) and issubclass(cls, Backend)):
-        raise BackendLoadError(f"{reference} is not a subclass of implementations.Backend")
+        raise BackendLoadError(f"{reference} is not a subclass of qmoe.implementations.Backend")
     if not isinstance(getattr(cls, "name", None), str) or not hasattr(cls, "capabilities"):
         raise BackendLoadError(f"{reference} must set the class attributes 'name' and 'capabilities'")
     return cls

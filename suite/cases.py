@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import ml_dtypes
 import numpy as np
 
 from qmoe.reference import MoEParams, MoESpec, route
@@ -27,10 +28,8 @@ DTYPES: dict[str, np.dtype] = {"float32": np.dtype(np.float32), "float64": np.dt
 def round_to_dtype(values: np.ndarray, dtype: str) -> np.ndarray:
     """float64 copy of ``values`` rounded to ``dtype``, so both sides see exactly the same numbers."""
     if dtype == "bfloat16":
-        as32 = np.asarray(values, dtype=np.float32)
-        bits = as32.view(np.uint32).astype(np.uint64)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16  # round to nearest even
-        return rounded.astype(np.uint32).view(np.float32).astype(np.float64)
+        # Through float32, as a bfloat16 tensor made from float32 data would be: nearest, ties to even.
+        return np.asarray(values, dtype=np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
     return np.asarray(values, dtype=DTYPES[dtype]).astype(np.float64)
 
 

@@ -120,6 +120,11 @@ def pytest_configure(config: pytest.Config) -> None:
         activate(config)
 
 
+def is_active(config: pytest.Config) -> bool:
+    """True once this run is a qmoe run (`activate`): the benchmark plugin's hooks wait for it too."""
+    return _SELECTION in config.stash
+
+
 def is_qmoe_path(path: Path) -> bool:
     """True for a file of qmoe's suite (in this checkout or installed)."""
     return SUITE_DIR in Path(path).resolve().parents

@@ -1,9 +1,11 @@
-"""Self-tests of the benchmark machinery (fast; no framework, no timing thresholds).
+"""Self-tests of the benchmark machinery (fast; no timing thresholds; torch only for the GEMM bound).
 
 The FLOP formula against the JAX logbook's own numbers, the presets' sources, the byte model, the
 output check (a fast wrong answer fails, the right one passes, the dx sub-layer equals the full
-layer), the harness's rounds (inputs rotate, outputs kept) and the do-nothing backend, the
-deselection rule, and the comparison refusal across devices and shapes (unit and end to end).
+layer, the fixed-routing reference of the GEMM bound), the GEMM bound end to end through the harness,
+the harness's rounds (inputs rotate, outputs kept) and the do-nothing backend, the deselection rule,
+the comparison refusal across devices and shapes (unit and end to end), the terminal table, the CPU
+name from pytest-benchmark's machine_info, the thread limit, and the bfloat16 rounding against ml_dtypes.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from qmoe import reference
 from qmoe.reference.schemes import SCHEMES
 from qmoe.reference.spec import MoESpec
 from qmoe.suite.benchmarks import harness, metrics, outputs, plugin, shapes, tables, workload
-from qmoe.suite.benchmarks.peers import NoopBackend
+from qmoe.suite.benchmarks.peers import GemmBound, NoopBackend, balanced_expert_ids
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,7 +112,8 @@ def test_inputs_are_dtype_exact_and_routing_patterns_differ():
     spec = shape.spec(1)
     balanced = workload.load_imbalance(workload.expert_loads(spec, workload.make_params(shape, "balanced", "float32"),
                                                             x[0].x))
-    skewed = workload.load_imbalance(workload.expert_loads(spec, workload.make_params(shape, "zipf", "float32"), x[0].x))
+    skewed = workload.load_imbalance(workload.expert_loads(spec, workload.make_params(shape, "zipf", "float32"),
+                                                          x[0].x))
     assert skewed > balanced + 0.5
 
 
@@ -157,6 +160,98 @@ def test_backward_sublayer_gives_the_full_layers_dx(router):
     full = reference.backward(spec, eff, x[rows], dy[rows], "int8_routed", weights_are_effective=True)["x"]
     part = reference.backward(sub_spec, sub, x[rows], dy[rows], "int8_routed", weights_are_effective=True)["x"]
     np.testing.assert_allclose(part, full, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("tokens, top_k, experts", [(256, 2, 8), (40, 3, 6), (7, 4, 4), (10, 1, 16)])
+def test_balanced_rows_are_sorted_balanced_and_distinct_per_token(tokens, top_k, experts):
+    ids = balanced_expert_ids(tokens, top_k, experts)
+    assert ids.shape == (tokens, top_k)
+    rows = ids.T.reshape(-1)  # row j T + t is token t's j-th
+    assert np.all(np.diff(rows) >= 0), "the k T rows must be sorted by expert"
+    counts = np.bincount(rows, minlength=experts)
+    assert counts.max() - counts.min() <= 1 and counts.sum() == tokens * top_k
+    assert all(len(set(row)) == top_k for row in ids.tolist()), "a token's k experts must differ"
+
+
+@pytest.mark.parametrize("pass_", ["forward", "forward_backward"])
+def test_fixed_routing_reference_is_the_sum_of_the_chosen_experts(pass_):
+    """y_t = sum_j expert_{e(t, j)}(x_t) + shared(x_t), checked against the bypass outputs; dx against a
+    central difference of that forward along a random direction."""
+    spec, params, inputs = _layer_case(shared=24)
+    x, dy = (np.asarray(a, np.float64) for a in (inputs[0].x, inputs[0].dy))
+    ids = balanced_expert_ids(40, spec.top_k, spec.experts)
+    rows = outputs.check_rows(40, 8)
+
+    def forward(x_):
+        every = reference.expert_outputs(spec, params, x_)  # [E, T, H]
+        y = sum(every[ids[:, j], np.arange(x_.shape[0])] for j in range(spec.top_k))
+        h = x_ @ params.shared_w13
+        return y + (h[:, :24] / (1 + np.exp(-h[:, :24])) * h[:, 24:]) @ params.shared_w2
+
+    got = outputs.fixed_routing_rows(spec, params, "none", pass_, x, dy, rows, ids)
+    if pass_ == "forward":
+        np.testing.assert_allclose(got, forward(x)[rows], rtol=1e-12, atol=1e-12)
+    else:
+        v = np.random.default_rng(5).standard_normal(x.shape)
+        eps = 1e-6
+        numeric = np.sum(((forward(x + eps * v) - forward(x - eps * v)) / (2 * eps) * dy), axis=1)
+        np.testing.assert_allclose(np.sum(got * v[rows], axis=1), numeric[rows], rtol=1e-6, atol=1e-8)
+
+
+def _gemm_bound_or_skip():
+    pytest.importorskip("torch")
+    reason = GemmBound.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("pass_id", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("shared", [0, 24])
+def test_gemm_bound_runs_through_the_harness_with_its_output_checked(pass_id, shared):
+    """The GEMM bound's timed output passes the check against the fixed-routing reference, counts the suite's
+    FLOPs (shared expert included), is perfectly balanced whatever the case's routing pattern, and is a bound."""
+    _gemm_bound_or_skip()
+    shape = shapes.BenchShape("t", tokens=48, hidden=32, ffn=16, experts=6, top_ks=(2,), shared_ffn=shared)
+    options = harness.BenchOptions(device="cpu", dtype="float32", rounds=2, warmup=1, inputs=2)
+    harness.clear_caches()
+    case = harness.BenchCase(GemmBound.name, "none", shape, 2, pass_id, "zipf", is_peer=True)
+    info = harness.run_case(FakeBenchmark(), case, GemmBound, options)
+    assert info["output_check"]["inputs"] == 2 and info["output_check"]["min_sqnr_db"] > 100
+    assert info["bound"] and info["peer"] and info["routing_fixed"] and info["load_imbalance"] == 1.0
+    assert info["flops"] == metrics.flops(shape.spec(2), 48, case.pass_name)
+
+
+class _BoundWithoutSharedExpert(GemmBound):
+    """Leaves the shared expert out of its output (as a deleted script left it out of its FLOPs): wrong."""
+
+    name = "bound_without_shared"
+
+    def benchmark_step(self, prepared, x, pass_, dy=None):
+        step = super().benchmark_step(prepared, x, pass_, dy)
+
+        def wrong():
+            return step() - self._shared_only(prepared, x)
+
+        return wrong
+
+    def _shared_only(self, prepared, x):
+        import torch
+
+        w = prepared.arrays
+        with torch.no_grad():
+            h = self._put(prepared, x) @ w["shared_w13"]
+            s = prepared.spec.shared_ffn
+            return (torch.nn.functional.silu(h[:, :s]) * h[:, s:]) @ w["shared_w2"]
+
+
+def test_gemm_bound_output_check_catches_a_dropped_shared_expert():
+    _gemm_bound_or_skip()
+    shape = shapes.BenchShape("t", tokens=48, hidden=32, ffn=16, experts=6, top_ks=(2,), shared_ffn=96)
+    options = harness.BenchOptions(device="cpu", dtype="float32", rounds=1, warmup=1, inputs=1)
+    harness.clear_caches()
+    case = harness.BenchCase(_BoundWithoutSharedExpert.name, "none", shape, 2, "fwd", "balanced", is_peer=True)
+    with pytest.raises(outputs.WrongOutputError, match="SQNR"):
+        harness.run_case(FakeBenchmark(), case, _BoundWithoutSharedExpert, options)
 
 
 def test_sublayer_is_refused_where_gates_see_all_experts():
@@ -293,7 +388,9 @@ def test_benchmarks_run_only_when_asked(markexpr, only, wanted):
 
 
 def test_compare_refuses_another_device_and_mismatched_shapes():
-    config = SimpleNamespace(stash={plugin._REFUSALS: []})
+    from qmoe.suite import plugin as suite_plugin
+
+    config = SimpleNamespace(stash={plugin._REFUSALS: [], suite_plugin._SELECTION: suite_plugin.Selection()})
     session = SimpleNamespace(logger=SimpleNamespace(warning=lambda message: None))
     saved = {"machine_info": {"qmoe": {"device": "NVIDIA H100 80GB HBM3"}}, "benchmarks": [{"fullname": "t"}]}
     plugin.pytest_benchmark_compare_machine_info(config, session, {"qmoe": {"device": "AMD EPYC (2 cores)"}}, saved)
@@ -328,9 +425,10 @@ def _saved_run(tmp: Path, device: str, mean: float) -> None:
     stats.update(stddev=0.0, rounds=3, iqr=0.0, q1=mean, q3=mean, iqr_outliers=0, stddev_outliers=0, outliers="0;0",
                  ld15iqr=mean, hd15iqr=mean, ops=1 / mean, total=3 * mean, iterations=1)
     doc = {"machine_info": {"qmoe": {"device": device}}, "commit_info": {}, "datetime": "2026-01-01T00:00:00",
-           "version": "5.3.1", "benchmarks": [{"group": None, "name": "test_sleep", "fullname": "test_e2e.py::test_sleep",
-                                               "params": None, "param": None, "extra_info": {"backend": "b", "shape": "s", "tokens": 1}, "options": {},
-                                               "stats": stats}]}
+           "version": "5.3.1",
+           "benchmarks": [{"group": None, "name": "test_sleep", "fullname": "test_e2e.py::test_sleep", "params": None,
+                           "param": None, "extra_info": {"backend": "b", "shape": "s", "tokens": 1}, "options": {},
+                           "stats": stats}]}
     (folder / "0001_saved.json").write_text(json.dumps(doc))
 
 
@@ -339,7 +437,8 @@ def _run_e2e(tmp: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
                            "-m", "benchmark", "test_e2e.py", f"--benchmark-storage=file://{tmp / '.benchmarks'}",
-                           "--benchmark-compare=saved/0001", "--benchmark-compare-fail=mean:10%", "-q"],
+                           "--benchmark-compare=saved/0001", "--benchmark-compare-fail=mean:10%", "-q",
+                           "--device", "cpu"],  # a qmoe option: this run is a qmoe run (the plugin is inert otherwise)
                           cwd=tmp, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -357,3 +456,79 @@ def test_compare_refuses_a_run_from_another_device(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "not comparing with a saved run from another device" in output and "Some Other Accelerator" in output
+
+
+# -- the terminal table, the CPU name, the thread limit -----------------------------------------------------------
+def _result(backend, tflops, **info):
+    info = {"backend": backend, "tflops": tflops, "shape": "s", "top_k": 2, "pass": "forward", **info}
+    stats = SimpleNamespace(median=1e-3 / tflops, mean=1e-3 / tflops)
+    return SimpleNamespace(name=f"test_throughput[{backend}-none]", fullname=f"t::{backend}", extra_info=info,
+                           stats=stats)
+
+
+def test_the_bound_is_nobodys_peer_and_every_row_gets_its_ratio_to_it():
+    results = [_result("torch_eager", 1.0, framework="torch"),
+               _result("gemm_bound", 4.0, framework="torch", peer=True, bound=True),
+               _result("torch._grouped_mm", 2.0, framework="torch", peer=True)]
+    rows = {r.get("backend"): r for r in tables.rows_from_session(results)}
+    assert rows["torch_eager"].derived["peer"] == "torch._grouped_mm"
+    assert rows["torch_eager"].derived["x_peer"] == pytest.approx(0.5)
+    assert rows["torch_eager"].derived["x_bound"] == pytest.approx(0.25)
+    assert rows["torch._grouped_mm"].derived["x_bound"] == pytest.approx(0.5)
+    assert "x_bound" not in rows["gemm_bound"].derived and "x_peer" not in rows["gemm_bound"].derived
+
+    lines = tables.terminal_rows(results, {})
+    header = lines[0].split()
+    assert header[:3] == ["benchmark", "median", "TF/s"] and "bound" in header and "peer" in header
+    eager = next(line for line in lines if line.startswith("torch_eager-none"))
+    for column, value in (("TF/s", "1.000"), ("peer", "0.50"), ("bound", "0.25")):  # right-aligned under the header
+        assert eager[:lines[0].index(column) + len(column)].endswith(value), (column, lines[0], eager)
+
+
+def test_cpu_name_comes_from_pytest_benchmarks_machine_info(monkeypatch):
+    import pytest_benchmark.plugin
+
+    from qmoe.suite.benchmarks import timing
+
+    monkeypatch.setattr(pytest_benchmark.plugin, "get_cpu_info", lambda: {"brand_raw": "Test CPU 9000"})
+    timing.cpu_name.cache_clear()
+    try:
+        assert timing.cpu_name().startswith("Test CPU 9000 (") and timing.cpu_name().endswith(" cores)")
+    finally:
+        timing.cpu_name.cache_clear()
+
+
+def test_thread_limit_reaches_the_loaded_blas_and_openmp_pools():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    with threadpoolctl.threadpool_limits(limits=None):  # restores every pool's size on exit
+        pools = plugin.limit_thread_pools(1)
+        assert pools, "NumPy's BLAS at least is loaded"
+        assert all(pool["num_threads"] == 1 for pool in pools)
+
+
+# -- bfloat16 rounding ----------------------------------------------------------------------------------------------
+def test_bfloat16_rounding_is_ml_dtypes_on_every_number():
+    """The hand-written round-to-nearest-even of `cases.round_to_dtype` and `workload.round_to_dtype` gives
+    ml_dtypes' bfloat16, bit for bit, on 2^20 random float32 bit patterns plus the edge cases (zeros,
+    subnormals, ties, the largest finite values and their overflow to inf, inf). NaN inputs are left out:
+    ml_dtypes makes every NaN the canonical quiet NaN, the hand-written code keeps the payload's top bits
+    and carries some payloads into inf or -0.0."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from qmoe.suite.cases import round_to_dtype
+
+    rng = np.random.default_rng(0)
+    edges = np.array([0, 0x80000000, 1, 0x8000, 0x7FFF, 0x8001, 0x18000, 0x7FFFFF, 0x807FFFFF, 0x800000,
+                      0x7F7FFFFF, 0xFF7FFFFF, 0x7F7F8000, 0x7F7F7FFF, 0x7F800000, 0xFF800000, 0x3F808000,
+                      0x3F818000, 0x3F808001, 0x3F807FFF], dtype=np.uint32)
+    subnormals = rng.integers(1, 1 << 23, 1 << 16).astype(np.uint32)
+    bits = np.concatenate([rng.integers(0, 1 << 32, 1 << 20, dtype=np.uint64).astype(np.uint32), edges,
+                           subnormals, subnormals | np.uint32(0x80000000)])
+    values = bits.view(np.float32)
+    values = values[~np.isnan(values)]
+    expected = values.astype(ml_dtypes.bfloat16).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        from_cases = round_to_dtype(values, "bfloat16")
+        from_workload = workload.round_to_dtype(values.copy(), "bfloat16")
+    assert from_cases.dtype == np.float64
+    np.testing.assert_array_equal(from_cases.astype(np.float32).view(np.uint32), expected.view(np.uint32))
+    np.testing.assert_array_equal(from_workload.view(np.uint32), expected.view(np.uint32))

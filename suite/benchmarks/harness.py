@@ -2,7 +2,8 @@
 
 The grid (`BenchCase`) is backend x scheme x top_k x shape x pass x routing; backends come from the
 suite's selection (the registry, ``--backend``, ``--backend-module``) and never by name here, and the
-native peer of every framework a selected backend runs on is added beside them.
+native peer of every framework a selected backend runs on is added beside them, with the GEMM bound
+(`peers.GemmBound`: the layer's grouped GEMMs alone, on perfectly balanced pre-sorted rows).
 
 Timed rounds (`time_rounds`): pytest-benchmark's pedantic mode, one call per round. Each round's
 (untimed) setup flushes L2 and hands the target the next of ``--bench-inputs`` distinct inputs, so no
@@ -17,8 +18,9 @@ import gc
 import itertools
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -233,13 +235,20 @@ def run_case(benchmark, case: BenchCase, backend_cls: type, options: BenchOption
             first_call_s = _call_seconds(steps[0])  # the first call may have compiled: judge the second
         if first_call_s > options.max_call_s:
             _too_slow[slow_key] = (case.top_k, first_call_s)
-            _skip(f"{case.backend} {case.scheme} took {first_call_s:.1f} s per call (after compiling) at {shape.name} top{case.top_k} "
-                  f"{metric_pass} (> --bench-max-call-s {options.max_call_s:g}): too slow to benchmark here")
+            _skip(f"{case.backend} {case.scheme} took {first_call_s:.1f} s per call (after compiling) at {shape.name} "
+                  f"top{case.top_k} {metric_pass} (> --bench-max-call-s {options.max_call_s:g}): too slow to "
+                  "benchmark here")
 
     timed = time_rounds(benchmark, steps, options)
     timed.first_call_s = first_call_s
     info = describe(case, backend_cls, spec, options, timed)
-    info["load_imbalance"] = _load_imbalance(shape, case, spec, params, inputs[0].x)
+    fixed = getattr(backend, "fixed_expert_ids", None)
+    expert_ids = fixed(spec, shape.tokens) if fixed is not None else None
+    if expert_ids is None:
+        info["load_imbalance"] = _load_imbalance(shape, case, spec, params, inputs[0].x)
+    else:  # a peer that does not route: its own fixed assignment, whatever the case's routing pattern
+        info["load_imbalance"] = workload.load_imbalance(np.bincount(expert_ids.reshape(-1), minlength=spec.experts))
+        info["routing_fixed"] = True
     stats = _stats(benchmark)
     if stats is not None:
         info.update(measured(spec, shape.tokens, case.scheme, dtype, metric_pass, stats, info["device_name"]))
@@ -258,7 +267,7 @@ def run_case(benchmark, case: BenchCase, backend_cls: type, options: BenchOption
         if result is NOT_RUN:
             continue  # --benchmark-disable runs one round only; a step that returned None is checked (and fails)
         checks.append(outputs.check_output(result, spec, effective, case.scheme, metric_pass, item.x, item.dy, rows,
-                                           what=f"{case.id} (input {i})"))
+                                           what=f"{case.id} (input {i})", expert_ids=expert_ids))
     if not checks:
         raise outputs.OutputNotFoundError(f"{case.id}: no timed call ran, so no output could be checked: "
                                           "an unchecked timing is not a result")
@@ -307,6 +316,7 @@ def describe(case: BenchCase, backend_cls: type, spec, options: BenchOptions, ti
     versions.update(python=platform.python_version(), numpy=np.__version__)
     info = {
         "backend": case.backend, "peer": bool(case.is_peer or issubclass(backend_cls, PeerBackend)),
+        "bound": bool(getattr(backend_cls, "bound", False)),
         "framework": framework_of(backend_cls), "scheme": case.scheme, "pass": case.pass_name,
         "top_k": case.top_k, "routing": case.routing, "dtype": options.dtype,
         **case.shape.describe(), "renormalize": spec.renormalize, "routed_scaling": spec.routed_scaling,

@@ -10,6 +10,11 @@ holds them to it). Arrays of torch, jax, mlx and numpy are read without importin
 A step that returns None, or nothing holding such an array, fails the benchmark: a timing whose
 output was never checked is not a result.
 
+A peer whose routing is fixed instead of computed (the GEMM bound, `peers.GemmBound.fixed_expert_ids`)
+is checked the same way against the reference with that routing: each token's output (or dx) is the sum
+of its experts' outputs (unit gate weights) plus the shared expert, the reference's own SwiGLU expert
+(`qmoe.reference.experts`) computing each.
+
 The bound (`OUTPUT_CHECK_FLOOR_DB`) is a garbage detector, not conformance (that is `pytest -m
 conformance`): SQNR of the output against the reference of the *same scheme* at the reference's
 quantization of the float weights. Legitimate differences stay far above it: bfloat16 rounding
@@ -27,6 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from qmoe import reference
+from qmoe.reference.experts import mlp_backward, mlp_forward
+from qmoe.reference.schemes import get_scheme
 from qmoe.reference.spec import MoEParams, MoESpec
 
 from ..tolerances import BENCHMARK_OUTPUT_FLOOR_DB
@@ -167,10 +174,38 @@ def expected_rows(spec: MoESpec, effective: MoEParams, scheme: str, pass_: str, 
     return rows, reference.backward(spec, effective, x_rows, dy_rows, scheme, weights_are_effective=True)["x"]
 
 
+def fixed_routing_rows(spec: MoESpec, effective: MoEParams, scheme: str, pass_: str, x: np.ndarray,
+                       dy: np.ndarray, rows: np.ndarray, expert_ids: np.ndarray) -> np.ndarray:
+    """The reference's y (forward) or dx (forward+backward) on ``rows`` when token t goes to the experts
+    ``expert_ids[t]`` with unit gate weights (no router): the sum of those experts' outputs, plus the
+    shared expert's, each computed by the reference's SwiGLU expert under ``scheme``."""
+    scheme_ = get_scheme(scheme)
+    x_rows = np.asarray(x[rows], dtype=np.float64)
+    dy_rows = np.asarray(dy[rows], dtype=np.float64)
+    ids = np.asarray(expert_ids)[rows]
+    out = np.zeros_like(x_rows)
+
+    def add(tokens, w13, w2, activations, weights):
+        y, cache = mlp_forward(x_rows[tokens], w13, w2, activations)
+        if pass_ != "forward":
+            rule = "exact" if weights == "float" and activations == "float" else scheme_.backward
+            y = mlp_backward(cache, dy_rows[tokens], rule)[0]
+        np.add.at(out, tokens, y)
+
+    for e in np.unique(ids):
+        tokens = np.nonzero(ids == e)[0]
+        add(tokens, effective.w13[e], effective.w2[e], scheme_.routed_activations, scheme_.routed_weights)
+    if spec.shared_ffn:
+        add(np.arange(rows.size), effective.shared_w13, effective.shared_w2, scheme_.shared_activations,
+            scheme_.shared_weights)
+    return out
+
+
 def check_output(result, spec: MoESpec, effective: MoEParams, scheme: str, pass_: str, x: np.ndarray,
-                 dy: np.ndarray, rows: np.ndarray, what: str, floor_db: float = OUTPUT_CHECK_FLOOR_DB
-                 ) -> OutputCheck:
-    """Compare the timed call's output on ``rows`` with the reference; raise if below ``floor_db``."""
+                 dy: np.ndarray, rows: np.ndarray, what: str, floor_db: float = OUTPUT_CHECK_FLOOR_DB,
+                 expert_ids: np.ndarray | None = None) -> OutputCheck:
+    """Compare the timed call's output on ``rows`` with the reference; raise if below ``floor_db``.
+    ``expert_ids`` ([T, k]): the fixed routing of a peer that does not route (see `fixed_routing_rows`)."""
     shape = (x.shape[0], spec.hidden)
     target = "y" if pass_ == "forward" else "dx"
     if result is None:
@@ -184,7 +219,10 @@ def check_output(result, spec: MoESpec, effective: MoEParams, scheme: str, pass_
             f"{what}: benchmark_step's callable returned {type(result).__name__} with no {target} of shape "
             f"{list(shape)}; return {target} (or a structure holding it under the name '{target}') so the "
             "timed output can be checked")
-    rows, expected = expected_rows(spec, effective, scheme, pass_, x, dy, rows)
+    if expert_ids is None:
+        rows, expected = expected_rows(spec, effective, scheme, pass_, x, dy, rows)
+    else:
+        expected = fixed_routing_rows(spec, effective, scheme, pass_, x, dy, rows, expert_ids)
     actual = to_numpy(found)[rows]
     sqnr = reference.sqnr_db(expected, actual)
     outcome = OutputCheck(target, float(sqnr), floor_db, int(rows.size))

@@ -9,14 +9,24 @@ the backends with the same FLOP counting, plus a do-nothing backend for the harn
 Each is a full `qmoe.implementations.Backend` for scheme ``none`` (float routing, dropless, optional shared
 expert), so its timed output is checked against the reference like any backend's; the backward is
 the framework's autograd. Peers are not in the backend registry: conformance never runs them; the
-benchmark grid adds the peer of every framework a selected backend uses (`framework_of`).
+benchmark grid adds the peer of every framework a selected backend uses (`framework_of`): one peer
+per framework.
+
+Beside them, one bound (`GemmBound`, ``gemm_bound``): the layer's grouped GEMMs alone, with
+``torch._grouped_mm`` on rows already sorted by expert and perfectly balanced across the experts
+(no router, gather, sort or scatter), plus the shared expert. It does exactly the work the suite's
+FLOP formula counts (`metrics.flops`), so its TF/s is the ceiling of a layer on that device and
+dtype; every other row's ratio to it is the terminal table's ``x bound``. Its routing is fixed
+(`GemmBound.fixed_expert_ids`) and its timed output is checked against the reference computed with
+that routing (`outputs.check_output`'s ``expert_ids``).
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +42,13 @@ class PeerBackend(Backend):
     """A native-op peer: scheme ``none`` only, dropless; ``framework`` names the framework it stands for."""
 
     framework: str = ""
+    #: A bound (`GemmBound`) is not its framework's peer: rows are not compared with it as with a peer.
+    bound: bool = False
+
+    def fixed_expert_ids(self, spec: MoESpec, tokens: int) -> np.ndarray | None:
+        """[T, k] experts of a peer whose routing is fixed instead of computed (with unit gate weights), or
+        None: the layer's own routing. The output check computes the reference with the same routing."""
+        return None
 
     def _check(self, spec: MoESpec, scheme: str, dtype: str) -> None:
         if scheme != "none":
@@ -168,6 +185,95 @@ class TorchGroupedMMPeer(PeerBackend):
 
         if pass_ not in ("forward", "backward"):
             raise SpecError(f"unknown pass {pass_!r}")
+        return forward_step if pass_ == "forward" else backward_step
+
+
+# -- the GEMM bound: the layer's grouped GEMMs alone ------------------------------------------------------------
+def balanced_expert_ids(tokens: int, top_k: int, experts: int) -> np.ndarray:
+    """[T, k] experts of perfectly balanced, pre-sorted rows: token t's j-th row is row p = j T + t of the
+    k T rows, and row p goes to expert floor(p E / (k T)). Experts are non-decreasing in p (the rows are
+    sorted by expert), every expert gets floor or ceil of k T / E rows, and a token's k experts differ
+    (its rows are T >= k T / E apart when k <= E)."""
+    if not 0 < top_k <= experts:
+        raise SpecError(f"top_k {top_k} must be in 1..experts ({experts})")
+    rows = np.arange(top_k * tokens, dtype=np.int64).reshape(top_k, tokens)
+    return np.ascontiguousarray((rows * experts // (top_k * tokens)).T)
+
+
+class GemmBound(TorchGroupedMMPeer):
+    """The layer's GEMMs and nothing else: what a layer could reach if routing, packing and combining cost
+    nothing and every expert got the same number of rows.
+
+    Untimed, once per input: x repeated k times (row j T + t is token t), so the rows are already sorted
+    by expert under `balanced_expert_ids`. Timed: ``torch._grouped_mm`` for the up and down projections
+    with the SwiGLU between, the sum of each token's k rows (unit gate weights), and the shared expert's
+    two matmuls; forward+backward adds autograd's data and weight gradients of each (and dx, the sum of
+    its k rows' gradients). That is the suite's FLOP count (`metrics.flops`) and little else: on CPU, at
+    the cpu-small preset, a fraction of a millisecond per call.
+    """
+
+    name = "gemm_bound"
+    bound = True
+
+    def fixed_expert_ids(self, spec: MoESpec, tokens: int) -> np.ndarray:
+        return balanced_expert_ids(tokens, spec.top_k, spec.experts)
+
+    def forward(self, prepared: _Prepared, x: np.ndarray) -> ForwardResult:
+        import torch
+
+        validate_input(prepared.spec, x)
+        with torch.no_grad():
+            y = self.benchmark_step(prepared, x, "forward")()
+        ids = self.fixed_expert_ids(prepared.spec, x.shape[0])
+        return ForwardResult(y.double().cpu().numpy(), ids, np.ones(ids.shape), float("nan"))
+
+    def benchmark_step(self, prepared: _Prepared, x: np.ndarray, pass_: str, dy: np.ndarray | None = None
+                       ) -> Callable[[], Any]:
+        import torch
+        import torch.nn.functional as F
+
+        if pass_ not in ("forward", "backward"):
+            raise SpecError(f"unknown pass {pass_!r}")
+        spec, w = prepared.spec, prepared.arrays
+        tokens, k, ffn, shared = x.shape[0], spec.top_k, spec.ffn, spec.shared_ffn
+        x_t = self._put(prepared, x)
+        dy_t = self._put(prepared, dy if dy is not None else np.random.default_rng(0).standard_normal(x.shape))
+        counts = np.bincount(self.fixed_expert_ids(spec, tokens).reshape(-1), minlength=spec.experts)
+        ends = torch.tensor(np.cumsum(counts), dtype=torch.int32, device=x_t.device)
+        rows = x_t.repeat(k, 1)  # pre-sorted by expert (balanced_expert_ids), made before any timed call
+        sync = torch.cuda.synchronize if x_t.is_cuda else (lambda: None)
+        names = ["w13", "w2"] + (["shared_w13", "shared_w2"] if shared else [])
+
+        def layer(rows_, x_, p):
+            h = torch._grouped_mm(rows_, p["w13"], offs=ends)
+            out = torch._grouped_mm(F.silu(h[:, :ffn]) * h[:, ffn:], p["w2"], offs=ends)
+            y = out.view(k, tokens, -1).sum(0)
+            if shared:
+                hs = x_ @ p["shared_w13"]
+                y = y + (F.silu(hs[:, :shared]) * hs[:, shared:]) @ p["shared_w2"]
+            return y
+
+        def forward_step():
+            with torch.no_grad():
+                y = layer(rows, x_t, w)
+            sync()
+            return y
+
+        leaves = {name: w[name].detach().requires_grad_() for name in names}
+        rows_leaf = rows.detach().requires_grad_()
+        x_leaf = x_t.detach().requires_grad_()
+        inputs = [rows_leaf] + ([x_leaf] if shared else []) + [leaves[name] for name in names]
+
+        def backward_step():
+            with torch.enable_grad():
+                y = layer(rows_leaf, x_leaf, leaves)
+                grads = torch.autograd.grad(y, inputs, grad_outputs=dy_t)
+                dx = grads[0].view(k, tokens, -1).sum(0)
+                if shared:
+                    dx = dx + grads[1]
+            sync()
+            return {"dx": dx, **dict(zip(names, grads[-len(names):]))}
+
         return forward_step if pass_ == "forward" else backward_step
 
 
@@ -455,7 +561,7 @@ def _nothing() -> None:
     return None
 
 
-#: Peers by framework: a backend whose `versions()` names the framework is compared with its peer.
+#: Peers by framework (one each): a backend whose `versions()` names the framework is compared with its peer.
 PEERS: dict[str, type[PeerBackend]] = {
     TorchGroupedMMPeer.framework: TorchGroupedMMPeer,
     JaxRaggedDotPeer.framework: JaxRaggedDotPeer,
@@ -475,3 +581,7 @@ def framework_of(backend_cls: type[Backend]) -> str | None:
         if framework in keys:
             return framework
     return None
+
+
+#: The bound added beside the peers (`GemmBound`); a row's ``x bound`` is its TF/s over this one's.
+GEMM_BOUND: type[PeerBackend] = GemmBound

@@ -15,9 +15,11 @@ Load it beside the suite's plugin (root ``conftest.py``: ``pytest_plugins = ["qm
   differs under the same name is dropped alone, and the summary lists each refusal. Nothing is ever
   compared silently across devices or shapes, and ``--benchmark-compare-fail`` only judges what was
   compared.
-* Terminal table: pytest-benchmark shows times only; after its table a qmoe table gives TF/s,
-  tokens/s, GB/s, % of peak and the output check beside the median time of every result, and the
-  harness overhead when the do-nothing backend ran.
+* Terminal table: pytest-benchmark shows times only; after its table a qmoe table (tabulate) gives
+  TF/s, tokens/s, GB/s, % of peak, the ratios to the native peer and to the GEMM bound and the output
+  check beside the median time of every result, and the harness overhead when the do-nothing backend ran.
+* Threads (``--bench-threads N``): the environment variables frameworks read when they load, and
+  threadpoolctl's limit on every BLAS/OpenMP pool already loaded (at configure and before each benchmark).
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bench-stage-times", action="store_true",
                     help="also record stage times of backends that offer stage_times() (forward only)")
     group.addoption("--bench-no-peers", action="store_true",
-                    help="do not add the native peers (torch._grouped_mm, jax.lax.ragged_dot, mx.gather_mm)")
+                    help="do not add the native peers (torch._grouped_mm, jax.lax.ragged_dot, mx.gather_mm) "
+                         "nor the GEMM bound (gemm_bound: the layer's grouped GEMMs alone)")
     group.addoption("--bench-max-call-s", type=float, default=None, metavar="SECONDS",
                     help="skip a case (with its measured time as the reason) whose first call takes longer "
                          f"(default: {shapes.PRESET_CALL_BUDGET_S} per preset, else none; 0 = no limit)")
@@ -77,8 +80,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="also append every result to PATH as it finishes (one JSON object per line, the "
                          "benchmark entries of pytest-benchmark's JSON): partial results survive a killed run")
     group.addoption("--bench-threads", type=int, default=None, metavar="N",
-                    help="CPU threads per framework (OMP/MKL/torch/XLA), set before any framework loads; "
-                         "on a shared machine 1 avoids oversubscribed thread pools (default: the frameworks' own)")
+                    help="CPU threads per framework: OMP/MKL/OpenBLAS/XLA environment set before any framework "
+                         "loads, and every BLAS/OpenMP pool already loaded limited (threadpoolctl) before each "
+                         "benchmark; on a shared machine 1 avoids oversubscribed thread pools "
+                         "(default: the frameworks' own)")
 
 
 def _csv(value: str | None) -> list[str] | None:
@@ -93,24 +98,39 @@ def pytest_configure(config: pytest.Config) -> None:
     budget = config.getoption("--bench-session-budget-s")
     _state["deadline"] = time.monotonic() + budget if budget else None
     config.stash[_DESELECTED] = 0
-    # Several frameworks share one GPU in a benchmark session: JAX must not grab 75% of it up front.
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     threads = config.getoption("--bench-threads")
     if threads:
+        # Read by each library when it loads (frameworks load lazily, after this hook) ...
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             os.environ[name] = str(threads)
-        import sys
-
-        if "torch" in sys.modules:  # imported by an earlier plugin: the environment is read too late
-            sys.modules["torch"].set_num_threads(threads)
         flags = os.environ.get("XLA_FLAGS", "")
         if "intra_op_parallelism_threads" not in flags:
             os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false "
                                        f"intra_op_parallelism_threads={threads}").strip()
+        # ... and the pools already loaded (NumPy's BLAS, a framework an earlier plugin imported) are
+        # limited now, and again before each benchmark (`pytest_runtest_setup`).
+        limit_thread_pools(threads)
     try:
         shapes.preset(config.getoption("--bench-shape"))
     except shapes.UnknownPresetError as exc:
         raise pytest.UsageError(str(exc)) from None
+
+
+def limit_thread_pools(threads: int) -> list[dict]:
+    """Limit every BLAS and OpenMP thread pool loaded in this process to ``threads`` (threadpoolctl);
+    returns the pools as threadpoolctl describes them, limited."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    threadpool_limits(limits=threads)
+    return threadpool_info()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """With --bench-threads: limit the pools loaded since (a framework imported by the previous case)."""
+    threads = item.config.getoption("--bench-threads", None)
+    if threads and item.get_closest_marker(_BENCH_MARK):
+        limit_thread_pools(threads)
 
 
 def benchmarks_requested(config: pytest.Config) -> bool:
@@ -122,11 +142,14 @@ def benchmarks_requested(config: pytest.Config) -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """qmoe's benchmarks are deselected unless asked for (another project's benchmarks are its own)."""
     if benchmarks_requested(config):
         return
+    from ..plugin import is_qmoe_path
+
     kept, dropped = [], []
     for item in items:
-        (dropped if item.get_closest_marker(_BENCH_MARK) else kept).append(item)
+        (dropped if item.get_closest_marker(_BENCH_MARK) and is_qmoe_path(item.path) else kept).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept
@@ -170,7 +193,7 @@ def bench_grid(config: pytest.Config) -> list:
     from qmoe.reference.schemes import SCHEMES
     from qmoe.suite.plugin import selection
 
-    from .peers import PEERS, framework_of
+    from .peers import GEMM_BOUND, PEERS, framework_of
 
     sel = selection(config)
     preset = shapes.preset(config.getoption("--bench-shape"))
@@ -195,6 +218,8 @@ def bench_grid(config: pytest.Config) -> list:
         for framework in frameworks:
             cls = PEERS[framework]
             entries.append((cls.name, cls, cls.unavailable_reason(), None, True))
+        if entries:  # the device's bound for this work, whatever framework the backends use
+            entries.append((GEMM_BOUND.name, GEMM_BOUND, GEMM_BOUND.unavailable_reason(), None, True))
 
     from .timing import clock_for
 
@@ -246,7 +271,7 @@ _state: dict = {}
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """Remember benchmark cases that gave no result (skipped with a reason, or failed), for the report."""
     config = _state.get("config")
-    if config is None or _BENCH_MARK not in report.keywords:
+    if config is None or _BENCH_MARK not in report.keywords or not _active(config):
         return
     if report.skipped and isinstance(report.longrepr, tuple):
         reason = report.longrepr[2].removeprefix("Skipped: ")
@@ -285,7 +310,15 @@ def _device_label(config: pytest.Config) -> str:
     return device_name(_selected_device(config))
 
 
+def _active(config: pytest.Config) -> bool:
+    from ..plugin import is_active
+
+    return is_active(config)
+
+
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    if not _active(config):
+        return
     options = bench_options(config)
     machine_info["qmoe"] = {"device": _device_label(config), "device_option": options.device or "default",
                             "preset": config.getoption("--bench-shape"), "dtype": options.dtype,
@@ -293,6 +326,8 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 
 
 def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json: dict) -> None:
+    if not _active(config):
+        return
     output_json["qmoe"] = {
         "command": shlex.join(["pytest", *config.invocation_params.args]),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -304,11 +339,14 @@ def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json:
 def pytest_benchmark_compare_machine_info(config: pytest.Config, benchmarksession, machine_info: dict,
                                           compared_benchmark: dict) -> None:
     """Refuse a saved run from another device: drop its benchmarks from the comparison, loudly."""
+    if not _active(config):
+        return
     current = (machine_info.get("qmoe") or {}).get("device")
     saved = (compared_benchmark.get("machine_info", {}).get("qmoe") or {}).get("device")
     if current != saved:
         count = len(compared_benchmark.get("benchmarks", []))
-        message = (f"qmoe: not comparing with a saved run from another device: saved on {saved or 'an unknown device'}, "
+        message = ("qmoe: not comparing with a saved run from another device: "
+                   f"saved on {saved or 'an unknown device'}, "
                    f"running on {current}; its {count} result(s) are left out of --benchmark-compare "
                    "(and of --benchmark-compare-fail)")
         compared_benchmark["benchmarks"] = []
@@ -339,7 +377,7 @@ def refuse_mismatched(compared_mapping: dict, current: list) -> list[str]:
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus):
     bs = getattr(session.config, "_benchmarksession", None)
-    if bs is not None and bs.compared_mapping:
+    if bs is not None and bs.compared_mapping and _active(session.config):
         session.config.stash[_REFUSALS].extend(refuse_mismatched(bs.compared_mapping, [b for b in bs.benchmarks if b]))
     yield
 
@@ -355,6 +393,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
 def _qmoe_summary(tr, config: pytest.Config) -> None:
     from .tables import terminal_rows
 
+    if not _active(config):
+        return
     deselected = config.stash.get(_DESELECTED, 0)
     if deselected:
         tr.write_line(f"qmoe: {deselected} benchmark test(s) deselected: run them with `pytest -m benchmark` "

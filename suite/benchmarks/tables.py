@@ -1,7 +1,9 @@
 """Results as rows: from pytest-benchmark's JSON (saved runs) or live results, with the derived
-columns (delta vs the backend's ``none``, ratio to the framework's native peer, harness overhead).
+columns (delta vs the backend's ``none``, ratio to the framework's native peer, ratio to the GEMM
+bound, harness overhead).
 
-Used by the terminal table (`terminal_rows`) and by `qmoe.suite.report`; nothing here imports a framework.
+Used by the terminal table (`terminal_rows`, drawn with tabulate) and by `qmoe.suite.report`; nothing
+here imports a framework.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def rows_from_session(results) -> list[ResultRow]:
 
 def derive(rows: list[ResultRow]) -> list[ResultRow]:
     """Fill ``derived``: delta_vs_none (TF/s vs the same backend's ``none``), peer and x_peer (TF/s over
-    the framework's native peer), overhead_pct (the do-nothing backend vs the fastest real case)."""
+    the framework's native peer), x_bound (TF/s over the GEMM bound's: the share of the device's grouped-GEMM
+    throughput a row reaches), overhead_pct (the do-nothing backend vs the fastest real case)."""
     by_work: dict[tuple, list[ResultRow]] = {}
     for row in rows:
         by_work.setdefault(row.work, []).append(row)
@@ -67,11 +70,15 @@ def derive(rows: list[ResultRow]) -> list[ResultRow]:
         if base is not None and row.get("scheme") != "none":
             row.derived["delta_vs_none"] = tf / base.get("tflops") - 1.0
         if not row.get("peer") and row.get("framework"):
-            peer = next((r for r in same if r.get("peer") and r.get("framework") == row.get("framework")
-                         and r.get("tflops")), None)
+            peer = next((r for r in same if r.get("peer") and not r.get("bound")
+                         and r.get("framework") == row.get("framework") and r.get("tflops")), None)
             if peer is not None:
                 row.derived["peer"] = peer.get("backend")
                 row.derived["x_peer"] = tf / peer.get("tflops")
+        if not row.get("bound"):
+            bound = next((r for r in same if r.get("bound") and r.get("tflops")), None)
+            if bound is not None:
+                row.derived["x_bound"] = tf / bound.get("tflops")
     overhead = overhead_ratio(rows)
     if overhead is not None:
         for row in rows:
@@ -111,26 +118,34 @@ def fmt_pct(value) -> str:
     return "" if value is None else f"{100 * value:+.1f}%"
 
 
+#: The qmoe terminal table's columns: (header, alignment).
+TERMINAL_COLUMNS = (("benchmark", "left"), ("median", "right"), ("TF/s", "right"), ("tok/s", "right"),
+                    ("GB/s", "right"), ("%peak", "right"), ("vs none", "right"), ("x peer", "right"),
+                    ("x bound", "right"), ("check", "right"), ("vs saved", "right"))
+
+
 def terminal_rows(results, compared_mapping: dict) -> list[str]:
     """Lines of the qmoe terminal table for live results (with the saved mean where compared)."""
+    from tabulate import tabulate
+
     rows = rows_from_session(results)
     saved = {}
     for by_name in compared_mapping.values():
         for fullname, bench in by_name.items():
             saved[fullname] = bench.get("stats", {}).get("mean")
     fullnames = {b.name: b.fullname for b in results}
-    header = (f"{'benchmark':64s} {'median':>10s} {'TF/s':>8s} {'tok/s':>7s} {'GB/s':>7s} {'%peak':>6s} "
-              f"{'vs none':>8s} {'x peer':>7s} {'check':>6s} {'vs saved':>9s}")
-    lines = [header]
+    table = []
     for row in rows:
         check = (row.get("output_check") or {}).get("min_sqnr_db")
         old = saved.get(fullnames.get(row.name))
         versus = f"{100 * (row.mean_s / old - 1):+.1f}%" if old else ""
-        name = row.name.split("[", 1)[-1].rstrip("]")
-        lines.append(f"{name[:64]:64s} {row.median_s * 1e3:8.3f}ms {fmt(row.get('tflops'), '.3f'):>8s} "
-                     f"{fmt_si(row.get('tokens_per_s')):>7s} {fmt(row.get('gb_per_s'), '.1f'):>7s} "
-                     f"{fmt(row.get('pct_peak'), '.1f'):>6s} {fmt_pct(row.derived.get('delta_vs_none')):>8s} "
-                     f"{fmt(row.derived.get('x_peer'), '.2f'):>7s} {fmt(check, '.1f'):>6s} {versus:>9s}")
+        table.append([row.name.split("[", 1)[-1].rstrip("]"), f"{row.median_s * 1e3:.3f}ms",
+                      fmt(row.get("tflops"), ".3f"), fmt_si(row.get("tokens_per_s")), fmt(row.get("gb_per_s"), ".1f"),
+                      fmt(row.get("pct_peak"), ".1f"), fmt_pct(row.derived.get("delta_vs_none")),
+                      fmt(row.derived.get("x_peer"), ".2f"), fmt(row.derived.get("x_bound"), ".2f"),
+                      fmt(check, ".1f"), versus])
+    lines = tabulate(table, headers=[name for name, _ in TERMINAL_COLUMNS], tablefmt="simple",
+                     colalign=[align for _, align in TERMINAL_COLUMNS], disable_numparse=True).splitlines()
     overhead = overhead_ratio(rows)
     if overhead is not None:
         ratio, noop, fastest = overhead

@@ -41,8 +41,8 @@ def _common_info(sweep) -> dict:
 def test_grouped_trainer_step(benchmark, group_size):
     """One block-coordinate pass over the stack with groups of ``group_size`` layers, per round."""
     mx = pytest.importorskip("mlx.core")
-    from qmoe.implementations import _mlx_sweep as sweep
-    from qmoe.implementations._mlx_training import block_coordinate_descent
+    from qmoe.implementations.mlx_layerwise import sweep
+    from qmoe.implementations.mlx_layerwise.training import block_coordinate_descent
 
     stack = sweep.build_stack(SPEC, LAYERS, TOKENS)
     state = {"layers": stack.layers}
@@ -65,7 +65,7 @@ def test_grouped_trainer_step(benchmark, group_size):
 def test_group_size_sweep(benchmark):
     """The sweep as a user calls it: rows (G, peak, seconds per step) and the largest G under the target."""
     pytest.importorskip("mlx.core")
-    from qmoe.implementations import _mlx_sweep as sweep
+    from qmoe.implementations.mlx_layerwise import sweep
 
     result = benchmark.pedantic(
         lambda: sweep.group_size_sweep(SPEC, LAYERS, TOKENS, GROUP_SIZES, MEMORY_TARGET_BYTES, lr=LEARNING_RATE),

@@ -17,7 +17,11 @@ pytestmark = pytest.mark.benchmark
 
 
 def _plugin_loaded(config: pytest.Config) -> bool:
-    return config.pluginmanager.has_plugin("qmoe.suite.benchmarks.plugin")
+    """Whether the benchmark plugin is registered, under whatever name (the suite's plugin registers it as
+    ``qmoe.benchmarks``; ``-p qmoe.suite.benchmarks.plugin`` under its module name)."""
+    from qmoe.suite.benchmarks import plugin
+
+    return config.pluginmanager.is_registered(plugin)
 
 
 _NO_PLUGIN = ("the benchmark plugin is not loaded: add 'qmoe.suite.benchmarks.plugin' to pytest_plugins in the root "
@@ -28,7 +32,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if not _plugin_loaded(metafunc.config):
         for name in ("bench_case", "overhead_shape"):
             if name in metafunc.fixturenames:
-                metafunc.parametrize(name, [pytest.param(None, id="no-plugin", marks=pytest.mark.skip(reason=_NO_PLUGIN))])
+                skip = pytest.mark.skip(reason=_NO_PLUGIN)
+                metafunc.parametrize(name, [pytest.param(None, id="no-plugin", marks=skip)])
         return
     from qmoe.suite.benchmarks.plugin import bench_grid, bench_options
     from qmoe.suite.benchmarks.shapes import preset

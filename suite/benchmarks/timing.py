@@ -1,21 +1,23 @@
 """Honest timing: device clocks, cache flushes, device and framework descriptions.
 
 On CUDA the clock is CUDA events, as triton's ``do_bench`` measures: pytest-benchmark reads its
-timer (set per test with ``pytest.mark.benchmark(timer=cuda_event_clock)``) before and after each timed call; `CudaEventClock` records an event on the device at each
-reading and returns the device time since its origin, so a round's duration is the device's time
-between the two events (the timed call itself synchronizes, so the second event follows all its work,
-whatever framework enqueued it). Between rounds `L2Flush` zeroes a buffer larger than the L2 cache
-(do_bench's 256 MB), outside the timed interval, so no round finds the previous round's weights in L2.
+timer (set per test with ``pytest.mark.benchmark(timer=cuda_event_clock)``) before and after each
+timed call; `CudaEventClock` records an event on the device at each reading and returns the device
+time since its origin, so a round's duration is the device's time between the two events (the timed
+call itself synchronizes, so the second event follows all its work, whatever framework enqueued it).
+Between rounds `L2Flush` zeroes a buffer larger than the L2 cache (do_bench's 256 MB), outside the
+timed interval, so no round finds the previous round's weights in L2.
 
 On CPU the clock is `time.perf_counter` and there is nothing to flush.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import time
-from typing import Callable
+from collections.abc import Callable
 
 #: do_bench's flush size: larger than any current GPU's L2 (H100: 50 MB).
 L2_FLUSH_BYTES = 256 * 1024 * 1024
@@ -89,17 +91,17 @@ def _torch_cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_name() -> str:
-    """The CPU model (Linux /proc/cpuinfo, else platform), with the usable core count."""
-    name = platform.processor() or platform.machine()
+    """The CPU model as pytest-benchmark's ``machine_info["cpu"]`` names it (py-cpuinfo's ``brand_raw``),
+    else the platform's, with the cores this process may use."""
+    from pytest_benchmark.plugin import get_cpu_info
+
     try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+        name = get_cpu_info().get("brand_raw")
+    except Exception:  # py-cpuinfo reads the OS's own descriptions; a failure there leaves the platform's name
+        name = None
+    name = name or platform.processor() or platform.machine()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{name} ({cores} cores)"
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 
 from qmoe.reference.spec import MoEParams, MoESpec
@@ -46,13 +47,10 @@ def round_to_dtype(values: np.ndarray, dtype: str) -> np.ndarray:
         return values
     if dtype != "bfloat16":
         raise ValueError(f"benchmark inputs support float32 and bfloat16, not {dtype!r}")
-    bits = values.view(np.uint32)
-    flat = bits.reshape(-1)
-    for start in range(0, flat.size, _CHUNK):
+    flat = values.reshape(-1)
+    for start in range(0, flat.size, _CHUNK):  # chunks bound the temporaries of a layer of many GB
         chunk = flat[start:start + _CHUNK]
-        # bfloat16 keeps the top 16 bits of a float32: add half an ulp (plus the tie-to-even bit) and cut.
-        chunk += np.uint32(0x7FFF) + ((chunk >> np.uint32(16)) & np.uint32(1))
-        chunk &= np.uint32(0xFFFF0000)
+        chunk[:] = chunk.astype(ml_dtypes.bfloat16).astype(np.float32)
     return values
 
 

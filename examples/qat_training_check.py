@@ -1,6 +1,6 @@
 """Does QAT close the export gap? A 2-layer MoE stack, trained twice on one synthetic regression task.
 
-    python scripts/qat_training_check.py [--steps 300] [--out results/qat_training_check.md]
+    python examples/qat_training_check.py [--steps 300] [--out results/qat_training_check.md]
 
 Task: a residual stack x_{l+1} = x_l + moe_l(x_l) (2 layers, hidden 64, ffn 160, 8 experts, top-2,
 softmax router) regresses the output of a random *teacher* stack of the same shape on Gaussian
@@ -18,6 +18,9 @@ quantizes all of them per output row (scale floor 1/127). Reported on held-out t
 backend's public QAT extras: pre-export loss (`eval_forward`: the float masters, no fake quant),
 post-export loss (`load_exported(export_int8(...))`, evaluated by `forward`), and the gap between
 them. QAT exists to make the post-export loss close to what training optimised.
+
+Needs qmoe installed with torch and triton (``pip install -e ".[torch,triton]"``); on CPU the kernels run
+in Triton's interpreter (about 40 s for the default 300 steps on two cores), ``QMOE_DEVICE=cuda`` compiles them.
 """
 
 from __future__ import annotations
@@ -30,8 +33,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 # The kernels run in Triton's interpreter on CPU; the mode is fixed when they are imported.
 os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("QMOE_DEVICE") == "cuda" else "1")
 
@@ -88,7 +89,7 @@ def perturbed(teacher, noise, amount: float):
     scale: a random MoE is hard to learn from scratch in a few hundred steps (the router has to
     discover the teacher's partition), while from here float training gets close and the export
     error becomes a visible part of the held-out loss."""
-    return [t.map(lambda name, w: w + amount * getattr(n, name)) for t, n in zip(teacher, noise)]
+    return [t.map(lambda name, w, n=n: w + amount * getattr(n, name)) for t, n in zip(teacher, noise)]
 
 
 def teacher_output(teacher, x: torch.Tensor) -> torch.Tensor:
@@ -177,7 +178,7 @@ def main() -> int:
     lines = [
         "# QAT training check (torch_triton, qat_int8_row)",
         "",
-        f"Command: `python scripts/qat_training_check.py --steps {args.steps} --lr {args.lr} --seed {args.seed}`  ",
+        f"Command: `python examples/qat_training_check.py --steps {args.steps} --lr {args.lr} --seed {args.seed}`  ",
         f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, device {device_name} "
         f"(Triton {'interpreter' if os.environ.get('TRITON_INTERPRET') == '1' else 'compiled'}), "
