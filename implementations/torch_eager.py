@@ -19,8 +19,9 @@ Numerics (DESIGN.md, `qmoe.reference.schemes`):
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
@@ -51,18 +52,18 @@ def _torch():
 class Int8Tensor:
     """Integer codes (held in a float32 tensor, for the matmul below) and their scale: v ~ codes * scale."""
 
-    codes: "torch.Tensor"
-    scale: "torch.Tensor"  # broadcasts against codes (keepdims)
+    codes: torch.Tensor
+    scale: torch.Tensor  # broadcasts against codes (keepdims)
 
-    def dequantize(self) -> "torch.Tensor":
+    def dequantize(self) -> torch.Tensor:
         return self.codes * self.scale
 
-    def rows(self, index: "torch.Tensor") -> "Int8Tensor":
+    def rows(self, index: torch.Tensor) -> Int8Tensor:
         """The codes and per-row scales of some rows (per-token quantization commutes with gathering)."""
         return Int8Tensor(self.codes[index], self.scale[index])
 
 
-def exact_code_matmul(a_codes: "torch.Tensor", b_codes: "torch.Tensor") -> "torch.Tensor":
+def exact_code_matmul(a_codes: torch.Tensor, b_codes: torch.Tensor) -> torch.Tensor:
     """sum_k a[i, k] b[k, j] over integer codes, exactly, as an int8 GEMM with int32 accumulation.
 
     torch has no int8 x int8 -> int32 matmul for every shape and device, so the codes are multiplied
@@ -104,7 +105,7 @@ def _int8_matmul_ste() -> type:
     return Int8MatmulSTE
 
 
-def _straight_through(value: "torch.Tensor", quantized: "torch.Tensor") -> "torch.Tensor":
+def _straight_through(value: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
     """Forward value ``quantized`` exactly, gradient to ``value`` as identity (STE fake quant)."""
     return quantized.detach() + (value - value.detach())
 
@@ -119,22 +120,22 @@ class TorchEagerState:
 
     spec: MoESpec
     scheme: Scheme
-    dtype: "torch.dtype"
-    device: "torch.device"
-    router: "torch.Tensor"                 # [H, E] float32, never quantized
-    router_bias: "torch.Tensor | None"     # [E], selection only
+    dtype: torch.dtype
+    device: torch.device
+    router: torch.Tensor                 # [H, E] float32, never quantized
+    router_bias: torch.Tensor | None     # [E], selection only
     w13: list                              # E x [H, 2F]
     w2: list                               # E x [F, H]
-    shared_w13: "torch.Tensor | None" = None
-    shared_w2: "torch.Tensor | None" = None
+    shared_w13: torch.Tensor | None = None
+    shared_w2: torch.Tensor | None = None
 
 
 @dataclass
 class TorchRouting:
-    ids: "torch.Tensor"           # [T, k] int64, best first
-    gates: "torch.Tensor"         # [T, k] float32, differentiable
-    kept: "torch.Tensor"          # [T, k] bool, False where capacity dropped the assignment
-    balance_loss: "torch.Tensor"  # scalar, differentiable through P only
+    ids: torch.Tensor           # [T, k] int64, best first
+    gates: torch.Tensor         # [T, k] float32, differentiable
+    kept: torch.Tensor          # [T, k] bool, False where capacity dropped the assignment
+    balance_loss: torch.Tensor  # scalar, differentiable through P only
 
 
 #: Trainable parameters by name: one tensor, or one tensor per expert.
@@ -186,7 +187,7 @@ class TorchEagerBackend(Backend):
         params.validate(spec)
         device = torch.device(self.device)
 
-        def master(a: np.ndarray | None) -> "torch.Tensor | None":
+        def master(a: np.ndarray | None) -> torch.Tensor | None:
             return None if a is None else torch.tensor(np.asarray(a), dtype=torch.float32, device=device)
 
         return TorchEagerState(
@@ -214,7 +215,7 @@ class TorchEagerBackend(Backend):
         return ForwardResult(_numpy(y), routing.ids.cpu().numpy(), _numpy(routing.gates),
                              float(routing.balance_loss))
 
-    def _layer(self, state: TorchEagerState, x: "torch.Tensor") -> tuple["torch.Tensor", TorchRouting]:
+    def _layer(self, state: TorchEagerState, x: torch.Tensor) -> tuple[torch.Tensor, TorchRouting]:
         """y = sum_k g_k expert_{e_k}(x) [+ shared(x)], x float32 [T, H]; y in the compute dtype.
 
         Float projections run in the compute dtype; int8 ones from their codes, with a float32 epilogue.
@@ -243,20 +244,20 @@ class TorchEagerBackend(Backend):
                               scheme.shared_activations, state.dtype)
         return y.to(state.dtype), routing
 
-    def _mlp(self, x: "torch.Tensor", x_q: Int8Tensor | None, w13: "torch.Tensor", w13_q: Int8Tensor | None,
-             w2: "torch.Tensor", w2_q: Int8Tensor | None, activations: str, dtype: "torch.dtype"
-             ) -> "torch.Tensor":
+    def _mlp(self, x: torch.Tensor, x_q: Int8Tensor | None, w13: torch.Tensor, w13_q: Int8Tensor | None,
+             w2: torch.Tensor, w2_q: Int8Tensor | None, activations: str, dtype: torch.dtype
+             ) -> torch.Tensor:
         """SwiGLU expert y = Q(silu(Q(x) W1) * (Q(x) W3)) W2, Q the activation quantizer (or identity)."""
         h = self._swiglu(self._matmul(x, x_q, w13, w13_q, dtype))
         return self._matmul(h, self._quantize_activation(h, activations), w2, w2_q, dtype)
 
-    def _swiglu(self, a: "torch.Tensor") -> "torch.Tensor":
+    def _swiglu(self, a: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up, gate = the first F columns of x W13."""
         gate, up = a.chunk(2, dim=-1)
         return _torch().nn.functional.silu(gate) * up
 
-    def _matmul(self, x: "torch.Tensor", x_q: Int8Tensor | None, w: "torch.Tensor", w_q: Int8Tensor | None,
-                dtype: "torch.dtype") -> "torch.Tensor":
+    def _matmul(self, x: torch.Tensor, x_q: Int8Tensor | None, w: torch.Tensor, w_q: Int8Tensor | None,
+                dtype: torch.dtype) -> torch.Tensor:
         """x W: float in ``dtype``, int8 x int8 from the codes, or (one side quantized) fake quant; STE backward."""
         if x_q is None and w_q is None:
             return x.to(dtype) @ w.to(dtype)
@@ -266,16 +267,16 @@ class TorchEagerBackend(Backend):
         w_used = w if w_q is None else _straight_through(w, w_q.dequantize())
         return x_used.to(dtype) @ w_used.to(dtype)
 
-    def _weight_by_gate(self, gates: "torch.Tensor", out: "torch.Tensor") -> "torch.Tensor":
+    def _weight_by_gate(self, gates: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """g_k * expert output, in float32."""
         return gates[:, None] * out
 
-    def _expert_rows(self, spec: MoESpec, routing: TorchRouting, e: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+    def _expert_rows(self, spec: MoESpec, routing: TorchRouting, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens, slots) of the kept assignments to expert ``e``, in token order."""
         return _torch().nonzero((routing.ids == e) & routing.kept, as_tuple=True)
 
     # -- routing (float32) ---------------------------------------------------------------------
-    def _route(self, state: TorchEagerState, x: "torch.Tensor") -> TorchRouting:
+    def _route(self, state: TorchEagerState, x: torch.Tensor) -> TorchRouting:
         """softmax_topk: p = softmax(x R), ids = topk(p) (= topk of the logits). sigmoid_topk: s = sigmoid(x R),
         ids = topk(s + b), P = s / sum s. Gate weights from the selected scores; then the capacity mask
         and the balance loss."""
@@ -298,16 +299,17 @@ class TorchEagerBackend(Backend):
         gates = self._gate_weights(spec, logits, scores, ids)
         return TorchRouting(ids, gates, self._capacity_mask(spec, ids), self._balance_loss(spec, ids, probs))
 
-    def _top_k(self, selection: "torch.Tensor", k: int) -> "torch.Tensor":
-        """The k best experts per token; a stable sort makes the lower index win ties (torch.topk does not promise it)."""
+    def _top_k(self, selection: torch.Tensor, k: int) -> torch.Tensor:
+        """The k best experts per token; a stable sort makes the lower index win ties (torch.topk does not
+        promise it)."""
         return _torch().sort(selection, dim=-1, descending=True, stable=True).indices[:, :k]
 
-    def _gate_weights(self, spec: MoESpec, logits: "torch.Tensor", scores: "torch.Tensor", ids: "torch.Tensor"
-                      ) -> "torch.Tensor":
+    def _gate_weights(self, spec: MoESpec, logits: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor
+                      ) -> torch.Tensor:
         """The gate weights of the selected experts (see `router_gate_weights`); a seam for mutants."""
         return router_gate_weights(spec, logits, scores, ids)
 
-    def _capacity_mask(self, spec: MoESpec, ids: "torch.Tensor") -> "torch.Tensor":
+    def _capacity_mask(self, spec: MoESpec, ids: torch.Tensor) -> torch.Tensor:
         """Keep the first C assignments of each expert in (token, slot) row-major order."""
         torch = _torch()
         capacity = spec.capacity(ids.shape[0])
@@ -318,32 +320,32 @@ class TorchEagerBackend(Backend):
         position = onehot.cumsum(dim=0).gather(1, flat[:, None]).squeeze(1) - 1
         return (position < capacity).reshape(ids.shape)
 
-    def _balance_loss(self, spec: MoESpec, ids: "torch.Tensor", probs: "torch.Tensor") -> "torch.Tensor":
+    def _balance_loss(self, spec: MoESpec, ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """Switch loss E * sum_i f_i P_i; f_i (share of the T*k picks, before capacity) carries no gradient."""
         torch = _torch()
         f = torch.bincount(ids.reshape(-1), minlength=spec.experts).float() / ids.numel()
         return spec.experts * torch.sum(f * probs.mean(dim=0))
 
     # -- quantizers ----------------------------------------------------------------------------
-    def _quantize_symmetric(self, values: "torch.Tensor", dims: int | tuple[int, ...]) -> Int8Tensor:
+    def _quantize_symmetric(self, values: torch.Tensor, dims: int | tuple[int, ...]) -> Int8Tensor:
         """scale = amax / 127 over ``dims`` (1 where amax = 0, so zero slices give zeros, never NaN)."""
         v = values.detach().float()
         amax = v.abs().amax(dim=dims, keepdim=True)
         return self._quantize_with_scale(v, self._int8_scale(amax))
 
-    def _int8_scale(self, amax: "torch.Tensor") -> "torch.Tensor":
+    def _int8_scale(self, amax: torch.Tensor) -> torch.Tensor:
         torch = _torch()
         return torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
 
-    def _quantize_with_scale(self, v: "torch.Tensor", scale: "torch.Tensor") -> Int8Tensor:
+    def _quantize_with_scale(self, v: torch.Tensor, scale: torch.Tensor) -> Int8Tensor:
         """q = clamp(round(v / scale), -127, 127); torch.round rounds half to even, as int8 kernels do."""
         torch = _torch()
         return Int8Tensor(torch.clamp(torch.round(v / scale), -INT8_MAX, INT8_MAX), scale)
 
-    def _quantize_per_token(self, values: "torch.Tensor") -> Int8Tensor:
+    def _quantize_per_token(self, values: torch.Tensor) -> Int8Tensor:
         return self._quantize_symmetric(values, -1)
 
-    def _quantize_activation(self, values: "torch.Tensor", rule: str) -> Int8Tensor | None:
+    def _quantize_activation(self, values: torch.Tensor, rule: str) -> Int8Tensor | None:
         return self._quantize_per_token(values) if rule == "per_token" else None
 
     def _quantize_expert_weights(self, weights: list) -> list:
@@ -377,7 +379,7 @@ class TorchEagerBackend(Backend):
         grads = self._gradients(prepared, x_t, dy_t, balance_coeff)
         return {name: _numpy(g if not isinstance(g, list) else _torch().stack(g)) for name, g in grads.items()}
 
-    def _gradients(self, state: TorchEagerState, x: "torch.Tensor", dy: "torch.Tensor", balance_coeff: float
+    def _gradients(self, state: TorchEagerState, x: torch.Tensor, dy: torch.Tensor, balance_coeff: float
                    ) -> Leaves:
         """Autograd of L = sum(y * dy) + balance_coeff * balance_loss at fresh leaves: x and every
         trainable parameter, per expert as a list. The quantizers are straight-through."""
@@ -392,7 +394,7 @@ class TorchEagerBackend(Backend):
         grads = [self._grad_or_zeros(g, like) for g, like in zip(found, flat)]
         return {"x": grads[0], **_unflatten(leaves, grads[1:])}
 
-    def _grad_or_zeros(self, grad: "torch.Tensor | None", like: "torch.Tensor") -> "torch.Tensor":
+    def _grad_or_zeros(self, grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
         """An expert that received no token never entered the graph: its gradient is exactly zero."""
         return _torch().zeros_like(like) if grad is None else grad
 
@@ -403,7 +405,7 @@ class TorchEagerBackend(Backend):
         shared_q = self._shared_weights(prepared) if prepared.shared_w13 is not None else (None, None)
         router_dtype = _torch().float32
 
-        def used(master: "torch.Tensor", q: Int8Tensor | None, dtype: "torch.dtype") -> np.ndarray:
+        def used(master: torch.Tensor, q: Int8Tensor | None, dtype: torch.dtype) -> np.ndarray:
             if q is None:
                 return _numpy(master.to(dtype))
             return q.codes.double().cpu().numpy() * q.scale.double().cpu().numpy()
@@ -471,12 +473,12 @@ class TorchEagerBackend(Backend):
         return forward_step if pass_ == "forward" else backward_step
 
     # -- boundary ------------------------------------------------------------------------------
-    def _to_device(self, state: TorchEagerState, x: np.ndarray, what: str = "x") -> "torch.Tensor":
+    def _to_device(self, state: TorchEagerState, x: np.ndarray, what: str = "x") -> torch.Tensor:
         """Validated input as float32 on the device (values are exact in the compute dtype)."""
         validate_input(state.spec, x, what)
         return _torch().tensor(x, dtype=_torch().float32, device=state.device)
 
-    def _cotangent(self, state: TorchEagerState, x: np.ndarray, dy: np.ndarray) -> "torch.Tensor":
+    def _cotangent(self, state: TorchEagerState, x: np.ndarray, dy: np.ndarray) -> torch.Tensor:
         if isinstance(dy, np.ndarray) and np.shape(dy) != np.shape(x):
             raise SpecError(f"dy has shape {np.shape(dy)}, expected the output's shape {np.shape(x)}")
         return self._to_device(state, dy, "dy")
@@ -485,7 +487,7 @@ class TorchEagerBackend(Backend):
 # ---------------------------------------------------------------------------------------------
 # small helpers
 # ---------------------------------------------------------------------------------------------
-def _numpy(t: "torch.Tensor") -> np.ndarray:
+def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(device="cpu", dtype=_torch().float64).numpy()
 
 
@@ -513,8 +515,8 @@ def _unflatten(leaves: Leaves, flat: list) -> Leaves:
     return out
 
 
-def router_gate_weights(spec: MoESpec, logits: "torch.Tensor", scores: "torch.Tensor", ids: "torch.Tensor"
-                        ) -> "torch.Tensor":
+def router_gate_weights(spec: MoESpec, logits: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor
+                        ) -> torch.Tensor:
     """w = the selected scores, / their sum if ``renormalize``, * routed_scaling for sigmoid routers.
 
     The renormalized weights are a softmax over the selected log-scores (log p = logit + const,
@@ -533,7 +535,7 @@ def router_gate_weights(spec: MoESpec, logits: "torch.Tensor", scores: "torch.Te
     return gates * spec.routed_scaling if spec.router == "sigmoid_topk" else gates
 
 
-def sigmoid_balance_probs(logits: "torch.Tensor") -> "torch.Tensor":
+def sigmoid_balance_probs(logits: torch.Tensor) -> torch.Tensor:
     """P = s / sum(s) as a softmax of logsigmoid: s of very negative logits underflows to 0 (0/0)."""
     torch = _torch()
     return torch.softmax(torch.nn.functional.logsigmoid(logits), dim=-1)

@@ -45,7 +45,7 @@ class Case:
     hot_expert: int = 2
     empty: tuple[int, ...] = field(default=())
 
-    def build(self, dtype: str) -> "CaseData":
+    def build(self, dtype: str) -> CaseData:
         """Inputs rounded to ``dtype``; the first of a fixed sequence of seeds without near-ties."""
         for attempt in range(100):
             data = self._build(dtype, self.seed * 1000 + attempt)
@@ -53,7 +53,7 @@ class Case:
                 return data
         raise AssertionError(f"case {self.name}: no seed without routing near-ties in 100 tries")
 
-    def _build(self, dtype: str, seed: int) -> "CaseData":
+    def _build(self, dtype: str, seed: int) -> CaseData:
         rng = np.random.default_rng(seed)
         spec = self.spec
         params = MoEParams.random(spec, seed=seed)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -17,8 +17,7 @@ from qmoe.reference import sqnr_db
 
 from .bounds import gate_weight_bound
 from .cases import routing_gaps
-from .tolerances import (GATE_RELATIVE, GATE_UNDERFLOW, REQUANTIZED_MIN_MOVE, REQUANTIZED_STEP_RELATIVE,
-                         ROUTING_MARGIN)
+from .tolerances import GATE_RELATIVE, GATE_UNDERFLOW, REQUANTIZED_MIN_MOVE, REQUANTIZED_STEP_RELATIVE, ROUTING_MARGIN
 
 #: Set by the suite's plugin: receives (what, figures as a dict) for the running test.
 _recorder: Callable[[str, dict], None] | None = None

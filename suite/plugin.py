@@ -22,8 +22,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from qmoe.implementations.registry import (BackendLoadError, UnknownBackendError, backend_names, get_backend_class,
-                                           load_class, register)
+from qmoe.implementations.registry import (
+    BackendLoadError,
+    UnknownBackendError,
+    backend_names,
+    get_backend_class,
+    load_class,
+    register,
+)
 from qmoe.reference import SCHEMES
 
 from . import checks
@@ -157,7 +163,7 @@ def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector) -> 
     return QmoeModule.from_parent(parent, path=module_path)
 
 
-def activate(config: pytest.Config) -> "Selection":
+def activate(config: pytest.Config) -> Selection:
     """Set up a qmoe run (once): the environment frameworks read at import, the hypothesis profile,
     and the selected backends. Called when a qmoe option is given or a qmoe module is collected; the
     project's own tests call it from their conftest."""
@@ -294,9 +300,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     params = []
     for entry in sel.backends:
         if entry.unavailable and not entry.load_error:
+            skip = pytest.mark.skip(reason=f"{entry.name} unavailable: {entry.unavailable}")
             params.append(pytest.param(Target(entry.name, "", CASES["balanced"], "") if grid else entry.name,
-                                       id=f"{entry.name}-unavailable",
-                                       marks=[pytest.mark.skip(reason=f"{entry.name} unavailable: {entry.unavailable}")]))
+                                       id=f"{entry.name}-unavailable", marks=[skip]))
             continue
         if not grid:
             reason = None if entry.load_error else _not_applicable(

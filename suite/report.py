@@ -91,8 +91,11 @@ def _header(docs: list[dict], rows: list[ResultRow]) -> list[str]:
     if versions:
         lines.append("- versions: " + ", ".join(f"{k} {'/'.join(sorted(v))}" for k, v in sorted(versions.items())))
     dtypes = sorted({str(r.get("dtype")) for r in rows})
-    timers = sorted({f"{r.get('timer')}" + (f" + L2 flush {r.get('l2_flush_bytes') >> 20} MiB" if r.get("l2_flush_bytes")
-                                              else "") for r in rows})
+    def timer(row) -> str:
+        flush = row.get("l2_flush_bytes")
+        return f"{row.get('timer')}" + (f" + L2 flush {flush >> 20} MiB" if flush else "")
+
+    timers = sorted({timer(r) for r in rows})
     threads = sorted({str(r.get("threads") or "framework default") for r in rows})
     rounds = sorted({f"{r.get('rounds')} rounds after {r.get('warmup_rounds')} warm-up, {r.get('inputs')} "
                      "distinct inputs rotated" for r in rows})

@@ -2,9 +2,10 @@
 
 Round half to even is part of every scheme. Where the scale is an exact power of two (amax = 127 * 2^k:
 the float32 division amax / 127 is then exactly 2^k), v / scale is exact in any float format (by
-division or by a reciprocal multiply), so the codes must equal the reference's exactly, ties included. Only where the scale is not a power of two may a value whose
-v / scale lies within a few float32 ulps of a .5 tie take either neighbouring code
-(`qmoe.suite.tolerances.QUANTIZER_TIE_WINDOW`); scales agree to `QUANTIZER_SCALE_RTOL`.
+division or by a reciprocal multiply), so the codes must equal the reference's exactly, ties included.
+Only where the scale is not a power of two may a value whose v / scale lies within a few float32 ulps of
+a .5 tie take either neighbouring code (`qmoe.suite.tolerances.QUANTIZER_TIE_WINDOW`); scales agree to
+`QUANTIZER_SCALE_RTOL`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from qmoe.reference import quantize_symmetric_int8
-
 from qmoe.suite.checks import fail
 from qmoe.suite.tolerances import QUANTIZER_SCALE_RTOL, QUANTIZER_TIE_WINDOW, tolerance
 

@@ -25,7 +25,6 @@ import pytest
 
 from qmoe.reference import get_scheme
 from qmoe.reference.quantization import INT8_MAX, Quantized, quantize_weight
-
 from qmoe.suite import checks
 from qmoe.suite.cases import round_to_dtype
 from qmoe.suite.checks import check_shape, fail

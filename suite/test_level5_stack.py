@@ -26,7 +26,6 @@ from qmoe import reference
 from qmoe.reference import MoEParams, get_scheme
 from qmoe.reference.quantization import quantize_weight
 from qmoe.reference.updates import TRAINABLE_PARAMS, block_coordinate_descent, stack_backward, stack_forward, stack_loss
-
 from qmoe.suite.cases import CaseData, round_to_dtype, routing_gaps
 from qmoe.suite.checks import ConformanceError, assert_close, assert_requantized_step, rerun_hint
 from qmoe.suite.tolerances import ROUTING_MARGIN, tolerance

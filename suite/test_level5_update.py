@@ -13,9 +13,8 @@ import pytest
 from qmoe import reference
 from qmoe.reference import get_scheme
 from qmoe.reference.quantization import quantize_weight
-
-from qmoe.suite.checks import assert_close, assert_requantized_step
 from qmoe.suite.bounds import effective_as_params
+from qmoe.suite.checks import assert_close, assert_requantized_step
 from qmoe.suite.tolerances import tolerance
 
 pytestmark = pytest.mark.conformance
@@ -52,4 +51,5 @@ def test_update(backend, target, data, prepared):
         if quantized is None:
             assert_close(actual, stepped, tol.tight, f"update.{name}", tol.reason, by_row=False)
             continue
-        assert_requantized_step(actual, start, grads.get(name, np.zeros_like(start)), LR, quantized.scale, tol.tight, f"update.{name}")
+        assert_requantized_step(actual, start, grads.get(name, np.zeros_like(start)), LR, quantized.scale, tol.tight,
+                                f"update.{name}")

@@ -28,7 +28,6 @@ import numpy as np
 import pytest
 
 from qmoe.reference.schemes import SCHEMES
-
 from qmoe.suite.cases import BALANCE_COEFF, CASES
 from qmoe.suite.checks import ConformanceError, assert_close, assert_exactly_zero, rerun_hint
 from qmoe.suite.tolerances import DTYPES, tolerance

@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 from qmoe import reference
 from qmoe.reference import SCHEMES
-
 from qmoe.suite.bounds import Bound, CaseBounds, effective_as_params
 from qmoe.suite.cases import router_margin, router_saturated
 from qmoe.suite.checks import assert_close, assert_same_routing, fail
@@ -95,6 +94,7 @@ def _assert_router_grad(case, eff, scheme: str, got: np.ndarray, expected: np.nd
     allowed = relative * terms + float(np.max(bound.absolute))
     err = float(np.linalg.norm(got - expected))
     if not err <= allowed:
-        fail("grad.router", f"error {err:.3e} (Frobenius) > {allowed:.3e} = ({float(np.max(bound.relative)):.0e} + 4u / "
+        tight = float(np.max(bound.relative))
+        fail("grad.router", f"error {err:.3e} (Frobenius) > {allowed:.3e} = ({tight:.0e} + 4u / "
                             f"router margin {margin:.1e}) * || |x|^T |d_logits| || + possible flips; reference norm "
                             f"{np.linalg.norm(expected):.3e}", error=err, bound=allowed)

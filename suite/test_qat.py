@@ -10,8 +10,9 @@
 And the round trip: the exported int8 model, loaded back, computes the fake-quantized training
 forward — it is not quantized a second time.
 
-A backend opts in with ``Capabilities(qat_export=True)`` and implements ``eval_forward(prepared, x) -> ForwardResult``, ``export_int8(prepared) -> dict`` (``"{name}.int8"``
-codes and ``"{name}.scale"`` scales for the quantized projections, ``"{name}"`` floats otherwise),
+A backend opts in with ``Capabilities(qat_export=True)`` and implements ``eval_forward(prepared, x) ->
+ForwardResult``, ``export_int8(prepared) -> dict`` (``"{name}.int8"`` codes and ``"{name}.scale"`` scales
+for the quantized projections, ``"{name}"`` floats otherwise),
 ``load_exported(spec, exported) -> prepared``, and ``prepare`` accepting a `qmoe.reference.Scheme` object
 (``qat_int8_row`` with a clip quantile) for finding 4.
 
@@ -29,7 +30,6 @@ import pytest
 from qmoe import reference
 from qmoe.reference import MoEParams, MoESpec, get_scheme
 from qmoe.reference.quantization import quantize_qat_rows
-
 from qmoe.suite.cases import Case, CaseData
 from qmoe.suite.checks import ConformanceError, assert_close, rerun_hint
 from qmoe.suite.tolerances import tolerance

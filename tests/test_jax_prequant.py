@@ -21,10 +21,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from qmoe import reference  # noqa: E402
-from qmoe.implementations.jax_prequant import env as _jax_env, expert_parallel as _jax_ep, programs as _jax_programs  # noqa: E402
+from qmoe.implementations.jax_prequant import JaxPrequantBackend  # noqa: E402
+from qmoe.implementations.jax_prequant import env as _jax_env  # noqa: E402
+from qmoe.implementations.jax_prequant import expert_parallel as _jax_ep
+from qmoe.implementations.jax_prequant import programs as _jax_programs
 from qmoe.implementations.jax_prequant.grouped import bucket_capacity, int8_grouped_dot, place_rows, take_rows  # noqa: E402
 from qmoe.implementations.jax_prequant.quant import quantize_per_expert, quantize_rows  # noqa: E402
-from qmoe.implementations.jax_prequant import JaxPrequantBackend  # noqa: E402
 from qmoe.reference import MoEParams, MoESpec  # noqa: E402
 from qmoe.suite.bounds import CaseBounds  # noqa: E402
 from qmoe.suite.cases import CASES  # noqa: E402
@@ -46,7 +48,7 @@ def _layer(spec: MoESpec, tokens: int, seed: int = 0) -> tuple[MoEParams, np.nda
     return params, x, dy
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_step(scheme: str, grouped: str) -> tuple[object, str]:
     """(jaxpr, optimized HLO text) of the forward+backward program for HLO_SPEC (cached: several
     tests inspect the same program)."""

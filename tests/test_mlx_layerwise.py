@@ -17,16 +17,19 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 from qmoe import reference  # noqa: E402
-from qmoe.reference import MoEParams, MoESpec  # noqa: E402
-
+from qmoe.implementations.mlx_layerwise import MLXLayerwiseBackend, _to_device  # noqa: E402
 from qmoe.implementations.mlx_layerwise.checkpoint import (  # noqa: E402
-    bit_identical, checkpoint_tensors, load_expert_int8_checkpoint, quantize_expert_layers,
-    save_expert_int8_checkpoint)
+    bit_identical,
+    checkpoint_tensors,
+    load_expert_int8_checkpoint,
+    quantize_expert_layers,
+    save_expert_int8_checkpoint,
+)
 from qmoe.implementations.mlx_layerwise.experts import QuantizedExperts, trainable_gather_qmm  # noqa: E402
 from qmoe.implementations.mlx_layerwise.layer import forward_static, peaked_softmax  # noqa: E402
 from qmoe.implementations.mlx_layerwise.sweep import SweepRow, choose_group_size, group_size_sweep  # noqa: E402
 from qmoe.implementations.mlx_layerwise.training import layer_gradients  # noqa: E402
-from qmoe.implementations.mlx_layerwise import MLXLayerwiseBackend, _to_device  # noqa: E402
+from qmoe.reference import MoEParams, MoESpec  # noqa: E402
 
 STOCK_VJP_ERROR = "[GatherQMM::vjp] no gradient wrt the quantized weights"
 

@@ -9,8 +9,8 @@ every perturbed evaluation asserts that no routing decision flipped.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pytest

@@ -9,9 +9,17 @@ import pytest
 
 from qmoe import reference
 from qmoe.reference import MoEParams, MoESpec
-from qmoe.reference.quantization import (INT8_MAX, dequantized_weight, quantize_affine_groups, quantize_per_expert,
-                                    quantize_per_output_channel, quantize_per_token, quantize_qat_rows,
-                                    quantize_symmetric_int8, sqnr_db)
+from qmoe.reference.quantization import (
+    INT8_MAX,
+    dequantized_weight,
+    quantize_affine_groups,
+    quantize_per_expert,
+    quantize_per_output_channel,
+    quantize_per_token,
+    quantize_qat_rows,
+    quantize_symmetric_int8,
+    sqnr_db,
+)
 
 pytestmark = pytest.mark.conformance
 

@@ -94,7 +94,8 @@ def test_fidelity_floors_come_from_the_measurement(scheme):
             continue
         assert kind in table, f"{scheme}: {kind} loses fidelity ({value:.1f} dB) but has no measurement"
         assert abs(table[kind] - value) <= 0.051, \
-            f"{scheme}: {kind} measured {value:.2f} dB, the table says {table[kind]}: re-measure (python -m qmoe.suite.tolerances)"
+            f"{scheme}: {kind} measured {value:.2f} dB, the table says {table[kind]}: " \
+            "re-measure (python -m qmoe.suite.tolerances)"
     for dtype in tolerances.DTYPES:
         floors = tolerances.tolerance(scheme, dtype, "forward").sqnr_floor_db
         assert set(floors) == set(table)

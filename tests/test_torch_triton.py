@@ -34,7 +34,8 @@ def kernels():
     if reason:
         pytest.skip(f"torch_triton unavailable: {reason}")
     from qmoe.implementations.torch_triton import common as _triton_common
-    from qmoe.implementations.torch_triton.kernels import grouped_gemm as _triton_grouped_gemm, quant as _triton_quant
+    from qmoe.implementations.torch_triton.kernels import grouped_gemm as _triton_grouped_gemm
+    from qmoe.implementations.torch_triton.kernels import quant as _triton_quant
 
     return _triton_common, _triton_grouped_gemm, _triton_quant
 

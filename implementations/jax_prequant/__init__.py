@@ -26,8 +26,9 @@ from __future__ import annotations
 import importlib.util
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

@@ -22,8 +22,16 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from .grouped import gather_token_rows, permute_rows, place_rows, take_rows
-from .layer import (LayerPlan, finish, gather_tokens, prequantized_weights, shared_expert, stage_down, stage_up,
-                         weighted_sum)
+from .layer import (
+    LayerPlan,
+    finish,
+    gather_tokens,
+    prequantized_weights,
+    shared_expert,
+    stage_down,
+    stage_up,
+    weighted_sum,
+)
 from .quant import quantize_rows
 from .routing import RoutingOut, route
 

@@ -242,7 +242,7 @@ def int8_grouped_product(codes: jax.Array, scale: jax.Array, w_codes: jax.Array,
     return acc.astype(jnp.float32) * (scale * _expert_scale(w_scale, layout))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def int8_grouped_dot(rule: str, dtype_name: str):
     """The routed int8 projection with its backward rule, as a custom-VJP function.
 

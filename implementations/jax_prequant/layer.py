@@ -28,8 +28,17 @@ from qmoe.reference.schemes import get_scheme
 from qmoe.reference.spec import MoESpec
 
 from .env import GPU_PLATFORMS, precision_for
-from .grouped import (GroupedLayout, Placement, float_grouped_dot, gather_token_rows, int8_grouped_dot,
-                           permute_rows, place_rows, take_rows, token_of_slot)
+from .grouped import (
+    GroupedLayout,
+    Placement,
+    float_grouped_dot,
+    gather_token_rows,
+    int8_grouped_dot,
+    permute_rows,
+    place_rows,
+    take_rows,
+    token_of_slot,
+)
 from .quant import int8_dense_dot, quantize_columns, quantize_per_expert, quantize_rows
 from .routing import RoutingOut, route
 
@@ -199,7 +208,8 @@ def finish(plan: LayerPlan, routed: jax.Array, shared: jax.Array | None) -> jax.
 
 
 def run_layer(plan: LayerPlan, params: dict, frozen: dict, x: jax.Array) -> tuple[jax.Array, RoutingOut, dict]:
-    """(y, routing, needed sizes) on one device (``plan.ep_size`` 1; `expert_parallel.run_layer_ep` otherwise): pack -> up -> down -> combine, plus the shared expert.
+    """(y, routing, needed sizes) on one device (``plan.ep_size`` 1; `expert_parallel.run_layer_ep`
+    otherwise): pack -> up -> down -> combine, plus the shared expert.
 
     ``needed``: the static sizes this routing needs (``expert_capacity`` for the padded formulation),
     for the caller to check against the plan and recompile with a larger bucket if exceeded.

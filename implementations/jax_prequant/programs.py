@@ -15,8 +15,18 @@ import jax.numpy as jnp
 
 from .env import INT8_GPU_OPTIONS
 from .expert_parallel import run_layer_ep
-from .layer import (LayerPlan, Packed, prequantized_weights, run_bypass, run_layer, shared_expert, stage_combine,
-                    stage_down, stage_pack, stage_up)
+from .layer import (
+    LayerPlan,
+    Packed,
+    prequantized_weights,
+    run_bypass,
+    run_layer,
+    shared_expert,
+    stage_combine,
+    stage_down,
+    stage_pack,
+    stage_up,
+)
 from .quant import quantize_columns, quantize_per_expert
 from .routing import route
 

@@ -46,7 +46,7 @@ def dequantize(codes: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Arr
     return (codes.astype(jnp.float32) * scale).astype(dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def int8_dense_dot(dtype_name: str):
     """y = (q_x q_w) * s_x * s_w for a dense [in, out] weight with per-output-channel scales.
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import importlib.util
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -84,7 +84,7 @@ def load_expert_int8_checkpoint(path: str | Path) -> tuple[MoESpec, list[LayerWe
     group_size, bits = int(metadata["group_size"]), int(metadata["bits"])
     layers = []
     for index in range(int(metadata["layers"])):
-        def get(name: str, required: bool = True) -> mx.array | None:
+        def get(name: str, required: bool = True, index: int = index) -> mx.array | None:
             key = f"layers.{index}.{name}"
             if key not in tensors and required:
                 raise CheckpointError(f"{path}: tensor {key} is missing")

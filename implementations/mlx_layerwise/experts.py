@@ -18,8 +18,9 @@ This module imports mlx at import time; `qmoe.implementations.mlx_layerwise` imp
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable, Protocol
+from typing import Protocol
 
 import mlx.core as mx
 import numpy as np
@@ -74,7 +75,7 @@ def widened_gather_qmm(rows: mx.array, codes: mx.array, scales: mx.array, biases
     return out if rows.dtype == mx.float32 else out.astype(rows.dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trainable_gather_qmm(group_size: int, bits: int) -> Callable[..., mx.array]:
     """``f(rows, codes, scales, biases, expert_ids) = gather_qmm(rows, W, ids, transpose=True)``, trainable.
 
@@ -118,9 +119,9 @@ class Experts(Protocol):
     def leaf(self) -> mx.array:
         """The array a gradient is taken with respect to."""
 
-    def with_leaf(self, leaf: mx.array) -> "Experts": ...
+    def with_leaf(self, leaf: mx.array) -> Experts: ...
 
-    def take(self, experts: mx.array) -> "Experts":
+    def take(self, experts: mx.array) -> Experts:
         """The sub-stack of the given expert indices (in that order)."""
 
     def matmul(self, rows: mx.array, expert_ids: mx.array, trainable: bool) -> mx.array:
@@ -132,7 +133,7 @@ class Experts(Protocol):
     def leaf_grad_to_qmoe(self, grad: mx.array) -> mx.array:
         """The leaf's cotangent as the gradient of `dequantized()`, qmoe layout."""
 
-    def sgd_step(self, used: np.ndarray, grad_qmoe: mx.array, lr: float) -> "Experts":
+    def sgd_step(self, used: np.ndarray, grad_qmoe: mx.array, lr: float) -> Experts:
         """New stack after W_e <- W_e - lr * grad for each used expert (requantized if quantized)."""
 
 
@@ -152,10 +153,10 @@ class FloatExperts:
     def leaf(self) -> mx.array:
         return self.weight
 
-    def with_leaf(self, leaf: mx.array) -> "FloatExperts":
+    def with_leaf(self, leaf: mx.array) -> FloatExperts:
         return FloatExperts(leaf)
 
-    def take(self, experts: mx.array) -> "FloatExperts":
+    def take(self, experts: mx.array) -> FloatExperts:
         return FloatExperts(self.weight[experts])
 
     def matmul(self, rows: mx.array, expert_ids: mx.array, trainable: bool) -> mx.array:
@@ -174,7 +175,7 @@ class FloatExperts:
     def leaf_grad_to_qmoe(self, grad: mx.array) -> mx.array:
         return grad
 
-    def sgd_step(self, used: np.ndarray, grad_qmoe: mx.array, lr: float) -> "FloatExperts":
+    def sgd_step(self, used: np.ndarray, grad_qmoe: mx.array, lr: float) -> FloatExperts:
         if used.size == 0:
             return self
         index = mx.array(used)
@@ -200,7 +201,7 @@ class QuantizedExperts:
 
     @classmethod
     def from_qmoe(cls, weight: mx.array, group_size: int = AFFINE_GROUP_SIZE,
-                  bits: int = AFFINE_BITS) -> "QuantizedExperts":
+                  bits: int = AFFINE_BITS) -> QuantizedExperts:
         """Quantize a qmoe-layout [E, in, out] stack with `mx.quantize` on its [E, out, in] transpose."""
         codes, scales, biases = mx.quantize(qmoe_to_mlx_layout(weight), group_size=group_size, bits=bits)
         return cls(codes, scales, biases, group_size, bits)
@@ -215,10 +216,10 @@ class QuantizedExperts:
     def leaf(self) -> mx.array:
         return self.codes
 
-    def with_leaf(self, leaf: mx.array) -> "QuantizedExperts":
+    def with_leaf(self, leaf: mx.array) -> QuantizedExperts:
         return replace(self, codes=leaf)
 
-    def take(self, experts: mx.array) -> "QuantizedExperts":
+    def take(self, experts: mx.array) -> QuantizedExperts:
         return replace(self, codes=self.codes[experts], scales=self.scales[experts], biases=self.biases[experts])
 
     def matmul(self, rows: mx.array, expert_ids: mx.array, trainable: bool) -> mx.array:
@@ -239,7 +240,7 @@ class QuantizedExperts:
     def leaf_grad_to_qmoe(self, grad: mx.array) -> mx.array:
         return mlx_to_qmoe_layout(grad)
 
-    def sgd_step(self, used: np.ndarray, grad_qmoe: mx.array, lr: float) -> "QuantizedExperts":
+    def sgd_step(self, used: np.ndarray, grad_qmoe: mx.array, lr: float) -> QuantizedExperts:
         """Re-quantizing SGD, one expert projection at a time: W_e <- Q(deQ(W_e) - lr * grad_e).
 
         Only experts that received tokens are touched: their codes are rewritten, the others keep

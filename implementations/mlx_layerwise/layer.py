@@ -36,7 +36,7 @@ class LayerWeights:
     shared_w13: mx.array | None = None
     shared_w2: mx.array | None = None
 
-    def replace(self, **changes) -> "LayerWeights":
+    def replace(self, **changes) -> LayerWeights:
         return replace(self, **changes)
 
     def arrays(self) -> list[mx.array]:
@@ -185,7 +185,7 @@ class DispatchPlan:
     local_ids: mx.array
 
     @classmethod
-    def from_routing(cls, routing: RouterOutput) -> "DispatchPlan":
+    def from_routing(cls, routing: RouterOutput) -> DispatchPlan:
         """Built on the host: the number of used experts decides array shapes, so it must be known."""
         ids = np.array(routing.expert_ids)
         kept = np.array(routing.kept)

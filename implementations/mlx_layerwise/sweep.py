@@ -25,9 +25,9 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -229,7 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = MoESpec(hidden=args.hidden, ffn=args.ffn, experts=args.experts, top_k=args.top_k)
     result = group_size_sweep(spec, args.layers, args.tokens, [int(g) for g in args.groups.split(",")],
                               int(args.target_mib * MIB), dtype=args.dtype, steps=args.steps)
-    report = sweep_markdown(result, "python -m qmoe.implementations.mlx_layerwise.sweep " + " ".join(sys.argv[1:] if argv is None
+    command = "python -m qmoe.implementations.mlx_layerwise.sweep "
+    report = sweep_markdown(result, command + " ".join(sys.argv[1:] if argv is None
                                                                                       else argv))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,8 @@ This module imports mlx at import time; `qmoe.implementations.mlx_layerwise` imp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import mlx.core as mx
 import numpy as np

@@ -41,8 +41,9 @@ interpreter is kept small).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -70,14 +71,14 @@ def _torch():
     return torch
 
 
-def _layer() -> "layer":
+def _layer() -> layer:
     """The torch/Triton layer module; importing it builds the kernels (interpreted or compiled)."""
     from . import layer
 
     return layer
 
 
-def _numpy(t: "torch.Tensor") -> np.ndarray:
+def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", _torch().float64).numpy()
 
 
@@ -92,13 +93,13 @@ class TritonPrepared:
     spec: MoESpec
     scheme: Scheme
     dtype: str
-    device: "torch.device"
+    device: torch.device
     weights: Any              # layer.LayerWeights
     int8_experts: Any = None  # layer.Int8Experts | None
     fake_quant: bool = True
 
     @property
-    def torch_dtype(self) -> "torch.dtype":
+    def torch_dtype(self) -> torch.dtype:
         return getattr(_torch(), self.dtype)
 
 
@@ -161,7 +162,7 @@ class TorchTritonBackend(Backend):
         device = torch.device(self.device)
         compute = getattr(torch, dtype)
 
-        def tensor(name: str, value: np.ndarray) -> "torch.Tensor":
+        def tensor(name: str, value: np.ndarray) -> torch.Tensor:
             kind = torch.float32 if name in ("router", "router_bias") else compute
             return torch.tensor(np.asarray(value), dtype=kind, device=device)
 
@@ -169,7 +170,7 @@ class TorchTritonBackend(Backend):
                    if name != "router_bias" or spec.router == "sigmoid_topk"}
         return self.prepare_tensors(spec, scheme_, dtype, device, _layer().LayerWeights(**present))
 
-    def prepare_tensors(self, spec: MoESpec, scheme: Scheme, dtype: str, device: "torch.device",
+    def prepare_tensors(self, spec: MoESpec, scheme: Scheme, dtype: str, device: torch.device,
                         weights: Any, fake_quant: bool = True) -> TritonPrepared:
         """`prepare` from torch tensors already on the device (a `layer.LayerWeights`), for
         scripts that build seed-shape weights there instead of passing gigabytes through NumPy."""
@@ -210,7 +211,7 @@ class TorchTritonBackend(Backend):
         return ForwardResult(_numpy(out.y), routing.expert_ids.cpu().numpy(), _numpy(routing.gate_weights),
                              float(routing.balance_loss))
 
-    def _run(self, prepared: TritonPrepared, weights: Any, x: "torch.Tensor", fake_quant: bool):
+    def _run(self, prepared: TritonPrepared, weights: Any, x: torch.Tensor, fake_quant: bool):
         return _layer().layer_forward(prepared.spec, prepared.scheme, weights, x, prepared.int8_experts, fake_quant)
 
     # -- backward ----------------------------------------------------------------------------------
@@ -221,8 +222,8 @@ class TorchTritonBackend(Backend):
                                 balance_coeff)
         return {name: _numpy(g) for name, g in grads.items()}
 
-    def _gradients(self, prepared: TritonPrepared, x: "torch.Tensor", dy: "torch.Tensor", balance_coeff: float
-                   ) -> dict[str, "torch.Tensor"]:
+    def _gradients(self, prepared: TritonPrepared, x: torch.Tensor, dy: torch.Tensor, balance_coeff: float
+                   ) -> dict[str, torch.Tensor]:
         """Autograd at fresh leaves; the quantizers are straight-through, prequant has its custom VJP."""
         torch = _torch()
         leaves = prepared.weights.map(
@@ -332,7 +333,7 @@ class TorchTritonBackend(Backend):
         dy_t = self._cotangent(prepared, x, dy)
         return self.device_step(prepared, x_t, pass_, dy_t)
 
-    def device_step(self, prepared: TritonPrepared, x: "torch.Tensor", pass_: str, dy: "torch.Tensor | None" = None
+    def device_step(self, prepared: TritonPrepared, x: torch.Tensor, pass_: str, dy: torch.Tensor | None = None
                     ) -> Callable[[], Any]:
         """`benchmark_step` on tensors already on the device (for scripts that build them there)."""
         torch = _torch()
@@ -359,11 +360,11 @@ class TorchTritonBackend(Backend):
         return forward_step if pass_ == "forward" else backward_step
 
     # -- boundary ----------------------------------------------------------------------------------
-    def _to_device(self, prepared: TritonPrepared, x: np.ndarray, what: str = "x") -> "torch.Tensor":
+    def _to_device(self, prepared: TritonPrepared, x: np.ndarray, what: str = "x") -> torch.Tensor:
         validate_input(prepared.spec, x, what)
         return _torch().tensor(x, dtype=prepared.torch_dtype, device=prepared.device)
 
-    def _cotangent(self, prepared: TritonPrepared, x: np.ndarray, dy: np.ndarray) -> "torch.Tensor":
+    def _cotangent(self, prepared: TritonPrepared, x: np.ndarray, dy: np.ndarray) -> torch.Tensor:
         if np.shape(dy) != np.shape(x):
             raise SpecError(f"dy has shape {np.shape(dy)}, expected the output's shape {np.shape(x)}")
         validate_input(prepared.spec, np.asarray(dy), "dy")

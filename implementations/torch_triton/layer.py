@@ -32,13 +32,12 @@ import torch.nn.functional as F
 from qmoe.reference.schemes import Scheme
 from qmoe.reference.spec import MoESpec
 
+from ..torch_eager import router_gate_weights, sigmoid_balance_probs
 from .common import FALLBACKS
 from .kernels.grouped_gemm import grouped_gemm
 from .kernels.quant import fake_quant_rows, quantize_per_expert, quantize_rows
-from ..torch_eager import router_gate_weights, sigmoid_balance_probs
 from .kernels.swiglu import swiglu_backward as fused_swiglu_backward
 from .kernels.swiglu import swiglu_forward
-
 
 # -- weights ---------------------------------------------------------------------------------------
 
@@ -59,7 +58,7 @@ class LayerWeights:
             if value is not None:
                 yield field_.name, value
 
-    def map(self, fn) -> "LayerWeights":
+    def map(self, fn) -> LayerWeights:
         return LayerWeights(**{name: fn(name, value) for name, value in self.items()})
 
 
@@ -79,7 +78,7 @@ class Int8Experts:
     w2_bwd: torch.Tensor | None = None
 
     @classmethod
-    def quantize(cls, w13: torch.Tensor, w2: torch.Tensor, with_transposed: bool) -> "Int8Experts":
+    def quantize(cls, w13: torch.Tensor, w2: torch.Tensor, with_transposed: bool) -> Int8Experts:
         w13_fwd, s13 = quantize_per_expert(w13.detach(), k_major=True)
         w2_fwd, s2 = quantize_per_expert(w2.detach(), k_major=True)
         if not with_transposed:

@@ -22,7 +22,6 @@ import triton.language as tl
 
 from ..common import INT8_MAX, is_interpreted_kernel, next_power_of_2, record_launch, round_half_even
 
-
 # -- kernels --------------------------------------------------------------------------------------
 
 @triton.jit
