@@ -57,6 +57,10 @@ class CaseBounds:
                  dy: np.ndarray | None = None, bypass: bool = False) -> None:
         self.tol = tol
         self.logit = logit_error_bound(params, x)
+        routing = reference.route(spec, params, x)
+        #: per expert, the largest logit term of the tokens it received (0 for an empty expert)
+        self.expert_logit = np.array([self.logit[:, 0][np.any(routing.expert_ids == e, axis=-1)].max(initial=0.0)
+                                      for e in range(spec.experts)])
         self.envelope: FlipEnvelope | None = None
         if tol.flip_aware and reference.get_scheme(scheme).quantized:
             self.envelope = reference.flip_envelope(spec, params, x, scheme, dtype, dy=dy,
@@ -84,13 +88,27 @@ class CaseBounds:
         env = None if self.envelope is None else self.envelope.expert_outputs
         return Bound(self.tol.tight, self._flips(None if env is None else env[expert]), self._reason())
 
+    def _gradient_relative(self, name: str, expert: int | None) -> np.ndarray | float:
+        """tight, plus what the gates' logit rounding does: every routed gradient is linear in the gates
+        (and d logits in their derivatives), so a token's gate error is a relative error of its share;
+        the shared expert's weights never meet a gate."""
+        if name == "x":
+            return self.tol.tight + self.logit[:, 0]
+        if name == "router":
+            return self.tol.tight + float(self.logit.max(initial=0.0))
+        if expert is not None:
+            return self.tol.tight + float(self.expert_logit[expert])
+        return self.tol.tight
+
     def gradient(self, name: str, expert: int | None = None) -> Bound:
         """A gradient: ``x`` by token, weight gradients by expert (``expert``) or whole, the router whole."""
+        relative = self._gradient_relative(name, expert)
+        reason = f"{self._reason()}; plus the gates' logit rounding"
         if self.envelope is None:
-            return Bound(self.tol.tight, 0.0, self.tol.reason)
+            return Bound(relative, 0.0, reason)
         values = self.envelope.grads[name]
         if expert is not None:
             values = values[expert][None]
         elif name != "x":
             values = values[None]
-        return Bound(self.tol.tight, self._flips(values), self._reason())
+        return Bound(relative, self._flips(values), reason)

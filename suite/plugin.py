@@ -34,7 +34,7 @@ from qmoe.reference import SCHEMES
 
 from . import checks
 from .cases import BALANCE_COEFF, CASES, Case
-from .strategies import register_profiles
+from .strategies import PROFILES, register_profiles
 from .tolerances import DTYPES
 
 #: The directory of qmoe's conformance and benchmark modules: collecting one activates the plugin.
@@ -117,7 +117,10 @@ MARKERS = (
 _QMOE_OPTIONS = ("--backend", "--backend-module", "--device", "--conformance-json")
 
 
+@pytest.hookimpl(tryfirst=True)  # before hypothesis' own plugin loads the profile named on the command line
 def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--hypothesis-profile", None) in PROFILES:
+        register_profiles()  # asked for by name: qmoe's, unless the project registered its own of that name
     for marker in MARKERS:
         config.addinivalue_line("markers", marker)
     config.stash[_RESULTS] = []
@@ -304,13 +307,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             params.append(pytest.param(Target(entry.name, "", CASES["balanced"], "") if grid else entry.name,
                                        id=f"{entry.name}-unavailable", marks=[skip]))
             continue
+        # Under pytest-xdist's --dist loadgroup, one worker runs all of a backend's tests: one process
+        # compiles its programs (JAX, Triton) once and reuses them, as in a serial run.
+        group = pytest.mark.xdist_group(entry.name)
         if not grid:
             reason = None if entry.load_error else _not_applicable(
                 entry, None, None, None, requires, getattr(module, "SCHEMES_UNDER_TEST", ()))
             if reason:
                 not_applicable[entry.name][reason] += 1
             else:
-                params.append(pytest.param(entry.name, id=entry.name))
+                params.append(pytest.param(entry.name, id=entry.name, marks=[group]))
             continue
         for scheme in getattr(module, "SCHEMES_UNDER_TEST", tuple(SCHEMES)):
             for case_name in getattr(module, "CASE_NAMES", tuple(CASES)):
@@ -322,7 +328,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                     if reason:
                         not_applicable[entry.name][reason] += 1
                     else:
-                        params.append(pytest.param(target, id=target.id))
+                        params.append(pytest.param(target, id=target.id, marks=[group]))
     if grid:
         metafunc.parametrize("target", params)
     else:
@@ -360,6 +366,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if dropped:
         items[:] = kept
         config.hook.pytest_deselected(items=dropped)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist: each worker collects the whole grid; the controller reports one worker's counts."""
+    counts = getattr(node, "workeroutput", {}).get("qmoe_not_applicable")
+    if counts and not node.config.stash[_NOT_APPLICABLE]:
+        for backend, reasons in counts.items():
+            node.config.stash[_NOT_APPLICABLE][backend].update(reasons)
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
@@ -467,6 +482,10 @@ _pending: list[pytest.TestReport] = []
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # a pytest-xdist worker: its counts go to the controller's summary
+        workeroutput["qmoe_not_applicable"] = {b: dict(c) for b, c in session.config.stash[_NOT_APPLICABLE].items()}
+        return
     path = session.config.getoption("--conformance-json")
     if not path:
         return
