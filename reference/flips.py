@@ -290,4 +290,27 @@ def _backward_envelope(spec: MoESpec, eff: MoEParams, x: np.ndarray, dy: np.ndar
     return grads
 
 
-__all__ = ["FlipEnvelope", "UNIT_ROUNDOFF", "flip_envelope", "possible_code_change"]
+def gate_cotangent_magnitude(spec: MoESpec, params: MoEParams, x: np.ndarray, dy: np.ndarray,
+                             scheme: str | Scheme = "none") -> np.ndarray:
+    """[T, E] sum_k |d logits / d gate_k| * sum_h |dy_h| |out_k,h|: what d logits becomes when each gate's
+    cotangent d gate_k = dy . out_k (a dot product whose terms may cancel) errs by its terms' magnitude.
+
+    A backend's d logits errs by u times this (u of its dtype): the bound of a router gradient whose
+    gate cotangents cancel, which a bound relative to d logits itself would miss.
+    """
+    scheme_ = get_scheme(scheme) if isinstance(scheme, str) else scheme
+    result, trace, _ = _run(spec, params, np.asarray(x, dtype=np.float64), scheme_, True)
+    dy = np.abs(np.asarray(dy, dtype=np.float64))
+    magnitude = np.zeros_like(result.gate_weights)
+    for tokens, slots, _cache in trace.assignments:
+        e = int(result.expert_ids[tokens[0], slots[0]])
+        magnitude[tokens, slots] = np.sum(dy[tokens] * np.abs(trace.expert_out[e]), axis=-1)
+    out = np.zeros_like(trace.routing.logits)
+    for k in range(spec.top_k):
+        unit = np.zeros_like(result.gate_weights)
+        unit[:, k] = 1.0
+        out += np.abs(routing_backward(spec, trace.routing, unit, 0.0)) * magnitude[:, k:k + 1]
+    return out
+
+
+__all__ = ["FlipEnvelope", "UNIT_ROUNDOFF", "flip_envelope", "gate_cotangent_magnitude", "possible_code_change"]

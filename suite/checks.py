@@ -30,7 +30,8 @@ def set_recorder(recorder: Callable[[str, dict], None] | None) -> None:
 
 def _record(what: str, figures: dict) -> None:
     if _recorder is not None:
-        _recorder(what, figures)
+        # Plain Python numbers: the figures travel in test reports (JSON, pytest-xdist's serializer).
+        _recorder(what, {k: (v.item() if isinstance(v, np.generic) else v) for k, v in figures.items()})
 
 
 @dataclass(frozen=True)
