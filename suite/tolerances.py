@@ -210,31 +210,36 @@ def tolerance(scheme: str, dtype: str, level: str) -> Tolerance:
                        "suite/tolerances.py with its reason") from None
 
 
-def _measure_floors() -> None:  # pragma: no cover - a maintenance tool, run by hand
-    """Print the reference's SQNR vs float per scheme and tensor kind over the fixed cases."""
+def measure_reference_sqnr(scheme: str) -> dict[str, float]:
+    """The reference's worst SQNR (dB) against float over the fixed cases, per tensor kind: what
+    `MEASURED_SQNR_DB` records (``python -m qmoe.suite.tolerances`` prints it; a test compares)."""
     import numpy as np
 
     from qmoe import reference
     from qmoe.suite.cases import CASES
 
-    for scheme in SCHEMES:
-        if scheme == "none":
+    worst: dict[str, float] = {}
+    for case in CASES.values():
+        data = case.build("float32")
+        if scheme == "int8_affine_g64" and (data.spec.hidden % 64 or data.spec.ffn % 64):
             continue
-        worst: dict[str, float] = {}
-        for case in CASES.values():
-            data = case.build("float32")
-            if scheme == "int8_affine_g64" and (data.spec.hidden % 64 or data.spec.ffn % 64):
-                continue
-            y = reference.forward(data.spec, data.params, data.x, scheme).y
-            y0 = reference.forward(data.spec, data.params, data.x).y
-            g = reference.backward(data.spec, data.params, data.x, data.dy, scheme)
-            g0 = reference.backward(data.spec, data.params, data.x, data.dy)
-            figures = {"y": reference.sqnr_db(y0, y), "x": reference.sqnr_db(g0["x"], g["x"]),
-                       "router": reference.sqnr_db(g0["router"], g["router"]),
-                       "weights": min(reference.sqnr_db(g0[n], g[n]) for n in g if n not in ("x", "router"))}
-            for kind, value in figures.items():
-                worst[kind] = min(worst.get(kind, np.inf), value)
-        print(scheme, {k: round(v, 1) for k, v in worst.items()})
+        y = reference.forward(data.spec, data.params, data.x, scheme).y
+        y0 = reference.forward(data.spec, data.params, data.x).y
+        g = reference.backward(data.spec, data.params, data.x, data.dy, scheme)
+        g0 = reference.backward(data.spec, data.params, data.x, data.dy)
+        figures = {"y": reference.sqnr_db(y0, y), "x": reference.sqnr_db(g0["x"], g["x"]),
+                   "router": reference.sqnr_db(g0["router"], g["router"]),
+                   "weights": min(reference.sqnr_db(g0[n], g[n]) for n in g if n not in ("x", "router"))}
+        for kind, value in figures.items():
+            worst[kind] = min(worst.get(kind, np.inf), value)
+    return worst
+
+
+def _measure_floors() -> None:  # pragma: no cover - a maintenance tool, run by hand
+    """Print the reference's SQNR vs float per scheme and tensor kind over the fixed cases."""
+    for scheme in SCHEMES:
+        if SCHEMES[scheme].quantized:
+            print(scheme, {k: round(float(v), 1) for k, v in measure_reference_sqnr(scheme).items()})
 
 
 #: Conformance test modules by level, for the headroom table.

@@ -9,10 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qmoe import reference
 from qmoe.reference.schemes import SCHEMES
 from qmoe.suite import tolerances
-from qmoe.suite.cases import CASES
 
 SUITE = Path(tolerances.__file__).resolve().parent
 #: Names in the table module that are its structure, not bounds.
@@ -64,31 +62,12 @@ def test_every_named_bound_is_read():
     assert not dead, f"named bounds no suite module reads: {dead}"
 
 
-def _measured_sqnr(scheme: str) -> dict[str, float]:
-    """The reference's worst SQNR against float over the fixed cases, per tensor kind."""
-    worst: dict[str, float] = {}
-    for case in CASES.values():
-        data = case.build("float32")
-        if scheme == "int8_affine_g64" and (data.spec.hidden % 64 or data.spec.ffn % 64):
-            continue
-        y = reference.forward(data.spec, data.params, data.x, scheme).y
-        y0 = reference.forward(data.spec, data.params, data.x).y
-        g = reference.backward(data.spec, data.params, data.x, data.dy, scheme)
-        g0 = reference.backward(data.spec, data.params, data.x, data.dy)
-        figures = {"y": reference.sqnr_db(y0, y), "x": reference.sqnr_db(g0["x"], g["x"]),
-                   "router": reference.sqnr_db(g0["router"], g["router"]),
-                   "weights": min(reference.sqnr_db(g0[n], g[n]) for n in g if n not in ("x", "router"))}
-        for kind, value in figures.items():
-            worst[kind] = min(worst.get(kind, np.inf), value)
-    return worst
-
-
 @pytest.mark.parametrize("scheme", [s for s in SCHEMES if SCHEMES[s].quantized])
 def test_fidelity_floors_come_from_the_measurement(scheme):
     """The table's measured SQNR is today's measurement (to its 0.1 dB rounding), every lossy tensor kind
     has one, and the floors of both dtypes derive from it."""
     table = tolerances.MEASURED_SQNR_DB[scheme]
-    for kind, value in _measured_sqnr(scheme).items():
+    for kind, value in tolerances.measure_reference_sqnr(scheme).items():
         if not np.isfinite(value):
             assert kind not in table, f"{scheme}: {kind} is exact, yet has a floor"
             continue
