@@ -32,8 +32,8 @@ from typing import cast
 
 import numpy as np
 
-from .experts import MLPCache, silu, silu_grad
-from .layer import ForwardResult, _run, _Trace, effective_params
+from .experts import MLPCache, mlp_forward, silu, silu_grad
+from .layer import ForwardResult, _family_rule, _run, _Trace, effective_params
 from .quantization import INT8_MAX, quantize_per_token
 from .routing import routing_backward
 from .schemes import Scheme, get_scheme
@@ -207,8 +207,6 @@ def flip_envelope(spec: MoESpec, params: MoEParams, x: np.ndarray, scheme: str |
 
 def _bypass_envelope(spec: MoESpec, eff: MoEParams, x: np.ndarray, scheme: Scheme, e_x: np.ndarray,
                      quantized: bool, u: float) -> np.ndarray:
-    from .experts import mlp_forward
-
     outs = []
     for e in range(spec.experts):
         _, cache = mlp_forward(x, eff.w13[e], eff.w2[e], scheme.routed_activations)
@@ -258,8 +256,6 @@ def _backward_envelope(spec: MoESpec, eff: MoEParams, x: np.ndarray, dy: np.ndar
                        chains: list[tuple[np.ndarray, np.ndarray, int, MLPCache, _ExpertFlips]],
                        shared_chain: _ExpertFlips | None, gate_error: np.ndarray | float,
                        u: float, flips: dict[str, int], flip_rows: np.ndarray) -> dict[str, np.ndarray]:
-    from .layer import _family_rule
-
     gate_relative = np.broadcast_to(np.asarray(gate_error, dtype=np.float64), (x.shape[0], 1))
     routed_rule = _family_rule(scheme, scheme.routed_weights, scheme.routed_activations)
     grads = {"x": np.zeros_like(x), "w13": np.zeros_like(eff.w13), "w2": np.zeros_like(eff.w2)}

@@ -101,18 +101,16 @@ def fail(what: str, detail: str, error: float | None = None, bound: float | None
     raise ConformanceError(f"{what}: {detail}\n{rerun_hint()}")
 
 
-_fail = fail
-
 
 def check_shape(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
     actual = np.asarray(actual)
     if actual.shape != np.shape(expected):
-        _fail(what, f"shape {actual.shape}, expected {np.shape(expected)}")
+        fail(what, f"shape {actual.shape}, expected {np.shape(expected)}")
     if actual.dtype.kind not in "fiu":
-        _fail(what, f"dtype {actual.dtype} is not numeric")
+        fail(what, f"dtype {actual.dtype} is not numeric")
     bad = ~np.isfinite(actual.astype(np.float64))
     if bad.any():
-        _fail(what, f"{int(bad.sum())} non-finite value(s), first at index "
+        fail(what, f"{int(bad.sum())} non-finite value(s), first at index "
                     f"{tuple(int(i) for i in np.argwhere(bad)[0])}")
 
 
@@ -127,7 +125,7 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, tight: float | np.nda
     """
     check_shape(actual, expected, what)
     if not np.any(np.asarray(expected)):
-        _fail(what, "the reference is all zeros, so this comparison could not fail; fix the case")
+        fail(what, "the reference is all zeros, so this comparison could not fail; fix the case")
     figures = error_figures(actual, expected, by_row)
     a = np.asarray(actual, dtype=np.float64)
     r = np.asarray(expected, dtype=np.float64)
@@ -144,7 +142,7 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, tight: float | np.nda
     _record(what, figures.as_dict())
     if not ratios[worst] <= 1.0:
         row = f"row {worst}" if rows > 1 else "the tensor"
-        _fail(what, f"{row}: error {err[worst]:.3e} > allowed {allowed[worst]:.3e} "
+        fail(what, f"{row}: error {err[worst]:.3e} > allowed {allowed[worst]:.3e} "
                     f"({ratios[worst]:.3g}x the bound; relative error {err[worst] / max(ref[worst], 1e-300):.3e} "
                     f"against a relative bound of {relative_bound[worst]:.2e}; worst relative row "
                     f"{figures.worst_row} at {figures.worst_row_rel:.3e}, max abs {figures.max_abs:.3e}, "
@@ -157,12 +155,12 @@ def assert_sqnr(actual: np.ndarray, expected: np.ndarray, floor_db: float, what:
     """Fidelity: SQNR of ``actual`` against the float reference is at least ``floor_db``."""
     check_shape(actual, expected, what)
     if not np.any(np.asarray(expected)):
-        _fail(what, "the float reference is all zeros, so its SQNR says nothing; fix the case")
+        fail(what, "the float reference is all zeros, so its SQNR says nothing; fix the case")
     figures = error_figures(actual, expected)
     _record(what, figures.as_dict())
     if not figures.sqnr_db >= floor_db:
         # In noise power: (floor - actual) dB as a ratio of allowed to seen noise.
-        _fail(what, f"SQNR {figures.sqnr_db:.1f} dB < floor {floor_db:.1f} dB against the float reference "
+        fail(what, f"SQNR {figures.sqnr_db:.1f} dB < floor {floor_db:.1f} dB against the float reference "
                     f"(max abs {figures.max_abs:.3e})",
               error=10 ** (-figures.sqnr_db / 10), bound=10 ** (-floor_db / 10))
     return figures.sqnr_db
@@ -171,7 +169,7 @@ def assert_sqnr(actual: np.ndarray, expected: np.ndarray, floor_db: float, what:
 def assert_exactly_zero(actual: np.ndarray, what: str) -> None:
     actual = np.asarray(actual, dtype=np.float64)
     if np.any(actual != 0):
-        _fail(what, f"must be exactly zero (no token reached it), max |value| {np.abs(actual).max():.3e}")
+        fail(what, f"must be exactly zero (no token reached it), max |value| {np.abs(actual).max():.3e}")
 
 
 def assert_requantized_step(actual: np.ndarray, start: np.ndarray, grad: np.ndarray, lr: float,
@@ -193,12 +191,12 @@ def assert_requantized_step(actual: np.ndarray, start: np.ndarray, grad: np.ndar
     excess = np.abs(actual - stepped) - (step * (1 + REQUANTIZED_STEP_RELATIVE) + slack)
     if np.any(excess > 0):
         i = tuple(int(v) for v in np.argwhere(excess > 0)[0])
-        _fail(what, f"{actual[i]:.6g} is more than one step ({step[i]:.3e}, plus gradient slack "
+        fail(what, f"{actual[i]:.6g} is more than one step ({step[i]:.3e}, plus gradient slack "
                     f"{np.broadcast_to(slack, stepped.shape)[i]:.2e}) from the reference's float step "
                     f"{stepped[i]:.6g} at {i}")
     moved, wanted = np.linalg.norm(actual - start), np.linalg.norm(stepped - start)
     if wanted > 0 and not moved >= REQUANTIZED_MIN_MOVE * wanted:
-        _fail(what, f"weights moved {moved:.3e}, the step asks for {wanted:.3e}")
+        fail(what, f"weights moved {moved:.3e}, the step asks for {wanted:.3e}")
 
 
 def assert_same_routing(spec, params, x, result, expected, what: str) -> None:
