@@ -42,6 +42,9 @@ class Capabilities:
     ``layerwise_trainer``: offers `Backend.train_stack` (level 5, block-coordinate descent).
     ``qat_export``: offers `Backend.eval_forward`, `export_int8` and `load_exported` (the QAT checks).
     ``expert_parallel``: device counts N for which `prepare(..., ep_size=N)` shards experts (level 6).
+    ``expert_parallel_processes``: the N devices are N processes, one device each (torch.distributed):
+    every rank joins a group with `Backend.join_expert_parallel` and then calls prepare / forward /
+    backward collectively with the same arguments; False: one process sees all N devices (JAX).
     ``min_multiple``: per scheme, a size that hidden and ffn must be multiples of (e.g. MLX groups).
     """
 
@@ -58,6 +61,7 @@ class Capabilities:
     layerwise_trainer: bool = False
     qat_export: bool = False
     expert_parallel: tuple[int, ...] = ()
+    expert_parallel_processes: bool = False
     min_multiple: dict[str, int] = field(default_factory=dict)
 
     def unsupported(self, spec: MoESpec, scheme: str) -> str | None:
@@ -158,6 +162,12 @@ class Backend(abc.ABC):
     def load_exported(self, spec: MoESpec, exported: dict[str, np.ndarray]) -> Any:
         """QAT: a prepared layer computing with the checkpoint's values, not quantized again."""
         raise NotImplementedError(f"{self.name} does not offer load_exported")
+
+    @classmethod
+    def join_expert_parallel(cls, rank: int, world_size: int, init_method: str, device: str | None = None) -> None:
+        """Multi-process expert parallelism (``capabilities.expert_parallel_processes``): join the process
+        group of ``world_size`` ranks at ``init_method`` (a ``file://`` or ``tcp://`` rendezvous) as ``rank``."""
+        raise NotImplementedError(f"{cls.name} does not offer multi-process expert parallelism")
 
     def benchmark_step(self, prepared: Any, x: np.ndarray, pass_: str, dy: np.ndarray | None = None
                        ) -> Callable[[], Any]:
