@@ -36,6 +36,12 @@ Backend extras (QAT, beyond `Backend`; suite/test_qat.py checks them where a bac
 
 Inputs may be ``bfloat16`` on CUDA for benchmarks; conformance declares float32 only (the CPU
 interpreter is kept small).
+
+Expert parallelism (`expert_parallel`): ``prepare(..., ep_size=N)`` in each of N processes of a
+torch.distributed group (torchrun, or `TorchTritonBackend.join_expert_parallel`) gives the rank its
+experts; ``forward`` / ``backward`` are then collective calls that every rank makes with the same batch
+and that return the whole layer's values. ``TorchTritonBackend(device, ep_dispatch="int8")`` sends the
+dispatched rows as int8 codes and scales instead of float rows.
 """
 
 from __future__ import annotations
@@ -97,6 +103,7 @@ class TritonPrepared:
     weights: Any              # layer.LayerWeights
     int8_experts: Any = None  # layer.Int8Experts | None
     fake_quant: bool = True
+    shard: Any = None         # expert_parallel.ExpertShard when prepared with ep_size > 1
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -116,10 +123,15 @@ class TorchTritonBackend(Backend):
         bypass=True,
         update="master_float",
         qat_export=True,
+        expert_parallel=(2, 4),
+        expert_parallel_processes=True,
     )
 
-    def __init__(self, device: str | None = None) -> None:
+    def __init__(self, device: str | None = None, ep_dispatch: str = "float") -> None:
+        """``ep_dispatch``: how expert parallelism sends token rows, ``float`` (the compute dtype) or
+        ``int8`` (per-token codes and a float32 scale)."""
         super().__init__(device)
+        self.ep_dispatch = ep_dispatch
         if self.device == "cuda" and not _torch().cuda.is_available():
             raise RuntimeError(f"{self.name}: device 'cuda' requested but torch.cuda.is_available() is False")
 
@@ -138,6 +150,13 @@ class TorchTritonBackend(Backend):
         return None
 
     @classmethod
+    def join_expert_parallel(cls, rank: int, world_size: int, init_method: str, device: str | None = None) -> None:
+        """Join the torch.distributed group (NCCL on CUDA, gloo on CPU) that ``prepare(ep_size=N)`` uses."""
+        from . import expert_parallel
+
+        expert_parallel.join(rank, world_size, init_method, cls.declared_device(device) or cls.capabilities.devices[0])
+
+    @classmethod
     def versions(cls) -> dict[str, str]:
         import triton
 
@@ -154,13 +173,19 @@ class TorchTritonBackend(Backend):
         if dtype not in _DTYPES or (dtype not in self.capabilities.dtypes and self.device != "cuda"):
             raise SpecError(f"{self.name} computes in {', '.join(self.capabilities.dtypes)} "
                             f"(bfloat16 on cuda), not {dtype!r}")
-        if ep_size != 1:
-            raise SpecError(f"{self.name} runs on one device; expert parallel size {ep_size} is not offered")
+        if not isinstance(ep_size, int) or ep_size < 1:
+            raise SpecError(f"ep_size must be a positive integer, got {ep_size!r}")
         params.validate(spec)
         self._check_kernel_mode()
         torch = _torch()
         device = torch.device(self.device)
         compute = getattr(torch, dtype)
+        shard = None
+        if ep_size > 1:
+            from . import expert_parallel
+
+            shard = expert_parallel.make_shard(spec, scheme_, ep_size, self.ep_dispatch)
+            params = MoEParams(**expert_parallel.local_expert_weights(spec, shard, dict(params.items())))
 
         def tensor(name: str, value: np.ndarray) -> torch.Tensor:
             kind = torch.float32 if name in ("router", "router_bias") else compute
@@ -168,7 +193,9 @@ class TorchTritonBackend(Backend):
 
         present = {name: tensor(name, value) for name, value in params.items()
                    if name != "router_bias" or spec.router == "sigmoid_topk"}
-        return self.prepare_tensors(spec, scheme_, dtype, device, _layer().LayerWeights(**present))
+        prepared = self.prepare_tensors(spec, scheme_, dtype, device, _layer().LayerWeights(**present))
+        prepared.shard = shard
+        return prepared
 
     def prepare_tensors(self, spec: MoESpec, scheme: Scheme, dtype: str, device: torch.device,
                         weights: Any, fake_quant: bool = True) -> TritonPrepared:
@@ -205,6 +232,11 @@ class TorchTritonBackend(Backend):
     def _forward(self, prepared: TritonPrepared, x: np.ndarray, fake_quant: bool) -> ForwardResult:
         torch = _torch()
         x_t = self._to_device(prepared, x)
+        if prepared.shard is not None:
+            from . import expert_parallel
+
+            y, ids, gates, balance = expert_parallel.sharded_forward(prepared, x_t, fake_quant)
+            return ForwardResult(_numpy(y), ids.cpu().numpy(), _numpy(gates), balance)
         with torch.no_grad():
             out = self._run(prepared, prepared.weights, x_t, fake_quant)
         routing = out.routing
@@ -226,6 +258,10 @@ class TorchTritonBackend(Backend):
                    ) -> dict[str, torch.Tensor]:
         """Autograd at fresh leaves; the quantizers are straight-through, prequant has its custom VJP."""
         torch = _torch()
+        if prepared.shard is not None:
+            from . import expert_parallel
+
+            return expert_parallel.sharded_gradients(prepared, x, dy, balance_coeff, TRAINABLE)
         leaves = prepared.weights.map(
             lambda name, w: w.detach().clone().requires_grad_(name in TRAINABLE))
         x = x.detach().clone().requires_grad_()
@@ -244,6 +280,14 @@ class TorchTritonBackend(Backend):
         values where QAT quantizes, else the masters."""
         used = _layer().effective_layer_weights(prepared.scheme, prepared.weights, prepared.int8_experts,
                                                 prepared.fake_quant)
+        if prepared.shard is not None:  # the experts under the whole tensor's QAT rule, gathered from every rank
+            from . import expert_parallel
+
+            experts = _layer().effective_layer_weights(prepared.shard.expert_scheme, prepared.weights,
+                                                       prepared.int8_experts, prepared.fake_quant)
+            gathered = {name: expert_parallel.gather_experts(prepared.shard, getattr(experts, name))
+                        for name in expert_parallel.EXPERT_WEIGHTS}
+            used = dataclasses.replace(used, **gathered)
         return {name: _numpy(value) for name, value in used.items()}
 
     def quantize_int8(self, values: np.ndarray, axis: int | tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -267,6 +311,8 @@ class TorchTritonBackend(Backend):
     def expert_outputs(self, prepared: TritonPrepared, x: np.ndarray) -> np.ndarray:
         """Bypass routing: every expert on every token, [E, T, H], through the same kernels."""
         torch = _torch()
+        if prepared.shard is not None:
+            raise SpecError(f"{self.name} offers expert_outputs on one device only (prepare with ep_size=1)")
         x_t = self._to_device(prepared, x)
         with torch.no_grad():
             out = _layer().bypass_expert_outputs(prepared.spec, prepared.scheme, prepared.weights, x_t,
@@ -277,6 +323,8 @@ class TorchTritonBackend(Backend):
     def update(self, prepared: TritonPrepared, x: np.ndarray, dy: np.ndarray, lr: float) -> TritonPrepared:
         """Master-float SGD on sum(y * dy): W <- W - lr * g (straight-through g), router included;
         ``router_bias`` unchanged. Prequant codes are re-made from the new masters."""
+        if prepared.shard is not None:
+            raise SpecError(f"{self.name} offers update on one device only (prepare with ep_size=1)")
         grads = self._gradients(prepared, self._to_device(prepared, x), self._cotangent(prepared, x, dy), 0.0)
         with _torch().no_grad():
             stepped = prepared.weights.map(
@@ -340,6 +388,10 @@ class TorchTritonBackend(Backend):
         if pass_ not in ("forward", "backward"):
             raise SpecError(f"unknown pass {pass_!r}; {self.name} offers forward, backward")
         synchronize = torch.cuda.synchronize if prepared.device.type == "cuda" else (lambda: None)
+        if prepared.shard is not None:  # this rank's part of the global batch x, no gather (a collective step)
+            from . import expert_parallel
+
+            return expert_parallel.local_step(prepared, x, pass_, dy, TRAINABLE, synchronize)
         leaves = prepared.weights.map(lambda name, w: w.detach().requires_grad_(name in TRAINABLE))
         trainable = [getattr(leaves, n) for n in TRAINABLE if getattr(leaves, n) is not None]
         wanted = [x.detach().requires_grad_(), *trainable]
