@@ -16,6 +16,15 @@ expert beside the sharded ones (``shared_expert``) and fewer tokens than devices
 ``QMOE_LEVEL6_GRID=full`` runs the whole grid (`FULL_CASES` x schemes x dtypes x N) instead.
 
 On CPU, N devices are simulated (``--xla_force_host_platform_device_count``, set by the plugin).
+
+Backends whose N devices are N processes (``capabilities.expert_parallel_processes``: torch.distributed)
+run the sharded side in a pool of N spawned ranks kept for the session (`qmoe.suite.process_group`: one
+pool per N, gloo on CPU, NCCL on GPUs); every rank gets the whole batch and returns the whole result,
+rank 0's is compared and the others must equal it bit for bit. Their covering design is
+`PROCESS_CONFIGS` (float32, the dtype they declare on CPU): every scheme at N = 2 and N = 4, uneven
+routing, idle ranks (``one_expert`` at N = 4), ranks without tokens (``one_token``), capacity in global
+order, a sigmoid router, the shared expert. One forward and one backward per configuration and side,
+shared by the two tests. A rank's failure fails the test with its traceback; a missing GPU skips.
 """
 
 from __future__ import annotations
@@ -65,22 +74,41 @@ CONFIGS: tuple[EPConfig, ...] = (
     EPConfig("empty_experts", "int8_routed_prequant", "float32", 2),
     EPConfig("all_on_one_top2", "int8_routed_prequant", "bfloat16", 4),
 )
+#: The covering design for process-group backends (see the module docstring).
+PROCESS_CONFIGS: tuple[EPConfig, ...] = (
+    EPConfig("all_on_one_top2", "none", "float32", 2),
+    EPConfig("capacity_drop", "none", "float32", 4),
+    EPConfig("empty_experts", "none", "float32", 4),
+    EPConfig("sigmoid", "int8_routed", "float32", 2),
+    EPConfig("one_expert", "int8_routed", "float32", 4),
+    EPConfig("balanced", "int8_routed_prequant", "float32", 2),
+    EPConfig("one_token", "int8_routed_prequant", "float32", 4),
+    EPConfig("shared_expert", "qat_int8_row", "float32", 2),
+    EPConfig("zipf_skew", "qat_int8_row", "float32", 4),
+)
 FULL_CASES = ("balanced", "zipf_skew", "all_on_one_top2", "one_expert", "empty_experts", "capacity_drop",
               "sigmoid", "shared_expert", "one_token")
 
 
-def _configs() -> tuple[EPConfig, ...]:
+def _full_grid() -> bool:
     grid = os.environ.get(GRID_ENV, "")
-    if grid == "full":
-        return tuple(EPConfig(*c) for c in itertools.product(FULL_CASES, SCHEMES, DTYPES, EP_SIZES))
-    if grid:
+    if grid and grid != "full":
         raise pytest.UsageError(f"{GRID_ENV}={grid!r}: use 'full' or leave it unset")
-    return CONFIGS
+    return grid == "full"
+
+
+def _configs() -> tuple[EPConfig, ...]:
+    if _full_grid():
+        return tuple(EPConfig(*c) for c in itertools.product(FULL_CASES, SCHEMES, DTYPES, EP_SIZES))
+    return CONFIGS + tuple(c for c in PROCESS_CONFIGS if c not in CONFIGS)
 
 
 def applies_to(caps, test_name: str, params: dict) -> str | None:
     """Why an expert-parallel configuration does not apply to a backend (None: it does)."""
     config: EPConfig = params["config"]
+    design = PROCESS_CONFIGS if caps.expert_parallel_processes else CONFIGS
+    if not _full_grid() and config not in design:
+        return "not in its expert-parallel covering design"
     why = caps.unsupported(CASES[config.case].spec, config.scheme)
     if why:
         return why
@@ -101,6 +129,51 @@ def _both(backend, config: EPConfig):
     return data, one, sharded
 
 
+#: (backend class, device, config) -> results of a process-group backend, both passes, both sides.
+_process_results: dict[tuple, dict] = {}
+
+
+def _process_group_results(backend, config: EPConfig) -> dict:
+    """One device here and N ranks in the session's pool, forward and backward each, once per config."""
+    from qmoe.suite import process_group
+
+    key = (process_group.reference_of(type(backend)), backend.device, config)
+    if key in _process_results:
+        return _process_results[key]
+    if backend.device in ("cuda", "gpu"):
+        import torch
+
+        if torch.cuda.device_count() < config.ep_size:
+            pytest.skip(f"ep{config.ep_size} needs {config.ep_size} GPUs, torch sees {torch.cuda.device_count()}")
+    data = CASES[config.case].build(config.dtype)
+    one_state = backend.prepare(data.spec, data.params.copy(), config.scheme, config.dtype)
+    one = {"forward": backend.forward(one_state, data.x),
+           "backward": backend.backward(one_state, data.x, data.dy, balance_coeff=BALANCE_COEFF)}
+    payload = {"backend": process_group.reference_of(type(backend)), "device": backend.device, "spec": data.spec,
+               "params": data.params, "scheme": config.scheme, "dtype": config.dtype, "ep_size": config.ep_size,
+               "x": data.x, "dy": data.dy, "balance_coeff": BALANCE_COEFF, "passes": ("forward", "backward")}
+    try:
+        ranks = process_group.pool(type(backend), config.ep_size, backend.device).call(process_group.run_layer,
+                                                                                        payload)
+    except process_group.WorkerError as exc:
+        pytest.fail(f"ep{config.ep_size}: {exc}\n{rerun_hint()}", pytrace=False)
+    for rank, other in enumerate(ranks[1:], start=1):
+        _assert_ranks_agree(ranks[0], other, rank, config)
+    _process_results[key] = {"data": data, "one": one, "sharded": ranks[0]}
+    return _process_results[key]
+
+
+def _assert_ranks_agree(first: dict, other: dict, rank: int, config: EPConfig) -> None:
+    """Every rank returns the whole layer's result, gathered by the same collectives: identical."""
+    pairs = [("y", first["forward"].y, other["forward"].y),
+             ("expert_ids", first["forward"].expert_ids, other["forward"].expert_ids)]
+    pairs += [(f"grad.{k}", v, other["backward"][k]) for k, v in first["backward"].items()]
+    for what, a, b in pairs:
+        if not np.array_equal(np.asarray(a), np.asarray(b)):
+            raise ConformanceError(f"ep{config.ep_size}: rank {rank}'s {what} differs from rank 0's (the gathered "
+                                   f"result must be the same on every rank)\n{rerun_hint()}")
+
+
 def _assert_same_routing(one, sharded, what: str) -> None:
     """Expert ids identical: routing is decided on the global token set before the dispatch, by the
     same float32 arithmetic, so no selection may resolve differently."""
@@ -114,9 +187,13 @@ def _assert_same_routing(one, sharded, what: str) -> None:
 @pytest.mark.parametrize("config", _configs(), ids=lambda c: c.id)
 def test_expert_parallel_forward(backend, config):
     tol = tolerance(config.scheme, config.dtype, "expert_parallel")
-    data, one_state, sharded_state = _both(backend, config)
-    one = backend.forward(one_state, data.x)
-    sharded = backend.forward(sharded_state, data.x)
+    if backend.capabilities.expert_parallel_processes:
+        results = _process_group_results(backend, config)
+        one, sharded = results["one"]["forward"], results["sharded"]["forward"]
+    else:
+        data, one_state, sharded_state = _both(backend, config)
+        one = backend.forward(one_state, data.x)
+        sharded = backend.forward(sharded_state, data.x)
     what = f"ep{config.ep_size}.forward"
     _assert_same_routing(one, sharded, what)
     assert_close(np.asarray(sharded.gate_weights), np.asarray(one.gate_weights), tol.tight, f"{what}.gate_weights",
@@ -130,9 +207,13 @@ def test_expert_parallel_forward(backend, config):
 @pytest.mark.parametrize("config", _configs(), ids=lambda c: c.id)
 def test_expert_parallel_backward(backend, config):
     tol = tolerance(config.scheme, config.dtype, "expert_parallel")
-    data, one_state, sharded_state = _both(backend, config)
-    one = backend.backward(one_state, data.x, data.dy, balance_coeff=BALANCE_COEFF)
-    sharded = backend.backward(sharded_state, data.x, data.dy, balance_coeff=BALANCE_COEFF)
+    if backend.capabilities.expert_parallel_processes:
+        results = _process_group_results(backend, config)
+        data, one, sharded = results["data"], results["one"]["backward"], results["sharded"]["backward"]
+    else:
+        data, one_state, sharded_state = _both(backend, config)
+        one = backend.backward(one_state, data.x, data.dy, balance_coeff=BALANCE_COEFF)
+        sharded = backend.backward(sharded_state, data.x, data.dy, balance_coeff=BALANCE_COEFF)
     assert sorted(sharded) == sorted(one), f"ep{config.ep_size} gradient keys {sorted(sharded)} vs {sorted(one)}"
     for name, expected in one.items():
         expected = np.asarray(expected, dtype=np.float64)
