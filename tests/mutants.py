@@ -475,3 +475,36 @@ class MutantControlTriton(TorchTritonBackend):
 CONTROL: type[TorchEagerBackend] = MutantControl
 #: Every unmutated control: one per backend a mutant is built on.
 CONTROLS: tuple[type[Backend], ...] = (MutantControl, MutantControlTriton)
+
+
+# -- expert parallel (level 6) -------------------------------------------------------------------------------
+def _drops_last_assignment(shard_cls: type) -> type:
+    """An `ExpertShard` whose dispatch never sends the rank's last kept assignment (an off-by-one in the
+    send loop): that token's expert output never comes back and its gate-weighted share is lost."""
+
+    class DropsLastAssignment(shard_cls):
+        def sendable(self, kept, assignments, device):
+            mask = super().sendable(kept, assignments, device).clone()
+            if mask.numel():
+                mask[int(mask.nonzero().max())] = False
+            return mask
+
+    return DropsLastAssignment
+
+
+class MutantTritonEPDroppedToken(TorchTritonBackend):
+    """Bug (expert parallel only): each rank's dispatch drops its last token assignment; on one device the
+    layer is correct, so only level 6 can see it."""
+
+    name = "mutant_triton_ep_dropped_token"
+
+    def prepare(self, spec, params, scheme, dtype, ep_size=1):
+        prepared = super().prepare(spec, params, scheme, dtype, ep_size=ep_size)
+        if prepared.shard is not None:
+            fields = {f.name: getattr(prepared.shard, f.name) for f in dataclasses.fields(prepared.shard)}
+            prepared.shard = _drops_last_assignment(type(prepared.shard))(**fields)
+        return prepared
+
+
+MUTANTS[MutantTritonEPDroppedToken.name] = (MutantTritonEPDroppedToken,
+                                            "test_level6_expert_parallel.py::test_expert_parallel_forward[")
