@@ -4,10 +4,12 @@ Reads pytest-benchmark JSON (default: the newest file under ``.benchmarks/``, as
 ``--benchmark-autosave`` writes it) and, if given, the conformance outcomes that
 ``pytest -m conformance --conformance-json PATH`` wrote. Writes to ``results/<dir>/``:
 
-* ``throughput.md``: per shape, pass and routing pattern, backend x scheme x top_k with TF/s, tokens/s,
-  GB/s, the delta vs the backend's own ``none``, the ratio to its framework's native peer, % of the
-  device's peak where known and the output check; a header with the command, date, device and versions;
-  the harness overhead; the cases that did not run, with their reasons.
+* ``throughput.md``: per shape, pass, routing pattern and dtype, backend x scheme x top_k with TF/s,
+  tokens/s, GB/s, the delta vs the backend's own ``none``, the ratio to its framework's strongest native
+  peer (``x native peer``), the ratio to the fastest float row of any framework (``x best bf16``), the share
+  of the GEMM bound of its operand type (``% of bound``), the peak device memory of one call, % of the
+  device's peak where known and the output check; a header with the command, date, device, versions and
+  CUDA-graph mode; the harness overhead; the cases that did not run, with their reasons.
 * ``throughput_<shape>_<pass>_<routing>.png``: TF/s vs top_k, one line per backend and scheme.
 * ``conformance.md``: backend x level (pass / fail / skip counts), skip reasons, failures, and the
   fidelity (SQNR in dB against the float reference) per backend, scheme and dtype.
@@ -30,7 +32,17 @@ from collections import defaultdict
 from pathlib import Path
 
 from qmoe.reference.schemes import SCHEMES
-from qmoe.suite.benchmarks.tables import ResultRow, fmt, fmt_pct, fmt_si, overhead_ratio, rows_from_json
+from qmoe.suite.benchmarks.tables import (
+    ResultRow,
+    best_label,
+    fmt,
+    fmt_bytes,
+    fmt_pct,
+    fmt_share,
+    fmt_si,
+    overhead_ratio,
+    rows_from_json,
+)
 
 FLOP_NOTE = ("FLOPs = 6 T H (k F + S) forward, 3x that for forward+backward (the JAX logbook's count: routed "
              "and shared SwiGLU projections, router excluded); TF/s and tokens/s from the median timed round; "
@@ -100,6 +112,7 @@ def _header(docs: list[dict], rows: list[ResultRow]) -> list[str]:
     rounds = sorted({f"{r.get('rounds')} rounds after {r.get('warmup_rounds')} warm-up, {r.get('inputs')} "
                      "distinct inputs rotated" for r in rows})
     lines += [f"- dtype: {', '.join(dtypes)}; timer: {', '.join(timers)}; threads: {', '.join(threads)}",
+              f"- CUDA graphs: {_graph_mode(docs, rows)}",
               f"- rounds: {'; '.join(rounds)}",
               f"- {FLOP_NOTE}",
               "- every result's timed outputs were checked against the float64 reference (SQNR column: the worst "
@@ -111,6 +124,23 @@ def _header(docs: list[dict], rows: list[ResultRow]) -> list[str]:
         lines.append(f"- harness overhead: the do-nothing backend's timed call takes {noop.median_s * 1e6:.2f} us, "
                      f"{100 * ratio:.3f}% of the fastest case ({_label(fastest)}: {fastest.median_s * 1e6:.1f} us)")
     return lines
+
+
+def _graph_mode(docs: list[dict], rows: list[ResultRow]) -> str:
+    """The run's CUDA-graph mode (``--bench-cuda-graph``) and which rows were captured."""
+    asked = any((doc.get("qmoe") or {}).get("cuda_graph") for doc in docs) or any(
+        r.get("cuda_graph_option") for r in rows)
+    captured = sorted({str(r.get("backend")) for r in rows if r.get("cuda_graph") is True})
+    failed = sorted({f"{r.get('backend')} ({r.get('cuda_graph_reason')})" for r in rows
+                     if r.get("cuda_graph") is False})
+    mode = ("on (--bench-cuda-graph)" if asked
+            else "off (eager launches; the int8 GEMM bound is always captured on CUDA)")
+    parts = [mode]
+    if captured:
+        parts.append("captured: " + ", ".join(captured))
+    if failed:
+        parts.append("not capturable, timed eagerly: " + "; ".join(failed))
+    return "; ".join(parts)
 
 
 def _label(row: ResultRow) -> str:
@@ -129,7 +159,7 @@ def _groups(rows: list[ResultRow]) -> dict[tuple, list[ResultRow]]:
     groups: dict[tuple, list[ResultRow]] = defaultdict(list)
     for row in rows:
         if not row.get("harness_only"):
-            groups[(row.get("shape"), row.get("pass"), row.get("routing"))].append(row)
+            groups[(row.get("shape"), row.get("pass"), row.get("routing"), row.get("dtype"))].append(row)
     return groups
 
 
@@ -138,10 +168,10 @@ def throughput_tables(rows: list[ResultRow]) -> list[str]:
 
     out = []
     shapes_seen = {}
-    for (shape, pass_, routing), group in _groups(rows).items():
+    for (shape, pass_, routing, dtype), group in _groups(rows).items():
         first = group[0]
         shapes_seen[shape] = first
-        out += [f"## {shape} · {pass_} · {routing} routing", "",
+        out += [f"## {shape} · {pass_} · {routing} routing · {dtype}", "",
                 f"T {first.get('tokens')}, H {first.get('hidden')}, F {first.get('ffn')}, E {first.get('experts')}, "
                 f"shared {first.get('shared_ffn')}, router {first.get('router')}, {first.get('dtype')}; "
                 "max/mean rows per expert: " + ", ".join(
@@ -152,23 +182,28 @@ def throughput_tables(rows: list[ResultRow]) -> list[str]:
         for row in group:
             pivot[(row.get("backend"), row.get("scheme"), bool(row.get("peer")))][row.get("top_k")] = row
         table = []
-        for (backend, scheme, peer), by_k in sorted(pivot.items(), key=lambda kv: (kv[0][2], kv[0][0],
-                                                                                    list(SCHEMES).index(kv[0][1]))):
-            table.append([backend + (" (peer)" if peer else ""), scheme]
+        for (_, scheme, _), by_k in sorted(pivot.items(), key=lambda kv: (kv[0][2], kv[0][0],
+                                                                          list(SCHEMES).index(kv[0][1]))):
+            table.append([_row_name(next(iter(by_k.values()))), scheme]
                          + [fmt(by_k[k].get("tflops"), ".3g") if k in by_k else "" for k in top_ks])
         out += ["TF/s by top_k:", "",
                 tabulate(table, headers=["backend", "scheme", *[f"top{k}" for k in top_ks]], tablefmt="github"), ""]
         detail = []
         for row in sorted(group, key=_scheme_order):
             check = (row.get("output_check") or {}).get("min_sqnr_db")
-            detail.append([row.get("backend") + (" (peer)" if row.get("peer") else ""), row.get("scheme"),
+            detail.append([_row_name(row), row.get("scheme"),
                            row.get("top_k"), fmt(row.median_s * 1e3, ".3f"), fmt(row.get("tflops"), ".3g"),
                            fmt_si(row.get("tokens_per_s")), fmt(row.get("gb_per_s"), ".1f"),
                            fmt_pct(row.derived.get("delta_vs_none")), fmt(row.derived.get("x_peer"), ".2f"),
-                           fmt(row.get("pct_peak"), ".1f"), fmt(check, ".1f")])
+                           fmt(row.derived.get("x_best"), ".2f"), fmt_share(row.derived.get("x_bound")),
+                           _memory_cell(row), fmt(row.get("pct_peak"), ".1f"), fmt(check, ".1f")])
         out += [tabulate(detail, headers=["backend", "scheme", "top_k", "ms", "TF/s", "tokens/s", "GB/s",
-                                          "vs own none", "x native peer", "% peak", "check dB"],
+                                          "vs own none", "x native peer", best_label(group), "% of bound",
+                                          "peak memory", "% peak", "check dB"],
                          tablefmt="github", disable_numparse=True), ""]
+        notes = sorted({str(r.get("peak_memory_note")) for r in group if r.get("peak_memory_note")})
+        if notes:
+            out += ["Peak memory not reported: " + "; ".join(notes) + ".", ""]
     if shapes_seen:
         out += ["## Shapes", ""]
         from qmoe.suite.benchmarks.shapes import all_shapes
@@ -180,6 +215,15 @@ def throughput_tables(rows: list[ResultRow]) -> list[str]:
             out.append(f"- `{shape}`: {source}" + (f"; {note}" if note else ""))
         out.append("")
     return out
+
+
+def _row_name(row: ResultRow) -> str:
+    """A backend's name, marked ``(bound)`` or ``(peer)``."""
+    return str(row.get("backend")) + (" (bound)" if row.get("bound") else " (peer)" if row.get("peer") else "")
+
+
+def _memory_cell(row: ResultRow) -> str:
+    return fmt_bytes(row.get("peak_memory_bytes"))
 
 
 def not_run(docs: list[dict], rows: list[ResultRow]) -> list[str]:
@@ -203,9 +247,18 @@ def write_throughput(out_dir: Path, rows: list[ResultRow], docs: list[dict], not
     device = next((r.get("device_name") for r in rows if r.get("device_name")), "?")
     lines = [f"# Throughput: {device}", "", *_header(docs, rows), *[f"- note: {note}" for note in notes], "",
              "Columns: `vs own none` = TF/s against the same backend's unquantized `none` on the same case; "
-             "`x native peer` = TF/s over its framework's native grouped matmul (torch._grouped_mm, "
-             "jax.lax.ragged_dot, mx.gather_mm) on the same case; `% peak` = of the device's dense tensor-core "
-             "peak for the scheme's operand type (int8 where routed experts run int8 x int8), where known.", ""]
+             "`x native peer` = TF/s over the fastest native layer of its framework on the same case, run the way "
+             "its users run it (torch: `torch._grouped_mm.compiled`, the layer under torch.compile, or the eager "
+             "row if faster; JAX: jitted `jax.lax.ragged_dot`; MLX: `mx.gather_mm` under mx.compile or eager); "
+             "`x best bf16` (at the table's dtype) = TF/s over the fastest unquantized row of any framework on "
+             "the same case; `% of bound` = TF/s as a share of the GEMM-only bound of the row's operand type "
+             "(`gemm_bound`: the layer's grouped GEMMs alone, torch._grouped_mm on pre-sorted, perfectly balanced "
+             "rows; `gemm_bound_int8` for rows whose routed experts run int8 x int8: the same GEMM sizes as "
+             "torch._int_mm per expert, CUDA-graph captured, quantization, scale epilogue and SwiGLU left out, so "
+             "an upper bound; see suite/benchmarks/int8_bound.py); `peak memory` = peak device memory of one "
+             "call (torch.cuda.max_memory_allocated, mx.get_peak_memory, JAX's peak_bytes_in_use), weights and "
+             "inputs included; `% peak` = of the device's dense tensor-core peak for the scheme's operand type "
+             "(int8 where routed experts run int8 x int8), where known.", ""]
     lines += throughput_tables(rows)
     lines += not_run(docs, rows)
     path = out_dir / "throughput.md"
@@ -220,7 +273,8 @@ def write_plots(out_dir: Path, rows: list[ResultRow]) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    for (shape, pass_, routing), group in _groups(rows).items():
+    several_dtypes = len({r.get("dtype") for r in rows if not r.get("harness_only")}) > 1
+    for (shape, pass_, routing, dtype), group in _groups(rows).items():
         series = defaultdict(list)
         for row in group:
             if row.get("tflops") is not None:
@@ -235,12 +289,13 @@ def write_plots(out_dir: Path, rows: list[ResultRow]) -> list[Path]:
                     label=f"{backend} · {scheme}" + (" (peer)" if peer else ""))
         ax.set_xlabel("top_k")
         ax.set_ylabel("TF/s")
-        ax.set_title(f"{shape} · {pass_} · {routing}")
+        ax.set_title(f"{shape} · {pass_} · {routing} · {dtype}")
         ax.set_xticks(sorted({k for pts in series.values() for k, _ in pts}))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
         fig.tight_layout()
-        path = out_dir / f"throughput_{_slug(shape)}_{pass_}_{routing}.png"
+        suffix = f"_{dtype}" if several_dtypes else ""  # one run, one dtype: the names stay as they were
+        path = out_dir / f"throughput_{_slug(shape)}_{pass_}_{routing}{suffix}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)

@@ -467,21 +467,24 @@ def _result(backend, tflops, **info):
 
 
 def test_the_bound_is_nobodys_peer_and_every_row_gets_its_ratio_to_it():
-    results = [_result("torch_eager", 1.0, framework="torch"),
+    results = [_result("torch_eager", 1.0, framework="torch", scheme="none", peak_memory_bytes=3 << 30),
                _result("gemm_bound", 4.0, framework="torch", peer=True, bound=True),
-               _result("torch._grouped_mm", 2.0, framework="torch", peer=True)]
+               _result("torch._grouped_mm.eager", 2.0, framework="torch", peer=True, scheme="none")]
     rows = {r.get("backend"): r for r in tables.rows_from_session(results)}
-    assert rows["torch_eager"].derived["peer"] == "torch._grouped_mm"
+    assert rows["torch_eager"].derived["peer"] == "torch._grouped_mm.eager"
     assert rows["torch_eager"].derived["x_peer"] == pytest.approx(0.5)
     assert rows["torch_eager"].derived["x_bound"] == pytest.approx(0.25)
-    assert rows["torch._grouped_mm"].derived["x_bound"] == pytest.approx(0.5)
+    assert rows["torch_eager"].derived["x_best"] == pytest.approx(0.5)
+    assert rows["torch._grouped_mm.eager"].derived["x_bound"] == pytest.approx(0.5)
     assert "x_bound" not in rows["gemm_bound"].derived and "x_peer" not in rows["gemm_bound"].derived
+    assert "x_best" not in rows["gemm_bound"].derived
 
     lines = tables.terminal_rows(results, {})
     header = lines[0].split()
     assert header[:3] == ["benchmark", "median", "TF/s"] and "bound" in header and "peer" in header
     eager = next(line for line in lines if line.startswith("torch_eager-none"))
-    for column, value in (("TF/s", "1.000"), ("peer", "0.50"), ("bound", "0.25")):  # right-aligned under the header
+    for column, value in (("TF/s", "1.000"), ("x peer", "0.50"), ("x best", "0.50"), ("% bound", "25.0%"),
+                          ("peak mem", "3.00 GiB")):  # right-aligned under the header
         assert eager[:lines[0].index(column) + len(column)].endswith(value), (column, lines[0], eager)
 
 

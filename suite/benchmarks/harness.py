@@ -2,8 +2,15 @@
 
 The grid (`BenchCase`) is backend x scheme x top_k x shape x pass x routing; backends come from the
 suite's selection (the registry, ``--backend``, ``--backend-module``) and never by name here, and the
-native peer of every framework a selected backend runs on is added beside them, with the GEMM bound
-(`peers.GemmBound`: the layer's grouped GEMMs alone, on perfectly balanced pre-sorted rows).
+native peers of every framework a selected backend runs on are added beside them (compiled and eager),
+with the GEMM bounds (`peers.GemmBound`, `int8_bound.GemmBoundInt8`: the layer's grouped GEMMs alone, on
+perfectly balanced pre-sorted rows).
+
+Before a case is built its host and device memory are estimated (`memory.estimate`); a case that would
+not fit is skipped with the estimate as the reason. After the timed rounds one untimed call measures
+the peak device memory (`memory.measure_peak`). With ``--bench-cuda-graph`` (and always for the int8
+bound on CUDA) the steps are captured in CUDA graphs first (`graphs.capture`); what could not be captured
+runs as it is, and extra_info says which and why.
 
 Timed rounds (`time_rounds`): pytest-benchmark's pedantic mode, one call per round. Each round's
 (untimed) setup flushes L2 and hands the target the next of ``--bench-inputs`` distinct inputs, so no
@@ -28,7 +35,7 @@ from qmoe import reference
 from qmoe.reference.schemes import get_scheme
 from qmoe.reference.spec import MoEParams, SpecError
 
-from . import metrics, outputs, timing, workload
+from . import graphs, memory, metrics, outputs, timing, workload
 from .peers import NoopBackend, PeerBackend, framework_of
 from .shapes import BenchShape
 
@@ -48,6 +55,7 @@ class BenchOptions:
     max_call_s: float | None = None
     threads: int | None = None
     deadline: float | None = None  # time.monotonic() after which cases are skipped (session budget)
+    cuda_graph: bool = False  # capture every capturable step in a CUDA graph (--bench-cuda-graph)
 
 
 @dataclass(frozen=True)
@@ -209,6 +217,12 @@ def run_case(benchmark, case: BenchCase, backend_cls: type, options: BenchOption
         if reason:
             _skip(f"{case.backend}: {reason}")
 
+    need = memory.estimate(spec, shape.tokens, dtype, metric_pass, outputs.BACKWARD_CHECK_BYTES)
+    too_big = memory.fit_refusal(need, memory.host_memory_bytes(), memory.device_memory_bytes(options.device),
+                                 options.device)
+    if too_big:
+        _skip(f"{case.id} not built: {too_big}")
+
     slow_key = (case.backend, case.scheme, shape, case.pass_id)
     if options.max_call_s is not None and slow_key in _too_slow and _too_slow[slow_key][0] <= case.top_k:
         k, seconds = _too_slow[slow_key]
@@ -227,6 +241,12 @@ def run_case(benchmark, case: BenchCase, backend_cls: type, options: BenchOption
 
     prepared = _prepared.get(prepare_key, prepare)
     steps = [backend.benchmark_step(prepared, item.x, step_pass, item.dy) for item in inputs]
+    graph_info = None
+    if timing.is_cuda(options.device) and (options.cuda_graph or getattr(steps[0], "always_capture", False)):
+        captured = [graphs.capture(step) for step in steps]
+        steps = [c.step for c in captured]
+        failed = next((c.reason for c in captured if not c.captured), None)
+        graph_info = {"cuda_graph": failed is None, **({"cuda_graph_reason": failed} if failed else {})}
 
     first_call_s = None
     if options.max_call_s is not None:
@@ -242,6 +262,8 @@ def run_case(benchmark, case: BenchCase, backend_cls: type, options: BenchOption
     timed = time_rounds(benchmark, steps, options)
     timed.first_call_s = first_call_s
     info = describe(case, backend_cls, spec, options, timed)
+    info.update(graph_info or {})
+    info.update(memory.measure_peak(info["framework"], options.device, steps[0]).as_info())
     fixed = getattr(backend, "fixed_expert_ids", None)
     expert_ids = fixed(spec, shape.tokens) if fixed is not None else None
     if expert_ids is None:
@@ -260,14 +282,16 @@ def run_case(benchmark, case: BenchCase, backend_cls: type, options: BenchOption
             info["stage_times_error"] = f"{type(exc).__name__}: {exc}"
 
     benchmark.extra_info.update(info)
-    effective = reference_effective(shape, case.routing, dtype, case.scheme, params)
     rows = outputs.check_rows(shape.tokens, options.check_rows)
     checks = []
     for i, (item, result) in enumerate(zip(inputs, timed.results)):
         if result is NOT_RUN:
             continue  # --benchmark-disable runs one round only; a step that returned None is checked (and fails)
-        checks.append(outputs.check_output(result, spec, effective, case.scheme, metric_pass, item.x, item.dy, rows,
-                                           what=f"{case.id} (input {i})", expert_ids=expert_ids))
+        layer = outputs.check_layer(spec, params, case.scheme, item.x, rows, expert_ids,
+                                    lambda: reference_effective(shape, case.routing, dtype, case.scheme, params))
+        checks.append(outputs.check_output(result, layer.spec, layer.effective, case.scheme, metric_pass, item.x,
+                                           item.dy, layer.rows, what=f"{case.id} (input {i})",
+                                           expert_ids=layer.expert_ids))
     if not checks:
         raise outputs.OutputNotFoundError(f"{case.id}: no timed call ran, so no output could be checked: "
                                           "an unchecked timing is not a result")
@@ -323,8 +347,11 @@ def describe(case: BenchCase, backend_cls: type, spec, options: BenchOptions, ti
         "device": options.device or "default", "device_name": timing.device_name(options.device),
         "versions": versions, "timer": timed.timer, "l2_flush_bytes": timed.l2_flush_bytes,
         "inputs": options.inputs, "rounds": options.rounds, "warmup_rounds": max(options.warmup, options.inputs),
-        "threads": options.threads,
+        "threads": options.threads, "cuda_graph_option": options.cuda_graph,
     }
+    bound_operand = getattr(backend_cls, "bound_operand", None)
+    if info["bound"] and bound_operand is not None:
+        info["bound_operand"] = bound_operand(options.dtype)  # which rows it bounds (their peak_operand)
     if timed.first_call_s is not None:
         info["first_call_s"] = timed.first_call_s
     return info

@@ -15,6 +15,9 @@ is checked the same way against the reference with that routing: each token's ou
 of its experts' outputs (unit gate weights) plus the shared expert, the reference's own SwiGLU expert
 (`qmoe.reference.experts`) computing each.
 
+A real model's layer is never held in float64 on the host: `check_layer` builds the reference from
+the experts the checked rows use (`BACKWARD_CHECK_BYTES` of float64 at most, at least one row).
+
 The bound (`OUTPUT_CHECK_FLOOR_DB`) is a garbage detector, not conformance (that is `pytest -m
 conformance`): SQNR of the output against the reference of the *same scheme* at the reference's
 quantization of the float weights. Legitimate differences stay far above it: bfloat16 rounding
@@ -149,15 +152,86 @@ def backward_rows(spec: MoESpec, effective: MoEParams, x: np.ndarray, rows: np.n
     if not sublayer_valid(spec):
         return rows, np.arange(spec.experts)
     ids = reference.route(spec, effective, np.asarray(x[rows], dtype=np.float64)).expert_ids
+    return rows_within(spec, rows, ids, budget_bytes)
+
+
+def rows_within(spec: MoESpec, rows: np.ndarray, picked: np.ndarray, budget_bytes: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """``rows`` in order (``picked[i]``: row i's experts) while the float64 weights of the experts they use
+    stay within ``budget_bytes``; at least the first row. Returns (kept rows, their experts, sorted)."""
     per_expert = 8 * 3 * spec.hidden * spec.ffn
     kept, used = [], set()
-    for row, picked in zip(rows, ids):
-        grown = used | set(int(e) for e in picked)
+    for row, chosen in zip(rows, picked):
+        grown = used | set(int(e) for e in chosen)
         if kept and len(grown) * per_expert > budget_bytes:
             continue
         kept.append(row)
         used = grown
     return np.asarray(kept, dtype=np.int64), np.asarray(sorted(used), dtype=np.int64)
+
+
+def layer_float64_bytes(spec: MoESpec) -> int:
+    """Bytes of the whole layer's weights in float64 (what a full-layer reference would hold)."""
+    return 8 * (spec.experts * 3 * spec.hidden * spec.ffn + 3 * spec.hidden * spec.shared_ffn
+                + spec.hidden * spec.experts)
+
+
+@dataclass(frozen=True)
+class CheckLayer:
+    """What the output check compares against: the rows, and the (sub-)layer's spec and effective weights
+    they need, with the fixed routing (if any) renumbered into the sub-layer's experts."""
+
+    rows: np.ndarray
+    spec: MoESpec
+    effective: MoEParams
+    expert_ids: np.ndarray | None = None
+
+
+class CheckTooLargeError(RuntimeError):
+    """The reference check would need the whole layer in float64, and it does not fit."""
+
+
+def check_layer(spec: MoESpec, params: MoEParams, scheme: str, x: np.ndarray, rows: np.ndarray,
+                expert_ids: np.ndarray | None = None, full_effective=None,
+                budget_bytes: int = BACKWARD_CHECK_BYTES) -> CheckLayer:
+    """The reference layer for checking ``rows``. A layer whose float64 weights fit ``budget_bytes`` is used
+    whole (``full_effective()``, a cached `reference.effective_params`, if given). A larger one (a real
+    model's: DeepSeek-V3's is ~90 GB in float64) never exists in float64: the checked rows are routed with
+    the float router (no scheme quantizes it), kept while their experts fit the budget (at least one row),
+    and only those experts are sliced from the float32 parameters and quantized by the reference. Every
+    scheme's weight quantization is per expert, per channel, per group or per row, so the slice's effective
+    weights are those experts' effective weights; QAT's keep-small-tensors-float rule depends on a tensor's
+    size and is checked to decide alike."""
+    if layer_float64_bytes(spec) <= budget_bytes:
+        effective = full_effective() if full_effective is not None else reference.effective_params(spec, params, scheme)
+        return CheckLayer(rows, spec, effective, expert_ids)
+    if expert_ids is None:
+        if not sublayer_valid(spec):
+            raise CheckTooLargeError(
+                f"the output check needs the whole layer in float64 ({layer_float64_bytes(spec) / 2**30:.0f} GiB > "
+                f"{budget_bytes / 2**30:.0f} GiB): its gate weights see every expert (no renormalization)")
+        picked = reference.route(spec, params, np.asarray(x[rows], dtype=np.float64)).expert_ids
+    else:
+        picked = np.asarray(expert_ids)[rows]
+    rows, experts = rows_within(spec, rows, picked, budget_bytes)
+    sub_spec, sub_params = sublayer(spec, params, experts)
+    _same_qat_decision(spec, sub_spec, scheme)
+    effective = reference.effective_params(sub_spec, sub_params, scheme)
+    renumbered = None if expert_ids is None else np.searchsorted(experts, np.asarray(expert_ids))
+    return CheckLayer(rows, sub_spec, effective, renumbered)
+
+
+def _same_qat_decision(spec: MoESpec, sub_spec: MoESpec, scheme: str) -> None:
+    scheme_ = get_scheme(scheme)
+    if scheme_.routed_weights != "qat_row":
+        return
+    limit = scheme_.qat_keep_float_max_numel
+    for factor in (1, 2):  # w2 [E, F, H] and w13 [E, H, 2F]
+        full = factor * spec.experts * spec.hidden * spec.ffn
+        sub = factor * sub_spec.experts * spec.hidden * spec.ffn
+        if (full <= limit) != (sub <= limit):
+            raise CheckTooLargeError(f"{scheme} keeps tensors of <= {limit} elements float: a sub-layer of "
+                                     f"{sub_spec.experts} experts would decide differently from the whole layer")
 
 
 def expected_rows(spec: MoESpec, effective: MoEParams, scheme: str, pass_: str, x: np.ndarray,
@@ -208,6 +282,9 @@ def check_output(result, spec: MoESpec, effective: MoEParams, scheme: str, pass_
     ``expert_ids`` ([T, k]): the fixed routing of a peer that does not route (see `fixed_routing_rows`)."""
     shape = (x.shape[0], spec.hidden)
     target = "y" if pass_ == "forward" else "dx"
+    finish = getattr(result, "finish", None)
+    if callable(finish):
+        result = finish()  # a bound's untimed epilogue (dequantize, sum rows; `int8_bound`)
     if result is None:
         raise OutputNotFoundError(
             f"{what}: benchmark_step's callable returned None, so the timed output cannot be checked and the "

@@ -1,24 +1,31 @@
-"""Native peers: each framework's own grouped matmul in a minimal MoE layer, benchmarked beside
-the backends with the same FLOP counting, plus a do-nothing backend for the harness-overhead check.
+"""Native peers: each framework's own grouped matmul in a minimal MoE layer, run the way its users run
+it, benchmarked beside the backends with the same FLOP counting, plus a do-nothing backend for the
+harness-overhead check.
 
-* ``torch._grouped_mm``: rows sorted by expert, two `torch._grouped_mm` calls with the cumulative
-  row counts as ``offs``, SwiGLU between, gate-weighted ``index_add`` back to tokens.
+* ``torch._grouped_mm.compiled``: rows sorted by expert, two `torch._grouped_mm` calls with the cumulative
+  row counts as ``offs``, SwiGLU between, gate-weighted ``index_add`` back to tokens, the whole layer under
+  ``torch.compile`` (fullgraph, static shapes: how torch MoE training runs). ``torch._grouped_mm.eager``:
+  the same layer without compiling, kept as its own row.
 * ``jax.lax.ragged_dot``: the same with `jax.lax.ragged_dot` and per-expert group sizes, jitted.
-* ``mx.gather_mm``: the same with `mx.gather_mm` on expert-sorted rows (``sorted_indices=True``).
+* ``mx.gather_mm.compiled``: the same with `mx.gather_mm` on expert-sorted rows (``sorted_indices=True``)
+  under ``mx.compile``; ``mx.gather_mm.eager`` without it.
 
 Each is a full `qmoe.implementations.Backend` for scheme ``none`` (float routing, dropless, optional shared
 expert), so its timed output is checked against the reference like any backend's; the backward is
 the framework's autograd. Peers are not in the backend registry: conformance never runs them; the
-benchmark grid adds the peer of every framework a selected backend uses (`framework_of`): one peer
-per framework.
+benchmark grid adds every peer of every framework a selected backend uses (`framework_of`), and a
+backend's ``x native peer`` is against the fastest of its framework's peers on the same case.
 
 Beside them, one bound (`GemmBound`, ``gemm_bound``): the layer's grouped GEMMs alone, with
 ``torch._grouped_mm`` on rows already sorted by expert and perfectly balanced across the experts
 (no router, gather, sort or scatter), plus the shared expert. It does exactly the work the suite's
 FLOP formula counts (`metrics.flops`), so its TF/s is the ceiling of a layer on that device and
-dtype; every other row's ratio to it is the terminal table's ``x bound``. Its routing is fixed
+dtype; every other row's share of it is the table's ``% of bound``. Its routing is fixed
 (`GemmBound.fixed_expert_ids`) and its timed output is checked against the reference computed with
-that routing (`outputs.check_output`'s ``expert_ids``).
+that routing (`outputs.check_output`'s ``expert_ids``). The int8 schemes' bound is in `int8_bound`.
+
+Steps that CUDA graphs can capture carry their body without the final synchronization as
+``step.graph_body`` (`graphs.capture`, ``--bench-cuda-graph``).
 """
 
 from __future__ import annotations
@@ -76,8 +83,57 @@ class _Prepared:
 
 
 # -- torch._grouped_mm ----------------------------------------------------------------------------------------
+def torch_upload(value: np.ndarray, dtype, device):
+    """A torch tensor of ``dtype`` on ``device`` from a float32 host array, one expert slice at a time: a
+    whole-layer host temporary would double host memory at DeepSeek-V3's 11e9 expert weights."""
+    import torch
+
+    out = torch.empty(value.shape, dtype=dtype, device=device)
+    slices = range(value.shape[0]) if value.ndim == 3 else [slice(None)]
+    for i in slices:
+        out[i].copy_(torch.from_numpy(np.ascontiguousarray(value[i])))
+    return out
+
+
+def torch_moe_layer(spec: MoESpec, w: dict, x):
+    """The peer layer: float32 router, top-k, rows sorted by expert, two grouped GEMMs, gate-weighted combine."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = x.float() @ w["router"]
+    if spec.router == "softmax_topk":
+        scores, selection = torch.softmax(logits, dim=-1), logits
+    else:
+        scores = torch.sigmoid(logits)
+        selection = scores + w["router_bias"] if "router_bias" in w else scores
+    ids = torch.topk(selection.detach(), spec.top_k, dim=-1).indices
+    gates = scores.gather(1, ids)
+    if spec.renormalize:
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+    if spec.router == "sigmoid_topk":
+        gates = gates * spec.routed_scaling
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    token = order // spec.top_k
+    # scatter_add, not bincount: bincount reads the maximum back to the host (a synchronization).
+    counts = torch.zeros(spec.experts, dtype=torch.int32, device=x.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))
+    ends = torch.cumsum(counts, 0, dtype=torch.int32)
+    h = torch._grouped_mm(x[token], w["w13"], offs=ends)
+    a = F.silu(h[:, :spec.ffn]) * h[:, spec.ffn:]
+    out = torch._grouped_mm(a, w["w2"], offs=ends)
+    weighted = out.float() * gates.reshape(-1)[order][:, None]
+    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add(0, token, weighted)
+    if "shared_w13" in w:
+        hs = x @ w["shared_w13"]
+        y = y + ((F.silu(hs[:, :spec.shared_ffn]) * hs[:, spec.shared_ffn:]) @ w["shared_w2"]).float()
+    return y.to(x.dtype), ids, gates
+
+
 class TorchGroupedMMPeer(PeerBackend):
-    name = "torch._grouped_mm"
+    """`torch_moe_layer` run eagerly (op by op), as written."""
+
+    name = "torch._grouped_mm.eager"
     framework = "torch"
     capabilities = _peer_capabilities(("cpu", "cuda"))
 
@@ -108,44 +164,17 @@ class TorchGroupedMMPeer(PeerBackend):
         if spec.hidden % elements or spec.ffn % elements:
             raise SpecError(f"{self.name} needs hidden and ffn multiples of {elements} in {dtype} (16-byte strides)")
         device = torch.device(self.device)
-        arrays = {name: torch.tensor(np.asarray(value), device=device,
-                                     dtype=torch.float32 if name.startswith("router") else compute)
+        arrays = {name: torch_upload(np.asarray(value), torch.float32 if name.startswith("router") else compute,
+                                     device)
                   for name, value in params.items()}
-        return _Prepared(spec, dtype, arrays, params)
+        return _Prepared(spec, dtype, arrays, params, {"layer": self._make_layer(spec, dtype)})
+
+    def _make_layer(self, spec: MoESpec, dtype: str) -> Callable:
+        """The callable (weights, x) -> (y, ids, gates) the steps time."""
+        return partial(torch_moe_layer, spec)
 
     def _layer(self, p: _Prepared, w: dict, x):
-        import torch
-        import torch.nn.functional as F
-
-        spec = p.spec
-        logits = x.float() @ w["router"]
-        if spec.router == "softmax_topk":
-            scores, selection = torch.softmax(logits, dim=-1), logits
-        else:
-            scores = torch.sigmoid(logits)
-            selection = scores + w["router_bias"] if "router_bias" in w else scores
-        ids = torch.topk(selection.detach(), spec.top_k, dim=-1).indices
-        gates = scores.gather(1, ids)
-        if spec.renormalize:
-            gates = gates / gates.sum(dim=-1, keepdim=True)
-        if spec.router == "sigmoid_topk":
-            gates = gates * spec.routed_scaling
-        flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        token = order // spec.top_k
-        # scatter_add, not bincount: bincount reads the maximum back to the host (a synchronization).
-        counts = torch.zeros(spec.experts, dtype=torch.int32, device=x.device).scatter_add_(
-            0, flat, torch.ones_like(flat, dtype=torch.int32))
-        ends = torch.cumsum(counts, 0, dtype=torch.int32)
-        h = torch._grouped_mm(x[token], w["w13"], offs=ends)
-        a = F.silu(h[:, :spec.ffn]) * h[:, spec.ffn:]
-        out = torch._grouped_mm(a, w["w2"], offs=ends)
-        weighted = out.float() * gates.reshape(-1)[order][:, None]
-        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add(0, token, weighted)
-        if "shared_w13" in w:
-            hs = x @ w["shared_w13"]
-            y = y + ((F.silu(hs[:, :spec.shared_ffn]) * hs[:, spec.shared_ffn:]) @ w["shared_w2"]).float()
-        return y.to(x.dtype), ids, gates
+        return p.extra["layer"](w, x)
 
     def forward(self, prepared: _Prepared, x: np.ndarray) -> ForwardResult:
         import torch
@@ -170,22 +199,82 @@ class TorchGroupedMMPeer(PeerBackend):
         trainable = {name: t.detach().requires_grad_(name != "router_bias") for name, t in prepared.arrays.items()}
         wanted = [x_t.detach().requires_grad_()] + [t for n, t in trainable.items() if n != "router_bias"]
 
-        def forward_step():
+        def forward_body():
             with torch.no_grad():
-                y = self._layer(prepared, prepared.arrays, x_t)[0]
-            sync()
-            return y
+                return self._layer(prepared, prepared.arrays, x_t)[0]
 
-        def backward_step():
+        def backward_body():
             with torch.enable_grad():
                 y = self._layer(prepared, trainable, wanted[0])[0]
-                grads = torch.autograd.grad(y, wanted, grad_outputs=dy_t)
-            sync()
-            return grads  # dx first
+                return torch.autograd.grad(y, wanted, grad_outputs=dy_t)  # dx first
 
         if pass_ not in ("forward", "backward"):
             raise SpecError(f"unknown pass {pass_!r}")
-        return forward_step if pass_ == "forward" else backward_step
+        return synchronized(forward_body if pass_ == "forward" else backward_body, sync)
+
+
+#: torch.compile's own cache: every case is a new (spec, shape), and the default limit of 8 recompiles would
+#: silently fall back to eager, turning the compiled peer into the eager one. Raised, and made loud.
+_TORCH_RECOMPILE_LIMIT = 256
+
+
+class TorchGroupedMMCompiledPeer(TorchGroupedMMPeer):
+    """`torch_moe_layer` under ``torch.compile(fullgraph=True, dynamic=False)``: the strongest torch layer
+    a user gets without writing kernels. Compiling happens in the warm-up rounds (never timed)."""
+
+    name = "torch._grouped_mm.compiled"
+
+    @classmethod
+    def versions(cls) -> dict[str, str]:
+        import torch
+
+        return {"torch": torch.__version__, "torch_compile": "inductor, fullgraph, static shapes"}
+
+    def prepare(self, spec: MoESpec, params: MoEParams, scheme: str, dtype: str, ep_size: int = 1) -> _Prepared:
+        reason = torch_compile_refusal(dtype, self.device)
+        if reason:
+            raise SpecError(reason)
+        return super().prepare(spec, params, scheme, dtype, ep_size)
+
+    def _make_layer(self, spec: MoESpec, dtype: str) -> Callable:
+        import torch
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _TORCH_RECOMPILE_LIMIT)
+        dynamo_config.fail_on_recompile_limit_hit = True
+
+        def layer(w: dict, x):
+            return torch_moe_layer(spec, w, x)
+
+        return torch.compile(layer, fullgraph=True, dynamic=False)
+
+
+def torch_compile_refusal(dtype: str, device: str | None) -> str | None:
+    """Why torch.compile cannot trace `torch._grouped_mm` at ``dtype`` here, or None. Asked of the op's meta
+    kernel (what the compiler traces with): torch 2.13's accepts bfloat16 only, while the eager CPU kernel
+    also runs float32."""
+    import torch
+
+    compute = getattr(torch, dtype)
+    try:
+        torch._grouped_mm(torch.empty(16, 16, dtype=compute, device="meta"),
+                          torch.empty(2, 16, 16, dtype=compute, device="meta"),
+                          offs=torch.empty(2, dtype=torch.int32, device="meta"))
+    except RuntimeError as exc:
+        return (f"torch.compile cannot trace torch._grouped_mm in {dtype} (torch {torch.__version__}'s meta kernel: "
+                f"{str(exc).splitlines()[0]})")
+    return None
+
+
+def synchronized(body: Callable[[], Any], sync: Callable[[], None]) -> Callable[[], Any]:
+    """``body`` then ``sync``: the benchmark step. ``graph_body`` keeps the body for CUDA-graph capture."""
+    def step():
+        out = body()
+        sync()
+        return out
+
+    step.graph_body = body  # type: ignore[attr-defined]
+    return step
 
 
 # -- the GEMM bound: the layer's grouped GEMMs alone ------------------------------------------------------------
@@ -214,6 +303,11 @@ class GemmBound(TorchGroupedMMPeer):
 
     name = "gemm_bound"
     bound = True
+
+    @classmethod
+    def bound_operand(cls, dtype: str) -> str:
+        """The tensor-core operand type this bound's GEMMs run in: the compute dtype."""
+        return dtype
 
     def fixed_expert_ids(self, spec: MoESpec, tokens: int) -> np.ndarray:
         return balanced_expert_ids(tokens, spec.top_k, spec.experts)
@@ -253,28 +347,25 @@ class GemmBound(TorchGroupedMMPeer):
                 y = y + (F.silu(hs[:, :shared]) * hs[:, shared:]) @ p["shared_w2"]
             return y
 
-        def forward_step():
+        def forward_body():
             with torch.no_grad():
-                y = layer(rows, x_t, w)
-            sync()
-            return y
+                return layer(rows, x_t, w)
 
         leaves = {name: w[name].detach().requires_grad_() for name in names}
         rows_leaf = rows.detach().requires_grad_()
         x_leaf = x_t.detach().requires_grad_()
         inputs = [rows_leaf] + ([x_leaf] if shared else []) + [leaves[name] for name in names]
 
-        def backward_step():
+        def backward_body():
             with torch.enable_grad():
                 y = layer(rows_leaf, x_leaf, leaves)
                 grads = torch.autograd.grad(y, inputs, grad_outputs=dy_t)
                 dx = grads[0].view(k, tokens, -1).sum(0)
                 if shared:
                     dx = dx + grads[1]
-            sync()
             return {"dx": dx, **dict(zip(names, grads[-len(names):]))}
 
-        return forward_step if pass_ == "forward" else backward_step
+        return synchronized(forward_body if pass_ == "forward" else backward_body, sync)
 
 
 # -- jax.lax.ragged_dot ---------------------------------------------------------------------------------------
@@ -446,7 +537,9 @@ def _mlx_layer(w: dict, x, spec: MoESpec):
 
 
 class MlxGatherMMPeer(PeerBackend):
-    name = "mx.gather_mm"
+    """`_mlx_layer` run eagerly (MLX's lazy graph, evaluated once per call)."""
+
+    name = "mx.gather_mm.eager"
     framework = "mlx"
     capabilities = _peer_capabilities(("cpu", "gpu"))
 
@@ -508,30 +601,53 @@ class MlxGatherMMPeer(PeerBackend):
                        ) -> Callable[[], Any]:
         import mlx.core as mx
 
+        if pass_ not in ("forward", "backward"):
+            raise SpecError(f"unknown pass {pass_!r}")
         x_dev = self._put(prepared, x)
         dy_dev = self._put(prepared, dy if dy is not None else np.random.default_rng(0).standard_normal(x.shape))
         spec, arrays = prepared.spec, prepared.arrays
-        trainable = [n for n in arrays if n != "router_bias"]
+        trainable = tuple(n for n in arrays if n != "router_bias")
         device = mx.gpu if self.device == "gpu" else mx.cpu
+        forward = partial(_mlx_forward, spec=spec)
+        forward_backward = partial(_mlx_forward_backward, spec=spec, trainable=trainable)
+        fn = self._transform(forward if pass_ == "forward" else forward_backward)
+        args = (arrays, x_dev) if pass_ == "forward" else (arrays, x_dev, dy_dev)
 
-        def layer_of(x_, *leaves):
-            return _mlx_layer({**arrays, **dict(zip(trainable, leaves))}, x_, spec)[0]
-
-        def forward_step():
+        def step():
             with mx.stream(device):
-                y = _mlx_layer(arrays, x_dev, spec)[0]
-                mx.eval(y)
-            return y
+                out = fn(*args)
+                mx.eval(out)
+            return out  # y, or the gradients with dx first
 
-        def backward_step():
-            with mx.stream(device):
-                _, grads = mx.vjp(layer_of, [x_dev, *(arrays[n] for n in trainable)], [dy_dev])
-                mx.eval(grads)
-            return grads  # dx first
+        return step
 
-        if pass_ not in ("forward", "backward"):
-            raise SpecError(f"unknown pass {pass_!r}")
-        return forward_step if pass_ == "forward" else backward_step
+    def _transform(self, fn: Callable) -> Callable:
+        """How users run the layer: as written (eager) here, ``mx.compile`` in the compiled peer."""
+        return fn
+
+
+def _mlx_forward(arrays: dict, x, spec: MoESpec):
+    return _mlx_layer(arrays, x, spec)[0]
+
+
+def _mlx_forward_backward(arrays: dict, x, dy, spec: MoESpec, trainable: tuple[str, ...]):
+    import mlx.core as mx
+
+    def layer_of(x_, *leaves):
+        return _mlx_layer({**arrays, **dict(zip(trainable, leaves))}, x_, spec)[0]
+
+    return mx.vjp(layer_of, [x, *(arrays[n] for n in trainable)], [dy])[1]  # dx first
+
+
+class MlxGatherMMCompiledPeer(MlxGatherMMPeer):
+    """The same layer under ``mx.compile`` (one fused graph per shape; compiled in the warm-up rounds)."""
+
+    name = "mx.gather_mm.compiled"
+
+    def _transform(self, fn: Callable) -> Callable:
+        import mlx.core as mx
+
+        return mx.compile(fn)
 
 
 # -- the harness-overhead backend --------------------------------------------------------------------------------
@@ -561,11 +677,12 @@ def _nothing() -> None:
     return None
 
 
-#: Peers by framework (one each): a backend whose `versions()` names the framework is compared with its peer.
-PEERS: dict[str, type[PeerBackend]] = {
-    TorchGroupedMMPeer.framework: TorchGroupedMMPeer,
-    JaxRaggedDotPeer.framework: JaxRaggedDotPeer,
-    MlxGatherMMPeer.framework: MlxGatherMMPeer,
+#: Peers by framework, strongest first (how its users run the layer: compiled, jitted), then the eager rows.
+#: A backend whose `versions()` names the framework is compared with the fastest of them on each case.
+PEERS: dict[str, tuple[type[PeerBackend], ...]] = {
+    "torch": (TorchGroupedMMCompiledPeer, TorchGroupedMMPeer),
+    "jax": (JaxRaggedDotPeer,),
+    "mlx": (MlxGatherMMCompiledPeer, MlxGatherMMPeer),
 }
 
 
@@ -582,6 +699,3 @@ def framework_of(backend_cls: type[Backend]) -> str | None:
             return framework
     return None
 
-
-#: The bound added beside the peers (`GemmBound`); a row's ``x bound`` is its TF/s over this one's.
-GEMM_BOUND: type[PeerBackend] = GemmBound

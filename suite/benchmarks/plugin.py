@@ -3,10 +3,14 @@
 Load it beside the suite's plugin (root ``conftest.py``: ``pytest_plugins = ["qmoe.suite.plugin",
 "qmoe.suite.benchmarks.plugin"]``, or ``-p qmoe.suite.benchmarks.plugin``).
 
-* Deselection: tests marked ``benchmark`` run only when asked for (``-m benchmark``, or any ``-m``
-  expression naming ``benchmark`` positively, or ``--benchmark-only``); otherwise they are deselected
-  at collection and the summary says why, so ``pytest``, ``pytest tests`` and ``pytest -m conformance``
-  stay fast.
+* Deselection: qmoe's tests marked ``benchmark`` run only when asked for: ``-m benchmark`` (or any ``-m``
+  expression naming ``benchmark`` positively), or pytest-benchmark's own flags (`BENCHMARK_FLAGS`:
+  ``--benchmark-only``, ``--benchmark-json=PATH``, ``--benchmark-autosave``, ``--benchmark-save``,
+  ``--benchmark-compare``, ``--benchmark-compare-fail``). Those flags without ``-m`` select the benchmarks
+  alone (every test not marked ``benchmark`` is deselected, as ``--benchmark-only`` skips them), so
+  ``pytest --benchmark-compare`` runs the throughput suite and nothing else. ``--benchmark-skip``
+  deselects them. Otherwise they are deselected at collection and the summary says why, so ``pytest``,
+  ``pytest tests`` and ``pytest -m conformance`` stay fast.
 * Run metadata: ``machine_info["qmoe"]`` (device name, preset, dtype) and ``qmoe`` in the saved JSON
   (command, UTC date, device) for the report's header.
 * Comparison (``--benchmark-compare``): pytest-benchmark compares saved and current results by test
@@ -39,6 +43,7 @@ from .metrics import PASSES
 _REFUSALS = pytest.StashKey[list]()
 _NOT_RUN = pytest.StashKey[list]()
 _DESELECTED = pytest.StashKey[int]()
+_OTHERS_DESELECTED = pytest.StashKey[int]()
 _BENCH_MARK = "benchmark"
 #: extra_info keys that must agree for two results to be compared.
 SIGNATURE = ("shape", "tokens", "hidden", "ffn", "experts", "shared_ffn", "router", "top_k", "pass", "routing",
@@ -68,8 +73,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bench-stage-times", action="store_true",
                     help="also record stage times of backends that offer stage_times() (forward only)")
     group.addoption("--bench-no-peers", action="store_true",
-                    help="do not add the native peers (torch._grouped_mm, jax.lax.ragged_dot, mx.gather_mm) "
-                         "nor the GEMM bound (gemm_bound: the layer's grouped GEMMs alone)")
+                    help="do not add the native peers (torch._grouped_mm compiled and eager, jax.lax.ragged_dot, "
+                         "mx.gather_mm compiled and eager) nor the GEMM bounds (gemm_bound, gemm_bound_int8: the "
+                         "layer's grouped GEMMs alone)")
     group.addoption("--bench-max-call-s", type=float, default=None, metavar="SECONDS",
                     help="skip a case (with its measured time as the reason) whose first call takes longer "
                          f"(default: {shapes.PRESET_CALL_BUDGET_S} per preset, else none; 0 = no limit)")
@@ -79,6 +85,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bench-jsonl", default=None, metavar="PATH",
                     help="also append every result to PATH as it finishes (one JSON object per line, the "
                          "benchmark entries of pytest-benchmark's JSON): partial results survive a killed run")
+    group.addoption("--bench-cuda-graph", action="store_true",
+                    help="capture each step in a CUDA graph before timing where it can be captured (static "
+                         "shapes, no host synchronization); the table header and each result say which were")
     group.addoption("--bench-threads", type=int, default=None, metavar="N",
                     help="CPU threads per framework: OMP/MKL/OpenBLAS/XLA environment set before any framework "
                          "loads, and every BLAS/OpenMP pool already loaded limited (threadpoolctl) before each "
@@ -133,27 +142,56 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         limit_thread_pools(threads)
 
 
+#: pytest-benchmark's options (their ``dest``) that ask for benchmark results: each selects the benchmarks.
+BENCHMARK_FLAGS = ("benchmark_only", "benchmark_json", "benchmark_autosave", "benchmark_save", "benchmark_compare",
+                   "benchmark_compare_fail")
+
+
+def benchmark_flags(config: pytest.Config) -> list[str]:
+    """The pytest-benchmark flags of `BENCHMARK_FLAGS` this command gave, as typed (``--benchmark-json``)."""
+    return ["--" + name.replace("_", "-") for name in BENCHMARK_FLAGS if config.getoption(name, None)]
+
+
+def _markexpr(config: pytest.Config) -> str:
+    return config.getoption("markexpr", "") or ""
+
+
 def benchmarks_requested(config: pytest.Config) -> bool:
-    """True when the command asks for benchmarks: ``-m`` naming ``benchmark`` (not negated) or --benchmark-only."""
-    if config.getoption("benchmark_only", False):
+    """True when the command asks for benchmarks: ``-m`` naming ``benchmark`` (not negated) or one of
+    pytest-benchmark's result flags; ``--benchmark-skip`` (without ``--benchmark-only``) says no."""
+    if config.getoption("benchmark_skip", False) and not config.getoption("benchmark_only", False):
+        return False
+    if benchmark_flags(config):
         return True
-    markexpr = config.getoption("markexpr", "") or ""
-    return re.search(r"(?<!not )\bbenchmark\b", markexpr) is not None
+    return re.search(r"(?<!not )\bbenchmark\b", _markexpr(config)) is not None
+
+
+def benchmarks_only(config: pytest.Config) -> bool:
+    """True when pytest-benchmark's flags ask for benchmarks and no ``-m`` says what else to run."""
+    return benchmarks_requested(config) and bool(benchmark_flags(config)) and not _markexpr(config).strip()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """qmoe's benchmarks are deselected unless asked for (another project's benchmarks are its own)."""
+    """qmoe's benchmarks are deselected unless asked for (another project's benchmarks are its own); asked
+    for by pytest-benchmark's flags alone, they are all that runs."""
     if benchmarks_requested(config):
-        return
-    from ..plugin import is_qmoe_path
+        if not benchmarks_only(config) or not _active(config):
+            return
+        kept, dropped = [], []
+        for item in items:
+            (kept if item.get_closest_marker(_BENCH_MARK) else dropped).append(item)
+        key = _OTHERS_DESELECTED
+    else:
+        from ..plugin import is_qmoe_path
 
-    kept, dropped = [], []
-    for item in items:
-        (dropped if item.get_closest_marker(_BENCH_MARK) and is_qmoe_path(item.path) else kept).append(item)
+        kept, dropped = [], []
+        for item in items:
+            (dropped if item.get_closest_marker(_BENCH_MARK) and is_qmoe_path(item.path) else kept).append(item)
+        key = _DESELECTED
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept
-        config.stash[_DESELECTED] = len(dropped)
+        config.stash[key] = len(dropped)
 
 
 # -- options and the grid --------------------------------------------------------------------------------------
@@ -177,7 +215,8 @@ def bench_options(config: pytest.Config) -> harness.BenchOptions:
         rounds=config.getoption("--bench-rounds"), warmup=config.getoption("--bench-warmup"),
         inputs=config.getoption("--bench-inputs"), check_rows=config.getoption("--bench-check-rows"),
         stage_times=config.getoption("--bench-stage-times"), max_call_s=budget or None,
-        threads=config.getoption("--bench-threads"), deadline=_state.get("deadline"))
+        threads=config.getoption("--bench-threads"), deadline=_state.get("deadline"),
+        cuda_graph=config.getoption("--bench-cuda-graph"))
 
 
 def _devices_match(declared: tuple[str, ...], device: str | None) -> bool:
@@ -193,7 +232,8 @@ def bench_grid(config: pytest.Config) -> list:
     from qmoe.reference.schemes import SCHEMES
     from qmoe.suite.plugin import selection
 
-    from .peers import GEMM_BOUND, PEERS, framework_of
+    from .int8_bound import GemmBoundInt8
+    from .peers import PEERS, GemmBound, framework_of
 
     sel = selection(config)
     preset = shapes.preset(config.getoption("--bench-shape"))
@@ -216,10 +256,11 @@ def bench_grid(config: pytest.Config) -> list:
             if framework and framework not in frameworks:
                 frameworks.append(framework)
         for framework in frameworks:
-            cls = PEERS[framework]
-            entries.append((cls.name, cls, cls.unavailable_reason(), None, True))
-        if entries:  # the device's bound for this work, whatever framework the backends use
-            entries.append((GEMM_BOUND.name, GEMM_BOUND, GEMM_BOUND.unavailable_reason(), None, True))
+            for cls in PEERS[framework]:
+                entries.append((cls.name, cls, cls.unavailable_reason(), None, True))
+        if entries:  # the device's bounds for this work (bf16 and int8 GEMMs), whatever framework the backends use
+            for cls in (GemmBound, GemmBoundInt8):
+                entries.append((cls.name, cls, cls.unavailable_reason(), None, True))
 
     from .timing import clock_for
 
@@ -330,6 +371,7 @@ def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json:
         return
     output_json["qmoe"] = {
         "command": shlex.join(["pytest", *config.invocation_params.args]),
+        "cuda_graph": config.getoption("--bench-cuda-graph"),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": _device_label(config), "preset": config.getoption("--bench-shape"),
         "not_run": list(config.stash.get(_NOT_RUN, [])),
@@ -395,6 +437,10 @@ def _qmoe_summary(tr, config: pytest.Config) -> None:
 
     if not _active(config):
         return
+    others = config.stash.get(_OTHERS_DESELECTED, 0)
+    if others:
+        tr.write_line(f"qmoe: {others} test(s) not marked benchmark deselected: {', '.join(benchmark_flags(config))} "
+                      "without -m runs the benchmarks alone (add -m 'benchmark or conformance' for both)")
     deselected = config.stash.get(_DESELECTED, 0)
     if deselected:
         tr.write_line(f"qmoe: {deselected} benchmark test(s) deselected: run them with `pytest -m benchmark` "

@@ -1,6 +1,6 @@
 """Results as rows: from pytest-benchmark's JSON (saved runs) or live results, with the derived
-columns (delta vs the backend's ``none``, ratio to the framework's native peer, ratio to the GEMM
-bound, harness overhead).
+columns (delta vs the backend's ``none``, ratio to the framework's strongest native peer, ratio to the
+fastest float row of any framework, share of the GEMM bound, harness overhead).
 
 Used by the terminal table (`terminal_rows`, drawn with tabulate) and by `qmoe.suite.report`; nothing
 here imports a framework.
@@ -53,10 +53,23 @@ def rows_from_session(results) -> list[ResultRow]:
     return derive(rows)
 
 
+def _fastest(rows) -> ResultRow | None:
+    return max(rows, key=lambda r: r.get("tflops"), default=None)
+
+
 def derive(rows: list[ResultRow]) -> list[ResultRow]:
-    """Fill ``derived``: delta_vs_none (TF/s vs the same backend's ``none``), peer and x_peer (TF/s over
-    the framework's native peer), x_bound (TF/s over the GEMM bound's: the share of the device's grouped-GEMM
-    throughput a row reaches), overhead_pct (the do-nothing backend vs the fastest real case)."""
+    """Fill ``derived`` (all on the same work: shape, top_k, pass, routing, dtype, device):
+
+    * delta_vs_none: TF/s vs the same backend's ``none``;
+    * peer, x_peer: TF/s over the fastest native peer of the row's framework (compiled or eager: the
+      strongest the framework offers on this case);
+    * best, x_best: TF/s over the fastest unquantized (``none``) row of any backend or peer of any framework
+      (the bounds excluded): what the row gains over the best float layer in the run (the tables' ``x best
+      bf16``, at the run's dtype);
+    * bound, x_bound: TF/s over the GEMM bound of the row's operand type (its `metrics.peak_operand`: the
+      int8 bound for rows whose routed experts run int8 x int8, the float bound otherwise), shown as
+      ``% of bound``; a bound row without ``bound_operand`` (older runs) bounds every row;
+    * overhead_pct: the do-nothing backend vs the fastest real case."""
     by_work: dict[tuple, list[ResultRow]] = {}
     for row in rows:
         by_work.setdefault(row.work, []).append(row)
@@ -70,15 +83,24 @@ def derive(rows: list[ResultRow]) -> list[ResultRow]:
         if base is not None and row.get("scheme") != "none":
             row.derived["delta_vs_none"] = tf / base.get("tflops") - 1.0
         if not row.get("peer") and row.get("framework"):
-            peer = next((r for r in same if r.get("peer") and not r.get("bound")
-                         and r.get("framework") == row.get("framework") and r.get("tflops")), None)
+            peer = _fastest([r for r in same if r.get("peer") and not r.get("bound")
+                             and r.get("framework") == row.get("framework") and r.get("tflops")])
             if peer is not None:
                 row.derived["peer"] = peer.get("backend")
                 row.derived["x_peer"] = tf / peer.get("tflops")
-        if not row.get("bound"):
-            bound = next((r for r in same if r.get("bound") and r.get("tflops")), None)
-            if bound is not None:
-                row.derived["x_bound"] = tf / bound.get("tflops")
+        if row.get("bound"):
+            continue
+        best = _fastest([r for r in same if r.get("scheme") == "none" and not r.get("bound")
+                         and not r.get("harness_only") and r.get("tflops")])
+        if best is not None:
+            row.derived["best"] = best.get("backend")
+            row.derived["x_best"] = tf / best.get("tflops")
+        operand = row.get("peak_operand")
+        bound = _fastest([r for r in same if r.get("bound") and r.get("tflops")
+                          and r.get("bound_operand", operand) == operand])
+        if bound is not None:
+            row.derived["bound"] = bound.get("backend")
+            row.derived["x_bound"] = tf / bound.get("tflops")
     overhead = overhead_ratio(rows)
     if overhead is not None:
         for row in rows:
@@ -118,10 +140,32 @@ def fmt_pct(value) -> str:
     return "" if value is None else f"{100 * value:+.1f}%"
 
 
+def fmt_share(value) -> str:
+    """A ratio as a share: 0.734 -> '73.4%' (``% of bound``)."""
+    return "" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
+
+
+def fmt_bytes(value) -> str:
+    """Peak memory: 3.5e9 -> '3.26 GiB', 2e6 -> '1.9 MiB'; empty where the framework could not say."""
+    if value is None:
+        return ""
+    if value >= 2 ** 30:
+        return f"{value / 2 ** 30:.2f} GiB"
+    return f"{value / 2 ** 20:.1f} MiB"
+
+
+def best_label(rows: list[ResultRow]) -> str:
+    """The ``x best`` column's header: ``x best bf16`` at bfloat16 (the issue's name), else the dtype's."""
+    dtypes = {r.get("dtype") for r in rows if r.get("dtype")}
+    short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+    return "x best " + "/".join(sorted(short.get(d, str(d)) for d in dtypes)) if dtypes else "x best"
+
+
 #: The qmoe terminal table's columns: (header, alignment).
 TERMINAL_COLUMNS = (("benchmark", "left"), ("median", "right"), ("TF/s", "right"), ("tok/s", "right"),
                     ("GB/s", "right"), ("%peak", "right"), ("vs none", "right"), ("x peer", "right"),
-                    ("x bound", "right"), ("check", "right"), ("vs saved", "right"))
+                    ("x best", "right"), ("% bound", "right"), ("peak mem", "right"), ("check", "right"),
+                    ("vs saved", "right"))
 
 
 def terminal_rows(results, compared_mapping: dict) -> list[str]:
@@ -142,7 +186,8 @@ def terminal_rows(results, compared_mapping: dict) -> list[str]:
         table.append([row.name.split("[", 1)[-1].rstrip("]"), f"{row.median_s * 1e3:.3f}ms",
                       fmt(row.get("tflops"), ".3f"), fmt_si(row.get("tokens_per_s")), fmt(row.get("gb_per_s"), ".1f"),
                       fmt(row.get("pct_peak"), ".1f"), fmt_pct(row.derived.get("delta_vs_none")),
-                      fmt(row.derived.get("x_peer"), ".2f"), fmt(row.derived.get("x_bound"), ".2f"),
+                      fmt(row.derived.get("x_peer"), ".2f"), fmt(row.derived.get("x_best"), ".2f"),
+                      fmt_share(row.derived.get("x_bound")), fmt_bytes(row.get("peak_memory_bytes")),
                       fmt(check, ".1f"), versus])
     lines = tabulate(table, headers=[name for name, _ in TERMINAL_COLUMNS], tablefmt="simple",
                      colalign=[align for _, align in TERMINAL_COLUMNS], disable_numparse=True).splitlines()

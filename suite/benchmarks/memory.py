@@ -1,0 +1,156 @@
+"""Memory: the peak device memory of one benchmark call, and whether a case fits before it is built.
+
+Peak (a column of the tables, so int8's saving shows beside its speed): one untimed call after the timed
+rounds, with the framework's own allocator statistics:
+
+* torch (CUDA): ``torch.cuda.reset_peak_memory_stats`` then ``torch.cuda.max_memory_allocated`` after the
+  call, less the harness's L2-flush buffer (not the layer's);
+* MLX: ``mx.reset_peak_memory`` then ``mx.get_peak_memory``;
+* JAX: XLA keeps one process-wide ``peak_bytes_in_use`` and offers no reset, so the figure is recorded only
+  when the call raised it (then it is this call's peak); otherwise the column stays empty and says why.
+
+The peak includes what is resident during the call: the prepared weights (codes and scales), the inputs,
+and for forward+backward the gradients. torch on CPU and JAX on CPU report nothing: empty, with the reason.
+
+Fit (a real model's layer must run or be skipped with its estimate as the reason): `estimate` counts the
+host bytes the harness and a backend's prepare need (the float32 parameters, one float32 transient of a
+backend's upload, the reference check's sub-layer) and the device bytes of weights, gradients and the
+routed activations; `fit_refusal` compares them with the machine's host memory and the device's.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from qmoe.reference.spec import MoESpec
+
+from .metrics import DTYPE_BYTES
+
+#: Shares of host and device memory a case may plan to use (the rest: the interpreter, the frameworks'
+#: own pools and fragmentation).
+HOST_SHARE = 0.85
+DEVICE_SHARE = 0.90
+
+
+@dataclass(frozen=True)
+class Peak:
+    """Peak bytes of one call (None when the framework cannot say), where it came from, and why not."""
+
+    bytes: int | None
+    source: str
+    note: str | None = None
+
+    def as_info(self) -> dict:
+        info: dict = {"peak_memory_bytes": self.bytes, "peak_memory_source": self.source}
+        if self.note:
+            info["peak_memory_note"] = self.note
+        return info
+
+
+def measure_peak(framework: str | None, device: str | None, step: Callable[[], Any],
+                 exclude_bytes: int = 0) -> Peak:
+    """Run ``step`` once and return the peak device memory its framework saw during the call."""
+    if framework == "torch":
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available() or device not in ("cuda", "gpu"):
+            step()
+            return Peak(None, "torch", "torch reports allocator peaks on CUDA only")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return Peak(max(0, int(torch.cuda.max_memory_allocated()) - exclude_bytes), "torch.cuda.max_memory_allocated")
+    if framework == "mlx":
+        import mlx.core as mx
+
+        mx.reset_peak_memory()
+        step()
+        return Peak(int(mx.get_peak_memory()), "mx.get_peak_memory")
+    if framework == "jax":
+        return _jax_peak(device, step)
+    step()
+    return Peak(None, str(framework), "no allocator statistics for this framework")
+
+
+def _jax_peak(device: str | None, step: Callable[[], Any]) -> Peak:
+    import jax
+
+    try:
+        dev = jax.devices("gpu" if device in ("cuda", "gpu") else "cpu")[0]
+    except RuntimeError as exc:
+        step()
+        return Peak(None, "jax", f"no JAX device: {exc}")
+    before = (dev.memory_stats() or {}).get("peak_bytes_in_use")
+    step()
+    after = (dev.memory_stats() or {}).get("peak_bytes_in_use")
+    if after is None:
+        return Peak(None, "jax", f"JAX reports no memory statistics on {dev.platform}")
+    if before is not None and after <= before:
+        return Peak(None, "jax", "JAX's peak is process-wide with no reset, and this call did not raise it")
+    return Peak(int(after), "jax memory_stats peak_bytes_in_use")
+
+
+# -- will the case fit ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Estimate:
+    host_bytes: int
+    device_bytes: int
+
+
+def estimate(spec: MoESpec, tokens: int, dtype: str, pass_: str, check_bytes: int) -> Estimate:
+    """Host and device bytes one case needs (see the module docstring); an estimate, not a measurement."""
+    weights = spec.experts * 3 * spec.hidden * spec.ffn + 3 * spec.hidden * spec.shared_ffn
+    router = spec.hidden * spec.experts
+    width = DTYPE_BYTES[dtype]
+    host = 2 * 4 * (weights + router) + check_bytes
+    rows = tokens * spec.top_k
+    activations = rows * (2 * spec.hidden + 3 * spec.ffn) * width + 4 * tokens * spec.hidden * width
+    device = weights * width + router * 4
+    if pass_ == "forward_backward":
+        device += weights * width + router * 4 + 2 * activations  # weight gradients, saved activations
+    return Estimate(host, device + activations)
+
+
+def host_memory_bytes() -> int | None:
+    """Physical memory of this machine (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def device_memory_bytes(device: str | None) -> int | None:
+    """Total memory of the GPU (torch's view, else JAX's), None on CPU or when no framework can say."""
+    if device not in ("cuda", "gpu"):
+        return None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.get_device_properties(0).total_memory)
+    except ImportError:
+        pass
+    try:
+        import jax
+
+        return int((jax.devices("gpu")[0].memory_stats() or {}).get("bytes_limit") or 0) or None
+    except Exception:  # no JAX GPU either: nothing to compare with
+        return None
+
+
+def fit_refusal(need: Estimate, host_total: int | None, device_total: int | None, device: str | None) -> str | None:
+    """Why a case with this estimate is not built here, or None. On CPU the device is the host."""
+    gib = 2 ** 30
+    if device not in ("cuda", "gpu"):
+        need = Estimate(need.host_bytes + need.device_bytes, 0)
+    if host_total and need.host_bytes > HOST_SHARE * host_total:
+        return (f"needs ~{need.host_bytes / gib:.0f} GiB of host memory (float32 parameters, one upload transient, "
+                f"the check's sub-layer) > {HOST_SHARE:.0%} of {host_total / gib:.0f} GiB")
+    if device_total and need.device_bytes > DEVICE_SHARE * device_total:
+        return (f"needs ~{need.device_bytes / gib:.0f} GiB of device memory (weights, gradients, activations) "
+                f"> {DEVICE_SHARE:.0%} of {device_total / gib:.0f} GiB")
+    return None
