@@ -1,0 +1,344 @@
+"""Expert-parallel benchmark: the layer with its experts split over N devices against the same layer on one.
+
+One measurement (`measure`) per backend x scheme x N x dispatch gives, from one run:
+
+* ``seconds`` per round of the sharded layer (the slowest rank's time, rounds aligned by a barrier) and
+  of the one-device layer on the same global batch, and tokens/s of each;
+* per-rank stage times: ``route``, ``dispatch`` (counts exchange + row all-to-all), ``experts`` (local
+  grouped GEMMs), ``combine`` (reverse all-to-all + gate-weighted sum), ``shared``; forward + backward
+  adds ``backward`` (the whole backward, both reverse exchanges included);
+* all-to-all bytes each rank sends (to other ranks, and in total with its own block), the achieved GB/s
+  of the dispatch, and beside it a plain ``all_to_all_single`` of the same bytes in equal blocks timed in
+  the same processes (what the interconnect gives an exchange of that size);
+* with ``dispatch="int8"``: the same with rows sent as int8 codes + a float32 scale, the saving in bytes
+  and seconds, and its output checked against the float dispatch (tight where the scheme quantizes the
+  routed activations per token anyway: the expert re-derives the same codes; otherwise the SQNR floor of
+  per-token int8 activations, `int8_dispatch_floor_db`).
+
+The sharded output is checked against the one-device output on the checked rows (the ``expert_parallel``
+tolerance): a benchmark of a wrong layer is not a result.
+
+torch_triton (``expert_parallel_processes``) runs in the session's pool of N ranks
+(`qmoe.suite.process_group`; NCCL on GPUs, gloo on CPU): each rank builds the inputs itself (seeded:
+every rank has the same batch), times with CUDA events on a GPU (``perf_counter`` on CPU), never a
+host-device copy. jax_prequant runs in this process over N devices (fake CPU devices in CI): its
+expert-parallel layer is one XLA program, so it has no stage split; its all-to-all bytes are those of
+its static dispatch buffers (N x N slots of ``dispatch_capacity`` rows; int8 schemes send the float row,
+its codes and its scale), and its plain all-to-all is ``jax.lax.all_to_all`` of those bytes.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from qmoe.reference.schemes import get_scheme
+
+from . import workload
+from .shapes import LOGBOOK_SHARED0, BenchShape
+
+#: A CI-sized layer (seconds on two CPU cores, interpreted Triton included) and the logbook's layer.
+EP_CPU_TINY = BenchShape("ep-cpu-tiny", tokens=64, hidden=64, ffn=64, experts=8, top_ks=(2,),
+                         source="qmoe: the expert-parallel benchmark's CPU size (no model)")
+EP_SHAPES = {"ep-cpu-tiny": EP_CPU_TINY, "logbook-shared0": LOGBOOK_SHARED0}
+#: Token rows of each rank's output returned for the checks.
+CHECK_ROWS = 128
+
+
+@dataclass(frozen=True)
+class EPBench:
+    """One expert-parallel measurement."""
+
+    shape: BenchShape
+    top_k: int
+    scheme: str
+    ep_size: int
+    dtype: str
+    pass_: str = "forward"          # forward | forward_backward
+    rounds: int = 5
+    warmup: int = 2
+    routing: str = "balanced"
+
+    @property
+    def id(self) -> str:
+        return f"{self.scheme}-top{self.top_k}-{self.shape.name}-{self.pass_}-ep{self.ep_size}-{self.routing}"
+
+
+def int8_dispatch_floor_db(dtype: str) -> float:
+    """SQNR floor for the float-activation schemes' output under int8 dispatch: that of the output of
+    ``int8_routed`` (per-token int8 activations *and* per-expert int8 weights), which int8 dispatch, quantizing
+    only the routed activations, must clear."""
+    from qmoe.suite.tolerances import tolerance
+
+    floor = tolerance("int8_routed", dtype, "forward").floor("y")
+    if floor is None:
+        raise KeyError(f"no int8_routed output floor for {dtype}")
+    return floor
+
+
+def _sqnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
+    noise = float(np.sum((np.asarray(actual, np.float64) - np.asarray(reference, np.float64)) ** 2))
+    signal = float(np.sum(np.asarray(reference, np.float64) ** 2))
+    return float("inf") if noise == 0 else 10.0 * np.log10(signal / noise)
+
+
+def _relative_row_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    a, r = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    ref = np.linalg.norm(r, axis=1)
+    err = np.linalg.norm(a - r, axis=1)
+    return float(np.max(np.where(ref > 0, err / np.where(ref > 0, ref, 1), np.where(err > 0, np.inf, 0.0))))
+
+
+def check_int8_dispatch(scheme: str, dtype: str, y_float: np.ndarray, y_int8: np.ndarray) -> dict:
+    """Int8 dispatch against float dispatch (see the module docstring); raises AssertionError if out of bounds."""
+    from qmoe.suite.tolerances import tolerance
+
+    if get_scheme(scheme).routed_activations == "per_token":
+        bound = tolerance(scheme, dtype, "expert_parallel").tight
+        error = _relative_row_error(y_int8, y_float)
+        assert error <= bound, (f"int8 dispatch under {scheme}: the expert quantizes each row anyway, so the output "
+                                f"must equal float dispatch's; worst row relative error {error:.3e} > {bound:g}")
+        return {"int8_dispatch_check": "tight", "int8_dispatch_error": error, "int8_dispatch_bound": bound}
+    floor = int8_dispatch_floor_db(dtype)
+    sqnr = _sqnr_db(y_float, y_int8)
+    assert sqnr >= floor, f"int8 dispatch under {scheme}: SQNR {sqnr:.1f} dB against float dispatch < floor {floor} dB"
+    return {"int8_dispatch_check": "sqnr", "int8_dispatch_sqnr_db": sqnr, "int8_dispatch_floor_db": floor}
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+# -- torch_triton: per-rank task (runs in the pool's workers) -----------------------------------------------
+def torch_rank_task(payload: dict) -> dict:
+    """One rank's share of a torch measurement: EP rounds (float and int8 dispatch), the one-device layer
+    (rank 0), a plain all-to-all of the dispatch's bytes; per-round stage seconds and sent bytes."""
+    import torch
+    import torch.distributed as dist
+
+    from qmoe.implementations.torch_triton import TRAINABLE, expert_parallel
+    from qmoe.suite.process_group import backend_in_worker
+
+    bench: EPBench = payload["bench"]
+    device = payload["device"]
+    rank, size = dist.get_rank(), dist.get_world_size()
+    cuda = device in ("cuda", "gpu")
+    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
+    spec = bench.shape.spec(bench.top_k)
+    params = workload.make_params(bench.shape, bench.routing, bench.dtype)
+    item = workload.make_inputs(bench.shape, bench.dtype, 1)[0]
+    passes = "forward" if bench.pass_ == "forward" else "backward"
+    out: dict[str, Any] = {"rank": rank}
+
+    def rounds(step, recorder=None) -> list:
+        for _ in range(bench.warmup):
+            step()
+        times = []
+        for _ in range(bench.rounds):
+            dist.barrier()
+            synchronize()
+            if recorder is None:
+                start = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - start)
+            else:
+                step()
+                times.append(recorder.seconds())
+        return times
+
+    for dispatch in ("float", "int8"):
+        backend = backend_in_worker(payload["backend"], device, ep_dispatch=dispatch)
+        prepared = backend.prepare(spec, params, bench.scheme, bench.dtype, ep_size=size)
+        x = torch.tensor(item.x, dtype=prepared.torch_dtype, device=prepared.device)
+        dy = torch.tensor(item.dy, dtype=torch.float32, device=prepared.device)
+        recorder = expert_parallel.StageRecorder(cuda)
+        step = expert_parallel.local_step(prepared, x, passes, dy, TRAINABLE, synchronize, recorder)
+        stages = rounds(step, recorder)
+        forward = expert_parallel.local_step(prepared, x, "forward", None, TRAINABLE, synchronize)
+        y = forward()
+        out[dispatch] = {"stages": stages, "sent_bytes": dict(recorder.sent_bytes),
+                         "y_rows": y[:CHECK_ROWS].to(torch.float32).cpu().numpy(),
+                         "token_begin": prepared.shard.tokens(bench.shape.tokens)[0]}
+        del prepared, step, forward
+    # a plain all-to-all of the float dispatch's row bytes, equal blocks, in this same group
+    row_bytes = out["float"]["sent_bytes"]["dispatch_rows"][1]
+    block = max(1, -(-row_bytes // size))
+    plain = torch.zeros(block * size, dtype=torch.uint8, device="cuda" if cuda else "cpu")
+    received = torch.empty_like(plain)
+    out["plain_all_to_all"] = {"bytes_per_rank": block * size, "off_rank_bytes": block * (size - 1),
+                               "seconds": rounds(lambda: (dist.all_to_all_single(received, plain), synchronize()))}
+    # the same layer on one device (rank 0), the others waiting at the barrier
+    if rank == 0:
+        backend = backend_in_worker(payload["backend"], device)
+        one = backend.prepare(spec, params, bench.scheme, bench.dtype)
+        x = torch.tensor(item.x, dtype=one.torch_dtype, device=one.device)
+        dy = torch.tensor(item.dy, dtype=torch.float32, device=one.device)
+        one_step = backend.device_step(one, x, passes, dy)
+        for _ in range(bench.warmup):
+            one_step()
+        times = []
+        for _ in range(bench.rounds):
+            if cuda:
+                start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start_event.record()
+                one_step()
+                end_event.record()
+                end_event.synchronize()
+                times.append(start_event.elapsed_time(end_event) / 1e3)
+            else:
+                start = time.perf_counter()
+                one_step()
+                times.append(time.perf_counter() - start)
+        y_one = backend.device_step(one, x, "forward")()
+        out["one_device"] = {"seconds": times, "y": y_one.to(torch.float32).cpu().numpy()}
+        del one
+    dist.barrier()
+    return out
+
+
+def summarize_torch(bench: EPBench, ranks: list[dict]) -> dict:
+    """extra_info of a torch measurement from the ranks' records; checks the outputs."""
+    from qmoe.suite.tolerances import tolerance
+
+    info: dict[str, Any] = {}
+    tol = tolerance(bench.scheme, bench.dtype, "expert_parallel")
+    y_one = ranks[0]["one_device"]["y"]
+    for dispatch in ("float", "int8"):
+        per_round = [max(sum(r[dispatch]["stages"][i].values()) for r in ranks) for i in range(bench.rounds)]
+        stage_names = list(ranks[0][dispatch]["stages"][0])
+        stages = {name: [_median([r[dispatch]["stages"][i].get(name, 0.0) for i in range(bench.rounds)])
+                         for r in ranks] for name in stage_names}
+        sent = {what: [r[dispatch]["sent_bytes"].get(what, (0, 0)) for r in ranks]
+                for what in ranks[0][dispatch]["sent_bytes"]}
+        seconds = _median(per_round)
+        dispatch_s = max(stages["dispatch"])
+        off_rank_rows = sum(off for off, _ in sent["dispatch_rows"])
+        info[dispatch] = {
+            "seconds_per_round": per_round, "seconds_median": seconds,
+            "tokens_per_s": bench.shape.tokens / seconds,
+            "stage_seconds_per_rank": stages,
+            "sent_bytes_per_rank": {what: [list(v) for v in values] for what, values in sent.items()},
+            "all_to_all_bytes_off_rank": sum(off for values in sent.values() for off, _ in values),
+            "all_to_all_bytes_total": sum(total for values in sent.values() for _, total in values),
+            "dispatch_gb_per_s": off_rank_rows / len(ranks) / dispatch_s / 1e9 if dispatch_s else None,
+        }
+        worst = 0.0
+        for r in ranks:  # sharded output rows against the one-device output of the same tokens
+            begin, rows = r[dispatch]["token_begin"], r[dispatch]["y_rows"]
+            if rows.shape[0]:
+                worst = max(worst, _relative_row_error(rows, y_one[begin:begin + rows.shape[0]]))
+        info[dispatch]["output_error_vs_one_device"] = worst
+        if dispatch == "float":
+            assert worst <= tol.tight, (f"{bench.id}: sharded output differs from one device by {worst:.3e} "
+                                        f"(> {tol.tight:g}: {tol.reason})")
+    y_float = np.concatenate([r["float"]["y_rows"] for r in ranks])
+    y_int8 = np.concatenate([r["int8"]["y_rows"] for r in ranks])
+    info["int8_check"] = check_int8_dispatch(bench.scheme, bench.dtype, y_float, y_int8)
+    plain = [r["plain_all_to_all"] for r in ranks]
+    plain_s = _median([max(p["seconds"][i] for p in plain) for i in range(bench.rounds)])
+    info["plain_all_to_all"] = {"bytes_per_rank": plain[0]["bytes_per_rank"], "seconds_median": plain_s,
+                                "gb_per_s": plain[0]["off_rank_bytes"] / plain_s / 1e9 if plain_s else None}
+    one_s = _median(ranks[0]["one_device"]["seconds"])
+    info["one_device"] = {"seconds_median": one_s, "tokens_per_s": bench.shape.tokens / one_s,
+                          "seconds_per_round": ranks[0]["one_device"]["seconds"]}
+    info["int8_dispatch_saving"] = {
+        "bytes": 1 - info["int8"]["all_to_all_bytes_off_rank"] / max(info["float"]["all_to_all_bytes_off_rank"], 1),
+        "dispatch_seconds": 1 - max(info["int8"]["stage_seconds_per_rank"]["dispatch"])
+        / max(info["float"]["stage_seconds_per_rank"]["dispatch"]),
+        "layer_seconds": 1 - info["int8"]["seconds_median"] / info["float"]["seconds_median"]}
+    info["speedup_vs_one_device"] = one_s / info["float"]["seconds_median"]
+    return info
+
+
+
+def measure_torch(backend_cls: type, device: str | None, bench: EPBench) -> dict:
+    from qmoe.suite import process_group
+
+    payload = {"backend": process_group.reference_of(backend_cls), "device": device, "bench": bench}
+    ranks = process_group.pool(backend_cls, bench.ep_size, device).call(torch_rank_task, payload)
+    return summarize_torch(bench, ranks)
+
+
+# -- jax_prequant: in this process, over N devices ----------------------------------------------------------
+def measure_jax(backend_cls: type, device: str | None, bench: EPBench) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    from qmoe.implementations.jax_prequant.expert_parallel import AXIS, _shard_map
+    from qmoe.suite.tolerances import tolerance
+
+    backend = backend_cls(device)
+    spec = bench.shape.spec(bench.top_k)
+    params = workload.make_params(bench.shape, bench.routing, bench.dtype)
+    item = workload.make_inputs(bench.shape, bench.dtype, 1)[0]
+    passes = "forward" if bench.pass_ == "forward" else "backward"
+
+    def timed(step) -> list[float]:
+        for _ in range(bench.warmup):
+            step()
+        times = []
+        for _ in range(bench.rounds):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        return times
+
+    sharded = backend.prepare(spec, params, bench.scheme, bench.dtype, ep_size=bench.ep_size)
+    one = backend.prepare(spec, params, bench.scheme, bench.dtype)
+    sharded_s = timed(backend.benchmark_step(sharded, item.x, passes, item.dy))
+    one_s = timed(backend.benchmark_step(one, item.x, passes, item.dy))
+    y_sharded, y_one = backend.forward(sharded, item.x).y, backend.forward(one, item.x).y
+    tol = tolerance(bench.scheme, bench.dtype, "expert_parallel")
+    error = _relative_row_error(y_sharded, y_one)
+    assert error <= tol.tight, f"{bench.id}: sharded output differs from one device by {error:.3e} (> {tol.tight:g})"
+
+    n = bench.ep_size
+    _, capacity = sharded.sizes[bench.shape.tokens]
+    width = np.dtype(np.float32).itemsize if bench.dtype == "float32" else 2
+    per_row = bench.shape.hidden * width + 4  # the row and its local expert id (int32)
+    if sharded.plan.routed_int8:
+        per_row += bench.shape.hidden + 4      # its int8 codes and float32 scale, sent beside it
+    slots = n * capacity                       # per device: a block of `capacity` slots for every device
+    dispatch_bytes, combine_bytes = slots * per_row, slots * bench.shape.hidden * width
+    off_rank = (n - 1) / n
+    mesh = sharded.plan.mesh
+    plain = jax.device_put(jnp.zeros((n * max(1, -(-dispatch_bytes // n)),), jnp.uint8).reshape(n, -1).repeat(n, 0),
+                           jax.sharding.NamedSharding(mesh, P(AXIS)))
+    exchange = jax.jit(_shard_map(lambda v: jax.lax.all_to_all(v, AXIS, 0, 0, tiled=True), mesh, (P(AXIS),),
+                                  P(AXIS)))
+    plain_s = timed(lambda: jax.block_until_ready(exchange(plain)))
+    seconds, one_seconds, plain_median = _median(sharded_s), _median(one_s), _median(plain_s)
+    return {
+        "float": {"seconds_per_round": sharded_s, "seconds_median": seconds,
+                  "tokens_per_s": bench.shape.tokens / seconds,
+                  "stage_seconds_per_rank": None,
+                  "stage_note": "one XLA program: dispatch, experts and combine are not separable without "
+                                "changing it",
+                  "dispatch_capacity_rows": capacity,
+                  "all_to_all_bytes_total": n * (dispatch_bytes + combine_bytes),
+                  "all_to_all_bytes_off_rank": int(n * (dispatch_bytes + combine_bytes) * off_rank),
+                  "output_error_vs_one_device": error},
+        "plain_all_to_all": {"bytes_per_rank": int(plain.nbytes // n), "seconds_median": plain_median,
+                             "gb_per_s": plain.nbytes / n * off_rank / plain_median / 1e9},
+        "one_device": {"seconds_median": one_seconds, "tokens_per_s": bench.shape.tokens / one_seconds,
+                       "seconds_per_round": one_s},
+        "speedup_vs_one_device": one_seconds / seconds,
+        "int8_dispatch": "not offered by jax_prequant (its int8 schemes send codes and scales beside the float row)",
+    }
+
+
+def measure(backend_cls: type, device: str | None, bench: EPBench) -> dict:
+    """The measurement for a backend by its capabilities (processes: torch.distributed; else in-process)."""
+    if backend_cls.capabilities.expert_parallel_processes:
+        info = measure_torch(backend_cls, device, bench)
+    else:
+        info = measure_jax(backend_cls, device, bench)
+    info.update(kind="expert_parallel", ep_backend=backend_cls.name, scheme=bench.scheme, top_k=bench.top_k,
+                ep_size=bench.ep_size, dtype=bench.dtype, pass_name=bench.pass_, routing=bench.routing,
+                **{f"shape_{k}": v for k, v in bench.shape.describe().items()})
+    return info
