@@ -1,0 +1,79 @@
+"""pytest-benchmark's own flags run qmoe's benchmarks; plain and conformance runs leave them out.
+
+End to end in this checkout (subprocesses; one tiny case runs, the rest only collects), plus the rule as a
+unit: which flags ask for benchmarks, and when they select the benchmarks alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from qmoe.suite.benchmarks import plugin
+
+ROOT = Path(__file__).resolve().parent.parent
+#: The cheapest real case of the default preset: the bf16/float GEMM bound, top-1, forward (sub-millisecond).
+TINY_CASE = "gemm_bound-none-top1-cpu-small-fwd-balanced"
+
+
+def _pytest(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--bench-threads", "1", *args],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_benchmark_json_alone_runs_and_writes_the_benchmark(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "out.json"
+    result = _pytest(f"--benchmark-json={out}", "-k", TINY_CASE, "-q")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    benchmarks = json.loads(out.read_text())["benchmarks"]
+    assert [b["extra_info"]["backend"] for b in benchmarks] == ["gemm_bound"]
+    assert benchmarks[0]["extra_info"]["tflops"] > 0 and benchmarks[0]["name"].endswith(f"[{TINY_CASE}]")
+
+
+def _collected(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stdout.splitlines() if "::" in line]
+
+
+def test_conformance_collects_no_benchmark_and_flags_alone_collect_only_benchmarks():
+    conformance = _pytest("-m", "conformance", "--collect-only", "-q")
+    assert conformance.returncode == 0, conformance.stdout[-2000:] + conformance.stderr[-2000:]
+    ids = _collected(conformance)
+    assert ids and not [i for i in ids if "benchmarks/" in i], "conformance must not collect a benchmark"
+    assert "benchmark test(s) deselected" in conformance.stdout
+
+    flags = _pytest("--benchmark-autosave", "--collect-only", "-q", "suite")
+    ids = _collected(flags)
+    assert any("test_throughput[" in i for i in ids), flags.stdout[-2000:]
+    assert not [i for i in ids if "test_level" in i], "benchmark flags without -m select the benchmarks alone"
+    assert "not marked benchmark deselected" in flags.stdout
+
+    skipped = _pytest("-m", "benchmark", "--benchmark-skip", "--collect-only", "-q", "suite/benchmarks")
+    assert not [i for i in _collected(skipped) if "test_throughput[" in i]
+
+
+@pytest.mark.parametrize("options, requested, alone", [
+    ({"benchmark_json": Path("x.json")}, True, True),
+    ({"benchmark_autosave": "tag"}, True, True),
+    ({"benchmark_compare": True}, True, True),
+    ({"benchmark_save": "name"}, True, True),
+    ({"benchmark_only": True}, True, True),
+    ({"benchmark_compare": []}, False, False),                                 # pytest-benchmark's default
+    ({"benchmark_json": Path("x.json"), "markexpr": "conformance or benchmark"}, True, False),
+    ({"markexpr": "benchmark"}, True, False),
+    ({"markexpr": "benchmark", "benchmark_skip": True}, False, False),
+    ({"benchmark_json": Path("x.json"), "benchmark_skip": True}, False, False),
+    ({"markexpr": "conformance"}, False, False),
+    ({}, False, False),
+])
+def test_which_flags_ask_for_benchmarks_and_when_they_select_them_alone(options, requested, alone):
+    config = SimpleNamespace(getoption=lambda name, default=None: options.get(name, default))
+    assert plugin.benchmarks_requested(config) is requested
+    assert plugin.benchmarks_only(config) is alone
