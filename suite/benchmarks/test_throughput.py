@@ -1,11 +1,12 @@
 """Throughput: backend x scheme x top_k x shape x pass x routing, through pytest-benchmark.
 
     pytest -m benchmark [--bench-shape cpu-small|logbook|models|...] [--backend NAME] [--device cuda]
-           [--benchmark-autosave | --benchmark-compare [--benchmark-compare-fail=mean:10%]]
+           [--benchmark-autosave | --benchmark-compare [--benchmark-compare-fail=mean:10%]] [--bench-cuda-graph]
+    pytest --benchmark-json=out.json [-k CASE]      # pytest-benchmark's flags alone select these tests
 
 Each test times `Backend.benchmark_step` in pedantic rounds (`harness.time_rounds`), checks the timed
 outputs against the reference, and records FLOPs, TF/s, tokens/s, GB/s, device and versions in
-``extra_info``. `test_harness_overhead` times the do-nothing backend through the same rounds.
+``extra_info`` (with the peak device memory of one call). `test_harness_overhead` times the do-nothing backend through the same rounds.
 Needs the benchmark plugin (`qmoe.suite.benchmarks.plugin`); deselected unless benchmarks are asked for.
 """
 
