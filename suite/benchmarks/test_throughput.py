@@ -6,7 +6,8 @@
 
 Each test times `Backend.benchmark_step` in pedantic rounds (`harness.time_rounds`), checks the timed
 outputs against the reference, and records FLOPs, TF/s, tokens/s, GB/s, device and versions in
-``extra_info`` (with the peak device memory of one call). `test_harness_overhead` times the do-nothing backend through the same rounds.
+``extra_info`` (with the peak device memory of one call). `test_harness_overhead` times the do-nothing
+backend through the same rounds.
 Needs the benchmark plugin (`qmoe.suite.benchmarks.plugin`); deselected unless benchmarks are asked for.
 """
 
