@@ -114,6 +114,11 @@ class Backend(abc.ABC):
         """Framework versions, for the report header and benchmark metadata."""
         return {}
 
+    def device_count(self) -> int | None:
+        """How many devices of its kind this backend sees (expert parallelism needs ``ep_size`` of them);
+        None when it cannot run short of them (CPU processes, simulated devices set up by the suite)."""
+        return None
+
     # -- required -----------------------------------------------------------------------------
     @abc.abstractmethod
     def prepare(self, spec: MoESpec, params: MoEParams, scheme: str, dtype: str, ep_size: int = 1) -> Any:

@@ -286,13 +286,43 @@ def _backward_envelope(spec: MoESpec, eff: MoEParams, x: np.ndarray, dy: np.ndar
     return grads
 
 
+def routing_vjp_terms(spec: MoESpec, routing, d_gate_magnitude: np.ndarray) -> np.ndarray:
+    """[T, E] the magnitude of the terms the router's VJP adds up, for gate cotangents of magnitude
+    ``d_gate_magnitude`` [T, k]: `routing_backward` with every difference made a sum of absolute values.
+
+    Why terms and not the Jacobian: a saturated softmax (one gate 1, the others 0) has a zero Jacobian,
+    d logit_1 = w_1 (dw_1 - w_1 dw_1) = 0, but a backend that evaluates dw_1 twice (XLA:GPU recomputes
+    the dot dy . out in two fusions, each summed in its own order) subtracts two roundings of it and
+    keeps their difference: u |dw_1|, times |x| in the router gradient (an outlier token, x * 1e3,
+    on the H200, 2026-11-30). Rounding-error analysis of the formula bounds that by its terms.
+    """
+    ids, scores, weights = routing.expert_ids, np.abs(routing.scores), np.abs(routing.gate_weights)
+    dw = np.abs(d_gate_magnitude)
+    if spec.router == "sigmoid_topk":
+        dw = dw * spec.routed_scaling
+        weights = weights / spec.routed_scaling
+    one_minus = np.abs(1.0 - routing.scores)
+    if spec.renormalize:
+        selected = weights * (dw + np.sum(dw * weights, axis=-1, keepdims=True))
+        terms = np.zeros_like(scores)
+        np.put_along_axis(terms, ids, selected, axis=-1)
+        return terms if spec.router == "softmax_topk" else terms * one_minus
+    d_scores = np.zeros_like(scores)
+    np.put_along_axis(d_scores, ids, dw, axis=-1)
+    if spec.router == "softmax_topk":
+        return scores * (d_scores + np.sum(d_scores * scores, axis=-1, keepdims=True))
+    return d_scores * scores * one_minus
+
+
 def gate_cotangent_magnitude(spec: MoESpec, params: MoEParams, x: np.ndarray, dy: np.ndarray,
                              scheme: str | Scheme = "none") -> np.ndarray:
-    """[T, E] sum_k |d logits / d gate_k| * sum_h |dy_h| |out_k,h|: what d logits becomes when each gate's
-    cotangent d gate_k = dy . out_k (a dot product whose terms may cancel) errs by its terms' magnitude.
+    """[T, E] the router VJP's terms (`routing_vjp_terms`) for gate cotangents of magnitude
+    sum_h |dy_h| |out_k,h|: what d logits becomes when each gate's cotangent d gate_k = dy . out_k (a
+    dot product whose terms may cancel) errs by its terms' magnitude.
 
     A backend's d logits errs by u times this (u of its dtype): the bound of a router gradient whose
-    gate cotangents cancel, which a bound relative to d logits itself would miss.
+    gate cotangents cancel, or whose saturated gates cancel two evaluations of one cotangent, which a
+    bound relative to d logits itself would miss.
     """
     scheme_ = get_scheme(scheme) if isinstance(scheme, str) else scheme
     result, trace, _ = _run(spec, params, np.asarray(x, dtype=np.float64), scheme_, True)
@@ -301,12 +331,8 @@ def gate_cotangent_magnitude(spec: MoESpec, params: MoEParams, x: np.ndarray, dy
     for tokens, slots, _cache in trace.assignments:
         e = int(result.expert_ids[tokens[0], slots[0]])
         magnitude[tokens, slots] = np.sum(dy[tokens] * np.abs(trace.expert_out[e]), axis=-1)
-    out = np.zeros_like(trace.routing.logits)
-    for k in range(spec.top_k):
-        unit = np.zeros_like(result.gate_weights)
-        unit[:, k] = 1.0
-        out += np.abs(routing_backward(spec, trace.routing, unit, 0.0)) * magnitude[:, k:k + 1]
-    return out
+    return routing_vjp_terms(spec, trace.routing, magnitude)
 
 
-__all__ = ["FlipEnvelope", "UNIT_ROUNDOFF", "flip_envelope", "gate_cotangent_magnitude", "possible_code_change"]
+__all__ = ["FlipEnvelope", "UNIT_ROUNDOFF", "flip_envelope", "gate_cotangent_magnitude", "possible_code_change",
+           "routing_vjp_terms"]

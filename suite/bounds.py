@@ -14,6 +14,7 @@ import numpy as np
 
 from qmoe import reference
 from qmoe.reference import FlipEnvelope, MoEParams, MoESpec
+from qmoe.reference.flips import gate_cotangent_magnitude
 
 from .tolerances import FLIP_SAFETY, FLOAT32_EPS, GATE_RELATIVE, LOGIT_ERROR_TERMS, Tolerance
 
@@ -41,6 +42,22 @@ def gate_weight_bound(params: MoEParams, x: np.ndarray) -> np.ndarray:
     return GATE_RELATIVE + logit_error_bound(params, x)
 
 
+def router_vjp_rounding(tight: float, terms: np.ndarray, x: np.ndarray, router: np.ndarray,
+                        name: str) -> np.ndarray | float:
+    """What rounding inside d logits does to dR = x^T d logits (``router``: one norm) and to dx's router
+    share d logits R^T (``x``: per token); 0 for other tensors.
+
+    ``terms`` [T, E] are the router VJP's terms (`reference.gate_cotangent_magnitude`); a backend errs
+    by ``tight`` times them, which a bound relative to the result misses where d logits is a
+    cancellation (saturated gates, an outlier token).
+    """
+    if name == "router":
+        return tight * float(np.linalg.norm(np.abs(x).T @ terms))
+    if name == "x":
+        return tight * np.linalg.norm(terms @ np.abs(router).T, axis=1)
+    return 0.0
+
+
 @dataclass(frozen=True)
 class Bound:
     """``relative`` x ||reference row|| + ``absolute`` per row: what `assert_close` allows."""
@@ -61,6 +78,10 @@ class CaseBounds:
         #: per expert, the largest logit term of the tokens it received (0 for an empty expert)
         self.expert_logit = np.array([self.logit[:, 0][np.any(routing.expert_ids == e, axis=-1)].max(initial=0.0)
                                       for e in range(spec.experts)])
+        #: [T, E] the terms of each token's router VJP (None without dy: forward-only comparisons)
+        self.router_terms = None if dy is None else gate_cotangent_magnitude(spec, params, x, dy, scheme)
+        self.router = params.router
+        self.x = x
         self.envelope: FlipEnvelope | None = None
         if tol.flip_aware and reference.get_scheme(scheme).quantized:
             self.envelope = reference.flip_envelope(spec, params, x, scheme, dtype, dy=dy,
@@ -103,12 +124,14 @@ class CaseBounds:
     def gradient(self, name: str, expert: int | None = None) -> Bound:
         """A gradient: ``x`` by token, weight gradients by expert (``expert``) or whole, the router whole."""
         relative = self._gradient_relative(name, expert)
-        reason = f"{self._reason()}; plus the gates' logit rounding"
+        reason = f"{self._reason()}; plus the gates' logit rounding and the router VJP's own rounding"
+        vjp = 0.0 if self.router_terms is None else router_vjp_rounding(self.tol.tight, self.router_terms, self.x,
+                                                                        self.router, name)
         if self.envelope is None:
-            return Bound(relative, 0.0, reason)
+            return Bound(relative, vjp, reason)
         values = self.envelope.grads[name]
         if expert is not None:
             values = values[expert][None]
         elif name != "x":
             values = values[None]
-        return Bound(relative, self._flips(values), reason)
+        return Bound(relative, self._flips(values) + vjp, reason)

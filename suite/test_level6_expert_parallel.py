@@ -121,8 +121,16 @@ def applies_to(caps, test_name: str, params: dict) -> str | None:
     return None
 
 
+def _require_devices(backend, ep_size: int) -> None:
+    """Skip, saying why, where the machine has fewer devices than the configuration shards over."""
+    count = backend.device_count()
+    if count is not None and count < ep_size:
+        pytest.skip(f"ep{ep_size} needs {ep_size} {backend.device} devices, {backend.name} sees {count}")
+
+
 def _both(backend, config: EPConfig):
     """(case data, layer on one device, layer sharded over ``ep_size`` devices)."""
+    _require_devices(backend, config.ep_size)
     data = CASES[config.case].build(config.dtype)
     one = backend.prepare(data.spec, data.params.copy(), config.scheme, config.dtype)
     sharded = backend.prepare(data.spec, data.params.copy(), config.scheme, config.dtype, ep_size=config.ep_size)
@@ -140,11 +148,7 @@ def _process_group_results(backend, config: EPConfig) -> dict:
     key = (process_group.reference_of(type(backend)), backend.device, config)
     if key in _process_results:
         return _process_results[key]
-    if backend.device in ("cuda", "gpu"):
-        import torch
-
-        if torch.cuda.device_count() < config.ep_size:
-            pytest.skip(f"ep{config.ep_size} needs {config.ep_size} GPUs, torch sees {torch.cuda.device_count()}")
+    _require_devices(backend, config.ep_size)
     data = CASES[config.case].build(config.dtype)
     one_state = backend.prepare(data.spec, data.params.copy(), config.scheme, config.dtype)
     one = {"forward": backend.forward(one_state, data.x),

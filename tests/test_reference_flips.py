@@ -84,3 +84,24 @@ def test_mlp_forward_is_what_the_envelope_linearises():
     eff = reference.effective_params(data.spec, data.params, "int8_routed")
     out, cache = mlp_forward(data.x, eff.w13[0], eff.w2[0], "per_token")
     np.testing.assert_array_equal(cache.a, cache.xq @ eff.w13[0])
+
+
+def test_saturated_gate_vjp_terms_cover_two_roundings_of_one_cotangent():
+    """A saturated top-2 softmax (gates 1 and 0) has a zero Jacobian, yet a backend that evaluates the
+    top gate's cotangent twice (XLA:GPU, one dot product per fusion) keeps the difference of two
+    roundings of it: the VJP's terms must bound that, where |Jacobian| x |error| is zero."""
+    from qmoe.reference.flips import routing_vjp_terms
+    from qmoe.reference.routing import route, routing_backward
+
+    spec = reference.MoESpec(hidden=4, ffn=4, experts=4, top_k=2)
+    router = np.diag([400.0, 1.0, 1.0, 1.0])
+    params = reference.MoEParams(router=router, w13=np.zeros((4, 4, 8)), w2=np.zeros((4, 4, 4)))
+    routing = route(spec, params, np.array([[1.0, 0.5, 0.0, 0.0]]))
+    assert routing.gate_weights[0, 0] == 1.0 and routing.gate_weights[0, 1] < 1e-100
+    dg = np.array([[3.0e7, 1.0e3]])
+    assert not routing_backward(spec, routing, dg, 0.0).any()
+    # d logit_1 = w_1 dg_1 - w_1 (w . dg'), dg' = dg_1 rounded the other way in float32
+    two_roundings = dg[0, 0] - np.float32(dg[0, 0]) * (1 + U32)
+    terms = routing_vjp_terms(spec, routing, np.abs(dg))
+    assert abs(two_roundings) > 0
+    assert abs(two_roundings) <= U32 * terms[0, 0]

@@ -102,6 +102,12 @@ class JaxPrequantBackend(Backend):
 
         return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "jax_backend": jax.default_backend()}
 
+    def device_count(self) -> int | None:
+        """The devices of this platform jax sees (on CPU, the simulated ones the suite asks XLA for)."""
+        from . import env
+
+        return len(env.platform_devices(self.device))
+
     # -- prepare -------------------------------------------------------------------------------------
     def prepare(self, spec: MoESpec, params: MoEParams, scheme: str, dtype: str, ep_size: int = 1) -> JaxPrepared:
         """Validate, move weights to the device(s) (experts sharded over ``ep`` when ``ep_size`` > 1)

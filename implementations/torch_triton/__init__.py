@@ -165,6 +165,10 @@ class TorchTritonBackend(Backend):
         mode = "interpreter" if grouped_gemm.INTERPRETED else "compiled"
         return {"torch": _torch().__version__, "triton": f"{triton.__version__} ({mode})"}
 
+    def device_count(self) -> int | None:
+        """GPUs torch sees on CUDA (one rank each); None on CPU, where ranks are processes."""
+        return _torch().cuda.device_count() if self.device == "cuda" else None
+
     # -- prepare -----------------------------------------------------------------------------------
     def prepare(self, spec: MoESpec, params: MoEParams, scheme: str | Scheme, dtype: str, ep_size: int = 1
                 ) -> TritonPrepared:
