@@ -100,8 +100,8 @@ def test_saturated_gate_vjp_terms_cover_two_roundings_of_one_cotangent():
     assert routing.gate_weights[0, 0] == 1.0 and routing.gate_weights[0, 1] < 1e-100
     dg = np.array([[3.0e7, 1.0e3]])
     assert np.abs(routing_backward(spec, routing, dg, 0.0)).max() < 1e-100
-    # d logit_1 = w_1 dg_1 - w_1 (w . dg'), dg' = dg_1 rounded the other way in float32
-    two_roundings = dg[0, 0] - np.float32(dg[0, 0]) * (1 + U32)
+    # d logit_1 = w_1 dg_1 - w_1 (w . dg'), where dg' = dg_1 (1 + u): another float32 rounding of it
+    two_roundings = dg[0, 0] - dg[0, 0] * (1 + U32)
     terms = routing_vjp_terms(spec, routing, np.abs(dg))
     assert abs(two_roundings) > 0
     assert abs(two_roundings) <= U32 * terms[0, 0]
