@@ -3,7 +3,8 @@ devices, against the same layer on one device (`qmoe.suite.benchmarks.expert_par
 
     pytest -m benchmark suite/benchmarks/test_expert_parallel.py [--backend NAME] [--device cuda]
            [--bench-shape logbook-shared0] [--bench-top-k 2,8] [--bench-scheme none,int8_routed_prequant]
-           [--bench-pass forward,forward_backward] [--bench-rounds 10] --benchmark-json=ep.json
+           [--bench-pass forward,forward_backward] [--bench-routing balanced,zipf] [--bench-rounds 10]
+           --benchmark-json=ep.json
 
 N: ``QMOE_EP_BENCH_SIZES`` (comma-separated; default 2 on CPU, every declared N up to the GPUs torch sees
 on CUDA). Shape: ``--bench-shape`` where it names a layer here (``logbook-shared0``), else
@@ -16,6 +17,7 @@ the rest (stage times, bytes, GB/s, the plain all-to-all, int8 dispatch and its 
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -80,6 +82,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     top_ks = [int(k) for k in csv("--bench-top-k")] or [2]
     schemes = csv("--bench-scheme") or list(DEFAULT_SCHEMES)
     passes = csv("--bench-pass") or ["forward"]
+    routings = csv("--bench-routing") or ["balanced"]
     dtype = config.getoption("--bench-dtype", None) or default_dtype(sel.device)
     rounds = config.getoption("--bench-rounds", 5)
     params = []
@@ -92,8 +95,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                 continue
             for n in _sizes(cls.capabilities.expert_parallel, sel.device):
                 for k in top_ks:
-                    for pass_ in passes:
-                        bench = EPBench(shape, k, scheme, n, dtype, pass_, rounds=rounds)
+                    for pass_, routing in itertools.product(passes, routings):
+                        bench = EPBench(shape, k, scheme, n, dtype, pass_, rounds=rounds, routing=routing)
                         marks = [pytest.mark.benchmark(group=f"expert parallel {bench.id}", timer=CLOCK)]
                         if entry.unavailable:
                             marks.append(pytest.mark.skip(reason=f"{entry.name} unavailable: {entry.unavailable}"))
