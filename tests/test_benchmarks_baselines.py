@@ -286,3 +286,53 @@ def test_table_header_records_the_cuda_graph_mode():
     mode = report._graph_mode([{"qmoe": {"cuda_graph": True}}], rows)
     assert mode.startswith("on (--bench-cuda-graph)") and "captured: y" in mode and "x (RuntimeError: sync)" in mode
     assert report._graph_mode([{}], []).startswith("off")
+
+
+class _FakeGraph:
+    """Records nothing and holds nothing, as a real CUDA graph holds device addresses, not tensors."""
+
+    def replay(self):
+        pass
+
+    def reset(self):
+        pass
+
+
+def test_a_captured_step_keeps_the_tensors_its_graph_reads_alive(monkeypatch):
+    """The H200 run's gemm_bound_int8 forward failure: the harness replaces each step by its replay, and a
+    replay that did not hold the step freed the step's inputs (the int8 codes) while the graph still read
+    their addresses. On CPU, with CUDA's capture API faked, the inputs must outlive the original step."""
+    import contextlib
+    import gc
+    import weakref
+
+    torch = pytest.importorskip("torch")
+    stream = type("Stream", (), {"wait_stream": lambda self, other: None})
+    for name, value in {"is_available": lambda: True, "CUDAGraph": _FakeGraph, "Stream": stream,
+                        "stream": lambda s: contextlib.nullcontext(), "current_stream": stream,
+                        "synchronize": lambda: None, "graph": lambda g: contextlib.nullcontext()}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+
+    class Codes:  # stands for the int8 codes the bound's body reads
+        pass
+
+    def make_step():
+        codes, result = Codes(), ["the int32 output buffer"]
+
+        def body():
+            assert codes is not None  # the body reads the codes; it returns its output buffer
+            return result
+
+        def step():
+            return body()
+
+        step.graph_body = body
+        return step, weakref.ref(codes)
+
+    step, codes = make_step()
+    captured = graphs.capture(step)
+    assert captured.captured and captured.step is not step
+    del step
+    gc.collect()
+    assert codes() is not None, "the replay let the captured body's inputs be freed"
+    assert captured.step() == ["the int32 output buffer"]

@@ -10,6 +10,13 @@ and the replay synchronizes anyway). Whatever cannot be captured runs as it is, 
 
 The replayed step returns the captured outputs: tensors the graph overwrites on its next replay, so each
 distinct input gets its own graph (the harness rotates inputs) and its outputs stay those of its last call.
+
+A graph records device addresses, not tensors: memory allocated during capture stays in the graph's pool,
+but the tensors the body reads that were made before capture (its inputs, the int8 bound's codes) live only
+as long as Python holds them. The replaying step therefore holds the original step and its body (and so
+every tensor their closures hold): without that, the harness's ``steps = [replays]`` freed them, the
+allocator handed their memory to the next buffer (the L2 flush, the next case), and the replay read garbage
+(the H200 run of 2026-11-30: ``gemm_bound_int8`` forward's exactness check failed at top-k 2 and 8).
 """
 
 from __future__ import annotations
@@ -58,13 +65,21 @@ def capture(step: Callable[[], Any]) -> Captured:
     finally:
         torch.cuda.synchronize = real_sync
 
+    return Captured(replaying(graph, out, real_sync, keep_alive=(step, body)), True)
+
+
+def replaying(graph, out: Any, sync: Callable[[], None], keep_alive: tuple = ()) -> Callable[[], Any]:
+    """The step that replays ``graph`` and returns ``out`` (what the captured call returned). It holds the
+    graph (and its memory pool) and ``keep_alive`` (the captured step and body, whose closures hold the
+    tensors the graph reads): a replay must never outlive its inputs."""
     def replay():
         graph.replay()
-        real_sync()
+        sync()
         return out
 
-    replay.graph = graph  # type: ignore[attr-defined]  # keeps the graph (and its memory pool) alive
-    return Captured(replay, True)
+    replay.graph = graph  # type: ignore[attr-defined]
+    replay.keep_alive = keep_alive  # type: ignore[attr-defined]
+    return replay
 
 
 def _no_sync(*args, **kwargs) -> None:

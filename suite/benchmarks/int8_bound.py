@@ -22,7 +22,8 @@ the rows whose `metrics.peak_operand` is int8, compared with it in the tables' `
 The timed call returns int32 blocks; the output check dequantizes them afterwards (`Int8BoundResult.finish`,
 untimed), verifies that the first GEMM of each pass equals the same GEMM computed before timing (int32
 arithmetic is exact, so equal means the timed call did the work), and compares y or dx with the
-reference of the scheme like any row.
+reference of the scheme like any row. The check caught the H200 run's (2026-11-30) replays reading freed
+codes: the captured step now keeps every tensor its graph reads alive (`graphs.replaying`).
 """
 
 from __future__ import annotations
