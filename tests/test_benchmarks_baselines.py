@@ -336,3 +336,39 @@ def test_a_captured_step_keeps_the_tensors_its_graph_reads_alive(monkeypatch):
     gc.collect()
     assert codes() is not None, "the replay let the captured body's inputs be freed"
     assert captured.step() == ["the int32 output buffer"]
+
+
+# -- one GPU, several frameworks --------------------------------------------------------------------------------
+def test_jax_cases_run_after_the_others_and_a_torch_case_counts_what_jax_holds():
+    """The H200 run: JAX's pool (~80 GiB, never given back) starved a later torch case the estimate
+    admitted against the whole device; JAX's cases now come last, and a torch case's estimate subtracts
+    what the process holds outside torch's allocator."""
+    from qmoe.suite.benchmarks import plugin
+    from qmoe.suite.benchmarks.int8_bound import GemmBoundInt8
+    from qmoe.suite.benchmarks.peers import JaxRaggedDotPeer, TorchGroupedMMPeer
+
+    entries = [(cls.name, cls) for cls in (JaxRaggedDotPeer, TorchGroupedMMPeer, GemmBound, GemmBoundInt8)]
+    first, last = plugin.jax_last(entries + [("unloadable", None)])
+    assert [e[0] for e in last] == ["jax.lax.ragged_dot"]
+    assert [e[0] for e in first] == ["torch._grouped_mm.eager", "gemm_bound", "gemm_bound_int8", "unloadable"]
+    gib = 2 ** 30
+    need = memory.Estimate(host_bytes=gib, device_bytes=60 * gib)
+    assert memory.fit_refusal(need, 512 * gib, 140 * gib, "cuda") is None
+    refusal = memory.fit_refusal(need, 512 * gib, 140 * gib, "cuda", held_elsewhere=80 * gib)
+    assert refusal and "less 80 GiB held outside torch's allocator" in refusal
+    assert memory.held_by_other_frameworks("jax", "cuda") == 0 and memory.held_by_other_frameworks("torch", "cpu") == 0
+
+
+@pytest.mark.parametrize("device, preset, expected", [("cuda", None, "false"), ("gpu", None, "false"),
+                                                      ("cpu", None, None), ("cuda", "true", "true")])
+def test_gpu_runs_turn_jax_preallocation_off_unless_the_user_set_it(monkeypatch, device, preset, expected):
+    from qmoe.suite.benchmarks import plugin
+
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    if preset is not None:
+        monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", preset)
+    config = type("Config", (), {"getoption": lambda self, name: device})()
+    plugin.share_gpu_with_jax(config)
+    import os
+
+    assert os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE") == expected

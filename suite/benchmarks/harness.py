@@ -219,7 +219,8 @@ def run_case(benchmark, case: BenchCase, backend_cls: type, options: BenchOption
 
     need = memory.estimate(spec, shape.tokens, dtype, metric_pass, outputs.BACKWARD_CHECK_BYTES)
     too_big = memory.fit_refusal(need, memory.host_memory_bytes(), memory.device_memory_bytes(options.device),
-                                 options.device)
+                                 options.device,
+                                 memory.held_by_other_frameworks(framework_of(backend_cls), options.device))
     if too_big:
         _skip(f"{case.id} not built: {too_big}")
 

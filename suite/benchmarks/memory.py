@@ -15,7 +15,11 @@ and for forward+backward the gradients. torch on CPU and JAX on CPU report nothi
 Fit (a real model's layer must run or be skipped with its estimate as the reason): `estimate` counts the
 host bytes the harness and a backend's prepare need (the float32 parameters, one float32 transient of a
 backend's upload, the reference check's sub-layer) and the device bytes of weights, gradients and the
-routed activations; `fit_refusal` compares them with the machine's host memory and the device's.
+routed activations; `fit_refusal` compares them with the machine's host memory and the device's, less
+what another framework in the same process holds (`held_by_other_frameworks`): on the H200 (2026-11-30) JAX's
+allocator kept ~80 GiB after the JAX cases (its pool grows on demand and is never given back), and a torch
+case the estimate admitted against the whole device died out of memory. JAX cases therefore run after the
+others of their shape (`plugin.bench_grid`), and what JAX still holds is subtracted for a torch case.
 """
 
 from __future__ import annotations
@@ -142,15 +146,32 @@ def device_memory_bytes(device: str | None) -> int | None:
         return None
 
 
-def fit_refusal(need: Estimate, host_total: int | None, device_total: int | None, device: str | None) -> str | None:
-    """Why a case with this estimate is not built here, or None. On CPU the device is the host."""
+def held_by_other_frameworks(framework: str | None, device: str | None) -> int:
+    """Device bytes this process holds outside ``framework``'s own allocator: for a torch case, everything in
+    use on the GPU that torch did not reserve (JAX's pool, the CUDA contexts); 0 for other frameworks, on
+    CPU, or where torch cannot say (JAX's own limit is `peers.JaxRaggedDotPeer.benchmark_limit`'s)."""
+    if framework != "torch" or device not in ("cuda", "gpu"):
+        return 0
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return 0
+    free, total = torch.cuda.mem_get_info()
+    return max(0, int(total - free - torch.cuda.memory_reserved()))
+
+
+def fit_refusal(need: Estimate, host_total: int | None, device_total: int | None, device: str | None,
+                held_elsewhere: int = 0) -> str | None:
+    """Why a case with this estimate is not built here, or None. On CPU the device is the host.
+    ``held_elsewhere``: device bytes another framework holds (`held_by_other_frameworks`), not available."""
     gib = 2 ** 30
     if device not in ("cuda", "gpu"):
         need = Estimate(need.host_bytes + need.device_bytes, 0)
     if host_total and need.host_bytes > HOST_SHARE * host_total:
         return (f"needs ~{need.host_bytes / gib:.0f} GiB of host memory (float32 parameters, one upload transient, "
                 f"the check's sub-layer) > {HOST_SHARE:.0%} of {host_total / gib:.0f} GiB")
-    if device_total and need.device_bytes > DEVICE_SHARE * device_total:
+    if device_total and need.device_bytes > DEVICE_SHARE * device_total - held_elsewhere:
+        others = (f" less {held_elsewhere / gib:.0f} GiB held outside torch's allocator (JAX's pool, CUDA contexts)"
+                  if held_elsewhere else "")
         return (f"needs ~{need.device_bytes / gib:.0f} GiB of device memory (weights, gradients, activations) "
-                f"> {DEVICE_SHARE:.0%} of {device_total / gib:.0f} GiB")
+                f"> {DEVICE_SHARE:.0%} of {device_total / gib:.0f} GiB{others}")
     return None

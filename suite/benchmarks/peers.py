@@ -417,7 +417,9 @@ class JaxRaggedDotPeer(PeerBackend):
     capabilities = _peer_capabilities(("cpu", "gpu"))
     #: On GPU, XLA lowers ragged_dot to a dense masked dot over all experts (implementations/_jax_env.py,
     #: H100 2026-11-22: 16 GiB buffers, out of memory at top-k 8): an intermediate of about rows x E x
-    #: max(2F, H) elements. Cases whose estimate passes this share of device memory are skipped.
+    #: max(2F, H) elements. Cases whose estimate passes this share of JAX's allocator limit (``bytes_limit``,
+    #: XLA_PYTHON_CLIENT_MEM_FRACTION of the device: 75% by default, grown on demand since the benchmark
+    #: plugin turns preallocation off) are skipped.
     GPU_MEMORY_SHARE = 0.45
 
     @classmethod
@@ -458,8 +460,9 @@ class JaxRaggedDotPeer(PeerBackend):
         estimate *= 1 if pass_ == "forward" else 3
         if estimate > self.GPU_MEMORY_SHARE * limit:
             return (f"jax.lax.ragged_dot lowers to a dense masked dot on GPU: ~{estimate / 2**30:.0f} GiB of "
-                    f"intermediates (rows x experts x max(2F, H)) > {self.GPU_MEMORY_SHARE:.0%} of "
-                    f"{limit / 2**30:.0f} GiB device memory")
+                    f"intermediates (rows x experts x max(2F, H)) > {self.GPU_MEMORY_SHARE:.0%} of JAX's "
+                    f"{limit / 2**30:.0f} GiB allocator limit (bytes_limit: XLA_PYTHON_CLIENT_MEM_FRACTION of the "
+                    "device, grown on demand)")
         return None
 
     def prepare(self, spec: MoESpec, params: MoEParams, scheme: str, dtype: str, ep_size: int = 1) -> _Prepared:

@@ -24,11 +24,16 @@ Load it beside the suite's plugin (root ``conftest.py``: ``pytest_plugins = ["qm
   check beside the median time of every result, and the harness overhead when the do-nothing backend ran.
 * Threads (``--bench-threads N``): the environment variables frameworks read when they load, and
   threadpoolctl's limit on every BLAS/OpenMP pool already loaded (at configure and before each benchmark).
+* One GPU, several frameworks (``--device cuda``/``gpu``): ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` is set at
+  configure, before any framework loads, unless the environment sets it (JAX would otherwise take 75% of the
+  device at first use, and torch's cases would run out of memory beside it); JAX's cases run after the
+  others of a shape, since its pool, once grown, is never given back (`share_gpu_with_jax`, `bench_grid`).
 """
 
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import os
 import re
@@ -107,6 +112,7 @@ def pytest_configure(config: pytest.Config) -> None:
     budget = config.getoption("--bench-session-budget-s")
     _state["deadline"] = time.monotonic() + budget if budget else None
     config.stash[_DESELECTED] = 0
+    share_gpu_with_jax(config)
     threads = config.getoption("--bench-threads")
     if threads:
         # Read by each library when it loads (frameworks load lazily, after this hook) ...
@@ -123,6 +129,29 @@ def pytest_configure(config: pytest.Config) -> None:
         shapes.preset(config.getoption("--bench-shape"))
     except shapes.UnknownPresetError as exc:
         raise pytest.UsageError(str(exc)) from None
+
+
+def share_gpu_with_jax(config: pytest.Config) -> None:
+    """On GPU runs (``--device cuda``/``gpu``) torch, Triton and JAX share one device in one process: JAX must
+    not preallocate 75% of it at first use, so ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` is set before any
+    framework loads, unless the user set it. Warns when JAX was imported earlier (another plugin), as then
+    the setting may come too late."""
+    import sys
+    import warnings
+
+    try:
+        device = config.getoption("--device")
+    except ValueError:  # the suite's plugin is absent: no qmoe device
+        return
+    if device not in ("cuda", "gpu"):
+        return
+    if "XLA_PYTHON_CLIENT_PREALLOCATE" in os.environ:
+        return
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    if "jax" in sys.modules and "jax._src.xla_bridge" in sys.modules:
+        warnings.warn("qmoe: jax was imported before the benchmark plugin set XLA_PYTHON_CLIENT_PREALLOCATE=false; "
+                      "if its GPU backend is already up it holds 75% of the device: set the variable in the "
+                      "environment", stacklevel=1)
 
 
 def limit_thread_pools(threads: int) -> list[dict]:
@@ -269,25 +298,35 @@ def bench_grid(config: pytest.Config) -> list:
     params, reported = [], set()
     for shape in preset:
         ks = [k for k in shape.top_ks if not top_ks or k in top_ks]
-        for routing in routings:
-            for scheme in schemes:
-                for name, cls, unavailable, error, is_peer in entries:
-                    caps = cls.capabilities if cls is not None else None
-                    if caps is not None and scheme not in caps.schemes:
-                        continue  # a scheme a backend does not declare is not a case at all
-                    for k in ks:
-                        for pass_id in pass_ids:
-                            case = harness.BenchCase(name, scheme, shape, k, pass_id, routing, is_peer)
-                            reason = _skip_reason(name, cls, unavailable, error, case, sel.device)
-                            if reason and (name, reason) in reported and (unavailable or error):
-                                continue  # one skipped test says an unavailable backend is unavailable
-                            if reason:
-                                reported.add((name, reason))
-                            marks = [pytest.mark.benchmark(group=case.group, **bench_mark)]
-                            if reason:
-                                marks.append(pytest.mark.skip(reason=reason))
-                            params.append(pytest.param((case, cls, error), id=case.id, marks=marks))
+        for group, routing, scheme in itertools.product(jax_last(entries), routings, schemes):
+            for name, cls, unavailable, error, is_peer in group:
+                caps = cls.capabilities if cls is not None else None
+                if caps is not None and scheme not in caps.schemes:
+                    continue  # a scheme a backend does not declare is not a case at all
+                for k in ks:
+                    for pass_id in pass_ids:
+                        case = harness.BenchCase(name, scheme, shape, k, pass_id, routing, is_peer)
+                        reason = _skip_reason(name, cls, unavailable, error, case, sel.device)
+                        if reason and (name, reason) in reported and (unavailable or error):
+                            continue  # one skipped test says an unavailable backend is unavailable
+                        if reason:
+                            reported.add((name, reason))
+                        marks = [pytest.mark.benchmark(group=case.group, **bench_mark)]
+                        if reason:
+                            marks.append(pytest.mark.skip(reason=reason))
+                        params.append(pytest.param((case, cls, error), id=case.id, marks=marks))
     return params
+
+
+def jax_last(entries: list[tuple]) -> tuple[list[tuple], list[tuple]]:
+    """Grid entries (name, class, ...) split into those not on JAX and those on JAX, each in its order: JAX's
+    allocator keeps what it grew to (never given back), so its cases run after the others of a shape."""
+    from .peers import framework_of
+
+    def on_jax(entry: tuple) -> bool:
+        return entry[1] is not None and framework_of(entry[1]) == "jax"
+
+    return [e for e in entries if not on_jax(e)], [e for e in entries if on_jax(e)]
 
 
 def _skip_reason(name, cls, unavailable, error, case: harness.BenchCase, device) -> str | None:
