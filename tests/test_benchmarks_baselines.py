@@ -372,3 +372,36 @@ def test_gpu_runs_turn_jax_preallocation_off_unless_the_user_set_it(monkeypatch,
     import os
 
     assert os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE") == expected
+
+
+# -- the CUDA-event clock -----------------------------------------------------------------------------------------
+def test_the_cuda_event_clock_keeps_microseconds_late_in_a_session(monkeypatch):
+    """elapsed_time is float32 milliseconds: measured from the session's first event it steps by 31.25 us after
+    262 s (the H200 run's 'harness overhead' of 31.25 us). Consecutive events keep the device's resolution."""
+    torch = pytest.importorskip("torch")
+    from qmoe.suite.benchmarks import timing
+
+    device_s = [0.0]
+
+    class Event:  # CUDA's: a device timestamp per record, float32 milliseconds between two
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = device_s[0]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return float(np.float32((end.t - self.t) * 1e3))
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    clock = timing.CudaEventClock()
+    device_s[0] = 300.0  # five minutes into the session
+    start = clock()
+    device_s[0] += 12.3456e-6
+    end = clock()
+    assert end - start == pytest.approx(12.3456e-6, abs=1e-9)
+    device_s[0] += 2.8437e-3
+    assert clock() - end == pytest.approx(2.8437e-3, rel=1e-6)

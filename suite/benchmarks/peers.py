@@ -655,7 +655,9 @@ class MlxGatherMMCompiledPeer(MlxGatherMMPeer):
 
 # -- the harness-overhead backend --------------------------------------------------------------------------------
 class NoopBackend(Backend):
-    """Does nothing: its timed call is the harness's own cost (setup rotation, wrapper, timer)."""
+    """Does nothing: its timed call is the harness's own cost (setup rotation, wrapper, timer). On CUDA it
+    ends with the device synchronization every real step ends with (on an idle device: its latency only),
+    so the figure is what a round adds to any step, measured on the same CUDA-event clock."""
 
     name = "noop"
     harness_only = True
@@ -673,6 +675,11 @@ class NoopBackend(Backend):
 
     def benchmark_step(self, prepared: MoEParams, x: np.ndarray, pass_: str, dy: np.ndarray | None = None
                        ) -> Callable[[], Any]:
+        if self.device in ("cuda", "gpu") and importlib.util.find_spec("torch") is not None:
+            import torch
+
+            if torch.cuda.is_available():
+                return synchronized(_nothing, torch.cuda.synchronize)
         return _nothing
 
 

@@ -28,22 +28,33 @@ def is_cuda(device: str | None) -> bool:
 
 
 class CudaEventClock:
-    """A pytest-benchmark timer reading the CUDA device timeline, in seconds."""
+    """A pytest-benchmark timer reading the CUDA device timeline, in seconds.
+
+    Each reading adds the device time since the previous reading's event (``elapsed_time`` between two
+    consecutive events, exact to the events' ~0.5 us resolution) to a float64 total. Measuring from one
+    origin instead, as the first version did, loses precision as the session ages: ``elapsed_time`` is
+    float32 milliseconds, whose step is 31.25 us past 262 s (2**18 ms). On the H200 (2026-11-30) every
+    round after the fourth minute was a multiple of 31.25 us, and the do-nothing backend's "overhead" of
+    31.25 us (1.1% of the fastest case) was that step, not the harness.
+    """
 
     def __init__(self) -> None:
         import torch
 
         self._torch = torch
-        self._origin = torch.cuda.Event(enable_timing=True)
-        self._origin.record()
-        self._origin.synchronize()
+        self._last = torch.cuda.Event(enable_timing=True)
+        self._last.record()
+        self._last.synchronize()
+        self._seconds = 0.0
         self.__name__ = "cuda_events"
 
     def __call__(self) -> float:
         event = self._torch.cuda.Event(enable_timing=True)
         event.record()
         event.synchronize()
-        return self._origin.elapsed_time(event) / 1e3
+        self._seconds += self._last.elapsed_time(event) / 1e3
+        self._last = event
+        return self._seconds
 
 
 class L2Flush:
