@@ -36,6 +36,28 @@ def logit_error_bound(params: MoEParams, x: np.ndarray) -> np.ndarray:
     return LOGIT_ERROR_TERMS * FLOAT32_EPS * row_scale
 
 
+def routing_undecided(spec: MoESpec, params: MoEParams, x: np.ndarray) -> np.ndarray:
+    """[T] bool: tokens whose top-k boundary lies within a float32 router's rounding.
+
+    The boundary is the lowest selected score against the best unselected one (softmax: logits;
+    sigmoid: s + bias, whose error is at most a quarter of the logit's); within `logit_error_bound`
+    two correct float32 programs may select differently — the layer on one device and its experts
+    sharded, whose router GEMM has T/N rows and may be reassociated otherwise (cuBLAS picks per shape).
+    An exact tie (gap 0) is decided: the lower index wins. Near-ties are rare (the logbook's zipf
+    top-8 input: 4 of 32768 tokens) but a flipped selection moves a row by its gate's share.
+    """
+    tokens = x.shape[0]
+    if spec.top_k >= spec.experts or tokens == 0:
+        return np.zeros(tokens, dtype=bool)
+    routing = reference.route(spec, params, np.asarray(x, dtype=np.float64))
+    selection = np.asarray(routing.selection, dtype=np.float64)
+    lowest = np.take_along_axis(selection, routing.expert_ids, axis=-1).min(axis=-1)
+    unselected = selection.copy()
+    np.put_along_axis(unselected, routing.expert_ids, -np.inf, axis=-1)
+    gap = lowest - unselected.max(axis=-1)
+    return (gap > 0) & (gap <= logit_error_bound(params, np.asarray(x, dtype=np.float64))[:, 0])
+
+
 def gate_weight_bound(params: MoEParams, x: np.ndarray) -> np.ndarray:
     """[T, 1] relative error of a float32 router's gate weights: 1e-5 for the softmax/sigmoid and the
     renormalisation themselves, plus `logit_error_bound`."""

@@ -107,6 +107,45 @@ def test_int8_dispatch_check_holds_its_bounds():
         ep_bench.check_int8_dispatch("none", "float32", y, y + y * 10 ** (-(floor - 3) / 20))
 
 
+def test_routing_undecided_marks_only_near_ties_at_the_top_k_boundary():
+    from qmoe.reference import MoEParams, MoESpec
+    from qmoe.suite.bounds import routing_undecided
+
+    spec = MoESpec(hidden=8, ffn=8, experts=8, top_k=2)
+    params = MoEParams.random(spec, seed=0)
+    params.router = np.eye(8)  # logits = x
+    x = np.zeros((4, 8))
+    x[0, :3] = [3.0, 2.0, 2.0 - 1e-7]  # 2nd vs 3rd: within float32 rounding of logits of ~3
+    x[1, :3] = [3.0, 2.0, 2.0]         # an exact tie: the lower index wins, decided
+    x[2, :3] = [3.0, 2.0, 1.0]         # a clear margin
+    x[3, :3] = [2.0, 2.0 - 1e-7, 1.0]  # a near-tie inside the selection: the same experts either way
+    assert routing_undecided(spec, params, x).tolist() == [True, False, False, False]
+
+
+def test_compare_to_one_device_leaves_out_only_undecided_rows():
+    from qmoe.suite.tolerances import tolerance
+
+    rng = np.random.default_rng(3)
+    tol = tolerance("none", "bfloat16", "expert_parallel")
+    y = rng.standard_normal((6, 16))
+    ids = np.tile(np.arange(2), (6, 1))
+    undecided = np.array([False, False, True, False, False, False])
+    flipped, flipped_ids = y.copy(), ids.copy()
+    flipped[2] += 0.2 * rng.standard_normal(16)  # a near-tie token took its 9th expert on one side
+    flipped_ids[2, 1] = 5
+    info = ep_bench.compare_to_one_device("case", tol, flipped, y, undecided, flipped_ids, ids)
+    assert info["routing_undecided_tokens"] == 1 and info["routing_differs_tokens"] == 1
+    assert info["output_error_vs_one_device"] == 0.0 and info["output_error_undecided_rows"] > tol.tight
+    dropped = y.copy()
+    dropped[4] *= 0.9  # a lost assignment on a decided token: what the bound is there for
+    with pytest.raises(AssertionError, match="differs from one device by 1.000e-01"):
+        ep_bench.compare_to_one_device("case", tol, dropped, y, undecided, ids, ids)
+    moved = ids.copy()
+    moved[0, 0] = 7  # a selection that differs beyond rounding
+    with pytest.raises(AssertionError, match="routing differs from one device at 1 tokens"):
+        ep_bench.compare_to_one_device("case", tol, y, y, undecided, moved, ids)
+
+
 # -- the benchmark on CPU ---------------------------------------------------------------------------------------
 def _bench(scheme: str) -> ep_bench.EPBench:
     return ep_bench.EPBench(ep_bench.EP_CPU_TINY, 2, scheme, 2, "float32", rounds=2, warmup=1)

@@ -16,7 +16,10 @@ One measurement (`measure`) per backend x scheme x N x dispatch gives, from one 
   per-token int8 activations, `int8_dispatch_floor_db`).
 
 The sharded output is checked against the one-device output on the checked rows (the ``expert_parallel``
-tolerance): a benchmark of a wrong layer is not a result.
+tolerance): a benchmark of a wrong layer is not a result. Tokens whose top-k boundary lies within the float32
+router's rounding (`qmoe.suite.bounds.routing_undecided`) may select another expert on one side — the two
+programs' router GEMMs differ in shape — so their rows are counted and reported, not held to the bound
+(`compare_to_one_device`).
 
 torch_triton (``expert_parallel_processes``) runs in the session's pool of N ranks
 (`qmoe.suite.process_group`; NCCL on GPUs, gloo on CPU): each rank builds the inputs itself (seeded:
@@ -93,6 +96,33 @@ def _relative_row_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.max(np.where(ref > 0, err / np.where(ref > 0, ref, 1), np.where(err > 0, np.inf, 0.0))))
 
 
+def compare_to_one_device(bench_id: str, tol, y_sharded: np.ndarray, y_one: np.ndarray, undecided: np.ndarray,
+                          ids_sharded: np.ndarray | None = None, ids_one: np.ndarray | None = None) -> dict:
+    """The sharded layer's rows against the one-device layer's; raises AssertionError if out of bounds.
+
+    Rows of routing-undecided tokens (`qmoe.suite.bounds.routing_undecided`) are left out of the bound: a
+    near-tie at the top-k boundary may resolve differently in the two programs (H200, logbook zipf top-8:
+    token 20764, logit gap 7.4e-8, moved by 4.65e-2, its flip's own effect). Expert ids, where given, must
+    agree on every other token: a selection that differs there is a routing bug, not rounding.
+    """
+    undecided = np.asarray(undecided, dtype=bool)
+    decided = ~undecided
+    differs = np.zeros(undecided.shape, dtype=bool)
+    if ids_sharded is not None and ids_one is not None:
+        differs = np.any(np.asarray(ids_sharded) != np.asarray(ids_one), axis=-1)
+        wrong = differs & decided
+        assert not wrong.any(), (f"{bench_id}: sharded routing differs from one device at {int(wrong.sum())} tokens "
+                                 f"whose top-k boundary is beyond float32 rounding (first: token "
+                                 f"{int(np.argmax(wrong))})")
+    error = _relative_row_error(y_sharded[decided], y_one[decided]) if decided.any() else 0.0
+    assert error <= tol.tight, (f"{bench_id}: sharded output differs from one device by {error:.3e} (> {tol.tight:g}: "
+                                f"{tol.reason}) on the {int(decided.sum())} routing-decided rows")
+    return {"output_error_vs_one_device": error, "routing_undecided_tokens": int(undecided.sum()),
+            "routing_differs_tokens": int(differs.sum()),
+            "output_error_undecided_rows": (_relative_row_error(y_sharded[undecided], y_one[undecided])
+                                            if undecided.any() else None)}
+
+
 def check_int8_dispatch(scheme: str, dtype: str, y_float: np.ndarray, y_int8: np.ndarray) -> dict:
     """Int8 dispatch against float dispatch (see the module docstring); raises AssertionError if out of bounds."""
     from qmoe.suite.tolerances import tolerance
@@ -121,6 +151,7 @@ def torch_rank_task(payload: dict) -> dict:
     import torch.distributed as dist
 
     from qmoe.implementations.torch_triton import TRAINABLE, expert_parallel
+    from qmoe.suite.bounds import routing_undecided
     from qmoe.suite.process_group import backend_in_worker
 
     bench: EPBench = payload["bench"]
@@ -164,6 +195,8 @@ def torch_rank_task(payload: dict) -> dict:
                          "y_rows": y[:CHECK_ROWS].to(torch.float32).cpu().numpy(),
                          "token_begin": prepared.shard.tokens(bench.shape.tokens)[0]}
         del prepared, step, forward
+    begin, checked = out["float"]["token_begin"], out["float"]["y_rows"].shape[0]
+    out["undecided"] = routing_undecided(spec, params, item.x[begin:begin + checked])
     # a plain all-to-all of the float dispatch's row bytes, equal blocks, in this same group
     row_bytes = out["float"]["sent_bytes"]["dispatch_rows"][1]
     block = max(1, -(-row_bytes // size))
@@ -226,15 +259,15 @@ def summarize_torch(bench: EPBench, ranks: list[dict]) -> dict:
             "all_to_all_bytes_total": sum(total for values in sent.values() for _, total in values),
             "dispatch_gb_per_s": off_rank_rows / len(ranks) / dispatch_s / 1e9 if dispatch_s else None,
         }
-        worst = 0.0
-        for r in ranks:  # sharded output rows against the one-device output of the same tokens
-            begin, rows = r[dispatch]["token_begin"], r[dispatch]["y_rows"]
-            if rows.shape[0]:
-                worst = max(worst, _relative_row_error(rows, y_one[begin:begin + rows.shape[0]]))
-        info[dispatch]["output_error_vs_one_device"] = worst
+        # sharded output rows against the one-device output of the same tokens
+        y_rows = np.concatenate([r[dispatch]["y_rows"] for r in ranks])
+        y_expected = np.concatenate([y_one[r[dispatch]["token_begin"]:r[dispatch]["token_begin"]
+                                           + r[dispatch]["y_rows"].shape[0]] for r in ranks])
+        undecided = np.concatenate([r["undecided"] for r in ranks])
         if dispatch == "float":
-            assert worst <= tol.tight, (f"{bench.id}: sharded output differs from one device by {worst:.3e} "
-                                        f"(> {tol.tight:g}: {tol.reason})")
+            info[dispatch].update(compare_to_one_device(bench.id, tol, y_rows, y_expected, undecided))
+        else:  # int8 dispatch is checked against float dispatch (int8_check); its distance is recorded
+            info[dispatch]["output_error_vs_one_device"] = _relative_row_error(y_rows, y_expected)
     y_float = np.concatenate([r["float"]["y_rows"] for r in ranks])
     y_int8 = np.concatenate([r["int8"]["y_rows"] for r in ranks])
     info["int8_check"] = check_int8_dispatch(bench.scheme, bench.dtype, y_float, y_int8)
@@ -270,6 +303,7 @@ def measure_jax(backend_cls: type, device: str | None, bench: EPBench) -> dict:
     from jax.sharding import PartitionSpec as P
 
     from qmoe.implementations.jax_prequant.expert_parallel import AXIS, _shard_map
+    from qmoe.suite.bounds import routing_undecided
     from qmoe.suite.tolerances import tolerance
 
     backend = backend_cls(device)
@@ -292,10 +326,10 @@ def measure_jax(backend_cls: type, device: str | None, bench: EPBench) -> dict:
     one = backend.prepare(spec, params, bench.scheme, bench.dtype)
     sharded_s = timed(backend.benchmark_step(sharded, item.x, passes, item.dy))
     one_s = timed(backend.benchmark_step(one, item.x, passes, item.dy))
-    y_sharded, y_one = backend.forward(sharded, item.x).y, backend.forward(one, item.x).y
-    tol = tolerance(bench.scheme, bench.dtype, "expert_parallel")
-    error = _relative_row_error(y_sharded, y_one)
-    assert error <= tol.tight, f"{bench.id}: sharded output differs from one device by {error:.3e} (> {tol.tight:g})"
+    r_sharded, r_one = backend.forward(sharded, item.x), backend.forward(one, item.x)
+    undecided = routing_undecided(spec, params, item.x)
+    checked = compare_to_one_device(bench.id, tolerance(bench.scheme, bench.dtype, "expert_parallel"), r_sharded.y,
+                                    r_one.y, undecided, r_sharded.expert_ids, r_one.expert_ids)
 
     n = bench.ep_size
     _, capacity = sharded.sizes[bench.shape.tokens]
@@ -322,7 +356,7 @@ def measure_jax(backend_cls: type, device: str | None, bench: EPBench) -> dict:
                   "dispatch_capacity_rows": capacity,
                   "all_to_all_bytes_total": n * (dispatch_bytes + combine_bytes),
                   "all_to_all_bytes_off_rank": int(n * (dispatch_bytes + combine_bytes) * off_rank),
-                  "output_error_vs_one_device": error},
+                  **checked},
         "plain_all_to_all": {"bytes_per_rank": int(plain.nbytes // n), "seconds_median": plain_median,
                              "gb_per_s": plain.nbytes / n * off_rank / plain_median / 1e9},
         "one_device": {"seconds_median": one_seconds, "tokens_per_s": bench.shape.tokens / one_seconds,
