@@ -33,6 +33,7 @@ from pathlib import Path
 
 from qmoe.reference.schemes import SCHEMES
 from qmoe.suite.benchmarks.tables import (
+    ABOVE_BOUND,
     ResultRow,
     best_label,
     fmt,
@@ -253,9 +254,12 @@ def write_throughput(out_dir: Path, rows: list[ResultRow], docs: list[dict], not
              "`x best bf16` (at the table's dtype) = TF/s over the fastest unquantized row of any framework on "
              "the same case; `% of bound` = TF/s as a share of the GEMM-only bound of the row's operand type "
              "(`gemm_bound`: the layer's grouped GEMMs alone, torch._grouped_mm on pre-sorted, perfectly balanced "
-             "rows; `gemm_bound_int8` for rows whose routed experts run int8 x int8: the same GEMM sizes as "
-             "torch._int_mm per expert, CUDA-graph captured, quantization, scale epilogue and SwiGLU left out, so "
-             "an upper bound; see suite/benchmarks/int8_bound.py); `peak memory` = peak device memory of one "
+             "rows, eager or under torch.compile, whichever is faster; `gemm_bound_int8` for rows whose routed "
+             "experts run int8 x int8: the same GEMM sizes as torch._int_mm per expert, CUDA-graph captured, "
+             "quantization, scale epilogue and SwiGLU left out, so an upper bound; see "
+             "suite/benchmarks/int8_bound.py; a share above 100% is marked "
+             f"`{ABOVE_BOUND.strip()}`: the row beat the bound on that case, so it bounds nothing there); "
+             "`peak memory` = peak device memory of one "
              "call (torch.cuda.max_memory_allocated, mx.get_peak_memory, JAX's peak_bytes_in_use), weights and "
              "inputs included; `% peak` = of the device's dense tensor-core peak for the scheme's operand type "
              "(int8 where routed experts run int8 x int8), where known.", ""]
@@ -444,14 +448,18 @@ def main(argv: list[str] | None = None) -> int:
 
     paths = args.benchmark_json or [newest_benchmark_json()]
     rows, docs = load_benchmarks(paths)
-    if not rows:
+    from qmoe.suite.benchmarks import ep_tables  # expert-parallel results: their own tables
+
+    if not rows and not ep_tables.entries(docs):
         raise SystemExit(f"no qmoe benchmark results in {', '.join(map(str, paths))}")
     out_dir = args.out or Path("results") / device_slug(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = [write_throughput(out_dir, rows, docs, tuple(args.note))]
+    written = [write_throughput(out_dir, rows, docs, tuple(args.note))] if rows else []
+    if ep_tables.entries(docs):
+        written.append(ep_tables.write_expert_parallel(out_dir, docs, tuple(args.note)))
     if args.conformance_json is not None:
         written.append(write_conformance(out_dir, args.conformance_json))
-    if not args.no_plots:
+    if not args.no_plots and rows:
         written += write_plots(out_dir, rows)
     raw = out_dir / "benchmarks.json"
     inside = all(out_dir.resolve() in Path(p).resolve().parents for p in paths)
