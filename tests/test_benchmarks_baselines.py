@@ -405,3 +405,42 @@ def test_the_cuda_event_clock_keeps_microseconds_late_in_a_session(monkeypatch):
     assert end - start == pytest.approx(12.3456e-6, abs=1e-9)
     device_s[0] += 2.8437e-3
     assert clock() - end == pytest.approx(2.8437e-3, rel=1e-6)
+
+
+# -- a bound a layer beats is not a bound -------------------------------------------------------------------------
+def test_a_bound_times_the_faster_of_its_variants_and_a_row_above_it_is_flagged():
+    import time
+
+    from qmoe.suite.benchmarks.peers import faster_variant
+
+    calls = {"eager": 0, "compiled": 0}
+
+    def body(name, seconds):
+        def run():
+            calls[name] += 1
+            time.sleep(seconds)
+        return run
+
+    chosen, seconds = faster_variant({"eager": body("eager", 0.004), "compiled": body("compiled", 0.0005)},
+                                     lambda: None)
+    assert chosen == "compiled" and seconds["compiled"] < seconds["eager"]
+    assert calls == {"eager": 5, "compiled": 5}  # two warm-up (compiling) calls and three compared, untimed
+    assert tables.fmt_share(1.012) == "101.2%" + tables.ABOVE_BOUND and tables.fmt_share(0.991) == "99.1%"
+
+
+def test_the_float_bound_says_which_variant_it_timed_and_why_not_compiled():
+    """On CPU in float32 torch.compile cannot trace torch._grouped_mm: the bound times eager and says why."""
+    _torch_or_skip()
+    from qmoe.suite.benchmarks.peers import torch_compile_refusal
+
+    shape = shapes.BenchShape("t", tokens=64, hidden=32, ffn=16, experts=4, top_ks=(2,), shared_ffn=0)
+    options = harness.BenchOptions(device="cpu", dtype="float32", rounds=2, warmup=1, inputs=2)
+    harness.clear_caches()
+    case = harness.BenchCase(GemmBound.name, "none", shape, 2, "fwd_bwd", "balanced", is_peer=True)
+    info = harness.run_case(FakeBenchmark(), case, GemmBound, options)
+    refusal = torch_compile_refusal("float32", "cpu")
+    assert info["bound_variant"] in info["bound_variant_s"]
+    if refusal:
+        assert info["bound_variant"] == "eager" and info["bound_variant_note"] == refusal
+    else:
+        assert set(info["bound_variant_s"]) == {"eager", "compiled"}

@@ -242,6 +242,7 @@ def run_case(benchmark, case: BenchCase, backend_cls: type, options: BenchOption
 
     prepared = _prepared.get(prepare_key, prepare)
     steps = [backend.benchmark_step(prepared, item.x, step_pass, item.dy) for item in inputs]
+    step_info = dict(getattr(steps[0], "extra_info", None) or {})  # what a step says of itself (a bound's variant)
     graph_info = None
     if timing.is_cuda(options.device) and (options.cuda_graph or getattr(steps[0], "always_capture", False)):
         captured = [graphs.capture(step) for step in steps]
@@ -264,6 +265,7 @@ def run_case(benchmark, case: BenchCase, backend_cls: type, options: BenchOption
     timed.first_call_s = first_call_s
     info = describe(case, backend_cls, spec, options, timed)
     info.update(graph_info or {})
+    info.update(step_info)
     info.update(memory.measure_peak(info["framework"], options.device, steps[0]).as_info())
     fixed = getattr(backend, "fixed_expert_ids", None)
     expert_ids = fixed(spec, shape.tokens) if fixed is not None else None

@@ -140,9 +140,15 @@ def fmt_pct(value) -> str:
     return "" if value is None else f"{100 * value:+.1f}%"
 
 
+#: Marks a ``% of bound`` above 100%: the row beat its bound, so the bound is not one on that case.
+ABOVE_BOUND = " (above bound!)"
+
+
 def fmt_share(value) -> str:
-    """A ratio as a share: 0.734 -> '73.4%' (``% of bound``)."""
-    return "" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
+    """A ratio as a share: 0.734 -> '73.4%' (``% of bound``); above 1 flagged: 1.012 -> '101.2% (above bound!)'."""
+    if value is None or not math.isfinite(value):
+        return ""
+    return f"{100 * value:.1f}%" + (ABOVE_BOUND if value > 1.0 else "")
 
 
 def fmt_bytes(value) -> str:
