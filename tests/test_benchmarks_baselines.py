@@ -444,3 +444,23 @@ def test_the_float_bound_says_which_variant_it_timed_and_why_not_compiled():
         assert info["bound_variant"] == "eager" and info["bound_variant_note"] == refusal
     else:
         assert set(info["bound_variant_s"]) == {"eager", "compiled"}
+
+
+def test_a_result_whose_check_failed_is_nobodys_bound():
+    """pytest-benchmark saves the timings of a test that then failed its output check: such an entry has no
+    output_check and must neither be a row nor bound the others (the H200's gemm_bound_int8 forward)."""
+    work = {"shape": "s", "top_k": 2, "pass": "forward", "routing": "balanced", "dtype": "bfloat16",
+            "device_name": "gpu"}
+
+    def entry(backend, tflops, checked=True, **info):
+        extra = {"backend": backend, "tflops": tflops, **work, **info}
+        if checked:
+            extra["output_check"] = {"min_sqnr_db": 40.0}
+        return {"name": backend, "extra_info": extra, "stats": {"median": 1.0, "mean": 1.0}}
+
+    rows = tables.rows_from_json([
+        entry("layer", 500.0, scheme="int8_routed_prequant", peak_operand="int8"),
+        entry("failed_bound", 600.0, checked=False, bound=True, bound_operand="int8"),
+        entry("noop", None, checked=False, harness_only=True)])
+    assert [r.get("backend") for r in rows] == ["layer", "noop"]
+    assert "x_bound" not in rows[0].derived
