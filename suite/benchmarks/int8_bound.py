@@ -16,9 +16,10 @@ the rows whose `metrics.peak_operand` is int8, compared with it in the tables' `
   (int32 x row scale x expert scale), SwiGLU and its derivative, the gather, the combine, the router.
   The backward's operands (dh, a^T, dy^T) are prepared before timing, in the layouts cuBLASLt wants.
 * The GEMMs are cuBLASLt's (``torch._int_mm``), the strongest int8 GEMM torch offers without autotuning
-  Triton templates (inductor's max-autotune would take minutes per shape). A grouped int8 Triton kernel can
+  Triton templates (inductor's max-autotune would take minutes per shape). A grouped int8 Triton kernel may
   beat it by a little: on the H200 (2026-11-30) torch_triton's int8_routed_prequant forward at top-k 8 ran
-  at 101.2% of it. The tables flag such a row (``above bound!``) instead of hiding it.
+  at 101.2% of this bound's forward timing, a row that then failed its exactness check (its replay read
+  freed codes, since fixed), so unconfirmed. The tables flag any such row (``above bound!``), never hide it.
 * The shared expert (if any) runs in the compute dtype, forward and backward, as the schemes with float
   shared weights run it; ``int8_all`` quantizes it too, so at shapes with a shared expert ``int8_all``
   could in principle beat this bound by the shared part's int8 speed-up (say so when reading its row).
