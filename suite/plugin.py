@@ -59,6 +59,8 @@ class BackendEntry:
 class Selection:
     backends: list[BackendEntry] = field(default_factory=list)
     device: str | None = None
+    #: ``full`` (every declared scheme x case x dtype) or ``covering`` (see `covering_dtype`)
+    grid: str = "full"
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,11 @@ def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginMa
     group.addoption("--device", default=None, help="device for every backend (cpu, cuda, gpu); default: its first")
     group.addoption("--conformance-json", default=None, metavar="PATH",
                     help="write every conformance outcome with its error figures to PATH (for the report)")
+    group.addoption("--qmoe-grid", default=None, choices=GRIDS, metavar="GRID",
+                    help="full: every declared scheme x case x dtype; covering: each (case, scheme) pair in one "
+                         "dtype, alternating, so every pair of the three still meets (half the targets). "
+                         "Default: covering under the dev hypothesis profile, full under ci and thorough "
+                         "($QMOE_GRID overrides)")
 
 
 def _parse_names(values: list[str]) -> list[str]:
@@ -114,7 +121,15 @@ MARKERS = (
     "slow: long-running; excluded from the default CI run",
 )
 #: Options whose use activates the plugin (a default value does not).
-_QMOE_OPTIONS = ("--backend", "--backend-module", "--device", "--conformance-json")
+_QMOE_OPTIONS = ("--backend", "--backend-module", "--device", "--conformance-json", "--qmoe-grid")
+#: Grids of the conformance targets (--qmoe-grid).
+GRIDS = ("covering", "full")
+#: Hypothesis profiles whose runs use the full grid by default (the others: the covering design).
+FULL_GRID_PROFILES = ("ci", "thorough")
+#: Where JAX keeps compiled programs between qmoe runs (JAX's persistent compilation cache): a second run
+#: loads in milliseconds what took a second to compile. Off when $QMOE_JAX_CACHE is 0 or JAX's own
+#: $JAX_COMPILATION_CACHE_DIR is set.
+JAX_CACHE_ENV = "QMOE_JAX_CACHE"
 
 
 @pytest.hookimpl(tryfirst=True)  # before hypothesis' own plugin loads the profile named on the command line
@@ -184,13 +199,20 @@ def activate(config: pytest.Config) -> Selection:
     os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
     # Several frameworks share one GPU in a benchmark session: JAX must not grab 75% of it up front.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    _use_jax_compilation_cache()
     register_profiles()
-    if not config.getoption("--hypothesis-profile", None):
+    profile = config.getoption("--hypothesis-profile", None)
+    if not profile:
         from hypothesis import settings
 
-        settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+        profile = os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev")
+        settings.load_profile(profile)
+    grid = config.getoption("--qmoe-grid") or os.environ.get("QMOE_GRID") or (
+        "full" if profile in FULL_GRID_PROFILES else "covering")
+    if grid not in GRIDS:
+        raise pytest.UsageError(f"QMOE_GRID={grid!r} is not one of {', '.join(GRIDS)}")
 
-    selection = Selection(device=device)
+    selection = Selection(device=device, grid=grid)
     module_names = []
     for reference in config.getoption("--backend-module"):
         try:
@@ -207,6 +229,26 @@ def activate(config: pytest.Config) -> Selection:
         selection.backends.append(_resolve(name))
     config.stash[_SELECTION] = selection
     return selection
+
+
+def jax_cache_dir() -> Path | None:
+    """The directory of JAX's persistent compilation cache in qmoe runs, or None when it is off."""
+    if os.environ.get(JAX_CACHE_ENV, "1") == "0" or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return None
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "qmoe" / "jax"
+
+
+def _use_jax_compilation_cache() -> None:
+    """JAX compiles each conformance target (about a second on CPU, most of a run's time); its persistent
+    cache keys programs by their HLO and compiler, so a changed backend compiles afresh. Set through the
+    environment JAX reads at import; every program is kept, however quick its compilation was."""
+    cache = jax_cache_dir()
+    if cache is None:
+        return
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 def _resolve(name: str) -> BackendEntry:
@@ -230,7 +272,10 @@ def pytest_report_collectionfinish(config: pytest.Config) -> list[str]:
     plugin may have activated only when it met a qmoe module)."""
     if _SELECTION not in config.stash:
         return []
-    lines = [f"qmoe: python {platform.python_version()}, device {selection(config).device or 'backend default'}"]
+    sel = selection(config)
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    lines = [f"qmoe: python {platform.python_version()}, device {sel.device or 'backend default'}, grid {sel.grid}"
+             + (f", jax compilation cache {cache}" if cache else "")]
     for entry in selection(config).backends:
         if entry.load_error:
             lines.append(f"  {entry.name}: CANNOT LOAD: {entry.load_error}")
@@ -318,9 +363,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             else:
                 params.append(pytest.param(entry.name, id=entry.name, marks=[group]))
             continue
+        dtypes = getattr(module, "DTYPES_UNDER_TEST", DTYPES)
         for scheme in getattr(module, "SCHEMES_UNDER_TEST", tuple(SCHEMES)):
             for case_name in getattr(module, "CASE_NAMES", tuple(CASES)):
-                for dtype in getattr(module, "DTYPES_UNDER_TEST", DTYPES):
+                applicable = []
+                for dtype in dtypes:
                     target = Target(entry.name, scheme, CASES[case_name], dtype)
                     reason = None
                     if not entry.load_error:  # a backend that cannot load fails in its fixture, with the reason
@@ -328,11 +375,29 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                     if reason:
                         not_applicable[entry.name][reason] += 1
                     else:
-                        params.append(pytest.param(target, id=target.id, marks=[group]))
+                        applicable.append(target)
+                chosen = applicable
+                if sel.grid == "covering" and len(applicable) > 1:
+                    chosen = [covering_dtype(applicable, scheme, case_name)]
+                    not_applicable[entry.name][COVERING_REASON] += len(applicable) - 1
+                params.extend(pytest.param(t, id=t.id, marks=[group]) for t in chosen)
     if grid:
         metafunc.parametrize("target", params)
     else:
         metafunc.parametrize("backend", params, indirect=True)
+
+
+#: The summary's reason for the targets the covering design leaves to the full grid.
+COVERING_REASON = "left to the full grid (--qmoe-grid=full; ci profile)"
+
+
+def covering_dtype(targets: list[Target], scheme: str, case_name: str) -> Target:
+    """The covering design's target of one (case, scheme) pair: the dtypes alternate along both the cases
+    and the schemes (index parity), so every case and every scheme still runs in every dtype, and every
+    (case, scheme) pair runs once. The choice depends only on the names, so levels 3 and 4 pick the same
+    target and share its prepared layer."""
+    order = (tuple(SCHEMES).index(scheme) if scheme in SCHEMES else 0) + tuple(CASES).index(case_name)
+    return targets[order % len(targets)]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -382,7 +447,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     counts = config.stash.get(_NOT_APPLICABLE, {})
     if not counts:
         return
-    terminalreporter.section("qmoe: combinations not generated (not declared by the backend)")
+    terminalreporter.section("qmoe: combinations not generated (not declared by the backend, or left to the full grid)")
     for backend, reasons in counts.items():
         total = sum(reasons.values())
         detail = "; ".join(f"{reason} ({n})" for reason, n in reasons.most_common())

@@ -57,7 +57,8 @@ def outcomes(tmp_path_factory) -> list[dict]:
     report = tmp_path_factory.mktemp("mutants") / "conformance.json"
     classes = [*(cls for cls, _ in MUTANTS.values()), *CONTROLS]
     command = [sys.executable, "-m", "pytest", "suite", "-m", "conformance", "-q", "-p", "no:cacheprovider",
-               "-k", SELECTION, f"--conformance-json={report}", "--backend", ",".join(c.name for c in classes)]
+               "--qmoe-grid=full", "-k", SELECTION, f"--conformance-json={report}",
+               "--backend", ",".join(c.name for c in classes)]
     command += [f"--backend-module=tests.mutants:{cls.__name__}" for cls in classes]
     run = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     if not report.exists():
