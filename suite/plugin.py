@@ -211,6 +211,8 @@ def activate(config: pytest.Config) -> Selection:
         "full" if profile in FULL_GRID_PROFILES else "covering")
     if grid not in GRIDS:
         raise pytest.UsageError(f"QMOE_GRID={grid!r} is not one of {', '.join(GRIDS)}")
+    # Modules that choose their own configurations at import (level 6) read the resolved grid here.
+    os.environ["QMOE_GRID"] = grid
 
     selection = Selection(device=device, grid=grid)
     module_names = []
