@@ -41,7 +41,8 @@ slow = pytest.mark.skipif(
 _CLEARED_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV", "PYTEST_ADDOPTS", "PYTEST_PLUGINS",
                 "PYTEST_CURRENT_TEST", "PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT",
                 "TRITON_INTERPRET", "XLA_FLAGS", "NVIDIA_TF32_OVERRIDE", "JAX_DEFAULT_MATMUL_PRECISION",
-                "XLA_PYTHON_CLIENT_PREALLOCATE", "HYPOTHESIS_PROFILE")
+                "XLA_PYTHON_CLIENT_PREALLOCATE", "HYPOTHESIS_PROFILE", "QMOE_GRID", "JAX_COMPILATION_CACHE_DIR",
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
 
 
 def _env(bin_dir: Path | None = None) -> dict[str, str]:
@@ -280,7 +281,8 @@ ENVIRONMENT = set(json.loads({environment!r}))
 
 def test_qmoe_plugin_is_inert(request):
     assert request.config.pluginmanager.hasplugin("qmoe"), "the qmoe plugin was not loaded at all"
-    for name in ("TRITON_INTERPRET", "XLA_FLAGS", "JAX_DEFAULT_MATMUL_PRECISION"):
+    for name in ("TRITON_INTERPRET", "XLA_FLAGS", "JAX_DEFAULT_MATMUL_PRECISION", "QMOE_GRID",
+                 "JAX_COMPILATION_CACHE_DIR"):
         assert name not in os.environ, f"{{name}}={{os.environ[name]!r}} was set"
     added = sorted(k for k in set(os.environ) - ENVIRONMENT if not k.startswith("PYTEST_"))
     assert not added, "environment variables set: " + ", ".join(f"{{k}}={{os.environ[k]!r}}" for k in added)
