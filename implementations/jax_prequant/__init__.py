@@ -13,7 +13,11 @@ On GPU the programs of int8 schemes compile with ``env.INT8_GPU_OPTIONS`` (cuBLA
 instead of XLA's Triton GEMM fusions, which ran the int8 expert GEMMs slower than bfloat16 on an H100).
 
 Expert parallelism: ``prepare(..., ep_size=N)`` shards experts over N devices (mesh axis ``ep``);
-CPU runs need ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` before jax is imported.
+CPU runs need ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` before jax is imported. The int8
+routed schemes dispatch each token row as int8 codes + a float32 scale, quantized once at its source
+(the expert would make the same codes); ``JaxPrequantBackend(device, ep_dispatch="int8")`` does so for
+every scheme (``none`` then computes on the dequantized rows; straight-through backward), as
+``TorchTritonBackend(device, ep_dispatch="int8")`` does. See `expert_parallel`.
 
 Static shapes: the padded formulation and the EP dispatch need per-expert / per-device-pair row
 capacities. They are sized from the routing of the input (one small routing program), bucketed
@@ -42,6 +46,8 @@ SCHEMES = ("none", "int8_dense", "int8_routed", "int8_all", "int8_routed_prequan
 DTYPES = ("float32", "bfloat16")
 #: Passes accepted by `JaxPrequantBackend.benchmark_step`: forward, or forward+backward.
 FORWARD_BACKWARD = ("backward", "forward_backward")
+#: How expert parallelism sends token rows (`expert_parallel.sends_int8`).
+EP_DISPATCHES = ("float", "int8")
 
 
 @dataclass
@@ -80,10 +86,16 @@ class JaxPrequantBackend(Backend):
         expert_parallel=(2, 4),
     )
 
-    def __init__(self, device: str | None = None, grouped: str | None = None) -> None:
-        """``grouped``: force the grouped-matmul formulation (``ragged`` or ``padded``)."""
+    def __init__(self, device: str | None = None, grouped: str | None = None, ep_dispatch: str = "float") -> None:
+        """``grouped``: force the grouped-matmul formulation (``ragged`` or ``padded``). ``ep_dispatch``: how
+        expert parallelism sends token rows: ``float`` (the compute dtype, except that the int8 routed
+        schemes send the int8 codes and scale their experts would make anyway) or ``int8`` (codes and
+        scales for every scheme)."""
+        if ep_dispatch not in EP_DISPATCHES:
+            raise ValueError(f"ep_dispatch {ep_dispatch!r}: use one of {', '.join(EP_DISPATCHES)}")
         super().__init__(device)
         self.grouped = grouped
+        self.ep_dispatch = ep_dispatch
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -131,7 +143,8 @@ class JaxPrequantBackend(Backend):
         experts = -(-spec.experts // ep_size) * ep_size
         mesh = _make_mesh(devices[:ep_size]) if ep_size > 1 else None
         plan = LayerPlan(spec, scheme, dtype, env.select_formulation(devices[0].platform, self.grouped),
-                         experts, ep_size=ep_size, mesh=mesh, platform=devices[0].platform)
+                         experts, ep_size=ep_size, mesh=mesh, platform=devices[0].platform,
+                         dispatch=self.ep_dispatch)
         host_params, host_frozen = _host_arrays(spec, params, experts)
         put = _placer(devices[0], mesh)
         compute = {name: "float32" if name == "router" else dtype for name in host_params}
@@ -243,6 +256,24 @@ class JaxPrequantBackend(Backend):
             return jax.block_until_ready(run())
 
         return step
+
+    def all_to_all_operands(self, prepared: JaxPrepared, x: np.ndarray, pass_: str = "forward",
+                            dy: np.ndarray | None = None) -> list[tuple[str, tuple[int, ...]]]:
+        """(dtype name, per-device shape) of each ``all_to_all`` operand of the program that
+        `benchmark_step` runs for ``pass_`` on this x (empty on one device): what each device sends,
+        its own block included (`programs.exchanged_operands`). Traced, not compiled."""
+        from . import programs
+
+        validate_input(prepared.spec, x)
+        x_dev = self._put_tokens(prepared, x)
+        plan = self._plan_for(prepared, x_dev)
+        if pass_ == "forward":
+            return programs.exchanged_operands(programs.forward, prepared.params, prepared.frozen, x_dev, plan=plan)
+        if pass_ not in FORWARD_BACKWARD:
+            raise ValueError(f"unknown pass {pass_!r}: use 'forward' or one of {FORWARD_BACKWARD}")
+        dy_dev = self._put_tokens(prepared, np.random.default_rng(0).standard_normal(x.shape) if dy is None else dy)
+        return programs.exchanged_operands(programs.forward_backward, prepared.params, prepared.frozen, x_dev,
+                                           dy_dev, np.float32(0.0), plan=plan)
 
     def stage_times(self, prepared: JaxPrepared, x: np.ndarray, repeats: int = 5) -> dict[str, float]:
         """Median seconds of each forward stage, run as separate programs on device-resident data:

@@ -4,11 +4,20 @@ their experts with ``all_to_all``, computed there, and sent back (``shard_map``)
 Per device d, with T_l local tokens and E_l = E / N local experts (experts d*E_l .. (d+1)*E_l - 1):
 
 1. dispatch: each kept assignment (token, slot) goes to device ``expert // E_l``; the rows for each
-   destination are packed into ``dispatch_capacity`` slots (stable: token order is kept), with the
-   activation codes/scales already quantized per token at the source;
-2. ``all_to_all`` the float rows, codes, scales and local expert ids;
+   destination are packed into ``dispatch_capacity`` slots (stable: token order is kept);
+2. ``all_to_all`` the rows and their local expert ids. A row travels as int8 codes and one float32
+   scale (H + 4 bytes instead of H times the float width; `dispatch_int8`) where the scheme quantizes
+   the routed activations per token anyway (``int8_routed``, ``int8_all``, ``int8_routed_prequant``:
+   the codes are the ones the expert would make from the float row, so the result is unchanged), and
+   for every scheme under ``LayerPlan.dispatch == "int8"``; otherwise as the float row;
 3. the local experts run the same up/down stages as one device, over the received rows;
 4. ``all_to_all`` the outputs back, unsort, and mix with the gate weights at the source.
+
+The backward's exchanges stay float: the cotangent of each received row goes back to its token
+(straight-through: the dispatch's quantizer is the identity for the gradient). One exception keeps float
+rows in the dispatch: the forward+backward program of ``int8_routed_prequant`` under the default
+dispatch, whose weight gradient is the float surrogate ``dw = x^T g`` of the un-quantized rows
+(MOE-I8-024), so the expert device needs those rows; it quantizes them itself.
 
 Routing, capacity and the balance loss are computed on the global token set before the dispatch, so
 they equal the one-device result; tokens are padded to a multiple of N with assignments that are
@@ -16,6 +25,8 @@ placed nowhere.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +43,7 @@ from .layer import (
     stage_up,
     weighted_sum,
 )
-from .quant import quantize_rows
+from .quant import dequantize, quantize_rows
 from .routing import RoutingOut, route
 
 AXIS = "ep"
@@ -52,7 +63,45 @@ def _exchange(values: jax.Array) -> jax.Array:
     return jax.lax.all_to_all(values, AXIS, 0, 0, tiled=True)
 
 
-def _local_layer(plan: LayerPlan, x, expert_ids, gates, kept, w13, w2, w13_q, w2_q):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def dispatch_int8(x: jax.Array, source: jax.Array, slot_of_assignment: jax.Array, top_k: int):
+    """Send token rows to their experts' devices as int8: (codes int8 [S, H], scale float32 [S, 1],
+    rows [S, H]) received, for the S dispatch slots of this device.
+
+    Each token row of ``x`` [T_l, H] is quantized once, here at its source (per token, as the expert
+    would); the codes and scales of the slots (``source``: the assignment filling each slot) are what
+    crosses the all-to-all. ``rows`` is the dequantized row, codes x scale, in x's dtype: what a float
+    expert computes with, and the carrier of the rows' gradient. Backward (straight-through): the rows'
+    cotangent goes back as float and is summed over each token's k slots; codes and scales get none.
+    """
+    codes, scale = quantize_rows(x)
+    codes_in = _exchange(gather_tokens(codes, source, top_k))
+    scale_in = _exchange(gather_tokens(scale, source, top_k))
+    return codes_in, scale_in, dequantize(codes_in, scale_in, x.dtype)
+
+
+def _dispatch_int8_forward(x, source, slot_of_assignment, top_k):
+    return dispatch_int8(x, source, slot_of_assignment, top_k), slot_of_assignment
+
+
+def _dispatch_int8_backward(top_k, slot_of_assignment, cotangents):
+    _, _, g_rows = cotangents
+    per_assignment = take_rows(_exchange(g_rows), slot_of_assignment)
+    tokens = slot_of_assignment.shape[0] // top_k
+    return per_assignment.reshape(tokens, top_k, *g_rows.shape[1:]).sum(axis=1), None, None
+
+
+dispatch_int8.defvjp(_dispatch_int8_forward, _dispatch_int8_backward)
+
+
+def sends_int8(plan: LayerPlan, differentiated: bool) -> bool:
+    """Whether the dispatch sends int8 codes + scales (see the module docstring)."""
+    if plan.dispatch == "int8":
+        return True
+    return plan.routed_activations_per_token and not (differentiated and plan.prequantized)
+
+
+def _local_layer(plan: LayerPlan, differentiated: bool, x, expert_ids, gates, kept, w13, w2, w13_q, w2_q):
     """One device's share: dispatch, local experts, return, combine. Returns (y_local, needed sizes)."""
     n, top_k = plan.ep_size, expert_ids.shape[1]
     local_experts = w13.shape[0]
@@ -61,18 +110,18 @@ def _local_layer(plan: LayerPlan, x, expert_ids, gates, kept, w13, w2, w13_q, w2
     send = place_rows(flat // local_experts, kept.reshape(-1), n, "padded", plan.dispatch_capacity)
     placed = send.source < assignments
     send_expert = jnp.where(placed, (flat % local_experts)[jnp.minimum(send.source, assignments - 1)], local_experts)
-    outgoing = {"rows": gather_token_rows(x, send.source, send.slot_of_row, top_k), "expert": send_expert}
-    if plan.routed_int8:
-        codes, scale = quantize_rows(x)
-        outgoing["codes"] = gather_tokens(codes, send.source, top_k)
-        outgoing["scale"] = gather_tokens(scale, send.source, top_k)
-    incoming = {name: _exchange(value) for name, value in outgoing.items()}
+    incoming_expert = _exchange(send_expert)
+    if sends_int8(plan, differentiated):
+        codes, scale, rows = dispatch_int8(x, send.source, send.slot_of_row, top_k)
+    else:  # float rows; an int8 scheme's expert quantizes them (`layer.routed_projection`)
+        codes = scale = None
+        rows = _exchange(gather_token_rows(x, send.source, send.slot_of_row, top_k))
 
-    received = place_rows(incoming["expert"], incoming["expert"] < local_experts, local_experts,
+    received = place_rows(incoming_expert, incoming_expert < local_experts, local_experts,
                           plan.formulation, plan.expert_capacity)
     layout = received.layout
-    rows = (permute_rows(incoming["rows"], received.source, received.slot_of_row),
-            *(take_rows(incoming[name], received.source) if name in incoming else None for name in ("codes", "scale")))
+    rows = (permute_rows(rows, received.source, received.slot_of_row),
+            *(None if value is None else take_rows(value, received.source) for value in (codes, scale)))
     hidden = stage_up(plan, rows, w13, w13_q, layout)
     out_rows = stage_down(plan, hidden, w2, w2_q, layout)
     returned = _exchange(permute_rows(out_rows, received.slot_of_row, received.source))
@@ -89,8 +138,13 @@ def _pad_tokens(values: jax.Array, tokens: int, fill) -> jax.Array:
     return jnp.concatenate([values, jnp.full((extra, *values.shape[1:]), fill, values.dtype)])
 
 
-def run_layer_ep(plan: LayerPlan, params: dict, frozen: dict, x: jax.Array) -> tuple[jax.Array, RoutingOut, dict]:
-    """(y, routing, needed sizes) with experts sharded over ``plan.mesh`` axis ``ep``."""
+def run_layer_ep(plan: LayerPlan, params: dict, frozen: dict, x: jax.Array, differentiated: bool = False
+                 ) -> tuple[jax.Array, RoutingOut, dict]:
+    """(y, routing, needed sizes) with experts sharded over ``plan.mesh`` axis ``ep``.
+
+    ``differentiated``: the program also takes the layer's VJP (it decides what the dispatch sends for
+    ``int8_routed_prequant``: `sends_int8`).
+    """
     n = plan.ep_size
     routing = route(plan.spec, x, params["router"], frozen.get("router_bias"))
     tokens = x.shape[0]
@@ -101,7 +155,7 @@ def run_layer_ep(plan: LayerPlan, params: dict, frozen: dict, x: jax.Array) -> t
     weights = (params["w13"], params["w2"], w13_q, w2_q)
     sharded = P(AXIS)
     in_specs = (sharded,) * 4 + jax.tree.map(lambda _: sharded, weights)
-    local = _shard_map(lambda *args: _local_layer(plan, *args), plan.mesh, in_specs,
+    local = _shard_map(lambda *args: _local_layer(plan, differentiated, *args), plan.mesh, in_specs,
                        (sharded, {"expert_capacity": P(), "dispatch_capacity": P()}))
     routed, needed = local(*local_inputs, *weights)
     y = finish(plan, routed[:tokens], shared_expert(plan, params, x))

@@ -50,7 +50,9 @@ class LayerPlan:
     ``experts`` is the spec's expert count rounded up to a multiple of ``ep_size`` (the extra experts
     are zero and never selected). ``expert_capacity``: rows per expert of the padded formulation
     (0 for ragged). ``dispatch_capacity``: rows each device sends to each other device (EP only).
-    ``platform``: the devices' JAX platform (``cpu``, ``gpu``, ...).
+    ``platform``: the devices' JAX platform (``cpu``, ``gpu``, ...). ``dispatch``: how expert
+    parallelism sends token rows, ``float`` (int8 codes only where the scheme quantizes routed
+    activations per token anyway) or ``int8`` (codes and scales for every scheme; see `expert_parallel`).
     """
 
     spec: MoESpec
@@ -63,6 +65,7 @@ class LayerPlan:
     dispatch_capacity: int = 0
     mesh: Any = None
     platform: str = "cpu"
+    dispatch: str = "float"
 
     @property
     def compute_dtype(self):
@@ -71,6 +74,10 @@ class LayerPlan:
     @property
     def routed_int8(self) -> bool:
         return get_scheme(self.scheme).routed_weights != "float"
+
+    @property
+    def routed_activations_per_token(self) -> bool:
+        return get_scheme(self.scheme).routed_activations == "per_token"
 
     @property
     def shared_int8(self) -> bool:

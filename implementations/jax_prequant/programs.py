@@ -31,9 +31,12 @@ from .quant import quantize_columns, quantize_per_expert
 from .routing import route
 
 
-def _run_layer(plan: LayerPlan, params: dict, frozen: dict, x: jax.Array):
-    """The layer on one device, or with its experts split over ``plan.ep_size`` devices."""
-    return (run_layer_ep if plan.ep_size > 1 else run_layer)(plan, params, frozen, x)
+def _run_layer(plan: LayerPlan, params: dict, frozen: dict, x: jax.Array, differentiated: bool = False):
+    """The layer on one device, or with its experts split over ``plan.ep_size`` devices
+    (``differentiated``: the program takes its VJP too)."""
+    if plan.ep_size > 1:
+        return run_layer_ep(plan, params, frozen, x, differentiated)
+    return run_layer(plan, params, frozen, x)
 
 
 class _Program:
@@ -80,7 +83,7 @@ def forward_backward(params: dict, frozen: dict, x: jax.Array, dy: jax.Array, ba
     """(d params, d x, needed sizes) of L = sum(y * dy) + balance_coeff * balance_loss."""
 
     def objective(params, x):
-        y, routing, needed = _run_layer(plan, params, frozen, x)
+        y, routing, needed = _run_layer(plan, params, frozen, x, differentiated=True)
         return (y, routing.balance_loss), needed
 
     (y, _), pullback, needed = jax.vjp(objective, params, x, has_aux=True)
@@ -147,6 +150,24 @@ def combine_stage(out_rows, packed: Packed, plan: LayerPlan):
 @_jit
 def shared_stage(params, x, plan: LayerPlan):
     return shared_expert(plan, params, x)
+
+
+# -- what a program sends ---------------------------------------------------------------------------------
+
+def exchanged_operands(program: _Program, *args, plan: LayerPlan) -> list[tuple[str, tuple[int, ...]]]:
+    """(dtype name, per-device shape) of the operand of every ``all_to_all`` in ``program`` traced for
+    these arguments, in program order (sub-programs included: shard_map bodies, custom VJPs, the
+    backward). Each device sends that many bytes per all-to-all, its own block included."""
+    from jax.extend.core import jaxprs_in_params
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "all_to_all":
+                yield from ((v.aval.dtype.name, tuple(v.aval.shape)) for v in eqn.invars)
+            for sub in jaxprs_in_params(eqn.params):
+                yield from walk(sub)
+
+    return list(walk(program.for_plan(plan).trace(*args, plan=plan).jaxpr.jaxpr))
 
 
 # -- compiled-program housekeeping ------------------------------------------------------------------------
