@@ -169,11 +169,27 @@ def test_expert_parallel_benchmark_torch_on_cpu():
     assert info["plain_all_to_all"]["gb_per_s"] > 0 and info["one_device"]["tokens_per_s"] > 0
 
 
-def test_expert_parallel_benchmark_jax_on_cpu():
+@pytest.mark.parametrize("scheme", ("none", "int8_routed_prequant"))
+def test_expert_parallel_benchmark_jax_on_cpu(scheme):
     pytest.importorskip("jax")
     from qmoe.implementations.jax_prequant import JaxPrequantBackend
 
-    info = ep_bench.measure(JaxPrequantBackend, None, _bench("int8_routed_prequant"))
+    info = ep_bench.measure(JaxPrequantBackend, None, _bench(scheme))
     assert info["float"]["output_error_vs_one_device"] <= 1e-5
     assert info["float"]["all_to_all_bytes_total"] > 0 and info["plain_all_to_all"]["gb_per_s"] > 0
     assert info["ep_backend"] == "jax_prequant" and info["ep_size"] == 2
+    hidden = ep_bench.EP_CPU_TINY.hidden
+    sent = {d: [(dtype, tuple(shape)) for dtype, shape in info[d]["all_to_all_operands_per_device"]]
+            for d in ("float", "int8")}
+    slots = 2 * info["float"]["dispatch_capacity_rows"]
+    ids, rows, codes, scale = ("int32", (slots,)), ("float32", (slots, hidden)), ("int8", (slots, hidden)), \
+        ("float32", (slots, 1))
+    assert sent["int8"] == [ids, codes, scale, rows]  # expert ids, codes and scales out; outputs back
+    assert info["int8"]["all_to_all_bytes_total"] == 2 * slots * (4 + hidden + 4 + 4 * hidden)
+    if scheme == "none":  # float rows out, float outputs back; int8 dispatch saves 3H - 4 of 8H + 4 bytes
+        assert sent["float"] == [ids, rows, rows]
+        assert info["int8_dispatch_saving"]["bytes"] == pytest.approx((3 * hidden - 4) / (8 * hidden + 4))
+        assert info["int8_check"]["int8_dispatch_check"] == "sqnr"
+    else:  # the scheme's own dispatch already sends the codes its experts quantize: nothing left to save
+        assert sent["float"] == sent["int8"] and info["int8_dispatch_saving"]["bytes"] == 0
+        assert info["int8_check"]["int8_dispatch_check"] == "tight" and info["int8_check"]["int8_dispatch_error"] == 0

@@ -24,10 +24,14 @@ programs' router GEMMs differ in shape — so their rows are counted and reporte
 torch_triton (``expert_parallel_processes``) runs in the session's pool of N ranks
 (`qmoe.suite.process_group`; NCCL on GPUs, gloo on CPU): each rank builds the inputs itself (seeded:
 every rank has the same batch), times with CUDA events on a GPU (``perf_counter`` on CPU), never a
-host-device copy. jax_prequant runs in this process over N devices (fake CPU devices in CI): its
-expert-parallel layer is one XLA program, so it has no stage split; its all-to-all bytes are those of
-its static dispatch buffers (N x N slots of ``dispatch_capacity`` rows; int8 schemes send the float row,
-its codes and its scale), and its plain all-to-all is ``jax.lax.all_to_all`` of those bytes.
+host-device copy. jax_prequant runs in this process over N devices (fake CPU devices in CI), float and
+int8 dispatch each from ``JaxPrequantBackend(device, ep_dispatch=...)``: its expert-parallel layer is one XLA
+program, so it has no stage split; its all-to-all bytes are read from the timed program itself (the operands
+of its ``all_to_all`` operations, static buffers of N x N blocks of ``dispatch_capacity`` rows; forward +
+backward includes the backward's exchanges), and its plain all-to-all is ``jax.lax.all_to_all`` of one float
+dispatch's row bytes. Its int8 routed schemes send int8 codes + scales under either dispatch (the expert
+would make the same codes), so their byte saving is zero except for ``int8_routed_prequant`` forward +
+backward, whose float dispatch sends the float rows its weight gradient needs.
 """
 
 from __future__ import annotations
@@ -297,6 +301,14 @@ def measure_torch(backend_cls: type, device: str | None, bench: EPBench) -> dict
 
 
 # -- jax_prequant: in this process, over N devices ----------------------------------------------------------
+def sent_bytes(operands: list[tuple[str, tuple[int, ...]]], devices: int) -> dict:
+    """All-to-all bytes of a jax program from its operands (dtype, per-device shape): each device sends its
+    operands whole, 1/N of each to itself (tiled, equal blocks), the rest off-device."""
+    per_device = sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for dtype, shape in operands)
+    return {"all_to_all_bytes_total": devices * per_device,
+            "all_to_all_bytes_off_rank": devices * per_device * (devices - 1) // devices}
+
+
 def measure_jax(backend_cls: type, device: str | None, bench: EPBench) -> dict:
     import jax
     import jax.numpy as jnp
@@ -306,11 +318,11 @@ def measure_jax(backend_cls: type, device: str | None, bench: EPBench) -> dict:
     from qmoe.suite.bounds import routing_undecided
     from qmoe.suite.tolerances import tolerance
 
-    backend = backend_cls(device)
     spec = bench.shape.spec(bench.top_k)
     params = workload.make_params(bench.shape, bench.routing, bench.dtype)
     item = workload.make_inputs(bench.shape, bench.dtype, 1)[0]
     passes = "forward" if bench.pass_ == "forward" else "backward"
+    n = bench.ep_size
 
     def timed(step) -> list[float]:
         for _ in range(bench.warmup):
@@ -322,48 +334,61 @@ def measure_jax(backend_cls: type, device: str | None, bench: EPBench) -> dict:
             times.append(time.perf_counter() - start)
         return times
 
-    sharded = backend.prepare(spec, params, bench.scheme, bench.dtype, ep_size=bench.ep_size)
-    one = backend.prepare(spec, params, bench.scheme, bench.dtype)
-    sharded_s = timed(backend.benchmark_step(sharded, item.x, passes, item.dy))
-    one_s = timed(backend.benchmark_step(one, item.x, passes, item.dy))
-    r_sharded, r_one = backend.forward(sharded, item.x), backend.forward(one, item.x)
+    one_backend = backend_cls(device)
+    one = one_backend.prepare(spec, params, bench.scheme, bench.dtype)
+    one_s = timed(one_backend.benchmark_step(one, item.x, passes, item.dy))
+    r_one = one_backend.forward(one, item.x)
+    del one
     undecided = routing_undecided(spec, params, item.x)
-    checked = compare_to_one_device(bench.id, tolerance(bench.scheme, bench.dtype, "expert_parallel"), r_sharded.y,
-                                    r_one.y, undecided, r_sharded.expert_ids, r_one.expert_ids)
+    tol = tolerance(bench.scheme, bench.dtype, "expert_parallel")
+    info: dict[str, Any] = {}
+    outputs = {}
+    for dispatch in ("float", "int8"):
+        backend = backend_cls(device, ep_dispatch=dispatch)
+        sharded = backend.prepare(spec, params, bench.scheme, bench.dtype, ep_size=n)
+        sharded_s = timed(backend.benchmark_step(sharded, item.x, passes, item.dy))
+        result = backend.forward(sharded, item.x)
+        operands = backend.all_to_all_operands(sharded, item.x, passes, item.dy)
+        _, capacity = sharded.sizes[bench.shape.tokens]
+        mesh = sharded.plan.mesh
+        seconds = _median(sharded_s)
+        info[dispatch] = {"seconds_per_round": sharded_s, "seconds_median": seconds,
+                          "tokens_per_s": bench.shape.tokens / seconds,
+                          "stage_seconds_per_rank": None,
+                          "stage_note": "one XLA program: dispatch, experts and combine are not separable without "
+                                        "changing it",
+                          "dispatch_capacity_rows": capacity,
+                          "all_to_all_operands_per_device": [[dtype, list(shape)] for dtype, shape in operands],
+                          **sent_bytes(operands, n)}
+        if dispatch == "float":
+            info[dispatch].update(compare_to_one_device(bench.id, tol, result.y, r_one.y, undecided,
+                                                        result.expert_ids, r_one.expert_ids))
+        else:  # int8 dispatch is checked against float dispatch (int8_check); its distance is recorded
+            info[dispatch]["output_error_vs_one_device"] = _relative_row_error(result.y, r_one.y)
+        outputs[dispatch] = result.y
+        del sharded
+    info["int8_check"] = check_int8_dispatch(bench.scheme, bench.dtype, outputs["float"], outputs["int8"])
+    info["int8_dispatch_saving"] = {
+        "bytes": 1 - info["int8"]["all_to_all_bytes_off_rank"] / max(info["float"]["all_to_all_bytes_off_rank"], 1),
+        "dispatch_seconds": None,  # no stage split (stage_note)
+        "layer_seconds": 1 - info["int8"]["seconds_median"] / info["float"]["seconds_median"]}
 
-    n = bench.ep_size
-    _, capacity = sharded.sizes[bench.shape.tokens]
+    # a plain all-to-all of one float dispatch's row bytes (N x N blocks of `capacity` rows), equal blocks
     width = np.dtype(np.float32).itemsize if bench.dtype == "float32" else 2
-    per_row = bench.shape.hidden * width + 4  # the row and its local expert id (int32)
-    if sharded.plan.routed_int8:
-        per_row += bench.shape.hidden + 4      # its int8 codes and float32 scale, sent beside it
-    slots = n * capacity                       # per device: a block of `capacity` slots for every device
-    dispatch_bytes, combine_bytes = slots * per_row, slots * bench.shape.hidden * width
+    row_bytes = n * info["float"]["dispatch_capacity_rows"] * bench.shape.hidden * width
     off_rank = (n - 1) / n
-    mesh = sharded.plan.mesh
-    plain = jax.device_put(jnp.zeros((n * max(1, -(-dispatch_bytes // n)),), jnp.uint8).reshape(n, -1).repeat(n, 0),
+    plain = jax.device_put(jnp.zeros((n * max(1, -(-row_bytes // n)),), jnp.uint8).reshape(n, -1).repeat(n, 0),
                            jax.sharding.NamedSharding(mesh, P(AXIS)))
     exchange = jax.jit(_shard_map(lambda v: jax.lax.all_to_all(v, AXIS, 0, 0, tiled=True), mesh, (P(AXIS),),
                                   P(AXIS)))
     plain_s = timed(lambda: jax.block_until_ready(exchange(plain)))
-    seconds, one_seconds, plain_median = _median(sharded_s), _median(one_s), _median(plain_s)
-    return {
-        "float": {"seconds_per_round": sharded_s, "seconds_median": seconds,
-                  "tokens_per_s": bench.shape.tokens / seconds,
-                  "stage_seconds_per_rank": None,
-                  "stage_note": "one XLA program: dispatch, experts and combine are not separable without "
-                                "changing it",
-                  "dispatch_capacity_rows": capacity,
-                  "all_to_all_bytes_total": n * (dispatch_bytes + combine_bytes),
-                  "all_to_all_bytes_off_rank": int(n * (dispatch_bytes + combine_bytes) * off_rank),
-                  **checked},
-        "plain_all_to_all": {"bytes_per_rank": int(plain.nbytes // n), "seconds_median": plain_median,
-                             "gb_per_s": plain.nbytes / n * off_rank / plain_median / 1e9},
-        "one_device": {"seconds_median": one_seconds, "tokens_per_s": bench.shape.tokens / one_seconds,
-                       "seconds_per_round": one_s},
-        "speedup_vs_one_device": one_seconds / seconds,
-        "int8_dispatch": "not offered by jax_prequant (its int8 schemes send codes and scales beside the float row)",
-    }
+    one_seconds, plain_median = _median(one_s), _median(plain_s)
+    info["plain_all_to_all"] = {"bytes_per_rank": int(plain.nbytes // n), "seconds_median": plain_median,
+                                "gb_per_s": plain.nbytes / n * off_rank / plain_median / 1e9}
+    info["one_device"] = {"seconds_median": one_seconds, "tokens_per_s": bench.shape.tokens / one_seconds,
+                          "seconds_per_round": one_s}
+    info["speedup_vs_one_device"] = one_seconds / info["float"]["seconds_median"]
+    return info
 
 
 def measure(backend_cls: type, device: str | None, bench: EPBench) -> dict:
