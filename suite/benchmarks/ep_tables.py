@@ -183,8 +183,9 @@ def render(docs: list[dict], notes: tuple[str, ...] = ()) -> str:
                   tabulate(stages, headers=headers, tablefmt="github", disable_numparse=True), ""]
     lines += ["## All-to-all: bytes and achieved bandwidth (float dispatch)", "",
               "`dispatch MB` = the largest off-rank dispatch-row bytes of a rank; `exchanged MB` = off-rank bytes "
-              "of the forward's exchanges (dispatch rows + metadata + combine; jax_prequant: its static dispatch "
-              "and combine buffers), all ranks, the backward's not counted; `dispatch GB/s` = off-rank dispatch "
+              "of the forward's exchanges (dispatch rows + metadata + combine; jax_prequant: the all-to-all "
+              "operands of its compiled program, the backward's included in fwd+bwd rows), all ranks (torch: "
+              "the backward's not counted); `dispatch GB/s` = off-rank dispatch "
               "bytes per rank over the slowest rank's dispatch time; the plain all-to-all sends the dispatch's "
               "bytes in equal blocks (off-rank MB per rank shown) in the same processes; `ratio` = dispatch "
               "GB/s / plain GB/s.", "",
@@ -195,7 +196,7 @@ def render(docs: list[dict], notes: tuple[str, ...] = ()) -> str:
     if int8:
         lines += ["## Int8 dispatch (rows sent as int8 codes + a float32 scale)", "",
                   "Savings are 1 - int8 / float: bytes of the forward's exchanges (dispatch rows + metadata + "
-                  "combine, all ranks; the backward's exchanges are not counted, in fwd+bwd rows too), the dispatch "
+                  "combine, all ranks; torch's backward exchanges are not counted, jax_prequant's are), the dispatch "
                   "stage's time (slowest rank), the layer's time; negative = int8 dispatch is slower. Check: "
                   "under schemes that quantize routed activations per token the output must equal float "
                   "dispatch's (tight); otherwise an SQNR floor.", "",
