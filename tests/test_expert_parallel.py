@@ -178,6 +178,12 @@ def test_expert_parallel_benchmark_jax_on_cpu(scheme):
     assert info["float"]["output_error_vs_one_device"] <= 1e-5
     assert info["float"]["all_to_all_bytes_total"] > 0 and info["plain_all_to_all"]["gb_per_s"] > 0
     assert info["ep_backend"] == "jax_prequant" and info["ep_size"] == 2
+    for dispatch in ("float", "int8"):  # the forward's stage programs, one figure each, composed exactly
+        record = info[dispatch]
+        assert set(record["stage_seconds_per_rank"]) == {"route", "dispatch", "experts", "combine"}
+        assert all(len(v) == 1 and v[0] > 0 for v in record["stage_seconds_per_rank"].values())
+        assert record["stages_equal_program"] and record["dispatch_gb_per_s"] > 0
+    assert info["int8_dispatch_saving"]["dispatch_seconds"] is not None
     hidden = ep_bench.EP_CPU_TINY.hidden
     sent = {d: [(dtype, tuple(shape)) for dtype, shape in info[d]["all_to_all_operands_per_device"]]
             for d in ("float", "int8")}

@@ -3,7 +3,8 @@
 ``forward``: y, routing and the sizes the routing needs. ``forward_backward``: the VJP of
 (y, balance_loss) for cotangents (dy, balance_coeff) — the gradient of
 ``sum(y * dy) + balance_coeff * balance_loss`` — with respect to x and the float parameters.
-The stage programs (pack, up, down, combine, shared) time the forward's parts separately.
+The stage programs (pack, up, down, combine, shared) time the forward's parts separately; on an
+expert-parallel plan, `ep_forward_stages` (route, dispatch, experts, combine, shared).
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ import jax
 import jax.numpy as jnp
 
 from .env import INT8_GPU_OPTIONS
-from .expert_parallel import run_layer_ep
+from .expert_parallel import (
+    run_layer_ep,
+    stage_combine_ep,
+    stage_dispatch_ep,
+    stage_experts_ep,
+    stage_route_ep,
+)
 from .layer import (
     LayerPlan,
     Packed,
@@ -152,6 +159,51 @@ def shared_stage(params, x, plan: LayerPlan):
     return shared_expert(plan, params, x)
 
 
+# -- stages of the expert-parallel forward (over the plan's mesh), for stage timing -----------------------
+
+@_jit
+def ep_route_stage(params, frozen, x, plan: LayerPlan):
+    return stage_route_ep(plan, params, frozen, x)
+
+
+@_jit
+def ep_dispatch_stage(send_expert, payload, plan: LayerPlan):
+    return stage_dispatch_ep(plan, send_expert, payload)
+
+
+@_jit
+def ep_experts_stage(params, frozen, incoming_expert, received, plan: LayerPlan):
+    return stage_experts_ep(plan, params, frozen, incoming_expert, received)
+
+
+@_jit
+def ep_combine_stage(x, back, sent, gates, shared, plan: LayerPlan):
+    return stage_combine_ep(plan, x, back, sent, gates, shared)
+
+
+def ep_forward_stages(params: dict, frozen: dict, x: jax.Array, plan: LayerPlan):
+    """The expert-parallel forward run once as its separately jitted stage programs (`expert_parallel`'s
+    ``stage_*_ep``): (y, {stage: a callable re-running that stage program on the same inputs}).
+
+    Stages, as torch_triton's: ``route`` (routing on the global tokens + each source's dispatch placement
+    and payload: rows gathered, or quantized to int8 codes + scales), ``dispatch`` (the all-to-alls of the
+    slots' expert ids and payload), ``experts`` (the local experts on the received slots), ``combine``
+    (reverse all-to-all + gate-weighted sum + the shared expert's output), and ``shared`` (the shared
+    expert) where the layer has one. y equals `forward`'s."""
+    _, gates, sent = ep_route_stage(params, frozen, x, plan)
+    incoming, received = ep_dispatch_stage(sent["send_expert"], sent["payload"], plan)
+    back = ep_experts_stage(params, frozen, incoming, received, plan)
+    shared = shared_stage(params, x, plan) if "shared_w13" in params else None
+    y = ep_combine_stage(x, back, sent, gates, shared, plan)
+    stages = {"route": lambda: ep_route_stage(params, frozen, x, plan),
+              "dispatch": lambda: ep_dispatch_stage(sent["send_expert"], sent["payload"], plan),
+              "experts": lambda: ep_experts_stage(params, frozen, incoming, received, plan),
+              "combine": lambda: ep_combine_stage(x, back, sent, gates, shared, plan)}
+    if shared is not None:
+        stages["shared"] = lambda: shared_stage(params, x, plan)
+    return y, stages
+
+
 # -- what a program sends ---------------------------------------------------------------------------------
 
 def exchanged_operands(program: _Program, *args, plan: LayerPlan) -> list[tuple[str, tuple[int, ...]]]:
@@ -173,7 +225,8 @@ def exchanged_operands(program: _Program, *args, plan: LayerPlan) -> list[tuple[
 # -- compiled-program housekeeping ------------------------------------------------------------------------
 
 _PROGRAMS = (forward, forward_backward, routing_only, bypass, quantize_experts, transpose_codes, quantize_shared,
-             pack_stage, up_stage, down_stage, combine_stage, shared_stage)
+             pack_stage, up_stage, down_stage, combine_stage, shared_stage, ep_route_stage, ep_dispatch_stage,
+             ep_experts_stage, ep_combine_stage)
 #: Layer plans whose programs may stay compiled at once.
 MAX_LIVE_PLANS = 32
 _live_plans: set = set()

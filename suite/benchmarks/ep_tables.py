@@ -6,8 +6,9 @@
 
 * layer time: the sharded layer (slowest rank, float dispatch) and the same layer on one device on the same
   global batch, tokens/s of each, the speed-up, and the sharded output's distance from the one-device one;
-* stage times per rank (process-group backends: route, dispatch, experts, combine, backward), float and
-  int8 dispatch;
+* stage times per rank (process-group backends: route, dispatch, experts, combine, backward; jax_prequant:
+  its forward's separately timed stage programs, one figure per stage for all devices), float and int8
+  dispatch;
 * all-to-all: bytes each rank sends to the other ranks, the dispatch's achieved GB/s against a plain
   all-to-all of the same size in the same processes;
 * int8 dispatch: its saving in bytes, dispatch seconds and layer seconds (negative: slower), and its check;
@@ -178,8 +179,12 @@ def render(docs: list[dict], notes: tuple[str, ...] = ()) -> str:
         lines += ["## Stage times per rank (ms, median over rounds; rank 0 / rank 1)", "",
                   "`dispatch` = counts exchange + row all-to-all; `combine` = reverse all-to-all + gate-weighted "
                   "sum (it includes waiting for the slower rank's experts); `backward` = the whole backward with "
-                  "both reverse exchanges. Backends running the layer as one program (jax_prequant) have no "
-                  "stage split.", "",
+                  "both reverse exchanges. jax_prequant (one figure per stage, all devices together: the slowest "
+                  "device): its forward cut at its all-to-alls into separately jitted programs over the same mesh "
+                  "(route + the dispatch's placement and payload at the source, dispatch, experts, combine + the "
+                  "shared expert's output, shared), each timed alone; the layer column stays the one fused "
+                  "program, which the stages' sum exceeds by their launches and materialized intermediates "
+                  "(forward stages only, no backward split).", "",
                   tabulate(stages, headers=headers, tablefmt="github", disable_numparse=True), ""]
     lines += ["## All-to-all: bytes and achieved bandwidth (float dispatch)", "",
               "`dispatch MB` = the largest off-rank dispatch-row bytes of a rank; `exchanged MB` = off-rank bytes "

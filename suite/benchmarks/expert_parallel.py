@@ -25,10 +25,14 @@ torch_triton (``expert_parallel_processes``) runs in the session's pool of N ran
 (`qmoe.suite.process_group`; NCCL on GPUs, gloo on CPU): each rank builds the inputs itself (seeded:
 every rank has the same batch), times with CUDA events on a GPU (``perf_counter`` on CPU), never a
 host-device copy. jax_prequant runs in this process over N devices (fake CPU devices in CI), float and
-int8 dispatch each from ``JaxPrequantBackend(device, ep_dispatch=...)``: its expert-parallel layer is one XLA
-program, so it has no stage split; its all-to-all bytes are read from the timed program itself (the operands
-of its ``all_to_all`` operations, static buffers of N x N blocks of ``dispatch_capacity`` rows; forward +
-backward includes the backward's exchanges), and its plain all-to-all is ``jax.lax.all_to_all`` of one float
+int8 dispatch each from ``JaxPrequantBackend(device, ep_dispatch=...)``: its timed expert-parallel layer is
+one XLA program; its stage times (route, dispatch, experts, combine, shared; forward only) come from the
+same forward cut at its all-to-alls into separately jitted programs over the same mesh, each timed alone
+after warm-up with ``block_until_ready`` (`jax_stage_seconds`): one figure per stage for all devices, whose
+sum exceeds the fused program's forward by the launches and the materialized intermediates. Its all-to-all
+bytes are read from the timed program itself (the operands of its ``all_to_all`` operations, static buffers
+of N x N blocks of ``dispatch_capacity`` rows; forward + backward includes the backward's exchanges), and
+its plain all-to-all is ``jax.lax.all_to_all`` of one float
 dispatch's row bytes. Its int8 routed schemes send int8 codes + scales under either dispatch (the expert
 would make the same codes), so their byte saving is zero except for ``int8_routed_prequant`` forward +
 backward, whose float dispatch sends the float rows its weight gradient needs.
@@ -309,6 +313,38 @@ def sent_bytes(operands: list[tuple[str, tuple[int, ...]]], devices: int) -> dic
             "all_to_all_bytes_off_rank": devices * per_device * (devices - 1) // devices}
 
 
+def jax_stage_seconds(backend, sharded, x: np.ndarray, timed, tol, bench_id: str, y_program: np.ndarray) -> dict:
+    """Stage times of jax_prequant's expert-parallel forward, from its separately jitted stage programs over the
+    same mesh (`programs.ep_forward_stages`: route, dispatch, experts, combine, shared), each timed alone on
+    device-resident inputs (``timed``: warm-up rounds, then rounds each ending in ``block_until_ready``).
+
+    One figure per stage (a one-element list under ``stage_seconds_per_rank``): each stage is one SPMD program
+    over all N devices, timed until every device's share is ready (the slowest device). They are a
+    decomposition beside the timed one-program layer, not a split of it: their sum exceeds the fused
+    program's forward time by N launches and the materialized intermediates between them. The composed
+    stages' output is checked against the one program's (``y_program``); raises AssertionError if apart."""
+    import jax
+
+    from qmoe.implementations.jax_prequant import programs
+
+    x_dev = backend._put_tokens(sharded, x)
+    plan = backend._plan_for(sharded, x_dev)
+    y_stages, stages = programs.ep_forward_stages(sharded.params, sharded.frozen, x_dev, plan)
+    y_stages = np.asarray(y_stages, dtype=np.float64)
+    error = _relative_row_error(y_stages, y_program)
+    assert error <= tol.tight, f"{bench_id}: the composed stage programs differ from the one program by {error:.3e}"
+    seconds = {name: [_median(timed(lambda run=run: jax.block_until_ready(run())))] for name, run in stages.items()}
+    _, received = stages["dispatch"]()
+    rows_bytes = sum(value.nbytes for value in received) / plan.ep_size  # each device's dispatch payload
+    off_rank = rows_bytes * (plan.ep_size - 1) / plan.ep_size
+    dispatch_s = seconds["dispatch"][0]
+    return {"stage_seconds_per_rank": seconds, "stage_seconds_sum": sum(v[0] for v in seconds.values()),
+            "stage_note": "forward stages as separate programs over all devices (one figure each, the slowest "
+                          "device); the timed layer is the one fused program",
+            "stages_error_vs_program": error, "stages_equal_program": bool(np.array_equal(y_stages, y_program)),
+            "dispatch_gb_per_s": off_rank / dispatch_s / 1e9 if dispatch_s else None}
+
+
 def measure_jax(backend_cls: type, device: str | None, bench: EPBench) -> dict:
     import jax
     import jax.numpy as jnp
@@ -352,11 +388,9 @@ def measure_jax(backend_cls: type, device: str | None, bench: EPBench) -> dict:
         _, capacity = sharded.sizes[bench.shape.tokens]
         mesh = sharded.plan.mesh
         seconds = _median(sharded_s)
+        stages = jax_stage_seconds(backend, sharded, item.x, timed, tol, bench.id, result.y)
         info[dispatch] = {"seconds_per_round": sharded_s, "seconds_median": seconds,
-                          "tokens_per_s": bench.shape.tokens / seconds,
-                          "stage_seconds_per_rank": None,
-                          "stage_note": "one XLA program: dispatch, experts and combine are not separable without "
-                                        "changing it",
+                          "tokens_per_s": bench.shape.tokens / seconds, **stages,
                           "dispatch_capacity_rows": capacity,
                           "all_to_all_operands_per_device": [[dtype, list(shape)] for dtype, shape in operands],
                           **sent_bytes(operands, n)}
@@ -370,7 +404,8 @@ def measure_jax(backend_cls: type, device: str | None, bench: EPBench) -> dict:
     info["int8_check"] = check_int8_dispatch(bench.scheme, bench.dtype, outputs["float"], outputs["int8"])
     info["int8_dispatch_saving"] = {
         "bytes": 1 - info["int8"]["all_to_all_bytes_off_rank"] / max(info["float"]["all_to_all_bytes_off_rank"], 1),
-        "dispatch_seconds": None,  # no stage split (stage_note)
+        "dispatch_seconds": 1 - max(info["int8"]["stage_seconds_per_rank"]["dispatch"])
+        / max(info["float"]["stage_seconds_per_rank"]["dispatch"]),
         "layer_seconds": 1 - info["int8"]["seconds_median"] / info["float"]["seconds_median"]}
 
     # a plain all-to-all of one float dispatch's row bytes (N x N blocks of `capacity` rows), equal blocks
