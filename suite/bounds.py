@@ -143,17 +143,21 @@ class CaseBounds:
             return self.tol.tight + float(self.expert_logit[expert])
         return self.tol.tight
 
+    def flip_allowance(self, name: str, expert: int | None = None) -> np.ndarray | float:
+        """The possible int8 code flips' effect on a gradient (0 without an envelope), by row as `gradient`."""
+        if self.envelope is None:
+            return 0.0
+        values = self.envelope.grads[name]
+        if expert is not None:
+            values = values[expert][None]
+        elif name != "x":
+            values = values[None]
+        return self._flips(values)
+
     def gradient(self, name: str, expert: int | None = None) -> Bound:
         """A gradient: ``x`` by token, weight gradients by expert (``expert``) or whole, the router whole."""
         relative = self._gradient_relative(name, expert)
         reason = f"{self._reason()}; plus the gates' logit rounding and the router VJP's own rounding"
         vjp = 0.0 if self.router_terms is None else router_vjp_rounding(self.tol.tight, self.router_terms, self.x,
                                                                         self.router, name)
-        if self.envelope is None:
-            return Bound(relative, vjp, reason)
-        values = self.envelope.grads[name]
-        if expert is not None:
-            values = values[expert][None]
-        elif name != "x":
-            values = values[None]
-        return Bound(relative, self._flips(values) + vjp, reason)
+        return Bound(relative, self.flip_allowance(name, expert) + vjp, reason)
