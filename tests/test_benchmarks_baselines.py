@@ -22,13 +22,7 @@ from qmoe.suite.benchmarks import graphs, harness, memory, metrics, outputs, sha
 from qmoe.suite.benchmarks.peers import PEERS, GemmBound, balanced_expert_ids
 
 from .test_benchmarks import FakeBenchmark
-
-
-def _torch_or_skip():
-    pytest.importorskip("torch")
-    reason = GemmBound.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
+from .test_benchmarks import _gemm_bound_or_skip as _torch_or_skip
 
 
 # -- the int8 GEMM bound --------------------------------------------------------------------------------------------
