@@ -14,9 +14,9 @@ import numpy as np
 
 from qmoe import reference
 from qmoe.reference import FlipEnvelope, MoEParams, MoESpec
-from qmoe.reference.flips import gate_cotangent_magnitude
+from qmoe.reference.flips import UNIT_ROUNDOFF, gate_cotangent_magnitude
 
-from .tolerances import FLIP_SAFETY, FLOAT32_EPS, GATE_RELATIVE, LOGIT_ERROR_TERMS, Tolerance
+from .tolerances import FLIP_SAFETY, FLOAT32_EPS, GATE_RELATIVE, LOGIT_ERROR_TERMS, ROUTER_VJP_ROUNDINGS, Tolerance
 
 
 def effective_as_params(backend, prepared) -> MoEParams:
@@ -64,19 +64,24 @@ def gate_weight_bound(params: MoEParams, x: np.ndarray) -> np.ndarray:
     return GATE_RELATIVE + logit_error_bound(params, x)
 
 
-def router_vjp_rounding(tight: float, terms: np.ndarray, x: np.ndarray, router: np.ndarray,
+def router_vjp_scale(dtype: str) -> float:
+    """The relative rounding of the router VJP's terms in a backend computing in ``dtype``."""
+    return ROUTER_VJP_ROUNDINGS * UNIT_ROUNDOFF[dtype]
+
+
+def router_vjp_rounding(scale: float, terms: np.ndarray, x: np.ndarray, router: np.ndarray,
                         name: str) -> np.ndarray | float:
     """What rounding inside d logits does to dR = x^T d logits (``router``: one norm) and to dx's router
     share d logits R^T (``x``: per token); 0 for other tensors.
 
     ``terms`` [T, E] are the router VJP's terms (`reference.gate_cotangent_magnitude`); a backend errs
-    by ``tight`` times them, which a bound relative to the result misses where d logits is a
+    by ``scale`` (`router_vjp_scale`) times them, which a bound relative to the result misses where d logits is a
     cancellation (saturated gates, an outlier token).
     """
     if name == "router":
-        return tight * float(np.linalg.norm(np.abs(x).T @ terms))
+        return scale * float(np.linalg.norm(np.abs(x).T @ terms))
     if name == "x":
-        return tight * np.linalg.norm(terms @ np.abs(router).T, axis=1)
+        return scale * np.linalg.norm(terms @ np.abs(router).T, axis=1)
     return 0.0
 
 
@@ -103,6 +108,7 @@ class CaseBounds:
         #: [T, E] the terms of each token's router VJP (None without dy: forward-only comparisons)
         self.router_terms = None if dy is None else gate_cotangent_magnitude(spec, params, x, dy, scheme)
         self.router = params.router
+        self.vjp_scale = router_vjp_scale(dtype)
         self.x = x
         self.envelope: FlipEnvelope | None = None
         if tol.flip_aware and reference.get_scheme(scheme).quantized:
@@ -158,6 +164,6 @@ class CaseBounds:
         """A gradient: ``x`` by token, weight gradients by expert (``expert``) or whole, the router whole."""
         relative = self._gradient_relative(name, expert)
         reason = f"{self._reason()}; plus the gates' logit rounding and the router VJP's own rounding"
-        vjp = 0.0 if self.router_terms is None else router_vjp_rounding(self.tol.tight, self.router_terms, self.x,
+        vjp = 0.0 if self.router_terms is None else router_vjp_rounding(self.vjp_scale, self.router_terms, self.x,
                                                                         self.router, name)
         return Bound(relative, self.flip_allowance(name, expert) + vjp, reason)

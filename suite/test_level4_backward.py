@@ -12,7 +12,7 @@ import pytest
 
 from qmoe import reference
 from qmoe.reference.flips import gate_cotangent_magnitude
-from qmoe.suite.bounds import CaseBounds, effective_as_params, router_vjp_rounding
+from qmoe.suite.bounds import CaseBounds, effective_as_params, router_vjp_rounding, router_vjp_scale
 from qmoe.suite.cases import BALANCE_COEFF
 from qmoe.suite.checks import assert_close, assert_exactly_zero, assert_sqnr, fail
 from qmoe.suite.tolerances import tolerance
@@ -62,8 +62,9 @@ def test_backward_fidelity(target, data, backend_backward):
     grads = backend_backward
     expected = reference.backward(data.spec, data.params, data.x, data.dy, "none", BALANCE_COEFF)
     terms = gate_cotangent_magnitude(data.spec, data.params, data.x, data.dy, target.scheme)
+    scale = router_vjp_scale(target.dtype)
     for name, value in expected.items():
         floor = tol.floor(_kind(name))
         if floor is not None:
-            noise = np.linalg.norm(router_vjp_rounding(tol.tight, terms, data.x, data.params.router, name))
+            noise = np.linalg.norm(router_vjp_rounding(scale, terms, data.x, data.params.router, name))
             assert_sqnr(grads[name], value, floor, f"grad.{name} vs float", rounding_noise=float(noise))

@@ -173,6 +173,12 @@ GATE_RELATIVE = 1e-5
 #: ... plus the logits' rounding: a gate is exp/sigmoid of a logit (difference), so an absolute logit error
 #: e is a relative gate error e; a float32 logit errs by ~u * sum_i |x_i r_i|, and a difference has two.
 LOGIT_ERROR_TERMS = 2
+#: The router VJP's own rounding (`qmoe.reference.routing_vjp_terms`, applied by `qmoe.suite.bounds`): a gate's
+#: cotangent dy . out in the compute dtype errs by u x its terms, and a backend may evaluate it twice and keep
+#: the difference (XLA:GPU, one evaluation per fusion; a saturated gate then subtracts two roundings): two
+#: roundings of u each. H200, jax_prequant zero_rows_outliers float32, 2026-11-30: dR off by 1.19e3 where
+#: the reference's is 0 for that token.
+ROUTER_VJP_ROUNDINGS = 2
 #: Gates below float32's smallest normal number may flush to zero in a correct float32 router.
 GATE_UNDERFLOW = 2.0 ** -126
 #: Router gradients carry p (1 - p) (or s (1 - s)), which float32 computes with absolute error ~u: relative
