@@ -10,6 +10,7 @@ name from pytest-benchmark's machine_info, the thread limit, and the bfloat16 ro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -219,6 +220,9 @@ def test_gemm_bound_runs_through_the_harness_with_its_output_checked(pass_id, sh
     assert info["output_check"]["inputs"] == 2 and info["output_check"]["min_sqnr_db"] > 100
     assert info["bound"] and info["peer"] and info["routing_fixed"] and info["load_imbalance"] == 1.0
     assert info["flops"] == metrics.flops(shape.spec(2), 48, case.pass_name)
+    assert {"inputs", "prepare", "rounds", "check"} <= set(info["phase_s"])
+    totals = plugin.phase_totals([info, info])
+    assert totals["rounds"] == 2 * info["phase_s"]["rounds"] and list(totals.values()) == sorted(totals.values())[::-1]
 
 
 class _BoundWithoutSharedExpert(GemmBound):
@@ -249,9 +253,34 @@ def test_gemm_bound_output_check_catches_a_dropped_shared_expert():
     shape = shapes.BenchShape("t", tokens=48, hidden=32, ffn=16, experts=6, top_ks=(2,), shared_ffn=96)
     options = harness.BenchOptions(device="cpu", dtype="float32", rounds=1, warmup=1, inputs=1)
     harness.clear_caches()
-    case = harness.BenchCase(_BoundWithoutSharedExpert.name, "none", shape, 2, "fwd", "balanced", is_peer=True)
+    right = harness.BenchCase(GemmBound.name, "none", shape, 2, "fwd", "balanced", is_peer=True)
+    harness.run_case(FakeBenchmark(), right, GemmBound, options)  # the reference output is now cached
+    case = dataclasses.replace(right, backend=_BoundWithoutSharedExpert.name)
     with pytest.raises(outputs.WrongOutputError, match="SQNR"):
         harness.run_case(FakeBenchmark(), case, _BoundWithoutSharedExpert, options)
+
+
+def test_the_reference_output_is_computed_once_for_all_backends_that_did_the_same_work():
+    shape = shapes.BenchShape("t", tokens=48, hidden=32, ffn=16, experts=6, top_ks=(2,))
+    rows, made = np.arange(3), []
+    harness.clear_caches()
+
+    def expected(tag: str):
+        return lambda: made.append(tag) or outputs.Expected(rows, np.full((3, 32), float(len(made))))
+
+    first = harness.BenchCase("a", "none", shape, 2, "fwd", "balanced")
+    cached = harness.reference_expected(first, "float32", rows, 0, None, expected("first"))
+    again = dataclasses.replace(first, backend="b")
+    assert harness.reference_expected(again, "float32", rows, 0, None, expected("again")) is cached
+    fixed = np.zeros((48, 2), dtype=np.int64)
+    different = [(dataclasses.replace(first, scheme="int8_routed"), 0, None),
+                 (dataclasses.replace(first, top_k=1), 0, None),
+                 (dataclasses.replace(first, pass_id="fwd_bwd"), 0, None),
+                 (dataclasses.replace(first, routing="zipf"), 0, None), (first, 1, None), (first, 0, fixed),
+                 (first, 0, fixed + 1)]
+    for i, (case, input_index, ids) in enumerate(different):
+        harness.reference_expected(case, "float32", rows, input_index, ids, expected(str(i)))
+    assert made == ["first"] + [str(i) for i in range(len(different))]
 
 
 def test_sublayer_is_refused_where_gates_see_all_experts():

@@ -22,6 +22,7 @@ the call's return value, which is checked against the reference after the rounds
 from __future__ import annotations
 
 import gc
+import hashlib
 import itertools
 import platform
 import time
@@ -125,6 +126,7 @@ def _free_device_memory() -> None:
 _params = _One()
 _inputs = _One()
 _effective = _One()
+_expected = _One()  # {(scheme, top_k, pass, input, rows, fixed routing): outputs.Expected}
 _prepared = _One(_free_device_memory)
 _loads: dict[tuple, float] = {}
 #: (backend, scheme, shape, pass) -> (top_k, seconds) of a first call over the budget: larger top-k
@@ -134,7 +136,7 @@ _instances: dict[tuple, Any] = {}
 
 
 def clear_caches() -> None:
-    for cache in (_prepared, _effective, _inputs, _params):
+    for cache in (_prepared, _expected, _effective, _inputs, _params):
         cache.drop()
     _loads.clear()
     _too_slow.clear()
@@ -152,6 +154,20 @@ def reference_effective(shape: BenchShape, routing: str, dtype: str, scheme: str
     spec = shape.spec(shape.top_ks[0])
     key = (shape, routing, dtype, _effective_key(shape, scheme))
     return _effective.get(key, lambda: reference.effective_params(spec, params, scheme))
+
+
+def reference_expected(case: BenchCase, dtype: str, rows: np.ndarray, input_index: int,
+                       expert_ids: np.ndarray | None, make: Callable[[], outputs.Expected]) -> outputs.Expected:
+    """The reference output a case's check compares with, computed once for all backends that did the same
+    work (each backend would otherwise build the same float64 sub-layer again: seconds per case at the
+    logbook's shape). Kept for one (shape, routing, dtype) at a time."""
+    routing_key = None if expert_ids is None else hashlib.blake2b(np.ascontiguousarray(expert_ids).tobytes(),
+                                                                     digest_size=16).hexdigest()
+    table = _expected.get((case.shape, case.routing, dtype), dict)
+    key = (case.scheme, case.top_k, case.pass_id, input_index, rows.tobytes(), routing_key)
+    if key not in table:
+        table[key] = make()
+    return table[key]
 
 
 def backend_instance(cls: type, device: str | None):
@@ -196,6 +212,20 @@ def time_rounds(benchmark, steps: list[Callable[[], Any]], options: BenchOptions
     return TimedRounds(results, timer_name, flush.bytes)
 
 
+class _PhaseClock:
+    """Wall seconds of a case's phases (extra_info ``phase_s``): where a long run's time goes (building and
+    quantizing the layer, compiling in the warm-up rounds, the reference check), not a throughput."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._last, 3)
+        self._last = now
+
+
 # -- one case -----------------------------------------------------------------------------------------------
 def _skip(reason: str):
     import pytest
@@ -230,8 +260,10 @@ def run_case(benchmark, case: BenchCase, backend_cls: type, options: BenchOption
         _skip(f"{case.backend} {case.scheme} took {seconds:.1f} s per call at {shape.name} top{k} {metric_pass} "
               f"(> --bench-max-call-s {options.max_call_s:g}); this case does at least as much work")
 
+    clock = _PhaseClock()
     params = _params.get((shape, case.routing, dtype), lambda: workload.make_params(shape, case.routing, dtype))
     inputs = _inputs.get((shape, dtype, options.inputs), lambda: workload.make_inputs(shape, dtype, options.inputs))
+    clock.lap("inputs")
     prepare_key = (case.backend, options.device, case.scheme, shape, case.top_k, case.routing, dtype)
 
     def prepare():
@@ -241,6 +273,7 @@ def run_case(benchmark, case: BenchCase, backend_cls: type, options: BenchOption
             _skip(f"{case.backend} cannot run this case: {exc}")
 
     prepared = _prepared.get(prepare_key, prepare)
+    clock.lap("prepare")
     steps = [backend.benchmark_step(prepared, item.x, step_pass, item.dy) for item in inputs]
     step_info = dict(getattr(steps[0], "extra_info", None) or {})  # what a step says of itself (a bound's variant)
     graph_info = None
@@ -250,6 +283,7 @@ def run_case(benchmark, case: BenchCase, backend_cls: type, options: BenchOption
         failed = next((c.reason for c in captured if not c.captured), None)
         graph_info = {"cuda_graph": failed is None, **({"cuda_graph_reason": failed} if failed else {})}
 
+    clock.lap("capture")
     first_call_s = None
     if options.max_call_s is not None:
         first_call_s = _call_seconds(steps[0])
@@ -262,11 +296,13 @@ def run_case(benchmark, case: BenchCase, backend_cls: type, options: BenchOption
                   "benchmark here")
 
     timed = time_rounds(benchmark, steps, options)
+    clock.lap("rounds")
     timed.first_call_s = first_call_s
     info = describe(case, backend_cls, spec, options, timed)
     info.update(graph_info or {})
     info.update(step_info)
     info.update(memory.measure_peak(info["framework"], options.device, steps[0]).as_info())
+    clock.lap("peak_memory")
     fixed = getattr(backend, "fixed_expert_ids", None)
     expert_ids = fixed(spec, shape.tokens) if fixed is not None else None
     if expert_ids is None:
@@ -286,18 +322,25 @@ def run_case(benchmark, case: BenchCase, backend_cls: type, options: BenchOption
 
     benchmark.extra_info.update(info)
     rows = outputs.check_rows(shape.tokens, options.check_rows)
+    clock.lap("metrics")
     checks = []
     for i, (item, result) in enumerate(zip(inputs, timed.results)):
         if result is NOT_RUN:
             continue  # --benchmark-disable runs one round only; a step that returned None is checked (and fails)
-        layer = outputs.check_layer(spec, params, case.scheme, item.x, rows, expert_ids,
-                                    lambda: reference_effective(shape, case.routing, dtype, case.scheme, params))
-        checks.append(outputs.check_output(result, layer.spec, layer.effective, case.scheme, metric_pass, item.x,
-                                           item.dy, layer.rows, what=f"{case.id} (input {i})",
-                                           expert_ids=layer.expert_ids))
+        def expected(item: workload.Inputs = item) -> outputs.Expected:
+            layer = outputs.check_layer(spec, params, case.scheme, item.x, rows, expert_ids,
+                                        lambda: reference_effective(shape, case.routing, dtype, case.scheme, params))
+            return outputs.expected_output(layer.spec, layer.effective, case.scheme, metric_pass, item.x, item.dy,
+                                           layer.rows, layer.expert_ids)
+
+        want = reference_expected(case, dtype, rows, i, expert_ids, expected)
+        checks.append(outputs.compare_output(result, want, (shape.tokens, shape.hidden), case.scheme, metric_pass,
+                                             what=f"{case.id} (input {i})"))
     if not checks:
         raise outputs.OutputNotFoundError(f"{case.id}: no timed call ran, so no output could be checked: "
                                           "an unchecked timing is not a result")
+    clock.lap("check")
+    benchmark.extra_info["phase_s"] = clock.laps
     benchmark.extra_info["output_check"] = {
         "what": checks[0].what if checks else None, "rows": int(rows.size), "inputs": len(checks),
         "floor_db": outputs.OUTPUT_CHECK_FLOOR_DB,

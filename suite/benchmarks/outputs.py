@@ -275,12 +275,38 @@ def fixed_routing_rows(spec: MoESpec, effective: MoEParams, scheme: str, pass_: 
     return out
 
 
+@dataclass(frozen=True)
+class Expected:
+    """The reference's ``y`` (forward) or ``dx`` (forward+backward) on the token rows ``rows``."""
+
+    rows: np.ndarray
+    values: np.ndarray
+
+
+def expected_output(spec: MoESpec, effective: MoEParams, scheme: str, pass_: str, x: np.ndarray, dy: np.ndarray,
+                    rows: np.ndarray, expert_ids: np.ndarray | None = None) -> Expected:
+    """What `check_output` compares with. It is the same for every backend run on the same layer, scheme,
+    pass, input and routing, so a benchmark session computes it once (`harness.reference_expected`) and
+    hands it to `compare_output`."""
+    if expert_ids is None:
+        rows, values = expected_rows(spec, effective, scheme, pass_, x, dy, rows)
+    else:
+        values = fixed_routing_rows(spec, effective, scheme, pass_, x, dy, rows, expert_ids)
+    return Expected(rows, values)
+
+
 def check_output(result, spec: MoESpec, effective: MoEParams, scheme: str, pass_: str, x: np.ndarray,
                  dy: np.ndarray, rows: np.ndarray, what: str, floor_db: float = OUTPUT_CHECK_FLOOR_DB,
                  expert_ids: np.ndarray | None = None) -> OutputCheck:
     """Compare the timed call's output on ``rows`` with the reference; raise if below ``floor_db``.
     ``expert_ids`` ([T, k]): the fixed routing of a peer that does not route (see `fixed_routing_rows`)."""
-    shape = (x.shape[0], spec.hidden)
+    expected = expected_output(spec, effective, scheme, pass_, x, dy, rows, expert_ids)
+    return compare_output(result, expected, (x.shape[0], spec.hidden), scheme, pass_, what, floor_db)
+
+
+def compare_output(result, expected: Expected, shape: tuple[int, int], scheme: str, pass_: str, what: str,
+                   floor_db: float = OUTPUT_CHECK_FLOOR_DB) -> OutputCheck:
+    """`check_output` against an `expected_output` computed earlier; ``shape``: [T, H] of the output."""
     target = "y" if pass_ == "forward" else "dx"
     finish = getattr(result, "finish", None)
     if callable(finish):
@@ -296,17 +322,14 @@ def check_output(result, spec: MoESpec, effective: MoEParams, scheme: str, pass_
             f"{what}: benchmark_step's callable returned {type(result).__name__} with no {target} of shape "
             f"{list(shape)}; return {target} (or a structure holding it under the name '{target}') so the "
             "timed output can be checked")
-    if expert_ids is None:
-        rows, expected = expected_rows(spec, effective, scheme, pass_, x, dy, rows)
-    else:
-        expected = fixed_routing_rows(spec, effective, scheme, pass_, x, dy, rows, expert_ids)
+    rows, want = expected.rows, expected.values
     actual = to_numpy(found)[rows]
-    sqnr = reference.sqnr_db(expected, actual)
+    sqnr = reference.sqnr_db(want, actual)
     outcome = OutputCheck(target, float(sqnr), floor_db, int(rows.size))
     if not sqnr >= floor_db:
-        worst = int(np.argmax(np.linalg.norm(actual - expected, axis=1)))
+        worst = int(np.argmax(np.linalg.norm(actual - want, axis=1)))
         raise WrongOutputError(
             f"{what}: the timed {target} is wrong: SQNR {sqnr:.1f} dB < {floor_db:.0f} dB against the reference "
             f"({scheme}) on {rows.size} rows; worst token {int(rows[worst])}: |diff| "
-            f"{np.linalg.norm(actual[worst] - expected[worst]):.3e} vs |ref| {np.linalg.norm(expected[worst]):.3e}")
+            f"{np.linalg.norm(actual[worst] - want[worst]):.3e} vs |ref| {np.linalg.norm(want[worst]):.3e}")
     return outcome

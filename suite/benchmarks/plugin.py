@@ -495,3 +495,16 @@ def _qmoe_summary(tr, config: pytest.Config) -> None:
     tr.write_sep("-", "qmoe throughput (median round; TF/s = logbook FLOPs / time)")
     for line in terminal_rows(results, bs.compared_mapping or {}):
         tr.write_line(line)
+    spent = phase_totals(b.extra_info for b in results)
+    if spent:
+        tr.write_line("qmoe: wall time of the results' phases (not throughput): " +
+                      ", ".join(f"{name} {seconds:.0f} s" for name, seconds in spent.items()))
+
+
+def phase_totals(infos) -> dict[str, float]:
+    """Seconds per phase (extra_info ``phase_s``, `harness._PhaseClock`) summed over results, largest first."""
+    totals: dict[str, float] = {}
+    for info in infos:
+        for name, seconds in (info.get("phase_s") or {}).items():
+            totals[name] = totals.get(name, 0.0) + float(seconds)
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
