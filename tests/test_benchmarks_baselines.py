@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from qmoe import reference
+from qmoe.reference.schemes import SCHEMES
 from qmoe.reference.spec import MoESpec, SpecError
 from qmoe.suite import report
 from qmoe.suite.benchmarks import graphs, harness, memory, metrics, outputs, shapes, tables, workload
@@ -248,6 +249,28 @@ def test_a_layer_too_large_for_float64_is_checked_on_its_rows_experts_alone(pass
                                           layer.rows, layer.expert_ids)
 
     np.testing.assert_allclose(expected(small), expected(full), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_kept_expert_weights_give_the_same_check_layer_as_quantizing_again(scheme):
+    """`outputs.ExpertEffective` serves each expert's effective weights from earlier checks, bit for bit the
+    sub-layer's own quantization, through evictions and sub-layers smaller than top-k."""
+    shape = shapes.BenchShape("t", tokens=40, hidden=64, ffn=64, experts=8, top_ks=(1, 2, 4), shared_ffn=64,
+                              router="sigmoid_topk")
+    params = workload.make_params(shape, "zipf", "float32")
+    inputs = workload.make_inputs(shape, "float32", 2)
+    per_expert = 8 * 3 * 64 * 64
+    cache = outputs.ExpertEffective(scheme, max_bytes=5 * per_expert)
+    for k in (2, 4, 1, 2):
+        spec = shape.spec(k)
+        for item in inputs:
+            kept = outputs.check_layer(spec, params, scheme, item.x, np.arange(0, 40, 3), budget_bytes=6 * per_expert,
+                                       cache=cache)
+            again = outputs.check_layer(spec, params, scheme, item.x, np.arange(0, 40, 3), budget_bytes=6 * per_expert)
+            assert [n for n, _ in kept.effective.items()] == [n for n, _ in again.effective.items()]
+            for (name, a), (_, b) in zip(kept.effective.items(), again.effective.items()):
+                np.testing.assert_array_equal(a, b, err_msg=f"{scheme} top{k} {name}")
+            assert len(cache._experts) <= max(5, kept.spec.experts)
 
 
 def test_the_check_refuses_a_big_layer_whose_gates_see_every_expert():

@@ -126,6 +126,7 @@ def _free_device_memory() -> None:
 _params = _One()
 _inputs = _One()
 _effective = _One()
+_expert_weights = _One()
 _expected = _One()  # {(scheme, top_k, pass, input, rows, fixed routing): outputs.Expected}
 _prepared = _One(_free_device_memory)
 _loads: dict[tuple, float] = {}
@@ -136,7 +137,7 @@ _instances: dict[tuple, Any] = {}
 
 
 def clear_caches() -> None:
-    for cache in (_prepared, _expected, _effective, _inputs, _params):
+    for cache in (_prepared, _expected, _expert_weights, _effective, _inputs, _params):
         cache.drop()
     _loads.clear()
     _too_slow.clear()
@@ -154,6 +155,13 @@ def reference_effective(shape: BenchShape, routing: str, dtype: str, scheme: str
     spec = shape.spec(shape.top_ks[0])
     key = (shape, routing, dtype, _effective_key(shape, scheme))
     return _effective.get(key, lambda: reference.effective_params(spec, params, scheme))
+
+
+def expert_effective(shape: BenchShape, routing: str, dtype: str, scheme: str) -> outputs.ExpertEffective:
+    """The per-expert effective weights of the layer's checks (`outputs.ExpertEffective`), shared by the
+    schemes that quantize the weights alike; one layer and weight quantization at a time."""
+    key = (shape, routing, dtype, _effective_key(shape, scheme))
+    return _expert_weights.get(key, lambda: outputs.ExpertEffective(scheme))
 
 
 def reference_expected(case: BenchCase, dtype: str, rows: np.ndarray, input_index: int,
@@ -247,7 +255,8 @@ def run_case(benchmark, case: BenchCase, backend_cls: type, options: BenchOption
         if reason:
             _skip(f"{case.backend}: {reason}")
 
-    need = memory.estimate(spec, shape.tokens, dtype, metric_pass, outputs.BACKWARD_CHECK_BYTES)
+    need = memory.estimate(spec, shape.tokens, dtype, metric_pass,
+                           outputs.BACKWARD_CHECK_BYTES + outputs.EFFECTIVE_CACHE_BYTES)
     too_big = memory.fit_refusal(need, memory.host_memory_bytes(), memory.device_memory_bytes(options.device),
                                  options.device,
                                  memory.held_by_other_frameworks(framework_of(backend_cls), options.device))
@@ -329,7 +338,8 @@ def run_case(benchmark, case: BenchCase, backend_cls: type, options: BenchOption
             continue  # --benchmark-disable runs one round only; a step that returned None is checked (and fails)
         def expected(item: workload.Inputs = item) -> outputs.Expected:
             layer = outputs.check_layer(spec, params, case.scheme, item.x, rows, expert_ids,
-                                        lambda: reference_effective(shape, case.routing, dtype, case.scheme, params))
+                                        lambda: reference_effective(shape, case.routing, dtype, case.scheme, params),
+                                        cache=expert_effective(shape, case.routing, dtype, case.scheme))
             return outputs.expected_output(layer.spec, layer.effective, case.scheme, metric_pass, item.x, item.dy,
                                            layer.rows, layer.expert_ids)
 

@@ -30,6 +30,7 @@ scheme's own ~30 dB fidelity). Wrong answers fall far below: a stale output of a
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +50,9 @@ DEFAULT_CHECK_ROWS = 32
 #: 6.4 GB per call. The dx check therefore runs on a sub-layer of the experts the checked rows use,
 #: adding rows while that sub-layer stays within this many bytes (at least one row always).
 BACKWARD_CHECK_BYTES = 1 << 30
+#: Float64 expert weights `ExpertEffective` keeps between checks: a top-2 check of two inputs at the
+#: logbook's shape uses ~20 experts of 100 MB, so they are all still there for the next backend.
+EFFECTIVE_CACHE_BYTES = 3 * BACKWARD_CHECK_BYTES
 _NAMED = {"forward": ("y",), "forward_backward": ("dx", "x")}
 
 
@@ -191,9 +195,54 @@ class CheckTooLargeError(RuntimeError):
     """The reference check would need the whole layer in float64, and it does not fit."""
 
 
+class ExpertEffective:
+    """One scheme's effective (dequantized, float64) weights per expert of one layer, kept for the checks of
+    later cases: quantizing an expert's weights in float64 costs ~0.3 s at the logbook's shape, and every
+    backend, top-k, pass and input of a benchmark run checks rows of the same experts again. Each scheme
+    quantizes weights per expert (or finer), so an expert's effective weights do not depend on which
+    others share its sub-layer; the float router is selected, not quantized. At most ``max_bytes`` of
+    experts are kept, the least recently used dropped first. Use one instance per (layer, scheme's weight
+    quantization)."""
+
+    def __init__(self, scheme: str, max_bytes: int = EFFECTIVE_CACHE_BYTES) -> None:
+        self.scheme = scheme
+        self.max_bytes = max_bytes
+        self._experts: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._shared: dict[str, np.ndarray] | None = None
+
+    def sublayer(self, spec: MoESpec, params: MoEParams, experts: np.ndarray) -> MoEParams:
+        """`reference.effective_params` of the layer ``spec``'s ``experts`` (`sublayer` of ``params``); only
+        the experts not kept yet are sliced and quantized."""
+        missing = [int(e) for e in experts if int(e) not in self._experts]
+        if missing or self._shared is None:
+            # at least top_k experts (a valid layer), at least one (it brings the shared weights)
+            kept = [int(e) for e in experts if int(e) in self._experts][:max(0, spec.top_k - len(missing))]
+            part = np.asarray(sorted(missing + kept), dtype=np.int64)
+            part_spec, part_params = sublayer(spec, params, part)
+            _same_qat_decision(spec, part_spec, self.scheme)
+            computed = reference.effective_params(part_spec, part_params, self.scheme)
+            for j, e in enumerate(part):
+                self._experts[int(e)] = (computed.w13[j], computed.w2[j])
+            self._shared = {name: value for name, value in computed.items()
+                            if name not in ("router", "router_bias", "w13", "w2")}
+        for e in experts:
+            self._experts.move_to_end(int(e))
+        self._evict(keep=len(experts))
+        floats = {"router": np.asarray(params.router[:, experts], dtype=np.float64)}
+        if params.router_bias is not None:
+            floats["router_bias"] = np.asarray(params.router_bias[experts], dtype=np.float64)
+        return MoEParams(w13=np.stack([self._experts[int(e)][0] for e in experts]),
+                         w2=np.stack([self._experts[int(e)][1] for e in experts]), **floats, **self._shared)
+
+    def _evict(self, keep: int) -> None:
+        per_expert = sum(a.nbytes for a in next(iter(self._experts.values()))) if self._experts else 0
+        while len(self._experts) > keep and len(self._experts) * per_expert > self.max_bytes:
+            self._experts.popitem(last=False)
+
+
 def check_layer(spec: MoESpec, params: MoEParams, scheme: str, x: np.ndarray, rows: np.ndarray,
                 expert_ids: np.ndarray | None = None, full_effective=None,
-                budget_bytes: int = BACKWARD_CHECK_BYTES) -> CheckLayer:
+                budget_bytes: int = BACKWARD_CHECK_BYTES, cache: ExpertEffective | None = None) -> CheckLayer:
     """The reference layer for checking ``rows``. A layer whose float64 weights fit ``budget_bytes`` is used
     whole (``full_effective()``, a cached `reference.effective_params`, if given). A larger one (a real
     model's: DeepSeek-V3's is ~90 GB in float64) never exists in float64: the checked rows are routed with
@@ -201,7 +250,8 @@ def check_layer(spec: MoESpec, params: MoEParams, scheme: str, x: np.ndarray, ro
     and only those experts are sliced from the float32 parameters and quantized by the reference. Every
     scheme's weight quantization is per expert, per channel, per group or per row, so the slice's effective
     weights are those experts' effective weights; QAT's keep-small-tensors-float rule depends on a tensor's
-    size and is checked to decide alike."""
+    size and is checked to decide alike. ``cache``: an `ExpertEffective` of this layer and scheme that
+    serves (and keeps) those experts' effective weights."""
     if layer_float64_bytes(spec) <= budget_bytes:
         effective = full_effective() if full_effective is not None else reference.effective_params(spec, params, scheme)
         return CheckLayer(rows, spec, effective, expert_ids)
@@ -214,9 +264,12 @@ def check_layer(spec: MoESpec, params: MoEParams, scheme: str, x: np.ndarray, ro
     else:
         picked = np.asarray(expert_ids)[rows]
     rows, experts = rows_within(spec, rows, picked, budget_bytes)
-    sub_spec, sub_params = sublayer(spec, params, experts)
+    sub_spec = spec.replace(experts=int(experts.size))
     _same_qat_decision(spec, sub_spec, scheme)
-    effective = reference.effective_params(sub_spec, sub_params, scheme)
+    if cache is None:
+        effective = reference.effective_params(sub_spec, sublayer(spec, params, experts)[1], scheme)
+    else:
+        effective = cache.sublayer(spec, params, experts)
     renumbered = None if expert_ids is None else np.searchsorted(experts, np.asarray(expert_ids))
     return CheckLayer(rows, sub_spec, effective, renumbered)
 
