@@ -141,6 +141,26 @@ def test_output_check_passes_the_right_answer_and_fails_fast_wrong_ones():
         outputs.check_output({"y": good[:5]}, spec, params, "none", "forward", inputs[0].x, inputs[0].dy, rows, "t")
 
 
+@pytest.mark.parametrize("framework", ["numpy", "torch", "jax", "mlx"])
+def test_checked_rows_are_taken_before_the_copy_and_equal_the_whole_arrays_rows(framework):
+    values = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+    if framework == "torch":
+        torch = pytest.importorskip("torch")
+        array = torch.from_numpy(values).to(torch.bfloat16)
+    elif framework == "jax":
+        jnp = pytest.importorskip("jax.numpy")
+        array = jnp.asarray(values, dtype=jnp.bfloat16)
+    elif framework == "mlx":
+        mx = pytest.importorskip("mlx.core")
+        array = mx.array(values).astype(mx.bfloat16)
+    else:
+        array = values
+    rows = np.array([0, 7, 49])
+    taken = outputs.take_rows(array, rows)
+    assert taken.dtype == np.float64
+    np.testing.assert_array_equal(taken, outputs.to_numpy(array)[rows])
+
+
 def test_find_output_prefers_names_then_shape():
     a, b = np.zeros((4, 3)), np.ones((4, 3))
     assert outputs.find_output({"w": a, "grads": {"x": b}}, (4, 3), ("dx", "x")) is b
