@@ -179,8 +179,30 @@ class Backend(abc.ABC):
         """A zero-argument callable running one ``pass_`` on device-resident copies of ``x``/``dy``.
 
         It returns only after the device finished. Host-device copies happen here, outside it.
+        Optional: a CUDA step whose device work all goes to torch's current stream may carry
+        ``step.stream_body``, the same work without the final synchronization (`synchronized_step` makes
+        both); the benchmarks then time it between two CUDA events on that stream, with no host round trip
+        inside the timed interval, as triton's ``do_bench`` does.
         """
         raise NotImplementedError(f"{self.name} does not offer benchmark_step")
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} on {self.device}>"
+
+
+def synchronized_step(body: Callable[[], Any], synchronize: Callable[[], None], *, torch_stream: bool = False
+                      ) -> Callable[[], Any]:
+    """The benchmark step ``body`` then ``synchronize`` (`Backend.benchmark_step`). ``step.graph_body`` is
+    ``body``, for CUDA-graph capture. ``torch_stream``: ``body`` enqueues every piece of its device work on
+    torch's current CUDA stream (no side stream, no other framework's stream, no collective), so the step
+    also offers ``step.stream_body`` (= ``body``) for stream-ordered timing; host synchronizations inside
+    ``body`` (a ``.tolist()`` of group sizes) are allowed, they only cost their time."""
+    def step() -> Any:
+        out = body()
+        synchronize()
+        return out
+
+    step.graph_body = body  # type: ignore[attr-defined]
+    if torch_stream:
+        step.stream_body = body  # type: ignore[attr-defined]
+    return step

@@ -29,7 +29,7 @@ from qmoe.reference.layer import ForwardResult
 from qmoe.reference.schemes import Scheme, get_scheme
 from qmoe.reference.spec import MoEParams, MoESpec, SpecError, validate_input
 
-from .base import Backend, Capabilities
+from .base import Backend, Capabilities, synchronized_step
 
 if TYPE_CHECKING:  # torch is imported lazily: the module must import without it
     import torch
@@ -459,18 +459,16 @@ class TorchEagerBackend(Backend):
         dy_t = self._cotangent(prepared, x, dy)
         synchronize = torch.cuda.synchronize if prepared.device.type == "cuda" else (lambda: None)
 
-        def forward_step() -> Any:
+        def forward_body() -> Any:
             with torch.no_grad():
-                y, _ = self._layer(prepared, x_t)
-            synchronize()
-            return y
+                return self._layer(prepared, x_t)[0]
 
-        def backward_step() -> Any:
-            grads = self._gradients(prepared, x_t, dy_t, 0.0)
-            synchronize()
-            return grads
+        def backward_body() -> Any:
+            return self._gradients(prepared, x_t, dy_t, 0.0)
 
-        return forward_step if pass_ == "forward" else backward_step
+        # eager torch ops all go to the current stream: stream-ordered timing applies
+        return synchronized_step(forward_body if pass_ == "forward" else backward_body, synchronize,
+                                 torch_stream=prepared.device.type == "cuda")
 
     # -- boundary ------------------------------------------------------------------------------
     def _to_device(self, state: TorchEagerState, x: np.ndarray, what: str = "x") -> torch.Tensor:

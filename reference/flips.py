@@ -35,7 +35,7 @@ import numpy as np
 from .experts import MLPCache, mlp_forward, silu, silu_grad
 from .layer import ForwardResult, _family_rule, _run, _Trace, effective_params
 from .quantization import INT8_MAX, quantize_per_token
-from .routing import routing_backward
+from .routing import Routing, routing_backward
 from .schemes import Scheme, get_scheme
 from .spec import MoEParams, MoESpec
 
@@ -286,7 +286,7 @@ def _backward_envelope(spec: MoESpec, eff: MoEParams, x: np.ndarray, dy: np.ndar
     return grads
 
 
-def routing_vjp_terms(spec: MoESpec, routing, d_gate_magnitude: np.ndarray) -> np.ndarray:
+def routing_vjp_terms(spec: MoESpec, routing: Routing, d_gate_magnitude: np.ndarray) -> np.ndarray:
     """[T, E] the magnitude of the terms the router's VJP adds up, for gate cotangents of magnitude
     ``d_gate_magnitude`` [T, k]: `routing_backward` with every difference made a sum of absolute values.
 

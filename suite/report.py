@@ -41,7 +41,8 @@ from qmoe.suite.benchmarks.tables import (
     fmt_pct,
     fmt_share,
     fmt_si,
-    overhead_ratio,
+    overhead_line,
+    overhead_ratios,
     rows_from_json,
 )
 
@@ -119,11 +120,16 @@ def _header(docs: list[dict], rows: list[ResultRow]) -> list[str]:
               "- every result's timed outputs were checked against the float64 reference (SQNR column: the worst "
               f"input, floor {rows[0].get('output_check', {}).get('floor_db', '?') if rows else '?'} dB); a "
               "result whose check failed is not in the table."]
-    overhead = overhead_ratio(rows)
-    if overhead is not None:
-        ratio, noop, fastest = overhead
-        lines.append(f"- harness overhead: the do-nothing backend's timed call takes {noop.median_s * 1e6:.2f} us, "
-                     f"{100 * ratio:.3f}% of the fastest case ({_label(fastest)}: {fastest.median_s * 1e6:.1f} us)")
+    modes = {str(r.get("timing")): sorted({str(x.get("backend")) for x in rows if x.get("timing") == r.get("timing")
+                                           and not x.get("harness_only")}) for r in rows if r.get("timing")}
+    if "stream_ordered" in modes:
+        lines.append("- timing: `stream_ordered` rows (" + ", ".join(modes["stream_ordered"]) + ") are timed between "
+                     "CUDA events on torch's stream around work that goes to that stream alone, no host wait inside "
+                     "(triton's do_bench); `synchronized` rows (" + ", ".join(modes.get("synchronized", [])) +
+                     ") wait for the start event and end with their own device synchronization (JAX's and MLX's "
+                     "streams are not ordered by torch's events), so their interval holds a host round trip")
+    for ratio, noop, fastest in overhead_ratios(rows):
+        lines.append("- " + overhead_line(ratio, noop, fastest, _label(fastest)))
     return lines
 
 

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,7 +26,7 @@ import pytest
 from qmoe import reference
 from qmoe.reference.schemes import SCHEMES
 from qmoe.reference.spec import MoESpec
-from qmoe.suite.benchmarks import harness, metrics, outputs, plugin, shapes, tables, workload
+from qmoe.suite.benchmarks import harness, metrics, outputs, plugin, shapes, tables, timing, workload
 from qmoe.suite.benchmarks.peers import GemmBound, NoopBackend, balanced_expert_ids
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -422,8 +423,76 @@ def test_noop_backend_measures_the_harness_and_the_ratio_is_computed():
     rows = tables.derive([tables.ResultRow("noop", {"harness_only": True}, 2e-7, 2e-7),
                           tables.ResultRow("a", {"tflops": 1.0}, 4e-4, 4e-4),
                           tables.ResultRow("b", {"tflops": 1.0}, 2e-3, 2e-3)])
-    ratio, noop, fastest = tables.overhead_ratio(rows)
+    ((ratio, noop, fastest),) = tables.overhead_ratios(rows)
     assert ratio == pytest.approx(5e-4) and fastest.name == "a"  # recorded, never asserted against a threshold
+
+
+def test_each_timing_mode_gets_its_own_overhead_against_its_own_fastest_case():
+    stream, sync = {"timing": "stream_ordered"}, {"timing": "synchronized"}
+    rows = tables.derive([tables.ResultRow("noop", {"harness_only": True, **sync}, 20e-6, 20e-6),
+                          tables.ResultRow("noop.stream", {"harness_only": True, **stream}, 2e-6, 2e-6),
+                          tables.ResultRow("torch", {"tflops": 1.0, **stream}, 1e-3, 1e-3),
+                          tables.ResultRow("jax", {"tflops": 1.0, **sync}, 4e-3, 4e-3)])
+    found = {noop.name: (ratio, fastest.name) for ratio, noop, fastest in tables.overhead_ratios(rows)}
+    assert found == {"noop": (pytest.approx(5e-3), "jax"), "noop.stream": (pytest.approx(2e-3), "torch")}
+    (stream_ratio,) = [r for r in tables.overhead_ratios(rows) if r[1].name == "noop.stream"]
+    line = tables.overhead_line(*stream_ratio, "torch")
+    assert "(stream_ordered timing)" in line and "0.200% of the fastest such case" in line
+
+
+class _FakeEvent:
+    """A CUDA event on a fake device timeline (milliseconds, advanced by the test)."""
+
+    now = 0.0
+
+    def __init__(self, log):
+        self.log, self.at = log, None
+
+    def record(self):
+        self.at = _FakeEvent.now
+        self.log.append("record")
+
+    def synchronize(self):
+        self.log.append("wait")
+
+    def elapsed_time(self, end):
+        return end.at - self.at
+
+
+def test_the_cuda_clock_times_a_round_between_its_armed_start_and_end_with_or_without_waiting():
+    log: list[str] = []
+    clock = timing.CudaEventClock(event=lambda: _FakeEvent(log))
+    log.clear()
+    expected_waits = ((True, ["record", "wait", "record", "wait"]), (False, ["record", "record", "wait"]))
+    for synchronize_start, waits in expected_waits:
+        _FakeEvent.now += 7.0  # untimed setup (the flush) on the device
+        clock.arm(synchronize_start)
+        start = clock()
+        _FakeEvent.now += 2.5  # the step's device time
+        assert clock() - start == pytest.approx(2.5e-3) and log == waits
+        log.clear()
+    before = clock()  # an unarmed reading (calibration) counts from the previous event
+    _FakeEvent.now += 1.0
+    assert clock() - before == pytest.approx(1e-3)
+
+
+def test_steps_on_torchs_stream_are_timed_stream_ordered_and_the_rest_synchronized(monkeypatch):
+    from qmoe.implementations.base import synchronized_step
+
+    armed: list[bool] = []
+    clock = SimpleNamespace(arm=lambda synchronize_start=True: armed.append(synchronize_start))
+    monkeypatch.setattr(timing, "clock_for", lambda device: (time.perf_counter, "cuda_events"))
+    monkeypatch.setattr(timing, "cuda_clock", lambda: clock)
+    options = harness.BenchOptions(device="cpu", dtype="float32", rounds=2, warmup=1, inputs=1)
+    calls: list[str] = []
+    on_stream = synchronized_step(lambda: calls.append("body") or "y", lambda: calls.append("sync"), torch_stream=True)
+    elsewhere = synchronized_step(lambda: calls.append("body") or "y", lambda: calls.append("sync"))
+    timed = harness.time_rounds(FakeBenchmark(), [on_stream], options)
+    assert timed.timing == "stream_ordered" and calls == ["body"] * 3 and armed == [False] * 3
+    calls.clear(), armed.clear()
+    timed = harness.time_rounds(FakeBenchmark(), [elsewhere], options)
+    assert timed.timing == "synchronized" and calls == ["body", "sync"] * 3 and armed == [True] * 3
+    assert timed.results == ["y"]
 
 
 # -- deselection and comparison ----------------------------------------------------------------------------------

@@ -353,6 +353,7 @@ def test_a_captured_step_keeps_the_tensors_its_graph_reads_alive(monkeypatch):
     gc.collect()
     assert codes() is not None, "the replay let the captured body's inputs be freed"
     assert captured.step() == ["the int32 output buffer"]
+    assert captured.step.stream_body() == ["the int32 output buffer"]  # a replay goes to torch's current stream
 
 
 # -- one GPU, several frameworks --------------------------------------------------------------------------------

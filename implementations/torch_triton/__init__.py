@@ -57,7 +57,7 @@ from qmoe.reference.layer import ForwardResult
 from qmoe.reference.schemes import Scheme, get_scheme
 from qmoe.reference.spec import MoEParams, MoESpec, SpecError, validate_input
 
-from ..base import Backend, Capabilities
+from ..base import Backend, Capabilities, synchronized_step
 
 if TYPE_CHECKING:  # torch and triton are imported lazily: the module must import without them
     import torch
@@ -400,20 +400,18 @@ class TorchTritonBackend(Backend):
         trainable = [getattr(leaves, n) for n in TRAINABLE if getattr(leaves, n) is not None]
         wanted = [x.detach().requires_grad_(), *trainable]
 
-        def forward_step() -> Any:
+        def forward_body() -> Any:
             with torch.no_grad():
-                y = self._run(prepared, prepared.weights, x, prepared.fake_quant).y
-            synchronize()
-            return y
+                return self._run(prepared, prepared.weights, x, prepared.fake_quant).y
 
-        def backward_step() -> Any:
+        def backward_body() -> Any:
             with torch.enable_grad():
                 y = self._run(prepared, leaves, wanted[0], prepared.fake_quant).y
-                grads = torch.autograd.grad(y, wanted, grad_outputs=dy, allow_unused=True)
-            synchronize()
-            return grads
+                return torch.autograd.grad(y, wanted, grad_outputs=dy, allow_unused=True)
 
-        return forward_step if pass_ == "forward" else backward_step
+        # every kernel (Triton's and torch's) goes to the current stream: stream-ordered timing applies
+        return synchronized_step(forward_body if pass_ == "forward" else backward_body, synchronize,
+                                 torch_stream=prepared.device.type == "cuda")
 
     # -- boundary ----------------------------------------------------------------------------------
     def _to_device(self, prepared: TritonPrepared, x: np.ndarray, what: str = "x") -> torch.Tensor:

@@ -3,10 +3,10 @@
 A captured step replays its recorded kernels with one launch: what remains is device time, not the host's
 launch overhead (many small kernels, a loop over experts). Capture needs a step whose work is all on the
 device: no host synchronization, no data-dependent host decision, static shapes. A step offers its body
-without the final synchronization as ``step.graph_body`` (`peers.synchronized`); a step without one is
-tried as it is, with ``torch.cuda.synchronize`` made a no-op during capture only (illegal while capturing,
-and the replay synchronizes anyway). Whatever cannot be captured runs as it is, and the reason is recorded
-(`Captured.reason`), never hidden.
+without the final synchronization as ``step.graph_body`` (`implementations.base.synchronized_step`); a step
+without one is tried as it is, with ``torch.cuda.synchronize`` made a no-op during capture only (illegal
+while capturing, and the replay synchronizes anyway). Whatever cannot be captured runs as it is, and the
+reason is recorded (`Captured.reason`), never hidden.
 
 The replayed step returns the captured outputs: tensors the graph overwrites on its next replay, so each
 distinct input gets its own graph (the harness rotates inputs) and its outputs stay those of its last call.
@@ -24,6 +24,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from qmoe.implementations.base import synchronized_step
 
 #: Eager calls on a side stream before capture (autograd, cuBLAS workspaces and compiled code settle first).
 WARMUP_CALLS = 3
@@ -72,11 +74,11 @@ def replaying(graph, out: Any, sync: Callable[[], None], keep_alive: tuple = ())
     """The step that replays ``graph`` and returns ``out`` (what the captured call returned). It holds the
     graph (and its memory pool) and ``keep_alive`` (the captured step and body, whose closures hold the
     tensors the graph reads): a replay must never outlive its inputs."""
-    def replay():
-        graph.replay()
-        sync()
+    def replay_body():
+        graph.replay()  # into torch's current stream: the replay is timed stream-ordered
         return out
 
+    replay = synchronized_step(replay_body, sync, torch_stream=True)
     replay.graph = graph  # type: ignore[attr-defined]
     replay.keep_alive = keep_alive  # type: ignore[attr-defined]
     return replay

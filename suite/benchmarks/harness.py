@@ -17,6 +17,10 @@ Timed rounds (`time_rounds`): pytest-benchmark's pedantic mode, one call per rou
 two consecutive rounds see the same x and a backend cannot serve a cached result; the target stores
 the call's return value, which is checked against the reference after the rounds. Warm-up rounds
 (at least one per distinct input: compilation, autotuning, capacity sizing) go through the same path.
+On CUDA a step whose work all goes to torch's current stream (``step.stream_body``) is timed
+stream-ordered, between CUDA events with no host wait inside; any other step waits for the start event
+and synchronizes at its end (`timing.CudaEventClock`). extra_info ``timing`` says which; each mode has
+its own do-nothing row (`run_overhead`), so the harness's cost is measured for both.
 """
 
 from __future__ import annotations
@@ -198,26 +202,38 @@ class TimedRounds:
     timer: str
     l2_flush_bytes: int
     first_call_s: float | None = None
+    #: "stream_ordered" (CUDA events around ``step.stream_body``, no host wait inside), "synchronized" (CUDA
+    #: events around the synchronizing step, the start awaited), or "host" (perf_counter)
+    timing: str = "host"
 
 
 def time_rounds(benchmark, steps: list[Callable[[], Any]], options: BenchOptions) -> TimedRounds:
-    """Pedantic rounds over ``steps`` (one per distinct input) with the setup/flush/timer described above."""
+    """Pedantic rounds over ``steps`` (one per distinct input) with the setup/flush/timer described above.
+    On CUDA, steps that all offer ``stream_body`` (`implementations.base.synchronized_step`) are timed
+    stream-ordered: the clock's start does not wait (`timing.CudaEventClock`)."""
     _, timer_name = timing.clock_for(options.device)  # the grid put this timer into the benchmark mark
     flush = timing.L2Flush(options.device)
+    clock = timing.cuda_clock() if timer_name == "cuda_events" else None
+    bodies = [getattr(step, "stream_body", None) for step in steps]
+    stream_ordered = clock is not None and all(body is not None for body in bodies)
+    calls = bodies if stream_ordered else steps
     results: list = [NOT_RUN] * len(steps)
     turn = itertools.count()
 
     def setup():
         i = next(turn) % len(steps)
         flush()
+        if clock is not None:
+            clock.arm(synchronize_start=not stream_ordered)
         return (i,), {}
 
     def target(i: int) -> None:
-        results[i] = steps[i]()
+        results[i] = calls[i]()
 
     warmup = max(options.warmup, len(steps))
     benchmark.pedantic(target, setup=setup, rounds=options.rounds, warmup_rounds=warmup, iterations=1)
-    return TimedRounds(results, timer_name, flush.bytes)
+    mode = "host" if clock is None else "stream_ordered" if stream_ordered else "synchronized"
+    return TimedRounds(results, timer_name, flush.bytes, timing=mode)
 
 
 class _PhaseClock:
@@ -359,15 +375,17 @@ def run_case(benchmark, case: BenchCase, backend_cls: type, options: BenchOption
     return benchmark.extra_info
 
 
-def run_overhead(benchmark, options: BenchOptions, shape: BenchShape) -> dict:
-    """Time `NoopBackend`'s step through the very same rounds: the harness's own cost per call."""
-    backend = NoopBackend(options.device)
+def run_overhead(benchmark, options: BenchOptions, shape: BenchShape, noop: type[NoopBackend] = NoopBackend) -> dict:
+    """Time a do-nothing backend's step through the very same rounds: the harness's own cost per call
+    (`NoopBackend`: of a synchronizing step; `peers.NoopStreamBackend`: of a stream-ordered one)."""
+    backend = noop(options.device)
     spec = shape.spec(shape.top_ks[0])
-    inputs = workload.make_inputs(shape, options.dtype, options.inputs)
+    inputs = _inputs.get((shape, options.dtype, options.inputs),
+                         lambda: workload.make_inputs(shape, options.dtype, options.inputs))
     steps = [backend.benchmark_step(None, item.x, "forward", item.dy) for item in inputs]
     timed = time_rounds(benchmark, steps, options)
-    case = BenchCase(NoopBackend.name, "none", shape, spec.top_k, "fwd", "balanced")
-    info = describe(case, NoopBackend, spec, options, timed)
+    case = BenchCase(noop.name, "none", shape, spec.top_k, "fwd", "balanced")
+    info = describe(case, noop, spec, options, timed)
     info["harness_only"] = True
     stats = _stats(benchmark)
     if stats is not None:
@@ -401,7 +419,7 @@ def describe(case: BenchCase, backend_cls: type, spec, options: BenchOptions, ti
         "top_k": case.top_k, "routing": case.routing, "dtype": options.dtype,
         **case.shape.describe(), "renormalize": spec.renormalize, "routed_scaling": spec.routed_scaling,
         "device": options.device or "default", "device_name": timing.device_name(options.device),
-        "versions": versions, "timer": timed.timer, "l2_flush_bytes": timed.l2_flush_bytes,
+        "versions": versions, "timer": timed.timer, "timing": timed.timing, "l2_flush_bytes": timed.l2_flush_bytes,
         "inputs": options.inputs, "rounds": options.rounds, "warmup_rounds": max(options.warmup, options.inputs),
         "threads": options.threads, "cuda_graph_option": options.cuda_graph,
     }

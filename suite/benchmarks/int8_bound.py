@@ -39,11 +39,11 @@ from typing import Any
 
 import numpy as np
 
-from qmoe.implementations.base import Capabilities
+from qmoe.implementations.base import Capabilities, synchronized_step
 from qmoe.reference.spec import MoEParams, MoESpec, SpecError
 
 from .outputs import WrongOutputError
-from .peers import _DTYPES, GemmBound, _Prepared, synchronized, torch_upload
+from .peers import _DTYPES, GemmBound, _Prepared, torch_upload
 
 #: Schemes whose routed experts run int8 x int8 (`metrics.peak_operand` is int8): they share this bound.
 #: The bound's own rows carry the scheme whose weights are stored int8 once, as the bound's are.
@@ -177,7 +177,7 @@ class GemmBoundInt8(GemmBound):
                     ys = shared_forward(x_t, w["shared_w13"], w["shared_w2"]) if shared else None
                 return Int8BoundResult(lambda: _finish_forward(out, h32, sa, s2, ys, k, tokens))
 
-            return _mark(synchronized(forward_body, sync))
+            return _mark(synchronized_step(forward_body, sync, torch_stream=x_t.is_cuda))
 
         dyq, sdy = quantize_rows(dy_t.float().repeat(k, 1).view(experts, block, -1))
         da32 = torch.stack([int_mm(dyq[e], w["w2"][e].t()) for e in range(experts)])
@@ -205,7 +205,7 @@ class GemmBoundInt8(GemmBound):
                     dxs = torch.autograd.grad(shared_forward(*leaves), leaves, grad_outputs=dy_t)[0]
             return Int8BoundResult(lambda: _finish_backward(out, da32, sdh, s13, dxs, k, tokens))
 
-        return _mark(synchronized(backward_body, sync))
+        return _mark(synchronized_step(backward_body, sync, torch_stream=x_t.is_cuda))
 
 
 def block_rows(tokens: int, top_k: int, experts: int) -> int:

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from qmoe.implementations.base import Backend, Capabilities
+from qmoe.implementations.base import Backend, Capabilities, synchronized_step
 from qmoe.reference.layer import ForwardResult
 from qmoe.reference.spec import MoEParams, MoESpec, SpecError, validate_input
 
@@ -210,7 +210,8 @@ class TorchGroupedMMPeer(PeerBackend):
 
         if pass_ not in ("forward", "backward"):
             raise SpecError(f"unknown pass {pass_!r}")
-        return synchronized(forward_body if pass_ == "forward" else backward_body, sync)
+        return synchronized_step(forward_body if pass_ == "forward" else backward_body, sync,
+                                 torch_stream=x_t.is_cuda)
 
 
 #: torch.compile's own cache: every case is a new (spec, shape), and the default limit of 8 recompiles would
@@ -264,17 +265,6 @@ def torch_compile_refusal(dtype: str, device: str | None) -> str | None:
         return (f"torch.compile cannot trace torch._grouped_mm in {dtype} (torch {torch.__version__}'s meta kernel: "
                 f"{str(exc).splitlines()[0]})")
     return None
-
-
-def synchronized(body: Callable[[], Any], sync: Callable[[], None]) -> Callable[[], Any]:
-    """``body`` then ``sync``: the benchmark step. ``graph_body`` keeps the body for CUDA-graph capture."""
-    def step():
-        out = body()
-        sync()
-        return out
-
-    step.graph_body = body  # type: ignore[attr-defined]
-    return step
 
 
 # -- the GEMM bound: the layer's grouped GEMMs alone ------------------------------------------------------------
@@ -379,7 +369,7 @@ class GemmBound(TorchGroupedMMPeer):
         make = forward_of if pass_ == "forward" else backward_of
         bodies = {variant: make(layer) for variant, layer in layers.items()}
         chosen, seconds = faster_variant(bodies, sync)
-        step = synchronized(bodies[chosen], sync)
+        step = synchronized_step(bodies[chosen], sync, torch_stream=x_t.is_cuda)
         step.extra_info = {"bound_variant": chosen,  # type: ignore[attr-defined]
                            "bound_variant_s": seconds,
                            **({"bound_variant_note": prepared.extra["compile_refusal"]}
@@ -731,6 +721,7 @@ class NoopBackend(Backend):
 
     name = "noop"
     harness_only = True
+    torch_stream = False
     capabilities = Capabilities(schemes=("none",), passes=("forward", "backward"), dtypes=_DTYPES,
                                 devices=("cpu", "cuda", "gpu"))
 
@@ -749,8 +740,16 @@ class NoopBackend(Backend):
             import torch
 
             if torch.cuda.is_available():
-                return synchronized(_nothing, torch.cuda.synchronize)
+                return synchronized_step(_nothing, torch.cuda.synchronize, torch_stream=self.torch_stream)
         return _nothing
+
+
+class NoopStreamBackend(NoopBackend):
+    """`NoopBackend` offering its (empty) body for stream-ordered timing (``step.stream_body``): what the
+    harness adds to a step timed between CUDA events on torch's stream, with no host round trip inside."""
+
+    name = "noop.stream"
+    torch_stream = True
 
 
 def _nothing() -> None:

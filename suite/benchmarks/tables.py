@@ -104,23 +104,33 @@ def derive(rows: list[ResultRow]) -> list[ResultRow]:
         if bound is not None:
             row.derived["bound"] = bound.get("backend")
             row.derived["x_bound"] = tf / bound.get("tflops")
-    overhead = overhead_ratio(rows)
-    if overhead is not None:
-        for row in rows:
-            if row.get("harness_only"):
-                row.derived["overhead_pct"] = 100.0 * overhead[0]
+    for ratio, noop, _ in overhead_ratios(rows):
+        noop.derived["overhead_pct"] = 100.0 * ratio
     return rows
 
 
-def overhead_ratio(rows: list[ResultRow]) -> tuple[float, ResultRow, ResultRow] | None:
-    """(noop median / fastest real median, the noop row, the fastest row), or None without both."""
-    noop = [r for r in rows if r.get("harness_only") and math.isfinite(r.median_s)]
-    real = [r for r in rows if not r.get("harness_only") and math.isfinite(r.median_s)]
-    if not noop or not real:
-        return None
-    fastest = min(real, key=lambda r: r.median_s)
-    slowest_noop = max(noop, key=lambda r: r.median_s)  # several runs: the least favourable
-    return slowest_noop.median_s / fastest.median_s, slowest_noop, fastest
+def overhead_ratios(rows: list[ResultRow]) -> list[tuple[float, ResultRow, ResultRow]]:
+    """Per timing mode (extra_info ``timing``: stream-ordered or synchronized CUDA events, host clock; rows
+    of older runs have none and form one mode): (do-nothing median / fastest real median of that mode, the
+    do-nothing row, that fastest row). A mode without both kinds of row is left out."""
+    out = []
+    for mode in sorted({r.get("timing") for r in rows if r.get("harness_only")}, key=str):
+        noop = [r for r in rows if r.get("harness_only") and r.get("timing") == mode and math.isfinite(r.median_s)]
+        real = [r for r in rows if not r.get("harness_only") and r.get("timing") == mode
+                and math.isfinite(r.median_s)]
+        if noop and real:
+            fastest = min(real, key=lambda r: r.median_s)
+            slowest_noop = max(noop, key=lambda r: r.median_s)  # several runs: the least favourable
+            out.append((slowest_noop.median_s / fastest.median_s, slowest_noop, fastest))
+    return out
+
+
+def overhead_line(ratio: float, noop: ResultRow, fastest: ResultRow, label: str) -> str:
+    """One harness-overhead sentence (terminal and report)."""
+    mode = noop.get("timing")
+    return (f"harness overhead{f' ({mode} timing)' if mode else ''}: the do-nothing backend's timed call "
+            f"{noop.median_s * 1e6:.2f} us = {100 * ratio:.3f}% of the fastest{' such' if mode else ''} case "
+            f"({label}, {fastest.median_s * 1e6:.1f} us)")
 
 
 def fmt(value, spec: str = ".1f", missing: str = "") -> str:
@@ -200,10 +210,6 @@ def terminal_rows(results, compared_mapping: dict) -> list[str]:
                       fmt(check, ".1f"), versus])
     lines = tabulate(table, headers=[name for name, _ in TERMINAL_COLUMNS], tablefmt="simple",
                      colalign=[align for _, align in TERMINAL_COLUMNS], disable_numparse=True).splitlines()
-    overhead = overhead_ratio(rows)
-    if overhead is not None:
-        ratio, noop, fastest = overhead
-        lines.append(f"harness overhead: the do-nothing backend's timed call {noop.median_s * 1e6:.2f} us = "
-                     f"{100 * ratio:.3f}% of the fastest case ({fastest.name.split('[', 1)[-1].rstrip(']')}, "
-                     f"{fastest.median_s * 1e6:.1f} us)")
+    for ratio, noop, fastest in overhead_ratios(rows):
+        lines.append(overhead_line(ratio, noop, fastest, fastest.name.split('[', 1)[-1].rstrip(']')))
     return lines

@@ -46,8 +46,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     elif "overhead_shape" in metafunc.fixturenames:
         timer, name = clock_for(bench_options(metafunc.config).device)
         mark = pytest.mark.benchmark(group="harness overhead", **({"timer": timer} if name != "perf_counter" else {}))
+        from qmoe.suite.benchmarks.peers import NoopBackend, NoopStreamBackend
+
         shape = preset(metafunc.config.getoption("--bench-shape"))[0]
-        metafunc.parametrize("overhead_shape", [pytest.param(shape, id=f"noop-{shape.name}", marks=[mark])])
+        # on CUDA both timing modes (`harness.time_rounds`); elsewhere there is one
+        noops = (NoopBackend, NoopStreamBackend) if name == "cuda_events" else (NoopBackend,)
+        metafunc.parametrize("overhead_shape", [
+            pytest.param((shape, noop), id=f"{noop.name}-{shape.name}", marks=[mark]) for noop in noops])
 
 
 def test_throughput(benchmark, bench_case, request: pytest.FixtureRequest) -> None:
@@ -65,4 +70,5 @@ def test_harness_overhead(benchmark, overhead_shape, request: pytest.FixtureRequ
     from qmoe.suite.benchmarks.harness import run_overhead
     from qmoe.suite.benchmarks.plugin import bench_options
 
-    run_overhead(benchmark, bench_options(request.config), overhead_shape)
+    shape, noop = overhead_shape
+    run_overhead(benchmark, bench_options(request.config), shape, noop)
