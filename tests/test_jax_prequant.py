@@ -1,7 +1,7 @@
 """Checks specific to the `jax_prequant` backend (the conformance suite covers its numerics on the
 default formulation): what the compiled program does with the weights (no weight rounding in the
 int8_routed_prequant step, int32 accumulation), the prequant custom VJP rule, which grouped-matmul
-formulation and XLA options each platform gets, the padded (GPU) formulation's numerics on CPU,
+formulation and XLA options each platform gets, the padded (GPU) and pallas formulations' numerics on CPU,
 static-capacity sizing, that expert parallelism really shards and exchanges, stage timing and the
 benchmark step.
 """
@@ -21,7 +21,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from qmoe import reference  # noqa: E402
-from qmoe.implementations.jax_prequant import JaxPrequantBackend  # noqa: E402
+from qmoe.implementations.jax_prequant import JaxPrequantBackend, JaxPrequantPallasBackend  # noqa: E402
 from qmoe.implementations.jax_prequant import env as _jax_env  # noqa: E402
 from qmoe.implementations.jax_prequant import expert_parallel as _jax_ep
 from qmoe.implementations.jax_prequant import programs as _jax_programs
@@ -146,7 +146,8 @@ def test_prequant_custom_vjp(grouped):
     rng = np.random.default_rng(1)
     groups, k, n = 3, 16, 12
     row_group = np.array([0, 2, 0, 0, 2, 2, 0, 2, 2, 0, 0], np.int32)  # expert 1 gets no row
-    placement = place_rows(jnp.asarray(row_group), jnp.ones(row_group.shape, bool), groups, grouped, capacity=8)
+    placement = place_rows(jnp.asarray(row_group), jnp.ones(row_group.shape, bool), groups, grouped, capacity=8,
+                           interpret=True)  # the pallas kernels run interpreted on CPU
     x = take_rows(jnp.asarray(rng.standard_normal((row_group.size, k)), jnp.float32), placement.source)
     w = jnp.asarray(rng.standard_normal((groups, k, n)), jnp.float32)
     g = jnp.asarray(rng.standard_normal((x.shape[0], n)), jnp.float32)
@@ -188,8 +189,21 @@ def test_formulation_by_platform(monkeypatch):
     assert _jax_env.select_formulation("gpu", "ragged") == "ragged"
     monkeypatch.setenv(_jax_env.GROUPED_ENV, "padded")
     assert _jax_env.select_formulation("cpu") == "padded"
-    with pytest.raises(ValueError, match="not one of ragged, padded"):
+    with pytest.raises(ValueError, match="not one of ragged, padded, pallas"):
         _jax_env.select_formulation("cpu", "dense")
+
+
+def test_pallas_formulation_only_when_asked_for(monkeypatch):
+    """``pallas`` is never a default (not yet measured on a GPU); asked for, it runs on GPUs and, interpreted,
+    on CPU; on a TPU it raises instead of falling back to another formulation."""
+    monkeypatch.delenv(_jax_env.GROUPED_ENV, raising=False)
+    assert "pallas" not in {_jax_env.select_formulation(p) for p in ("cpu", "gpu", "cuda", "rocm", "tpu")}
+    assert _jax_env.select_formulation("gpu", "pallas") == _jax_env.select_formulation("cpu", "pallas") == "pallas"
+    monkeypatch.setenv(_jax_env.GROUPED_ENV, "pallas")
+    assert _jax_env.select_formulation("cuda") == "pallas"
+    with pytest.raises(ValueError, match="pallas grouped formulation runs Triton kernels on GPUs"):
+        _jax_env.select_formulation("tpu")
+    assert _jax_env.pallas_interpret("cpu") and not _jax_env.pallas_interpret("cuda")
 
 
 def test_backend_formulation_choice(monkeypatch):
@@ -200,6 +214,11 @@ def test_backend_formulation_choice(monkeypatch):
     assert forced.plan.formulation == "padded"
     monkeypatch.setenv(_jax_env.GROUPED_ENV, "padded")
     assert JaxPrequantBackend("cpu").prepare(HLO_SPEC, params, "none", "float32").plan.formulation == "padded"
+    pallas = JaxPrequantPallasBackend("cpu").prepare(HLO_SPEC, params, "none", "float32").plan
+    assert JaxPrequantPallasBackend.name == "jax_prequant_pallas" and pallas.formulation == "pallas"
+    assert pallas.interpret_kernels, "on CPU the pallas kernels must run interpreted"
+    monkeypatch.setenv(_jax_env.GROUPED_ENV, "pallas")
+    assert JaxPrequantBackend("cpu").prepare(HLO_SPEC, params, "none", "float32").plan.formulation == "pallas"
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -268,6 +287,26 @@ def test_padded_formulation_matches_reference(scheme, case):
     _check_against_reference(backend, prepared, data, scheme)
 
 
+#: Each scheme on the pallas formulation (interpreted on CPU), with the cases that stress a grouped kernel:
+#: experts with no rows, all rows on one expert, one token (one row per expert at most), skewed routing,
+#: capacity drops (rows past every group) and the shared expert.
+PALLAS_CASES = (("none", "empty_experts"), ("int8_dense", "shared_expert"), ("int8_routed", "capacity_drop"),
+                ("int8_all", "zipf_skew"), ("int8_routed_prequant", "all_on_one_top2"),
+                ("int8_routed_prequant", "one_token"))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("scheme", "case"), PALLAS_CASES)
+def test_pallas_formulation_matches_reference(scheme, case, dtype):
+    """The Pallas grouped kernels (issue 15), interpreted on CPU: forward and backward tight against the
+    reference at the backend's effective weights."""
+    backend = JaxPrequantBackend("cpu", grouped="pallas")
+    data = CASES[case].build(dtype)
+    prepared = backend.prepare(data.spec, data.params, scheme, dtype)
+    assert prepared.plan.formulation == "pallas"
+    _check_against_reference(backend, prepared, data, scheme, dtype)
+
+
 def test_padded_capacity_grows_when_outgrown():
     """A cached bucket smaller than the routing needs is detected after the run and the run redone."""
     backend = JaxPrequantBackend("cpu", grouped="padded")
@@ -294,6 +333,22 @@ def test_expert_parallel_padded_with_uneven_experts():
     one = backend.prepare(spec, params, scheme, "float32")
     two = backend.prepare(spec, params, scheme, "float32", ep_size=2)
     assert two.plan.experts == 4
+    np.testing.assert_allclose(backend.forward(two, x).y, backend.forward(one, x).y, rtol=1e-5, atol=1e-6)
+    g_one, g_two = backend.backward(one, x, dy), backend.backward(two, x, dy)
+    for name in g_one:
+        np.testing.assert_allclose(g_two[name], g_one[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_expert_parallel_pallas():
+    """EP with the pallas formulation: each device's kernels see only its experts' received rows (the
+    rest of the dispatch buffer is the kernels' zero tail) and the result equals one device's."""
+    scheme = "int8_routed_prequant"
+    _need_devices(2)
+    spec = MoESpec(hidden=16, ffn=12, experts=3, top_k=2, shared_ffn=8)
+    params, x, dy = _layer(spec, tokens=7, seed=3)
+    backend = JaxPrequantBackend("cpu", grouped="pallas")
+    one = backend.prepare(spec, params, scheme, "float32")
+    two = backend.prepare(spec, params, scheme, "float32", ep_size=2)
     np.testing.assert_allclose(backend.forward(two, x).y, backend.forward(one, x).y, rtol=1e-5, atol=1e-6)
     g_one, g_two = backend.backward(one, x, dy), backend.backward(two, x, dy)
     for name in g_one:

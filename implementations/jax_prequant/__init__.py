@@ -9,6 +9,13 @@ weights once here in `prepare` and its backward is the logbook's final custom VJ
 Grouped matmul formulation (`env.select_formulation`): ``ragged`` (``jax.lax.ragged_dot_general``)
 on CPU and TPU; ``padded`` (capacity-padded batched matmul) on GPU, where ragged_dot lowers to a dense
 masked dot. Force one with ``JaxPrequantBackend(grouped="padded")`` or ``QMOE_JAX_GROUPED=padded``.
+``pallas`` (issue 15; only when asked for): grouped Pallas kernels (`pallas_grouped`; Triton on GPU,
+interpreted on CPU) over the expert-sorted rows without capacity padding, int8 x int8 -> int32 with
+the scales applied in the kernel's epilogue, for the forward, the custom VJP's input gradient and the
+weight gradients. Not yet measured on a GPU, so not a default. ``QMOE_JAX_GROUPED=pallas`` runs the
+whole suite with it; `JaxPrequantPallasBackend` (``jax_prequant_pallas``, not registered: load it with
+``--backend-module qmoe.implementations.jax_prequant:JaxPrequantPallasBackend``) runs it beside the
+default in one benchmark session.
 On GPU the programs of int8 schemes compile with ``env.INT8_GPU_OPTIONS`` (cuBLASLt int8 GEMMs
 instead of XLA's Triton GEMM fusions, which ran the int8 expert GEMMs slower than bfloat16 on an H100).
 
@@ -87,7 +94,8 @@ class JaxPrequantBackend(Backend):
     )
 
     def __init__(self, device: str | None = None, grouped: str | None = None, ep_dispatch: str = "float") -> None:
-        """``grouped``: force the grouped-matmul formulation (``ragged`` or ``padded``). ``ep_dispatch``: how
+        """``grouped``: force the grouped-matmul formulation (``ragged``, ``padded`` or ``pallas``; default:
+        $QMOE_JAX_GROUPED, else the platform's, `env.select_formulation`). ``ep_dispatch``: how
         expert parallelism sends token rows: ``float`` (the compute dtype, except that the int8 routed
         schemes send the int8 codes and scale their experts would make anyway) or ``int8`` (codes and
         scales for every scheme)."""
@@ -319,7 +327,7 @@ class JaxPrequantBackend(Backend):
     def _plan_for(self, prepared: JaxPrepared, x_dev) -> Any:
         """The plan with static capacities for this token count (sized from the routing if new)."""
         plan = prepared.plan
-        if plan.formulation == "ragged" and plan.ep_size == 1:
+        if plan.formulation != "padded" and plan.ep_size == 1:  # no static capacity to size
             return _noted(plan)
         tokens = x_dev.shape[0]
         if tokens not in prepared.sizes:
@@ -346,6 +354,23 @@ class JaxPrequantBackend(Backend):
             prepared.sizes[tokens] = _bucketed(plan, tokens, int(needed["expert_capacity"]),
                                                int(needed["dispatch_capacity"]))
         raise RuntimeError(f"static capacities kept being outgrown: {prepared.sizes[tokens]} vs {needed}")
+
+
+class JaxPrequantPallasBackend(JaxPrequantBackend):
+    """`JaxPrequantBackend` with the ``pallas`` grouped formulation whatever the platform (issue 15).
+
+    Not in the registry, so no run gains a backend by default; a GPU session compares it with the
+    default (``padded``) formulation in one benchmark run::
+
+        pytest -m benchmark --device cuda --bench-shape logbook-shared0 \
+            --backend-module qmoe.implementations.jax_prequant:JaxPrequantPallasBackend \
+            --backend jax_prequant,jax_prequant_pallas
+    """
+
+    name = "jax_prequant_pallas"
+
+    def __init__(self, device: str | None = None, grouped: str | None = "pallas", ep_dispatch: str = "float") -> None:
+        super().__init__(device, grouped=grouped, ep_dispatch=ep_dispatch)
 
 
 # -- module helpers (no framework at import) ---------------------------------------------------------------

@@ -29,10 +29,13 @@ def precision_for(dtype) -> jax.lax.Precision | None:
     """HIGHEST for float32 operands; None (the operands' own precision) for bfloat16 and integers."""
     return FLOAT_PRECISION if jax.numpy.dtype(dtype) == jax.numpy.float32 else None
 
-#: Environment override of the grouped-matmul formulation: ``ragged`` or ``padded``.
+#: Environment override of the grouped-matmul formulation: ``ragged``, ``padded`` or ``pallas``.
 GROUPED_ENV = "QMOE_JAX_GROUPED"
-FORMULATIONS: tuple[str, ...] = ("ragged", "padded")
+FORMULATIONS: tuple[str, ...] = ("ragged", "padded", "pallas")
 GPU_PLATFORMS: tuple[str, ...] = ("gpu", "cuda", "rocm")
+#: Where the ``pallas`` formulation runs: its kernels lower through Triton on GPUs and run in Pallas's
+#: interpreter on CPU. TPUs would need Mosaic TPU kernels, which this backend does not have.
+PALLAS_PLATFORMS: tuple[str, ...] = (*GPU_PLATFORMS, "cpu")
 
 #: XLA options for the programs of int8 schemes on GPU: int8 x int8 GEMMs go to cuBLASLt instead of
 #: XLA's default Triton GEMM fusions. H100, 2026-11-23 (results/h100/jax_prequant_seed.md): the raw
@@ -57,11 +60,36 @@ def select_formulation(platform: str, override: str | None = None) -> str:
 
     Why: XLA lowers ``ragged_dot`` on GPU to a dense masked dot over all experts (H100, 2026-11-22:
     12.8 TF/s bf16, out of memory at top_k 8), while a capacity-padded batched matmul is a plain
-    cuBLAS batched GEMM. On CPU and TPU ``ragged_dot`` is the native grouped matmul.
+    cuBLAS batched GEMM. On CPU and TPU ``ragged_dot`` is the native grouped matmul. ``pallas`` (the
+    grouped Pallas/Triton kernels of `pallas_grouped`, no capacity padding; issue 15) is chosen only
+    when asked for: it has not been measured on a GPU yet, and ``padded`` stays the GPU default until a
+    benchmark shows it slower. On CPU ``pallas`` runs interpreted (slow; for tests). Asked for where it
+    cannot run (TPU, or a jax without Pallas's Triton support), it raises instead of falling back.
     """
     choice = override or os.environ.get(GROUPED_ENV) or None
-    if choice is not None:
-        if choice not in FORMULATIONS:
-            raise ValueError(f"grouped formulation {choice!r} is not one of {', '.join(FORMULATIONS)}")
-        return choice
-    return "padded" if platform in GPU_PLATFORMS else "ragged"
+    if choice is None:
+        return "padded" if platform in GPU_PLATFORMS else "ragged"
+    if choice not in FORMULATIONS:
+        raise ValueError(f"grouped formulation {choice!r} is not one of {', '.join(FORMULATIONS)}")
+    if choice == "pallas":
+        check_pallas(platform)
+    return choice
+
+
+def check_pallas(platform: str) -> None:
+    """Raise, saying why, where the ``pallas`` formulation cannot run on ``platform``."""
+    if platform not in PALLAS_PLATFORMS:
+        raise ValueError(f"the pallas grouped formulation runs Triton kernels on GPUs (interpreted on CPU); "
+                         f"platform {platform!r} has neither: use ragged")
+    try:
+        from jax.experimental import pallas  # noqa: F401
+        from jax.experimental.pallas import triton  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError(f"the pallas grouped formulation needs jax.experimental.pallas with its Triton "
+                           f"backend, which jax {jax.__version__} cannot import here: {exc}") from exc
+
+
+def pallas_interpret(platform: str) -> bool:
+    """Whether the ``pallas`` kernels run in Pallas's interpreter on ``platform`` (CPU) rather than
+    through Triton (GPUs)."""
+    return platform not in GPU_PLATFORMS

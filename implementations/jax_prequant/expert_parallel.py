@@ -49,13 +49,23 @@ from .routing import RoutingOut, route
 AXIS = "ep"
 
 
-def _shard_map(fn, mesh, in_specs, out_specs):
-    """``jax.shard_map`` where it exists (jax >= 0.6), the experimental one before."""
+def _shard_map(fn, mesh, in_specs, out_specs, check_vma: bool = True):
+    """``jax.shard_map`` where it exists (jax >= 0.6), the experimental one before. ``check_vma``: JAX's
+    check of which values vary over the mesh axes (``check_rep`` before jax 0.6)."""
     if hasattr(jax, "shard_map"):
-        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma)
     from jax.experimental.shard_map import shard_map
 
-    return shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+    return shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=check_vma)
+
+
+def _checks_vma(plan: LayerPlan) -> bool:
+    """Whether the shard_map running the experts keeps JAX's variance check: not around the ``pallas``
+    formulation's kernels, whose outputs carry no manual-axis variance and whose interpreter mixes varying
+    and invariant values (jax 0.10.2: "dynamic_slice requires varying manual axes to match"). Safe here:
+    every input of those shard_maps is sharded over ``ep`` (none replicated, so the check changes no
+    transpose), and the replicated ``needed`` output is made equal on every device by ``pmax``."""
+    return plan.formulation != "pallas"
 
 
 def _exchange(values: jax.Array) -> jax.Array:
@@ -140,7 +150,7 @@ def _experts_on_received(plan: LayerPlan, incoming_expert, rows, codes, scale, w
     """The local experts over the received slots: (outputs in received slot order, needed expert capacity)."""
     local_experts = w13.shape[0]
     received = place_rows(incoming_expert, incoming_expert < local_experts, local_experts,
-                          plan.formulation, plan.expert_capacity)
+                          plan.formulation, plan.expert_capacity, interpret=plan.interpret_kernels)
     layout = received.layout
     rows = (permute_rows(rows, received.source, received.slot_of_row),
             *(None if value is None else take_rows(value, received.source) for value in (codes, scale)))
@@ -205,7 +215,7 @@ def run_layer_ep(plan: LayerPlan, params: dict, frozen: dict, x: jax.Array, diff
     sharded = P(AXIS)
     in_specs = (sharded,) * 4 + _sharded_specs(weights)
     local = _shard_map(lambda *args: _local_layer(plan, differentiated, *args), plan.mesh, in_specs,
-                       (sharded, {"expert_capacity": P(), "dispatch_capacity": P()}))
+                       (sharded, {"expert_capacity": P(), "dispatch_capacity": P()}), check_vma=_checks_vma(plan))
     routed, needed = local(*local_inputs, *weights)
     y = finish(plan, routed[:x.shape[0]], shared_expert(plan, params, x))
     return y, routing, needed
@@ -251,7 +261,8 @@ def stage_experts_ep(plan: LayerPlan, params: dict, frozen: dict, incoming_exper
         return _experts_on_received(plan, incoming_expert, rows, codes, scale, *weights)[0]
 
     in_specs = (P(AXIS), _sharded_specs(received), *_sharded_specs(weights))
-    return _shard_map(local, plan.mesh, in_specs, P(AXIS))(incoming_expert, received, *weights)
+    return _shard_map(local, plan.mesh, in_specs, P(AXIS), check_vma=_checks_vma(plan))(incoming_expert, received,
+                                                                                         *weights)
 
 
 def stage_combine_ep(plan: LayerPlan, x: jax.Array, back: jax.Array, sent: dict, gates: jax.Array,

@@ -1,4 +1,4 @@
-"""Grouped (per-expert) matmuls over rows sorted by group, in two formulations, and their int8 VJPs.
+"""Grouped (per-expert) matmuls over rows sorted by group, in three formulations, and their int8 VJPs.
 
 ``ragged``: rows sorted by group, contiguous, ``group_sizes`` says where each group ends;
 ``jax.lax.ragged_dot_general`` does the work (the native grouped matmul on CPU and TPU). Rows past
@@ -10,7 +10,13 @@ lowers ``ragged_dot`` to a dense masked dot (H100, 2026-11-22: 12.8 TF/s bf16 fo
 out of memory at top_k 8). ``capacity`` is a static shape: `bucket_capacity` rounds the largest group
 up to one of 8 sizes per octave, so a layer recompiles only when its routing moves between buckets.
 
-Both formulations share `Placement`: where each source row lands (``slot_of_row``) and which source
+``pallas``: the ``ragged`` layout (no capacity), computed by the Pallas kernels of `pallas_grouped`
+(Triton on GPU, interpreted on CPU): each row tile multiplies by its own expert's weight, int8
+products dequantize in the kernel's epilogue, and the weight gradient is a grouped kernel too, so no
+group is padded to the largest one's rows (issue 15). Not yet measured on a GPU: ``padded`` stays
+the GPU default until a benchmark shows this faster.
+
+All formulations share `Placement`: where each source row lands (``slot_of_row``) and which source
 row fills each slot (``source``), so gathers/scatters are plain index lookups with a zero fill.
 """
 
@@ -27,14 +33,20 @@ from jax.lax import RaggedDotDimensionNumbers, ragged_dot_general
 from .env import precision_for
 from .quant import dequantize, quantize_rows
 
+# `pallas_grouped` (Pallas, Triton) is imported where the ``pallas`` formulation runs, not here.
+
+#: Layouts whose rows are sorted by group, contiguous, with no capacity: ``group_sizes`` says it all.
+CONTIGUOUS_KINDS = ("ragged", "pallas")
+
 
 @dataclass(frozen=True)
 class GroupedLayout:
     """How M rows map to G groups.
 
     ``group_sizes`` [G] int32: rows in each group. ``row_group`` [M] int32: the group of each row
-    (padding rows carry some valid group; their rows are zero). Static: ``kind`` (ragged | padded),
-    ``groups`` (G), ``capacity`` (rows per group when padded, else 0).
+    (padding rows carry some valid group; their rows are zero). Static: ``kind`` (ragged | padded |
+    pallas), ``groups`` (G), ``capacity`` (rows per group when padded, else 0), ``interpret`` (pallas
+    only: run the kernels in Pallas's interpreter, as on CPU, instead of lowering them through Triton).
     """
 
     group_sizes: jax.Array
@@ -42,10 +54,11 @@ class GroupedLayout:
     kind: str
     groups: int
     capacity: int
+    interpret: bool = False
 
 
 jax.tree_util.register_dataclass(GroupedLayout, data_fields=["group_sizes", "row_group"],
-                                 meta_fields=["kind", "groups", "capacity"])
+                                 meta_fields=["kind", "groups", "capacity", "interpret"])
 
 
 @jax.tree_util.register_dataclass
@@ -78,11 +91,13 @@ def bucket_capacity(rows: int, minimum: int = 16) -> int:
     return -(-bucketed // 16) * 16
 
 
-def place_rows(row_group: jax.Array, valid: jax.Array, groups: int, kind: str, capacity: int = 0) -> Placement:
+def place_rows(row_group: jax.Array, valid: jax.Array, groups: int, kind: str, capacity: int = 0,
+               interpret: bool = False) -> Placement:
     """Sort R source rows by group (stable: a group keeps its rows in source order) into a layout.
 
     Invalid rows are placed nowhere. ``padded`` needs ``capacity`` > 0; rows past it in their group
     are placed nowhere either, and ``needed_capacity`` tells the caller to retry with a larger one.
+    ``interpret``: for ``pallas``, whether its kernels run interpreted (CPU) or through Triton (GPU).
     """
     rows = row_group.shape[0]
     key = jnp.where(valid, row_group, groups).astype(jnp.int32)
@@ -93,7 +108,7 @@ def place_rows(row_group: jax.Array, valid: jax.Array, groups: int, kind: str, c
     starts = jnp.cumsum(counts) - counts
     position = jnp.arange(rows, dtype=jnp.int32) - starts[sorted_key]
     in_group = sorted_key < groups
-    if kind == "ragged":
+    if kind in CONTIGUOUS_KINDS:
         slots = rows
         slot_sorted = jnp.where(in_group, jnp.arange(rows, dtype=jnp.int32), slots)
         source = jnp.where(in_group, order, rows)
@@ -109,7 +124,8 @@ def place_rows(row_group: jax.Array, valid: jax.Array, groups: int, kind: str, c
     else:
         raise ValueError(f"unknown grouped formulation {kind!r}")
     slot_of_row = jnp.zeros((rows,), jnp.int32).at[order].set(slot_sorted)
-    layout = GroupedLayout(group_sizes, slot_group, kind, groups, capacity if kind == "padded" else 0)
+    layout = GroupedLayout(group_sizes, slot_group, kind, groups, capacity if kind == "padded" else 0,
+                           interpret=interpret and kind == "pallas")
     needed = jnp.max(group_sizes) if groups else jnp.int32(0)
     return Placement(source, slot_of_row, layout, needed)
 
@@ -171,9 +187,22 @@ def _dot_numbers(transpose_rhs: bool) -> tuple:
 
 
 def grouped_dot(lhs: jax.Array, rhs: jax.Array, layout: GroupedLayout, *, transpose_rhs: bool = False,
-                accumulate=jnp.float32) -> jax.Array:
+                accumulate=jnp.float32, out_dtype=None) -> jax.Array:
     """out[m] = lhs[m] @ rhs[g(m)] (rhs [G, K, N]), or lhs[m] @ rhs[g(m)]^T with ``transpose_rhs``
-    (rhs [G, N, K]); accumulated in ``accumulate`` (int32 for int8 operands)."""
+    (rhs [G, N, K]); accumulated in ``accumulate`` (int32 for int8 operands), returned in
+    ``out_dtype`` (default: ``accumulate``; the ``pallas`` kernel stores that type directly)."""
+    out_dtype = accumulate if out_dtype is None else out_dtype
+    if layout.kind == "pallas":
+        from . import pallas_grouped
+
+        return pallas_grouped.grouped_matmul(lhs, rhs, layout.group_sizes, transpose_rhs=transpose_rhs,
+                                             out_dtype=out_dtype, interpret=layout.interpret)
+    return _xla_grouped_dot(lhs, rhs, layout, transpose_rhs, accumulate).astype(out_dtype)
+
+
+def _xla_grouped_dot(lhs: jax.Array, rhs: jax.Array, layout: GroupedLayout, transpose_rhs: bool,
+                     accumulate) -> jax.Array:
+    """`grouped_dot` by XLA: ``ragged_dot_general``, or the padded layout's batched matmul."""
     precision = precision_for(lhs.dtype)
     if layout.kind == "ragged":
         numbers = RaggedDotDimensionNumbers(dot_dimension_numbers=_dot_numbers(transpose_rhs),
@@ -193,6 +222,10 @@ def grouped_weight_grad(lhs: jax.Array, g: jax.Array, layout: GroupedLayout) -> 
 
     A group with no rows gets exactly zero.
     """
+    if layout.kind == "pallas":
+        from . import pallas_grouped
+
+        return pallas_grouped.grouped_weight_grad(lhs, g, layout.group_sizes, interpret=layout.interpret)
     if layout.kind == "ragged":
         numbers = RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
@@ -213,7 +246,7 @@ def float_grouped_dot(lhs: jax.Array, rhs: jax.Array, layout: GroupedLayout) -> 
     float32 cotangent, which turns bfloat16 GEMMs into float32 ones (H100, 2026-11-23: forward+backward
     of scheme ``none`` at 192 TF/s against 314 TF/s for the int8 path with its hand-written VJP).
     """
-    return grouped_dot(lhs, rhs, layout).astype(lhs.dtype)
+    return grouped_dot(lhs, rhs, layout, out_dtype=lhs.dtype)
 
 
 def _float_grouped_dot_forward(lhs, rhs, layout):
@@ -223,7 +256,7 @@ def _float_grouped_dot_forward(lhs, rhs, layout):
 def _float_grouped_dot_backward(residuals, g):
     lhs, rhs, layout = residuals
     g = g.astype(lhs.dtype)
-    dx = grouped_dot(g, rhs, layout, transpose_rhs=True).astype(lhs.dtype)
+    dx = grouped_dot(g, rhs, layout, transpose_rhs=True, out_dtype=lhs.dtype)
     return dx, grouped_weight_grad(lhs, g, layout).astype(rhs.dtype), None
 
 
@@ -236,10 +269,20 @@ def _expert_scale(scale: jax.Array, layout: GroupedLayout) -> jax.Array:
 
 
 def int8_grouped_product(codes: jax.Array, scale: jax.Array, w_codes: jax.Array, w_scale: jax.Array,
-                         layout: GroupedLayout, transpose_rhs: bool = False) -> jax.Array:
-    """(q_x q_w[g]) * s_x * s_w[g] in float32: int8 x int8 with int32 accumulation, dequantized once."""
+                         layout: GroupedLayout, transpose_rhs: bool = False, out_dtype=jnp.float32) -> jax.Array:
+    """(q_x q_w[g]) * s_x * s_w[g], computed in float32 and returned in ``out_dtype``: int8 x int8 with
+    int32 accumulation, dequantized once (``pallas``: in the kernel's epilogue, so the int32
+    accumulator never reaches memory)."""
+    if layout.kind == "pallas":
+        from . import pallas_grouped
+
+        cols = w_codes.shape[1] if transpose_rhs else w_codes.shape[2]
+        per_column = jnp.broadcast_to(w_scale.reshape(-1, 1).astype(jnp.float32), (layout.groups, cols))
+        return pallas_grouped.grouped_matmul(codes, w_codes, layout.group_sizes, transpose_rhs=transpose_rhs,
+                                             row_scale=scale.reshape(-1), col_scale=per_column,
+                                             out_dtype=out_dtype, interpret=layout.interpret)
     acc = grouped_dot(codes, w_codes, layout, transpose_rhs=transpose_rhs, accumulate=jnp.int32)
-    return acc.astype(jnp.float32) * (scale * _expert_scale(w_scale, layout))
+    return (acc.astype(jnp.float32) * (scale * _expert_scale(w_scale, layout))).astype(out_dtype)
 
 
 @functools.cache
@@ -268,10 +311,8 @@ def int8_grouped_dot(rule: str, dtype_name: str):
     @jax.custom_vjp
     def dot(x, x_codes, x_scale, w, w_codes, w_scale, w_codes_t, layout):
         if w_codes_t is None:
-            product = int8_grouped_product(x_codes, x_scale, w_codes, w_scale, layout)
-        else:
-            product = int8_grouped_product(x_codes, x_scale, w_codes_t, w_scale, layout, transpose_rhs=True)
-        return product.astype(dtype)
+            return int8_grouped_product(x_codes, x_scale, w_codes, w_scale, layout, out_dtype=dtype)
+        return int8_grouped_product(x_codes, x_scale, w_codes_t, w_scale, layout, transpose_rhs=True, out_dtype=dtype)
 
     def forward(x, x_codes, x_scale, w, w_codes, w_scale, w_codes_t, layout):
         y = dot(x, x_codes, x_scale, w, w_codes, w_scale, w_codes_t, layout)
@@ -282,7 +323,7 @@ def int8_grouped_dot(rule: str, dtype_name: str):
         kept, w_codes, w_scale, layout = residuals
         if rule == "prequant_vjp":
             g_codes, g_scale = quantize_rows(g)
-            dx = int8_grouped_product(g_codes, g_scale, w_codes, w_scale, layout, transpose_rhs=True)
+            dx = int8_grouped_product(g_codes, g_scale, w_codes, w_scale, layout, transpose_rhs=True, out_dtype=dtype)
             dw = grouped_weight_grad(kept, g.astype(dtype), layout)
         else:
             x_codes, x_scale = kept

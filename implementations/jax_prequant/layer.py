@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from qmoe.reference.schemes import get_scheme
 from qmoe.reference.spec import MoESpec
 
-from .env import GPU_PLATFORMS, precision_for
+from .env import GPU_PLATFORMS, pallas_interpret, precision_for
 from .grouped import (
     GroupedLayout,
     Placement,
@@ -49,7 +49,7 @@ class LayerPlan:
 
     ``experts`` is the spec's expert count rounded up to a multiple of ``ep_size`` (the extra experts
     are zero and never selected). ``expert_capacity``: rows per expert of the padded formulation
-    (0 for ragged). ``dispatch_capacity``: rows each device sends to each other device (EP only).
+    (0 for ragged and pallas). ``dispatch_capacity``: rows each device sends to each other device (EP only).
     ``platform``: the devices' JAX platform (``cpu``, ``gpu``, ...). ``dispatch``: how expert
     parallelism sends token rows, ``float`` (int8 codes only where the scheme quantizes routed
     activations per token anyway) or ``int8`` (codes and scales for every scheme; see `expert_parallel`).
@@ -93,6 +93,11 @@ class LayerPlan:
         return self.platform in GPU_PLATFORMS and (self.routed_int8 or self.shared_int8)
 
     @property
+    def interpret_kernels(self) -> bool:
+        """True where the ``pallas`` formulation's kernels run interpreted (CPU), not through Triton."""
+        return self.formulation == "pallas" and pallas_interpret(self.platform)
+
+    @property
     def routed_rule(self) -> str:
         return "prequant_vjp" if self.prequantized else "ste"
 
@@ -127,7 +132,8 @@ def pack_rows(plan: LayerPlan, x: jax.Array, expert_ids: jax.Array, valid: jax.A
               capacity: int) -> tuple[Placement, jax.Array, jax.Array | None, jax.Array | None]:
     """Place the T*k assignments by expert and gather their rows (and pre-quantized codes/scales)."""
     top_k = expert_ids.shape[1]
-    placement = place_rows(expert_ids.reshape(-1), valid.reshape(-1), groups, plan.formulation, capacity)
+    placement = place_rows(expert_ids.reshape(-1), valid.reshape(-1), groups, plan.formulation, capacity,
+                           interpret=plan.interpret_kernels)
     rows = gather_token_rows(x, placement.source, placement.slot_of_row, top_k)
     if not plan.routed_int8:
         return placement, rows, None, None

@@ -20,6 +20,11 @@ Two kernels:
   contracting dimension has the same dense lowering as the forward, so the weight gradient needs its
   own kernel to keep the ``pallas`` formulation free of the dense blow-up.
 
+Inside ``shard_map`` (expert parallelism) the kernels need ``check_vma=False`` (`expert_parallel`
+passes it for this formulation): Pallas asks for each output's manual-axis variance, and its
+interpreter mixes varying and invariant values (jax 0.10.2: "dynamic_slice requires varying manual
+axes to match").
+
 Index arrays (the tile schedule, the group offsets) are ordinary kernel inputs read with scalar loads:
 scalar prefetch is TPU-only and the Triton lowering rejects it. Every ref is the whole array and every
 block is read and written with masked loads/stores, so shapes need not divide the tiles (the tiles are
@@ -284,6 +289,7 @@ def grouped_weight_grad(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, 
     ends = jnp.cumsum(sizes).astype(jnp.int32)
     kernel = functools.partial(_weight_grad_kernel, tiles=tiles, rows=rows, depth=depth, cols=cols,
                                precision=precision_for(lhs.dtype))
+    operands = (ends - sizes, ends, lhs, rhs)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((groups, depth, cols), jnp.float32),
@@ -291,7 +297,7 @@ def grouped_weight_grad(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, 
         interpret=interpret,
         compiler_params=None if interpret else _compiler_params(tiles),
         name="qmoe_grouped_weight_grad",
-    )(ends - sizes, ends, lhs, rhs)
+    )(*operands)
 
 
 def _weight_grad_kernel(group_start_ref, group_end_ref, lhs_ref, rhs_ref, out_ref, *, tiles: Tiles, rows: int,
