@@ -476,6 +476,34 @@ def test_the_cuda_clock_times_a_round_between_its_armed_start_and_end_with_or_wi
     assert clock() - before == pytest.approx(1e-3)
 
 
+@pytest.mark.parametrize("ordered_us, synchronized_us, refused", [
+    (1000.0, 1022.0, False), (2.0, 22.0, False),  # a real step, the do-nothing one: the host round trip alone
+    (3.0, 1020.0, True), (400.0, 1020.0, True)])   # work on another stream: (most of) it missed
+def test_a_step_whose_work_is_not_on_torchs_stream_is_refused_stream_ordered_timing(ordered_us, synchronized_us,
+                                                                                 refused):
+    durations = {"body": ordered_us / 1e6, "step": synchronized_us / 1e6}
+    device = {"now": 0.0}
+
+    class Clock:
+        def arm(self, synchronize_start=True):
+            pass
+
+        def __call__(self):
+            return device["now"]
+
+    def call(name):
+        return lambda: device.__setitem__("now", device["now"] + durations[name])
+
+    def check():
+        harness.check_stream_order(call("step"), call("body"), Clock(), lambda: None)
+
+    if refused:
+        with pytest.raises(harness.StreamOrderError, match="not ordered on that stream"):
+            check()
+    else:
+        check()
+
+
 def test_steps_on_torchs_stream_are_timed_stream_ordered_and_the_rest_synchronized(monkeypatch):
     from qmoe.implementations.base import synchronized_step
 
@@ -483,6 +511,7 @@ def test_steps_on_torchs_stream_are_timed_stream_ordered_and_the_rest_synchroniz
     clock = SimpleNamespace(arm=lambda synchronize_start=True: armed.append(synchronize_start))
     monkeypatch.setattr(timing, "clock_for", lambda device: (time.perf_counter, "cuda_events"))
     monkeypatch.setattr(timing, "cuda_clock", lambda: clock)
+    monkeypatch.setattr(harness, "check_stream_order", lambda *args: None)  # its own test: the one above
     options = harness.BenchOptions(device="cpu", dtype="float32", rounds=2, warmup=1, inputs=1)
     calls: list[str] = []
     on_stream = synchronized_step(lambda: calls.append("body") or "y", lambda: calls.append("sync"), torch_stream=True)

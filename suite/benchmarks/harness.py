@@ -232,8 +232,40 @@ def time_rounds(benchmark, steps: list[Callable[[], Any]], options: BenchOptions
 
     warmup = max(options.warmup, len(steps))
     benchmark.pedantic(target, setup=setup, rounds=options.rounds, warmup_rounds=warmup, iterations=1)
+    if stream_ordered:
+        check_stream_order(steps[0], bodies[0], clock, flush)
     mode = "host" if clock is None else "stream_ordered" if stream_ordered else "synchronized"
     return TimedRounds(results, timer_name, flush.bytes, timing=mode)
+
+
+#: Device seconds a stream-ordered call may come out shorter than the same call synchronized, beyond half
+#: of it: the synchronized interval's host round trip (~22-25 us on the H200), with room for noise.
+STREAM_ORDER_SLACK_S = 100e-6
+
+
+class StreamOrderError(AssertionError):
+    """A step offered ``stream_body`` but its work is not ordered on torch's current stream."""
+
+
+def check_stream_order(step: Callable[[], Any], body: Callable[[], Any], clock, flush: Callable[[], None]) -> None:
+    """Time ``body`` stream-ordered and ``step`` synchronized once each (after the rounds: nothing compiles
+    now) and refuse a stream-ordered timing that misses the work: a body whose kernels go to another stream
+    (a side stream, NCCL's, another framework's) ends its interval before they run, so it measures
+    ~nothing. A correct body differs from the synchronized step by the host round trip alone."""
+    def once(call: Callable[[], Any], synchronize_start: bool) -> float:
+        flush()
+        clock.arm(synchronize_start)
+        start = clock()
+        call()
+        return clock() - start
+
+    ordered, synchronized = once(body, False), once(step, True)
+    if synchronized - ordered > max(0.5 * synchronized, STREAM_ORDER_SLACK_S):
+        raise StreamOrderError(
+            f"step.stream_body took {ordered * 1e6:.1f} us between CUDA events on torch's current stream, the same "
+            f"step synchronized {synchronized * 1e6:.1f} us: its work is not ordered on that stream (a side stream, "
+            "a collective, another framework), so it cannot be timed stream-ordered; build the step without "
+            "torch_stream=True (implementations.base.synchronized_step)")
 
 
 class _PhaseClock:
