@@ -120,14 +120,17 @@ def _header(docs: list[dict], rows: list[ResultRow]) -> list[str]:
               "- every result's timed outputs were checked against the float64 reference (SQNR column: the worst "
               f"input, floor {rows[0].get('output_check', {}).get('floor_db', '?') if rows else '?'} dB); a "
               "result whose check failed is not in the table."]
-    modes = {str(r.get("timing")): sorted({str(x.get("backend")) for x in rows if x.get("timing") == r.get("timing")
-                                           and not x.get("harness_only")}) for r in rows if r.get("timing")}
+    modes: dict[str, set[str]] = {}  # timing mode -> the backends timed so
+    for r in rows:
+        if r.get("timing") and not r.get("harness_only"):
+            modes.setdefault(str(r.get("timing")), set()).add(str(r.get("backend")))
     if "stream_ordered" in modes:
-        lines.append("- timing: `stream_ordered` rows (" + ", ".join(modes["stream_ordered"]) + ") are timed between "
-                     "CUDA events on torch's stream around work that goes to that stream alone, no host wait inside "
-                     "(triton's do_bench); `synchronized` rows (" + ", ".join(modes.get("synchronized", [])) +
-                     ") wait for the start event and end with their own device synchronization (JAX's and MLX's "
-                     "streams are not ordered by torch's events), so their interval holds a host round trip")
+        ordered, synchronized = (", ".join(sorted(modes.get(m, ()))) for m in ("stream_ordered", "synchronized"))
+        lines.append(f"- timing: `stream_ordered` rows ({ordered}) are timed between CUDA events on torch's stream "
+                     "around work that goes to that stream alone, no host wait inside (triton's do_bench); "
+                     f"`synchronized` rows ({synchronized}) wait for the start event and end with their own device "
+                     "synchronization (JAX's and MLX's streams are not ordered by torch's events), so their interval "
+                     "holds a host round trip")
     for ratio, noop, fastest in overhead_ratios(rows):
         lines.append("- " + overhead_line(ratio, noop, fastest, _label(fastest)))
     return lines

@@ -161,6 +161,11 @@ def reference_effective(shape: BenchShape, routing: str, dtype: str, scheme: str
     return _effective.get(key, lambda: reference.effective_params(spec, params, scheme))
 
 
+def bench_inputs(shape: BenchShape, dtype: str, count: int) -> list[workload.Inputs]:
+    """`workload.make_inputs`, kept for one (shape, dtype, count) at a time (gigabytes at the logbook's)."""
+    return _inputs.get((shape, dtype, count), lambda: workload.make_inputs(shape, dtype, count))
+
+
 def expert_effective(shape: BenchShape, routing: str, dtype: str, scheme: str) -> outputs.ExpertEffective:
     """The per-expert effective weights of the layer's checks (`outputs.ExpertEffective`), shared by the
     schemes that quantize the weights alike; one layer and weight quantization at a time."""
@@ -319,7 +324,7 @@ def run_case(benchmark, case: BenchCase, backend_cls: type, options: BenchOption
 
     clock = _PhaseClock()
     params = _params.get((shape, case.routing, dtype), lambda: workload.make_params(shape, case.routing, dtype))
-    inputs = _inputs.get((shape, dtype, options.inputs), lambda: workload.make_inputs(shape, dtype, options.inputs))
+    inputs = bench_inputs(shape, dtype, options.inputs)
     clock.lap("inputs")
     prepare_key = (case.backend, options.device, case.scheme, shape, case.top_k, case.routing, dtype)
 
@@ -412,8 +417,7 @@ def run_overhead(benchmark, options: BenchOptions, shape: BenchShape, noop: type
     (`NoopBackend`: of a synchronizing step; `peers.NoopStreamBackend`: of a stream-ordered one)."""
     backend = noop(options.device)
     spec = shape.spec(shape.top_ks[0])
-    inputs = _inputs.get((shape, options.dtype, options.inputs),
-                         lambda: workload.make_inputs(shape, options.dtype, options.inputs))
+    inputs = bench_inputs(shape, options.dtype, options.inputs)
     steps = [backend.benchmark_step(None, item.x, "forward", item.dy) for item in inputs]
     timed = time_rounds(benchmark, steps, options)
     case = BenchCase(noop.name, "none", shape, spec.top_k, "fwd", "balanced")

@@ -129,9 +129,7 @@ def take_rows(array, rows: np.ndarray) -> np.ndarray:
         import mlx.core as mx
 
         return to_numpy(array[mx.array(rows)])
-    if module.startswith(("jax", "jaxlib")):
-        return to_numpy(array[rows])
-    return np.asarray(array)[rows].astype(np.float64)
+    return to_numpy(array[rows])  # jax and NumPy arrays take a NumPy index
 
 
 def check_rows(tokens: int, count: int) -> np.ndarray:
