@@ -236,7 +236,9 @@ def _grouped_matmul_kernel(tile_group_ref, tile_start_ref, tile_end_ref, lhs_ref
     row_ok = start + jnp.arange(tiles.rows, dtype=jnp.int32) < end
     col_ok = col0 + jnp.arange(tiles.cols, dtype=jnp.int32) < cols
     # The tail (rows of no group) and unused tiles run no K step: their accumulator stays zero.
-    steps = jnp.where((group < groups) & (start < end), _cdiv(depth, tiles.depth), 0)
+    # A product, not jnp.where: Pallas's Triton lowering types a select of two Python ints as i1, and the
+    # loop bound must be i32 like the loop's start and step (XLA refuses the module otherwise).
+    steps = ((group < groups) & (start < end)).astype(jnp.int32) * jnp.int32(_cdiv(depth, tiles.depth))
     weight = jnp.minimum(group, groups - 1)  # a valid index even where no step reads it
 
     def k_step(step, acc):
