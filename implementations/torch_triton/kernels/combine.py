@@ -1,0 +1,152 @@
+"""Triton kernels that bring expert-sorted rows back to their tokens, forward and backward.
+
+The layer's routed experts produce one row per assignment (token t, slot j), sorted by expert;
+``position[t * k + j]`` is that assignment's row. Bringing rows back to tokens:
+
+    combine:  y[t] = sum_j w[t, j] * rows[position[t, j]]      (w = None: an unweighted sum)
+
+over the kept assignments only (a capacity-dropped assignment's row holds whatever the GEMM left
+there, NaN included, and is never read). Backward, for dy [T, H]:
+
+    d_rows[position[t, j]] = w[t, j] * dy[t]   (0 for a dropped assignment)
+    d_w[t, j] = rows[position[t, j]] . dy[t]   (0 for a dropped assignment)
+
+Every sorted row is exactly one assignment's, so d_rows is written whole and needs no zeroing.
+
+Why kernels: in PyTorch the combine is a gather to [T, k, H], a product and a sum (three passes over
+k copies of the token rows), and its backward an index_put with accumulation (a sort), a product and
+a reduction; on the H200 at the logbook's shape those took about a third of the int8 layer's forward
+(issue 10's profile, 2026-11-30). Here each direction reads the rows once and writes once, with
+float32 accumulation in a fixed slot order (deterministic, no atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..common import is_interpreted_kernel, next_power_of_2, record_launch
+
+
+@triton.jit
+def _combine_kernel(rows_ptr, position_ptr, kept_ptr, weight_ptr, out_ptr, n_tokens, hidden, stride_r, stride_o,
+                    TOP_K: tl.constexpr, HAS_KEPT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    token_ok = tokens < n_tokens
+    col_ok = cols < hidden
+    acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+    for j in range(TOP_K):
+        slot = tokens.to(tl.int64) * TOP_K + j
+        use = token_ok
+        if HAS_KEPT:
+            use = use & (tl.load(kept_ptr + slot, mask=token_ok, other=0) != 0)
+        row = tl.load(position_ptr + slot, mask=use, other=0).to(tl.int64)
+        values = tl.load(rows_ptr + row[:, None] * stride_r + cols[None, :], mask=use[:, None] & col_ok[None, :],
+                         other=0.0).to(tl.float32)
+        if HAS_WEIGHT:
+            values = values * tl.load(weight_ptr + slot, mask=use, other=0.0).to(tl.float32)[:, None]
+        acc += values
+    tl.store(out_ptr + tokens.to(tl.int64)[:, None] * stride_o + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=token_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _combine_backward_kernel(rows_ptr, dy_ptr, position_ptr, kept_ptr, weight_ptr, d_rows_ptr, d_weight_ptr,
+                             n_tokens, hidden, stride_r, stride_dy, stride_dr,
+                             TOP_K: tl.constexpr, HAS_KEPT: tl.constexpr, BLOCK_T: tl.constexpr,
+                             BLOCK_H: tl.constexpr):
+    """One program per BLOCK_T tokens and all of H: each d_w[t, j] is a whole-row dot product."""
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_ok = tokens < n_tokens
+    tokens64 = tokens.to(tl.int64)
+    for j in range(TOP_K):
+        slot = tokens64 * TOP_K + j
+        use = token_ok
+        if HAS_KEPT:
+            use = use & (tl.load(kept_ptr + slot, mask=token_ok, other=0) != 0)
+        row = tl.load(position_ptr + slot, mask=token_ok, other=0).to(tl.int64)
+        weight = tl.load(weight_ptr + slot, mask=use, other=0.0).to(tl.float32)
+        dot = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        for start in range(0, hidden, BLOCK_H):
+            cols = start + tl.arange(0, BLOCK_H)
+            mask = token_ok[:, None] & (cols < hidden)[None, :]
+            use_mask = use[:, None] & (cols < hidden)[None, :]
+            dy = tl.load(dy_ptr + tokens64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            d_row = tl.where(use_mask, dy * weight[:, None], 0.0)
+            tl.store(d_rows_ptr + row[:, None] * stride_dr + cols[None, :], d_row.to(d_rows_ptr.dtype.element_ty),
+                     mask=mask)
+            values = tl.load(rows_ptr + row[:, None] * stride_r + cols[None, :], mask=use_mask, other=0.0)
+            dot += tl.sum(values.to(tl.float32) * dy, axis=1)
+        tl.store(d_weight_ptr + slot, dot, mask=token_ok)
+
+
+INTERPRETED: bool = is_interpreted_kernel(_combine_kernel)
+
+
+def _blocks(hidden: int) -> tuple[int, int, int]:
+    """(tokens per program, columns per block, warps). The interpreter takes many tokens per program
+    (each program is a Python call); a GPU a few tokens and a coalesced stretch of each row."""
+    width = next_power_of_2(hidden)
+    if INTERPRETED:
+        return 32, min(width, 1024), 4
+    return 4, min(width, 512), 4
+
+
+def _operands(rows: torch.Tensor, position: torch.Tensor, kept: torch.Tensor | None, tokens: int, top_k: int):
+    if position.numel() != tokens * top_k:
+        raise ValueError(f"{position.numel()} row positions for {tokens} tokens x top-{top_k}")
+    if kept is not None and kept.numel() != position.numel():
+        raise ValueError(f"kept mask of {kept.numel()} entries for {position.numel()} assignments")
+    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    kept_u8 = None if kept is None else kept.reshape(-1).to(torch.uint8)
+    return rows, position.reshape(-1).contiguous(), kept_u8
+
+
+def combine_rows(rows: torch.Tensor, position: torch.Tensor, top_k: int, weight: torch.Tensor | None = None,
+                 kept: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y [T, H] = sum over each token's kept slots of weight * rows[position] (module docstring).
+
+    ``rows`` [N, H]; ``position`` [T * k] (or [T, k]) int; ``weight`` [T, k] float or None (sum);
+    ``kept`` [T, k] bool or None (all kept). Accumulates in float32, rounds once to ``out_dtype``
+    (default: rows' dtype)."""
+    tokens = position.numel() // max(top_k, 1)
+    hidden = rows.shape[-1]
+    rows, position, kept_u8 = _operands(rows, position, kept, tokens, top_k)
+    out = torch.empty((tokens, hidden), dtype=out_dtype or rows.dtype, device=rows.device)
+    if tokens == 0 or hidden == 0:
+        return out
+    if top_k == 0:
+        return out.zero_()
+    weights = None if weight is None else weight.reshape(-1).contiguous()
+    block_t, block_h, warps = _blocks(hidden)
+    record_launch("combine_rows")
+    _combine_kernel[(triton.cdiv(tokens, block_t), triton.cdiv(hidden, block_h))](
+        rows, position, kept_u8 if kept_u8 is not None else position, weights if weights is not None else rows,
+        out, tokens, hidden, rows.stride(0), out.stride(0),
+        TOP_K=top_k, HAS_KEPT=kept_u8 is not None, HAS_WEIGHT=weights is not None,
+        BLOCK_T=block_t, BLOCK_H=block_h, num_warps=warps)
+    return out
+
+
+def combine_rows_backward(rows: torch.Tensor, dy: torch.Tensor, position: torch.Tensor, weight: torch.Tensor,
+                          top_k: int, kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d_rows [N, H] in rows' dtype, d_weight [T, k] float32) of `combine_rows` for dy [T, H]."""
+    tokens, hidden = dy.shape
+    rows, position, kept_u8 = _operands(rows, position, kept, tokens, top_k)
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    d_rows = torch.empty_like(rows)
+    d_weight = torch.zeros((tokens, top_k), dtype=torch.float32, device=rows.device)
+    if tokens == 0 or top_k == 0:
+        return d_rows.zero_(), d_weight
+    if hidden == 0:
+        return d_rows, d_weight
+    block_t, block_h, warps = _blocks(hidden)
+    record_launch("combine_rows_backward")
+    _combine_backward_kernel[(triton.cdiv(tokens, block_t),)](
+        rows, dy, position, kept_u8 if kept_u8 is not None else position, weight.reshape(-1).contiguous(),
+        d_rows, d_weight, tokens, hidden, rows.stride(0), dy.stride(0), d_rows.stride(0),
+        TOP_K=top_k, HAS_KEPT=kept_u8 is not None, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=warps)
+    return d_rows, d_weight
