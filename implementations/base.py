@@ -183,6 +183,13 @@ class Backend(abc.ABC):
         ``step.stream_body``, the same work without the final synchronization (`synchronized_step` makes
         both); the benchmarks then time it between two CUDA events on that stream, with no host round trip
         inside the timed interval, as triton's ``do_bench`` does.
+
+        Optional for any other step: ``step.async_body`` enqueues one call and returns its output without
+        waiting, and ``step.wait(output)`` blocks until that output is ready (`async_step` makes the step
+        from both). The output of the last of several ``async_body`` calls being ready must mean that all of
+        them finished: their work runs in order on the same stream(s), as a JAX program's does. The benchmarks
+        then run several calls per synchronized round and wait once, so the host's round trip is spread over
+        them (`suite.benchmarks.harness.time_rounds`).
         """
         raise NotImplementedError(f"{self.name} does not offer benchmark_step")
 
@@ -205,4 +212,19 @@ def synchronized_step(body: Callable[[], Any], synchronize: Callable[[], None], 
     step.graph_body = body  # type: ignore[attr-defined]
     if torch_stream:
         step.stream_body = body  # type: ignore[attr-defined]
+    return step
+
+
+def async_step(body: Callable[[], Any], wait: Callable[[Any], Any]) -> Callable[[], Any]:
+    """The benchmark step ``body`` then ``wait(output)``, returning ``body``'s output
+    (`Backend.benchmark_step`). It offers ``step.async_body`` (= ``body``) and ``step.wait`` (= ``wait``), so
+    a synchronized round may enqueue several calls and wait for the last one alone. ``wait`` gets the output
+    because some frameworks wait for an array, not for a device (``jax.block_until_ready``)."""
+    def step() -> Any:
+        out = body()
+        wait(out)
+        return out
+
+    step.async_body = body  # type: ignore[attr-defined]
+    step.wait = wait  # type: ignore[attr-defined]
     return step

@@ -314,16 +314,18 @@ def test_sublayer_is_refused_where_gates_see_all_experts():
 class FakeBenchmark:
     """pytest-benchmark's pedantic contract, timed with perf_counter (no plugin needed)."""
 
-    def __init__(self):
+    def __init__(self, timer=None):
         import time
 
-        self.extra_info, self._time, self.durations = {}, time.perf_counter, []
+        self.extra_info, self._time, self.durations = {}, timer or time.perf_counter, []
 
     def pedantic(self, target, setup, rounds, warmup_rounds, iterations):
         assert iterations == 1
-        for _ in range(warmup_rounds):
+        for _ in range(warmup_rounds):  # timed but not recorded, as pytest-benchmark's warm-up rounds are
             args, kwargs = setup()
+            self._time()
             target(*args, **kwargs)
+            self._time()
         for _ in range(rounds):
             args, kwargs = setup()
             start = self._time()
@@ -508,7 +510,7 @@ def test_steps_on_torchs_stream_are_timed_stream_ordered_and_the_rest_synchroniz
     from qmoe.implementations.base import synchronized_step
 
     armed: list[bool] = []
-    clock = SimpleNamespace(arm=lambda synchronize_start=True: armed.append(synchronize_start))
+    clock = SimpleNamespace(arm=lambda synchronize_start=True, calls=1: armed.append(synchronize_start))
     monkeypatch.setattr(timing, "clock_for", lambda device: (time.perf_counter, "cuda_events"))
     monkeypatch.setattr(timing, "cuda_clock", lambda: clock)
     monkeypatch.setattr(harness, "check_stream_order", lambda *args: None)  # its own test: the one above
@@ -522,6 +524,103 @@ def test_steps_on_torchs_stream_are_timed_stream_ordered_and_the_rest_synchroniz
     timed = harness.time_rounds(FakeBenchmark(), [elsewhere], options)
     assert timed.timing == "synchronized" and calls == ["body", "sync"] * 3 and armed == [True] * 3
     assert timed.results == ["y"]
+
+
+class _FakeJaxStep:
+    """A step in the shape of `implementations.base.async_step` on the fake device timeline (`_FakeEvent.now`,
+    ms): each call adds ``call_ms`` of device time (the first ``first_ms``: it compiled) and returns which call
+    it was; the wait adds the host's round trip ``wait_ms``."""
+
+    def __init__(self, name: str, call_ms: float, wait_ms: float, first_ms: float | None = None):
+        self.name, self.call_ms, self.wait_ms, self.first_ms = name, call_ms, wait_ms, first_ms
+        self.calls: list[str] = []
+        self.waited: list[str] = []
+
+    def async_body(self) -> str:
+        _FakeEvent.now += self.first_ms if not self.calls and self.first_ms else self.call_ms
+        self.calls.append(f"{self.name}-call{len(self.calls)}")
+        return self.calls[-1]
+
+    def wait(self, output: str) -> None:
+        _FakeEvent.now += self.wait_ms
+        self.waited.append(output)
+
+    def __call__(self) -> str:
+        out = self.async_body()
+        self.wait(out)
+        return out
+
+
+def _time_on_fake_device(monkeypatch, steps, rounds: int = 4, may_repeat: bool = True):
+    """`harness.time_rounds` over ``steps`` with a `timing.CudaEventClock` on the fake timeline as the timer."""
+    clock = timing.CudaEventClock(event=lambda: _FakeEvent([]))
+    monkeypatch.setattr(timing, "clock_for", lambda device: (clock, "cuda_events"))
+    monkeypatch.setattr(timing, "cuda_clock", lambda: clock)
+    options = harness.BenchOptions(device="cpu", dtype="float32", rounds=rounds, warmup=1, inputs=len(steps))
+    bench = FakeBenchmark(timer=clock)
+    return harness.time_rounds(bench, steps, options, may_repeat), bench
+
+
+def test_a_short_asynchronous_step_runs_several_calls_per_round_and_its_times_stay_per_call(monkeypatch):
+    """3 ms calls (the very first 50 ms: it compiled) and no round trip: n is chosen from the fastest warm-up
+    call so that a round lasts the target, every timed round reads 3 ms per call, and each input's output is
+    the last call's, the one its wait waited for."""
+    steps = [_FakeJaxStep("x0", call_ms=3.0, wait_ms=0.0, first_ms=50.0), _FakeJaxStep("x1", call_ms=3.0, wait_ms=0.0)]
+    timed, bench = _time_on_fake_device(monkeypatch, steps)
+    n = timing.calls_per_round(3e-3)
+    assert timed.timing == "synchronized" and timed.calls_per_round == n == 7  # ceil(20 ms / 3 ms)
+    assert bench.durations == [pytest.approx(3e-3)] * 4
+    assert [len(step.calls) for step in steps] == [1 + 2 * n] * 2  # one warm-up call, then two rounds of n
+    assert timed.results == [step.calls[-1] for step in steps] == [step.waited[-1] for step in steps]
+    assert all(len(step.waited) == 3 for step in steps)  # one wait per round, not per call
+
+
+def test_the_round_trip_is_spread_over_the_calls_of_a_round(monkeypatch):
+    """A do-nothing asynchronous step whose wait costs 35 us: timed with n calls per round it reads 35/n us
+    per call; the same step without ``async_body`` runs one call per round and reads the whole 35 us."""
+    amortized, bench_amortized = _time_on_fake_device(monkeypatch, [_FakeJaxStep("noop", call_ms=0.0, wait_ms=0.035)])
+    one_by_one = _FakeJaxStep("noop", call_ms=0.0, wait_ms=0.035)
+    single, bench_single = _time_on_fake_device(monkeypatch, [lambda: one_by_one()])
+    n = amortized.calls_per_round
+    assert n == timing.MAX_CALLS_PER_ROUND and single.calls_per_round == 1 and single.timing == "synchronized"
+    assert bench_single.durations == [pytest.approx(35e-6)] * 4
+    assert bench_amortized.durations == [pytest.approx(35e-6 / n)] * 4
+    # a row with 8 calls per round of 2.8 ms pays the do-nothing row's whole round once per 8 of its calls
+    per_call = bench_amortized.durations[0]
+    assert timing.overhead_share(per_call, n, 2.8e-3, 8) == pytest.approx(35e-6 / 8 / 2.8e-3)
+    assert timing.overhead_share(35e-6, 1, 2.8e-3, 1) == pytest.approx(35e-6 / 2.8e-3)  # older rows: one call
+
+
+def test_a_step_without_async_body_or_too_small_to_evict_l2_keeps_one_call_per_round(monkeypatch):
+    """A synchronizing step that cannot enqueue without waiting, and an asynchronous one whose call moves
+    fewer bytes than the L2 flush (``may_repeat=False``: a repeat would find a warm cache), run one call per
+    round: the round trip stays in their times."""
+    plain = _FakeJaxStep("plain", call_ms=1.0, wait_ms=0.035)
+    timed, bench = _time_on_fake_device(monkeypatch, [lambda: plain()])
+    assert timed.calls_per_round == 1 and bench.durations == [pytest.approx(1.035e-3)] * 4
+    assert timed.results == [plain.calls[-1]]
+    small = _FakeJaxStep("small", call_ms=1.0, wait_ms=0.035)
+    timed, bench = _time_on_fake_device(monkeypatch, [small], may_repeat=False)
+    assert timed.calls_per_round == 1 and len(small.calls) == len(small.waited) == 5
+
+
+def test_calls_per_round_fill_the_target_within_their_bounds():
+    assert timing.calls_per_round(2.797e-3) == 8  # the H200's fastest synchronized case: 22 ms rounds
+    assert timing.calls_per_round(timing.TARGET_ROUND_S) == 1
+    assert timing.calls_per_round(1.0) == 1  # a long step keeps one call
+    assert timing.calls_per_round(1e-7) == timing.calls_per_round(0.0) == timing.MAX_CALLS_PER_ROUND
+
+
+def test_the_cuda_clock_reports_a_round_of_n_calls_per_call():
+    clock = timing.CudaEventClock(event=lambda: _FakeEvent([]))
+    clock.arm(True, calls=4)
+    start = clock()
+    _FakeEvent.now += 10.0
+    assert clock() - start == pytest.approx(2.5e-3) and clock.last_call_s == pytest.approx(2.5e-3)
+    clock.arm(True)
+    start = clock()
+    _FakeEvent.now += 10.0
+    assert clock() - start == pytest.approx(10e-3)  # the next round is one call again unless armed otherwise
 
 
 # -- deselection and comparison ----------------------------------------------------------------------------------

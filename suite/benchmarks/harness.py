@@ -12,7 +12,7 @@ the peak device memory (`memory.measure_peak`). With ``--bench-cuda-graph`` (and
 bound on CUDA) the steps are captured in CUDA graphs first (`graphs.capture`); what could not be captured
 runs as it is, and extra_info says which and why.
 
-Timed rounds (`time_rounds`): pytest-benchmark's pedantic mode, one call per round. Each round's
+Timed rounds (`time_rounds`): pytest-benchmark's pedantic mode, one call per round (or n, below). Each round's
 (untimed) setup flushes L2 and hands the target the next of ``--bench-inputs`` distinct inputs, so no
 two consecutive rounds see the same x and a backend cannot serve a cached result; the target stores
 the call's return value, which is checked against the reference after the rounds. Warm-up rounds
@@ -21,6 +21,20 @@ On CUDA a step whose work all goes to torch's current stream (``step.stream_body
 stream-ordered, between CUDA events with no host wait inside; any other step waits for the start event
 and synchronizes at its end (`timing.CudaEventClock`). extra_info ``timing`` says which; each mode has
 its own do-nothing row (`run_overhead`), so the harness's cost is measured for both.
+
+A synchronized round holds a host round trip (~35 us on the H200). A step that can enqueue calls without
+waiting (``step.async_body`` and ``step.wait``, `implementations.base.async_step`: JAX's) runs n of them
+back to back per round and waits once, as training loops and triton's ``do_bench`` run, and the clock
+divides the interval by n, so the statistics stay per call. n (extra_info ``calls_per_round``) is chosen
+once per case from the fastest warm-up call (`timing.calls_per_round`: a round of >= 20 ms, at most 100
+calls); steps that take longer keep n = 1, and so does every step on the host clock or timed
+stream-ordered. A row with n calls per round pays the round trip once per n calls: its share of the row
+is the do-nothing row's round (its per-call median times its own n, the cap) over n times the row's call
+(`timing.overhead_share`), which is how the harness-overhead line should compare them. Within a round the
+n calls use the same input (inputs still rotate per round) and L2 is flushed before the first call only:
+the calls after it would find the previous call's last bytes in L2, so n > 1 is allowed only where one call
+moves at least the flush's bytes (``may_repeat``; every GPU preset's layer moves far more, in weights
+alone), so each call evicts what the one before it left, as the flush would.
 """
 
 from __future__ import annotations
@@ -31,7 +45,7 @@ import itertools
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -210,37 +224,78 @@ class TimedRounds:
     #: "stream_ordered" (CUDA events around ``step.stream_body``, no host wait inside), "synchronized" (CUDA
     #: events around the synchronizing step, the start awaited), or "host" (perf_counter)
     timing: str = "host"
+    #: calls per timed round (`timing.calls_per_round`); the timings are per call whatever it is
+    calls_per_round: int = 1
 
 
-def time_rounds(benchmark, steps: list[Callable[[], Any]], options: BenchOptions) -> TimedRounds:
+@dataclass
+class CallsPerRound:
+    """How many calls each round makes: one per warm-up round, then, where ``repeat``, `timing.calls_per_round`
+    of the fastest warm-up call (the first may have compiled), fixed for the case's timed rounds. The warm-up
+    calls are read off the CUDA clock (``last_call_s``): pytest-benchmark reads its timer around warm-up
+    rounds as around timed ones; without a reading the rounds keep one call, the round trip in their times."""
+
+    warmup: int
+    repeat: bool
+    calls: int = 1
+    warm_call_s: list[float] = field(default_factory=list)
+
+    def before_round(self, index: int, last_call_s: float | None) -> int:
+        """The calls of round ``index`` (0-based, warm-up first); ``last_call_s``: the previous round's call."""
+        if not self.repeat or index == 0 or index > self.warmup:
+            return self.calls
+        if last_call_s is not None:
+            self.warm_call_s.append(last_call_s)
+        if index == self.warmup and self.warm_call_s:
+            self.calls = timing.calls_per_round(min(self.warm_call_s))
+        return self.calls
+
+
+def back_to_back(step: Callable[[], Any], calls: int) -> Any:
+    """``calls`` calls of ``step.async_body``, then ``step.wait`` on the last one's output, which by the
+    contract of `Backend.benchmark_step` is ready only once all of them finished. Returns that output: the
+    one the output check sees."""
+    for _ in range(calls):
+        out = step.async_body()
+    step.wait(out)
+    return out
+
+
+def time_rounds(benchmark, steps: list[Callable[[], Any]], options: BenchOptions, may_repeat: bool = True
+                ) -> TimedRounds:
     """Pedantic rounds over ``steps`` (one per distinct input) with the setup/flush/timer described above.
     On CUDA, steps that all offer ``stream_body`` (`implementations.base.synchronized_step`) are timed
-    stream-ordered: the clock's start does not wait (`timing.CudaEventClock`)."""
+    stream-ordered: the clock's start does not wait (`timing.CudaEventClock`). Otherwise, steps that all offer
+    ``async_body`` run several calls per round (`CallsPerRound`, `back_to_back`) unless ``may_repeat`` is
+    False (a call too small to evict the previous one from L2: see the module docstring)."""
     _, timer_name = timing.clock_for(options.device)  # the grid put this timer into the benchmark mark
     flush = timing.L2Flush(options.device)
     clock = timing.cuda_clock() if timer_name == "cuda_events" else None
     bodies = [getattr(step, "stream_body", None) for step in steps]
     stream_ordered = clock is not None and all(body is not None for body in bodies)
     calls = bodies if stream_ordered else steps
+    warmup = max(options.warmup, len(steps))
+    repeats = CallsPerRound(warmup, repeat=clock is not None and not stream_ordered and may_repeat
+                            and all(getattr(step, "async_body", None) is not None for step in steps))
     results: list = [NOT_RUN] * len(steps)
     turn = itertools.count()
 
     def setup():
-        i = next(turn) % len(steps)
+        index = next(turn)
+        n = repeats.before_round(index, getattr(clock, "last_call_s", None))
         flush()
         if clock is not None:
-            clock.arm(synchronize_start=not stream_ordered)
-        return (i,), {}
+            clock.arm(synchronize_start=not stream_ordered, calls=n)
+        return (index % len(steps), n), {}
 
-    def target(i: int) -> None:
-        results[i] = calls[i]()
+    def target(i: int, n: int) -> None:
+        results[i] = back_to_back(steps[i], n) if n > 1 else calls[i]()
 
-    warmup = max(options.warmup, len(steps))
     benchmark.pedantic(target, setup=setup, rounds=options.rounds, warmup_rounds=warmup, iterations=1)
     if stream_ordered:
         check_stream_order(steps[0], bodies[0], clock, flush)
     mode = "host" if clock is None else "stream_ordered" if stream_ordered else "synchronized"
-    return TimedRounds(results, timer_name, flush.bytes, timing=mode)
+    return TimedRounds(results, timer_name, flush.bytes, timing=mode, calls_per_round=repeats.calls)
 
 
 #: Device seconds a stream-ordered call may come out shorter than the same call synchronized, beyond half
@@ -357,7 +412,9 @@ def run_case(benchmark, case: BenchCase, backend_cls: type, options: BenchOption
                   f"top{case.top_k} {metric_pass} (> --bench-max-call-s {options.max_call_s:g}): too slow to "
                   "benchmark here")
 
-    timed = time_rounds(benchmark, steps, options)
+    # a call that moves fewer bytes than the L2 flush would leave the next call of a round a warm cache
+    may_repeat = metrics.bytes_moved(spec, shape.tokens, case.scheme, dtype, metric_pass).total >= timing.L2_FLUSH_BYTES
+    timed = time_rounds(benchmark, steps, options, may_repeat)
     clock.lap("rounds")
     timed.first_call_s = first_call_s
     info = describe(case, backend_cls, spec, options, timed)
@@ -414,7 +471,9 @@ def run_case(benchmark, case: BenchCase, backend_cls: type, options: BenchOption
 
 def run_overhead(benchmark, options: BenchOptions, shape: BenchShape, noop: type[NoopBackend] = NoopBackend) -> dict:
     """Time a do-nothing backend's step through the very same rounds: the harness's own cost per call
-    (`NoopBackend`: of a synchronizing step; `peers.NoopStreamBackend`: of a stream-ordered one)."""
+    (`NoopBackend`: of a synchronizing step; `peers.NoopStreamBackend`: of a stream-ordered one). On CUDA the
+    synchronizing one's empty calls get the most calls per round (`timing.MAX_CALLS_PER_ROUND`): its median
+    times its ``calls_per_round`` is the harness's cost of one round (`timing.overhead_share`)."""
     backend = noop(options.device)
     spec = shape.spec(shape.top_ks[0])
     inputs = bench_inputs(shape, options.dtype, options.inputs)
@@ -455,7 +514,8 @@ def describe(case: BenchCase, backend_cls: type, spec, options: BenchOptions, ti
         "top_k": case.top_k, "routing": case.routing, "dtype": options.dtype,
         **case.shape.describe(), "renormalize": spec.renormalize, "routed_scaling": spec.routed_scaling,
         "device": options.device or "default", "device_name": timing.device_name(options.device),
-        "versions": versions, "timer": timed.timer, "timing": timed.timing, "l2_flush_bytes": timed.l2_flush_bytes,
+        "versions": versions, "timer": timed.timer, "timing": timed.timing, "calls_per_round": timed.calls_per_round,
+        "l2_flush_bytes": timed.l2_flush_bytes,
         "inputs": options.inputs, "rounds": options.rounds, "warmup_rounds": max(options.warmup, options.inputs),
         "threads": options.threads, "cuda_graph_option": options.cuda_graph,
     }

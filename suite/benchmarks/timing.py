@@ -6,6 +6,9 @@ timed call; `CudaEventClock` records an event on the device at each reading, so 
 the device's time between the two events. A step whose work is all on torch's stream is timed
 stream-ordered (no host wait inside the interval); any other waits for the start event and ends with
 its own synchronization, so the second event follows all its work, whatever framework enqueued it.
+That host round trip (~35 us on the H200) is spread over several calls where the step can enqueue them
+without waiting (``step.async_body``): a round then runs `calls_per_round` calls back to back, waits once,
+and the clock reports the interval divided by their number, so every statistic stays per call.
 Between rounds `L2Flush` zeroes a buffer larger than the L2 cache (do_bench's 256 MB), outside the
 timed interval, so no round finds the previous round's weights in L2.
 
@@ -15,6 +18,7 @@ On CPU the clock is `time.perf_counter` and there is nothing to flush.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import platform
 import time
@@ -22,6 +26,32 @@ from collections.abc import Callable
 
 #: do_bench's flush size: larger than any current GPU's L2 (H100: 50 MB).
 L2_FLUSH_BYTES = 256 * 1024 * 1024
+
+#: How long a synchronized round should last: its host round trip measured ~35 us on the H200 (the
+#: do-nothing row, 34.6 us), so a round of >= 20 ms holds it to <= ~0.2% of the round's calls.
+TARGET_ROUND_S = 20e-3
+#: At most this many calls per round: it bounds how many calls a round enqueues before it waits (each holds
+#: its output until it ran), and at 100 the round trip is ~0.35 us a call, under 0.2% of any call of 175 us
+#: or more; calls that short are the do-nothing step's (which gets the cap), not a layer's on a GPU preset
+#: (the H200's fastest synchronized case took 2.8 ms).
+MAX_CALLS_PER_ROUND = 100
+
+
+def calls_per_round(call_s: float) -> int:
+    """Calls per synchronized round so that it lasts `TARGET_ROUND_S`: ceil(target / call), from 1 to
+    `MAX_CALLS_PER_ROUND`. ``call_s`` is one synchronized call, its round trip included, so the estimate
+    errs towards fewer calls (a shorter round), never towards hiding the round trip."""
+    if call_s <= 0.0:
+        return MAX_CALLS_PER_ROUND
+    return max(1, min(MAX_CALLS_PER_ROUND, math.ceil(TARGET_ROUND_S / call_s)))
+
+
+def overhead_share(noop_s: float, noop_calls: int, row_s: float, row_calls: int) -> float:
+    """The harness's share of one call of a row: a round costs the harness what the do-nothing row's round
+    took (its per-call seconds times its calls per round), and a row pays that once per round, i.e. once
+    per ``row_calls`` of its calls of ``row_s`` each. With one call per round on both sides this is the
+    plain ratio of the two medians. An upper bound: the do-nothing row's empty calls count as harness."""
+    return noop_s * noop_calls / (row_calls * row_s)
 
 
 def is_cuda(device: str | None) -> bool:
@@ -34,7 +64,9 @@ class CudaEventClock:
     Each reading records a CUDA event on torch's current stream. A round's two readings bracket its
     call; the harness arms the clock (`arm`) in the round's untimed setup, so the next reading starts a
     round and the one after ends it, adding the device time between the two events (``elapsed_time``,
-    exact to the events' ~0.5 us resolution) to a float64 total that it returns. How the start waits:
+    exact to the events' ~0.5 us resolution) divided by the round's calls (``arm(calls=n)``: a
+    synchronized round that ran the step n times back to back, see `calls_per_round`) to a float64 total
+    that it returns; ``last_call_s`` is that per-call time of the last round. How the start waits:
 
     * ``synchronize_start=True``: the host waits for the start event before the call, so work that the
       event does not order (JAX's or MLX's streams, a side stream) cannot begin before it; the call then
@@ -66,12 +98,14 @@ class CudaEventClock:
         self._last.synchronize()
         self._open: object | None = None
         self._armed: bool | None = None  # None: not armed; else whether the armed start synchronizes
+        self._calls = 1  # calls in the armed (then open) round: its interval is divided by them
         self._seconds = 0.0
+        self.last_call_s: float | None = None
         self.__name__ = "cuda_events"
 
-    def arm(self, synchronize_start: bool = True) -> None:
-        """The next reading starts a timed round (see the class docstring for ``synchronize_start``)."""
-        self._armed = synchronize_start
+    def arm(self, synchronize_start: bool = True, calls: int = 1) -> None:
+        """The next reading starts a timed round of ``calls`` calls (see the class docstring)."""
+        self._armed, self._calls = synchronize_start, calls
 
     def _next(self):
         self._turn = (self._turn + 1) % len(self._ring)
@@ -85,10 +119,13 @@ class CudaEventClock:
                 event.synchronize()
             self._armed, self._open = None, event
             return self._seconds
-        start = self._open if self._open is not None else self._last
+        start, calls = (self._open, self._calls) if self._open is not None else (self._last, 1)
         event.synchronize()
-        self._seconds += start.elapsed_time(event) / 1e3
-        self._open, self._last = None, event
+        per_call = start.elapsed_time(event) / 1e3 / calls
+        self._seconds += per_call
+        if self._open is not None:
+            self.last_call_s = per_call
+        self._open, self._last, self._calls = None, event, 1
         return self._seconds
 
 
