@@ -623,6 +623,26 @@ def test_the_cuda_clock_reports_a_round_of_n_calls_per_call():
     assert clock() - start == pytest.approx(10e-3)  # the next round is one call again unless armed otherwise
 
 
+def test_the_synchronized_noop_and_jax_steps_offer_their_asynchronous_body(monkeypatch):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("jax")
+    from qmoe.suite.benchmarks.peers import JaxRaggedDotPeer, NoopStreamBackend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    x = np.zeros((4, 8))
+    synchronized = NoopBackend("cuda").benchmark_step(None, x, "forward")
+    stream = NoopStreamBackend("cuda").benchmark_step(None, x, "forward")
+    assert synchronized.async_body() is None and not hasattr(synchronized, "stream_body")
+    assert hasattr(stream, "stream_body") and not hasattr(stream, "async_body")
+    shape = shapes.BenchShape("t", tokens=4, hidden=8, ffn=8, experts=4, top_ks=(2,))
+    peer = JaxRaggedDotPeer("cpu")
+    prepared = peer.prepare(shape.spec(2), workload.make_params(shape, "balanced", "float32"), "none", "float32")
+    step = peer.benchmark_step(prepared, np.ones((4, 8)), "forward")
+    y = step.async_body()
+    step.wait(y)
+    assert np.asarray(y[0]).shape == (4, 8) and np.allclose(np.asarray(step()[0]), np.asarray(y[0]))
+
+
 # -- deselection and comparison ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("markexpr, only, wanted", [("benchmark", False, True), ("benchmark and not slow", False, True),
                                                     ("conformance", False, False), ("not benchmark", False, False),

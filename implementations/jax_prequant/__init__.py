@@ -230,7 +230,9 @@ class JaxPrequantBackend(Backend):
     def benchmark_step(self, prepared: JaxPrepared, x: np.ndarray, pass_: str, dy: np.ndarray | None = None
                        ) -> Callable[[], Any]:
         """A callable running one ``pass_`` (``forward``, or ``backward`` = forward+backward) on
-        device-resident x / dy, returning after ``block_until_ready``.
+        device-resident x / dy, returning after ``block_until_ready``. It offers the jitted call as
+        ``step.async_body`` and ``block_until_ready`` as ``step.wait`` (`base.async_step`): JAX dispatches
+        the calls asynchronously and runs them in order, so several may be timed with one wait.
 
         The static capacities are sized here from this x's routing (outside the timed call) and the
         first run's needed sizes are checked, so the timed call never overflows; a training loop with
@@ -238,6 +240,7 @@ class JaxPrequantBackend(Backend):
         """
         import jax
 
+        from ..base import async_step
         from . import programs
 
         validate_input(prepared.spec, x)
@@ -260,10 +263,7 @@ class JaxPrequantBackend(Backend):
         if _outgrown(plan, needed):
             raise RuntimeError(f"benchmark sizing failed: plan {plan} but the routing needs {needed}")
 
-        def step():
-            return jax.block_until_ready(run())
-
-        return step
+        return async_step(run, jax.block_until_ready)
 
     def all_to_all_operands(self, prepared: JaxPrepared, x: np.ndarray, pass_: str = "forward",
                             dy: np.ndarray | None = None) -> list[tuple[str, tuple[int, ...]]]:

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from qmoe.implementations.base import Backend, Capabilities, synchronized_step
+from qmoe.implementations.base import Backend, Capabilities, async_step, synchronized_step
 from qmoe.reference.layer import ForwardResult
 from qmoe.reference.spec import MoEParams, MoESpec, SpecError, validate_input
 
@@ -558,12 +558,12 @@ class JaxRaggedDotPeer(PeerBackend):
         x_dev = self._put(prepared, x)
         dy_dev = self._put(prepared, dy if dy is not None else np.random.default_rng(0).standard_normal(x.shape))
         if pass_ == "forward":
-            fn = prepared.extra["forward"]
-            return lambda: jax.block_until_ready(fn(prepared.arrays, x_dev))
-        if pass_ == "backward":
-            fn = prepared.extra["forward_backward"]
-            return lambda: jax.block_until_ready(fn(prepared.arrays, x_dev, dy_dev))
-        raise SpecError(f"unknown pass {pass_!r}")
+            body = partial(prepared.extra["forward"], prepared.arrays, x_dev)
+        elif pass_ == "backward":
+            body = partial(prepared.extra["forward_backward"], prepared.arrays, x_dev, dy_dev)
+        else:
+            raise SpecError(f"unknown pass {pass_!r}")
+        return async_step(body, jax.block_until_ready)  # jitted calls dispatch asynchronously, in order
 
 
 # -- mx.gather_mm -----------------------------------------------------------------------------------------------
@@ -717,7 +717,9 @@ class MlxGatherMMCompiledPeer(MlxGatherMMPeer):
 class NoopBackend(Backend):
     """Does nothing: its timed call is the harness's own cost (setup rotation, wrapper, timer). On CUDA it
     ends with the device synchronization every real step ends with (on an idle device: its latency only),
-    so the figure is what a round adds to any step, measured on the same CUDA-event clock."""
+    so the figure is what a round adds to any step, measured on the same CUDA-event clock. It offers its
+    empty body as ``step.async_body`` (`implementations.base.async_step`), so its rounds take the path of
+    the steps that run several calls per round and wait once (JAX's)."""
 
     name = "noop"
     harness_only = True
@@ -740,7 +742,9 @@ class NoopBackend(Backend):
             import torch
 
             if torch.cuda.is_available():
-                return synchronized_step(_nothing, torch.cuda.synchronize, torch_stream=self.torch_stream)
+                if self.torch_stream:
+                    return synchronized_step(_nothing, torch.cuda.synchronize, torch_stream=True)
+                return async_step(_nothing, _synchronize_cuda)
         return _nothing
 
 
@@ -754,6 +758,13 @@ class NoopStreamBackend(NoopBackend):
 
 def _nothing() -> None:
     return None
+
+
+def _synchronize_cuda(_output: object) -> None:
+    """`NoopBackend`'s wait: the device synchronization a real step's wait amounts to (its output is None)."""
+    import torch
+
+    torch.cuda.synchronize()
 
 
 #: Peers by framework, strongest first (how its users run the layer: compiled, jitted), then the eager rows.
