@@ -442,6 +442,21 @@ def test_each_timing_mode_gets_its_own_overhead_against_its_own_fastest_case():
     assert "(stream_ordered timing)" in line and "0.200% of the fastest such case" in line
 
 
+def test_amortized_rounds_charge_the_harness_once_per_round_to_the_row_it_weighs_on_most():
+    """Synchronized rows with several calls per round: the do-nothing round (0.35 us x 100 calls = 35 us)
+    is paid once per round, so a 2.8 ms case with 8 calls per round bears 35 / (8 x 2800) = 0.156%, and a
+    30 ms case with one call 0.117%: the line names the former, not the faster-per-call one."""
+    sync = {"timing": "synchronized"}
+    rows = tables.derive([
+        tables.ResultRow("noop", {"harness_only": True, "calls_per_round": 100, **sync}, 0.35e-6, 0.35e-6),
+        tables.ResultRow("jax_fast", {"tflops": 1.0, "calls_per_round": 8, **sync}, 2.8e-3, 2.8e-3),
+        tables.ResultRow("jax_slow", {"tflops": 1.0, "calls_per_round": 1, **sync}, 30e-3, 30e-3)])
+    ((ratio, noop, worst),) = tables.overhead_ratios(rows)
+    assert worst.name == "jax_fast" and ratio == pytest.approx(35e-6 / (8 * 2.8e-3))
+    line = tables.overhead_line(ratio, noop, worst, "jax_fast")
+    assert "35.00 us (100 calls)" in line and "0.156%" in line and "8 calls per round" in line
+
+
 class _FakeEvent:
     """A CUDA event on a fake device timeline (milliseconds, advanced by the test)."""
 

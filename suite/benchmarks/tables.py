@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .timing import overhead_share
+
 #: Rows that did the same work: only they are compared (delta vs none, ratio to the peer).
 WORK_KEY = ("shape", "tokens", "hidden", "ffn", "experts", "shared_ffn", "top_k", "pass", "routing", "dtype",
             "device_name")
@@ -109,28 +111,46 @@ def derive(rows: list[ResultRow]) -> list[ResultRow]:
     return rows
 
 
+def _calls(row: ResultRow) -> int:
+    """Calls per timed round (extra_info ``calls_per_round``; rows of older runs: one)."""
+    return int(row.get("calls_per_round") or 1)
+
+
 def overhead_ratios(rows: list[ResultRow]) -> list[tuple[float, ResultRow, ResultRow]]:
     """Per timing mode (extra_info ``timing``: stream-ordered or synchronized CUDA events, host clock; rows
-    of older runs have none and form one mode): (do-nothing median / fastest real median of that mode, the
-    do-nothing row, that fastest row). A mode without both kinds of row is left out."""
+    of older runs have none and form one mode): (the harness's share of one call of the row it weighs on
+    most, the do-nothing row, that row). The harness costs a round what the do-nothing row's round took
+    and a row pays it once per round (`timing.overhead_share`); with one call per round everywhere, that
+    row is the fastest case and the share the ratio of the medians. A mode without both kinds of row is
+    left out."""
     out = []
     for mode in sorted({r.get("timing") for r in rows if r.get("harness_only")}, key=str):
         noop = [r for r in rows if r.get("harness_only") and r.get("timing") == mode and math.isfinite(r.median_s)]
         real = [r for r in rows if not r.get("harness_only") and r.get("timing") == mode
                 and math.isfinite(r.median_s)]
         if noop and real:
-            fastest = min(real, key=lambda r: r.median_s)
-            slowest_noop = max(noop, key=lambda r: r.median_s)  # several runs: the least favourable
-            out.append((slowest_noop.median_s / fastest.median_s, slowest_noop, fastest))
+            costliest = max(noop, key=lambda r: r.median_s * _calls(r))  # several runs: the least favourable
+
+            def share(row: ResultRow, noop_row: ResultRow = costliest) -> float:
+                return overhead_share(noop_row.median_s, _calls(noop_row), row.median_s, _calls(row))
+
+            worst = max(real, key=share)
+            out.append((share(worst), costliest, worst))
     return out
 
 
 def overhead_line(ratio: float, noop: ResultRow, fastest: ResultRow, label: str) -> str:
     """One harness-overhead sentence (terminal and report)."""
     mode = noop.get("timing")
-    return (f"harness overhead{f' ({mode} timing)' if mode else ''}: the do-nothing backend's timed call "
-            f"{noop.median_s * 1e6:.2f} us = {100 * ratio:.3f}% of the fastest{' such' if mode else ''} case "
-            f"({label}, {fastest.median_s * 1e6:.1f} us)")
+    noop_calls, row_calls = _calls(noop), _calls(fastest)
+    if noop_calls == 1 and row_calls == 1:
+        return (f"harness overhead{f' ({mode} timing)' if mode else ''}: the do-nothing backend's timed call "
+                f"{noop.median_s * 1e6:.2f} us = {100 * ratio:.3f}% of the fastest{' such' if mode else ''} case "
+                f"({label}, {fastest.median_s * 1e6:.1f} us)")
+    return (f"harness overhead{f' ({mode} timing)' if mode else ''}: the do-nothing backend's timed round "
+            f"{noop.median_s * noop_calls * 1e6:.2f} us ({noop_calls} calls), paid once per round = "
+            f"{100 * ratio:.3f}% of a call of the case it weighs on most ({label}, "
+            f"{fastest.median_s * 1e6:.1f} us, {row_calls} call{'s' if row_calls > 1 else ''} per round)")
 
 
 def fmt(value, spec: str = ".1f", missing: str = "") -> str:
