@@ -307,9 +307,7 @@ def rank_forward(shard: ExpertShard, spec: MoESpec, scheme: Scheme, weights: lay
     padded = torch.cat([returned, returned.new_zeros((assignments - sent, hidden))])
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(assignments, device=order.device)
-    per_slot = padded[inverse].view(-1, top_k, hidden)
-    gates = routing.gate_weights if kept is None else routing.gate_weights * kept
-    y = (per_slot * gates.unsqueeze(-1).to(per_slot.dtype)).sum(dim=1)
+    y = layer.combine_weighted(padded, routing.gate_weights, inverse, kept)
     rec.mark("combine")
     if used.shared_w13 is not None:
         y = y + layer.shared_expert(x, used.shared_w13, used.shared_w2)

@@ -449,26 +449,33 @@ def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, plan: D
 
 
 class _Combine(torch.autograd.Function):
-    """y_t = sum_k gate_{t,k} * rows[inverse(t, k)] over kept assignments, fused (`kernels.combine`):
+    """y_t = sum_j gate_{t,j} * rows[position(t, j)] over kept assignments, fused (`kernels.combine`):
     float32 products and sum, one rounding to the rows' dtype."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, gate_weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        ctx.plan = plan
-        ctx.save_for_backward(rows, gate_weights)
-        return combine_rows(rows, plan.inverse, plan.top_k, weight=gate_weights, kept=plan.kept)
+    def forward(ctx, rows: torch.Tensor, gate_weights: torch.Tensor, position: torch.Tensor, top_k: int,
+                kept: torch.Tensor | None) -> torch.Tensor:
+        ctx.top_k = top_k
+        ctx.save_for_backward(rows, gate_weights, position, kept)
+        return combine_rows(rows, position, top_k, weight=gate_weights, kept=kept)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        rows, gate_weights = ctx.saved_tensors
-        plan = ctx.plan
-        d_rows, d_weight = combine_rows_backward(rows, dy, plan.inverse, gate_weights, plan.top_k, kept=plan.kept)
-        return d_rows, d_weight.to(gate_weights.dtype).view_as(gate_weights), None
+        rows, gate_weights, position, kept = ctx.saved_tensors
+        d_rows, d_weight = combine_rows_backward(rows, dy, position, gate_weights, ctx.top_k, kept=kept)
+        return d_rows, d_weight.to(gate_weights.dtype).view_as(gate_weights), None, None, None
+
+
+def combine_weighted(rows: torch.Tensor, gate_weights: torch.Tensor, position: torch.Tensor,
+                     kept: torch.Tensor | None = None) -> torch.Tensor:
+    """y_t = sum_j gate_{t,j} * rows[position[t * k + j]] for gate_weights [T, k], skipping assignments
+    not ``kept``; differentiable in rows and gate_weights."""
+    return _Combine.apply(rows, gate_weights, position, gate_weights.shape[-1], kept)
 
 
 def combine(rows: torch.Tensor, plan: DispatchPlan, routing: Routing) -> torch.Tensor:
     """y_t = sum_k gate_{t,k} * rows[inverse(t, k)]; dropped assignments contribute nothing."""
-    return _Combine.apply(rows, routing.gate_weights, plan)
+    return combine_weighted(rows, routing.gate_weights, plan.inverse, plan.kept)
 
 
 def shared_expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
