@@ -124,13 +124,16 @@ def _header(docs: list[dict], rows: list[ResultRow]) -> list[str]:
     for r in rows:
         if r.get("timing") and not r.get("harness_only"):
             modes.setdefault(str(r.get("timing")), set()).add(str(r.get("backend")))
-    if "stream_ordered" in modes:
-        ordered, synchronized = (", ".join(sorted(modes.get(m, ()))) for m in ("stream_ordered", "synchronized"))
-        lines.append(f"- timing: `stream_ordered` rows ({ordered}) are timed between CUDA events on torch's stream "
-                     "around work that goes to that stream alone, no host wait inside (triton's do_bench); "
-                     f"`synchronized` rows ({synchronized}) wait for the start event and end with their own device "
-                     "synchronization (JAX's and MLX's streams are not ordered by torch's events), so their interval "
-                     "holds a host round trip")
+    if modes.get("stream_ordered"):
+        sentence = (f"- timing: `stream_ordered` rows ({', '.join(sorted(modes['stream_ordered']))}) are timed between "
+                    "CUDA events on torch's stream around work that goes to that stream alone, no host wait inside "
+                    "(triton's do_bench)")
+        if modes.get("synchronized"):
+            sentence += (f"; `synchronized` rows ({', '.join(sorted(modes['synchronized']))}) wait for the start "
+                         "event and end with their own device synchronization (JAX's and MLX's streams are not "
+                         "ordered by torch's events), so each round holds a host round trip, spread over the calls "
+                         "of the round (extra_info `calls_per_round`)")
+        lines.append(sentence)
     for ratio, noop, fastest in overhead_ratios(rows):
         lines.append("- " + overhead_line(ratio, noop, fastest, _label(fastest)))
     return lines

@@ -108,3 +108,17 @@ def test_nodeids_parse_into_level_backend_scheme_dtype():
 def test_missing_inputs_explain_themselves(tmp_path: Path):
     with pytest.raises(SystemExit, match="benchmark-autosave"):
         report.newest_benchmark_json(tmp_path / ".benchmarks")
+
+
+def test_timing_sentence_names_only_the_modes_present():
+    """A run of torch rows alone (all stream-ordered) says so, with no empty `synchronized` list."""
+    from qmoe.suite.benchmarks.tables import ResultRow
+
+    def row(backend: str, timing: str) -> ResultRow:
+        return ResultRow(f"{backend}-case", {"backend": backend, "timing": timing, "dtype": "bfloat16"}, 1e-3, 1e-3)
+
+    torch_only = [line for line in report._header([], [row("torch_triton", "stream_ordered")]) if "timing:" in line]
+    assert len(torch_only) == 1 and "(torch_triton)" in torch_only[0] and "synchronized" not in torch_only[0]
+    mixed = [row("torch_triton", "stream_ordered"), row("jax_prequant", "synchronized")]
+    both = [line for line in report._header([], mixed) if "timing:" in line]
+    assert "`synchronized` rows (jax_prequant)" in both[0] and "calls_per_round" in both[0]
