@@ -405,39 +405,67 @@ class _RoutedInt8Experts(torch.autograd.Function):
         out = grouped_gemm(h_codes, experts.w2_fwd, plan.group_starts, out_dtype=x.dtype, a_scale=h_scale,
                            b_scale=experts.w2_scale, zero_uncovered=zero)
         ctx.plan, ctx.rule, ctx.experts = plan, rule, experts
+        # Activations go to the backward through `_hand_over`, not save_for_backward, which would keep
+        # every one of them alive until the backward returns.
         if rule == "prequant_vjp":
-            ctx.save_for_backward(x, a, h)
+            ctx.save_for_backward(x)
+            ctx.stash = [a, h]
         else:
-            ctx.save_for_backward(x_codes, x_scale, a, h_codes, h_scale)
+            ctx.stash = [x_codes, x_scale, a, h_codes, h_scale]
+        if not any(ctx.needs_input_grad):
+            ctx.stash = None
         return out
 
     @staticmethod
     def backward(ctx, g):
         plan, experts = ctx.plan, ctx.experts
         g = plan.mask_rows(g.contiguous())
+        # Each [N, .] buffer is dropped (del) right after its last use, so that the largest ones (a, d_a:
+        # [N, 2F]) are not alive together with h, g's codes and d_h at the backward's peak.
         if ctx.rule == "prequant_vjp":
-            x, a, h = ctx.saved_tensors
+            (x,) = ctx.saved_tensors
+            a, h = _hand_over(ctx)
             dtype = x.dtype
             d_w2 = grouped_weight_grad(h, g, plan)
+            del h
             g_codes, g_scale = quantize_rows(g)
             d_h = grouped_gemm(g_codes, experts.w2_bwd, plan.group_starts, out_dtype=dtype, a_scale=g_scale,
                                b_scale=experts.w2_scale, zero_uncovered=plan.has_drops)
+            del g_codes, g_scale
             d_a, d_a_codes, d_a_scale = fused_swiglu_backward(a, d_h, quantize=True)
+            del a, d_h
             d_w13 = grouped_weight_grad(x[plan.row_token], d_a, plan)
+            del d_a
             d_x_rows = grouped_gemm(d_a_codes, experts.w13_bwd, plan.group_starts, out_dtype=dtype,
                                     a_scale=d_a_scale, b_scale=experts.w13_scale, zero_uncovered=plan.has_drops)
         else:
-            x_codes, x_scale, a, h_codes, h_scale = ctx.saved_tensors
+            x_codes, x_scale, a, h_codes, h_scale = _hand_over(ctx)
             dtype = a.dtype
             w13_eff, w2_eff = experts.dequantized(dtype)
             h_eff = (h_codes.to(torch.float32) * h_scale[:, None]).to(dtype)
+            del h_codes, h_scale
             d_w2 = grouped_weight_grad(h_eff, g, plan)
+            del h_eff
             d_h = grouped_mm(g, w2_eff.transpose(1, 2), plan)
             d_a = plan.mask_rows(fused_swiglu_backward(a, d_h)[0])
+            del a, d_h
             x_eff = (x_codes[plan.row_token].to(torch.float32) * x_scale[plan.row_token, None]).to(dtype)
+            del x_codes, x_scale
             d_w13 = grouped_weight_grad(x_eff, d_a, plan)
+            del x_eff
             d_x_rows = grouped_mm(d_a, w13_eff.transpose(1, 2), plan)
         return plan.sum_per_token(d_x_rows), d_w13, d_w2, None, None, None
+
+
+def _hand_over(ctx) -> list[torch.Tensor]:
+    """The forward's activations, handed to the backward once (ctx keeps no reference, so a ``del``
+    there frees a buffer). A second backward through the same graph (``retain_graph``) is refused."""
+    stash = getattr(ctx, "stash", None)
+    if stash is None:
+        raise RuntimeError("torch_triton's int8 experts run their backward once per forward "
+                           "(backward through a retained graph is not supported)")
+    ctx.stash = None
+    return stash
 
 
 def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, plan: DispatchPlan, scheme: Scheme,
