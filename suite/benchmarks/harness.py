@@ -30,7 +30,7 @@ once per case from the fastest warm-up call (`timing.calls_per_round`: a round o
 calls); steps that take longer keep n = 1, and so does every step on the host clock or timed
 stream-ordered. A row with n calls per round pays the round trip once per n calls: its share of the row
 is the do-nothing row's round (its per-call median times its own n, the cap) over n times the row's call
-(`timing.overhead_share`), which is how the harness-overhead line should compare them. Within a round the
+(`timing.overhead_share`), as the harness-overhead line (`tables.overhead_ratios`) compares them. Within a round the
 n calls use the same input (inputs still rotate per round) and L2 is flushed before the first call only:
 the calls after it would find the previous call's last bytes in L2, so n > 1 is allowed only where one call
 moves at least the flush's bytes (``may_repeat``; every GPU preset's layer moves far more, in weights
