@@ -27,16 +27,31 @@ from .test_benchmarks import _gemm_bound_or_skip as _torch_or_skip
 
 
 # -- the int8 GEMM bound --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ["int_mm", "triton_grouped"])
 @pytest.mark.parametrize("pass_id", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("shared", [0, 24])
-def test_int8_bound_runs_through_the_harness_with_its_output_checked(pass_id, shared):
+def test_int8_bound_runs_through_the_harness_with_its_output_checked(pass_id, shared, variant, monkeypatch):
     """int8 codes, the suite's FLOPs, balanced rows whatever the routing, bounds the int8 rows, and its
-    dequantized output agrees with the scheme's reference (the check would fail a skipped or wrong GEMM)."""
+    dequantized output agrees with the scheme's reference (the check would fail a skipped or wrong GEMM),
+    whichever of its two ways of running the GEMMs is timed; both are compared, the faster one kept."""
     _torch_or_skip()
+    from qmoe.suite.benchmarks import int8_bound
     from qmoe.suite.benchmarks.int8_bound import BOUND_SCHEME, GemmBoundInt8
 
     if GemmBoundInt8.unavailable_reason():
         pytest.skip(GemmBoundInt8.unavailable_reason())
+    import torch
+
+    grouped, refusal = int8_bound.triton_grouped_gemm(torch.device("cpu"))
+    if grouped is None:
+        pytest.skip(refusal)
+    compare = int8_bound.faster_variant
+
+    def pick(bodies, sync):
+        _, seconds = compare(bodies, sync)
+        return variant, seconds
+
+    monkeypatch.setattr(int8_bound, "faster_variant", pick)
     shape = shapes.BenchShape("t", tokens=64, hidden=32, ffn=16, experts=4, top_ks=(2,), shared_ffn=shared)
     options = harness.BenchOptions(device="cpu", dtype="float32", rounds=2, warmup=1, inputs=2)
     harness.clear_caches()
@@ -46,6 +61,7 @@ def test_int8_bound_runs_through_the_harness_with_its_output_checked(pass_id, sh
     assert info["bound"] and info["bound_operand"] == "int8" and info["peak_operand"] == "int8"
     assert info["routing_fixed"] and info["load_imbalance"] == 1.0
     assert info["flops"] == metrics.flops(shape.spec(2), 64, case.pass_name)
+    assert info["bound_variant"] == variant and set(info["bound_variant_s"]) == {"int_mm", "triton_grouped"}
 
 
 def test_int8_bound_refuses_unequal_or_too_small_blocks_and_catches_a_skipped_gemm():
@@ -63,6 +79,9 @@ def test_int8_bound_refuses_unequal_or_too_small_blocks_and_catches_a_skipped_ge
     out = {"h": torch.zeros_like(h32), "y": torch.zeros(2, 24, 4, dtype=torch.int32)}
     with pytest.raises(outputs.WrongOutputError, match="did not do"):
         int8_bound._finish_forward(out, h32, torch.ones(2, 24), torch.ones(2), None, 2, 24)
+    untimed = torch.ones(48, 8)
+    with pytest.raises(outputs.WrongOutputError, match="did not do"):  # the triton_grouped variant's check
+        int8_bound._finish_rows("up-projection", torch.zeros_like(untimed), untimed, torch.ones(48, 4), None, 2, 24)
 
 
 # -- the compiled peers ---------------------------------------------------------------------------------------------

@@ -15,11 +15,14 @@ the rows whose `metrics.peak_operand` is int8, compared with it in the tables' `
 * Left out, and so not paid by the bound: quantizing activations (per token), the scale epilogue
   (int32 x row scale x expert scale), SwiGLU and its derivative, the gather, the combine, the router.
   The backward's operands (dh, a^T, dy^T) are prepared before timing, in the layouts cuBLASLt wants.
-* The GEMMs are cuBLASLt's (``torch._int_mm``), the strongest int8 GEMM torch offers without autotuning
-  Triton templates (inductor's max-autotune would take minutes per shape). A grouped int8 Triton kernel may
-  beat it by a little: on the H200 (2026-11-30) torch_triton's int8_routed_prequant forward at top-k 8 ran
-  at 101.2% of this bound's forward timing, a row that then failed its exactness check (its replay read
-  freed codes, since fixed), so unconfirmed. The tables flag any such row (``above bound!``), never hide it.
+* The GEMMs run two ways and each step times the faster (`peers.faster_variant`, as the bf16 bound picks
+  between eager and compiled): ``int_mm``, cuBLASLt's IMMA kernels (``torch._int_mm``) per expert with int32
+  outputs; and ``triton_grouped``, the grouped int8 Triton kernel that torch_triton ships (one launch per
+  projection over all experts, the scales applied in its epilogue, outputs in the compute dtype), where
+  Triton runs. On the H200 (2026-11-30) torch_triton's whole int8 layer, forward at top-k 8, ran at 113.7%
+  of the ``int_mm``-only bound (8.87 against 10.08 ms): cuBLASLt per expert writes int32, twice the bytes
+  of a bf16 epilogue, and this bound was no bound there. The tables still flag any row above its bound
+  (``above bound!``), never hide it.
 * The shared expert (if any) runs in the compute dtype, forward and backward, as the schemes with float
   shared weights run it; ``int8_all`` quantizes it too, so at shapes with a shared expert ``int8_all``
   could in principle beat this bound by the shared part's int8 speed-up (say so when reading its row).
@@ -43,7 +46,7 @@ from qmoe.implementations.base import Capabilities, synchronized_step
 from qmoe.reference.spec import MoEParams, MoESpec, SpecError
 
 from .outputs import WrongOutputError
-from .peers import _DTYPES, GemmBound, _Prepared, torch_upload
+from .peers import _DTYPES, GemmBound, _Prepared, faster_variant, torch_upload
 
 #: Schemes whose routed experts run int8 x int8 (`metrics.peak_operand` is int8): they share this bound.
 #: The bound's own rows carry the scheme whose weights are stored int8 once, as the bound's are.
@@ -101,7 +104,8 @@ class GemmBoundInt8(GemmBound):
     def versions(cls) -> dict[str, str]:
         import torch
 
-        return {"torch": torch.__version__, "int8_gemm": "torch._int_mm per expert"}
+        return {"torch": torch.__version__,
+                "int8_gemm": "the faster of torch._int_mm per expert and torch_triton's grouped Triton kernel"}
 
     def _check(self, spec: MoESpec, scheme: str, dtype: str) -> None:
         if scheme != BOUND_SCHEME:
@@ -168,6 +172,15 @@ class GemmBoundInt8(GemmBound):
             hs = x_ @ w13
             return (F.silu(hs[:, :shared]) * hs[:, shared:]) @ w2
 
+        grouped, grouped_refusal = triton_grouped_gemm(x_t.device)
+        starts = torch.arange(experts + 1, dtype=torch.int32, device=x_t.device) * block
+        dtype = x_t.dtype
+
+        def project(codes, scale, b, b_scale):
+            """One grouped projection over the balanced blocks, dequantized in the kernel's epilogue."""
+            return grouped(codes.reshape(experts * block, -1), b, starts, out_dtype=dtype,
+                           a_scale=scale.reshape(-1), b_scale=b_scale)
+
         if pass_ == "forward":
             def forward_body():
                 for e in range(experts):
@@ -177,7 +190,20 @@ class GemmBoundInt8(GemmBound):
                     ys = shared_forward(x_t, w["shared_w13"], w["shared_w2"]) if shared else None
                 return Int8BoundResult(lambda: _finish_forward(out, h32, sa, s2, ys, k, tokens))
 
-            return _mark(synchronized_step(forward_body, sync, torch_stream=x_t.is_cuda))
+            bodies = {"int_mm": forward_body}
+            if grouped is not None:
+                h_grouped = project(xq, sx, w["w13_t"].transpose(1, 2), s13)  # untimed: the exactness check's
+
+                def grouped_forward_body():
+                    h_timed = project(xq, sx, w["w13_t"].transpose(1, 2), s13)
+                    y_rows = project(aq, sa, w["w2_t"].transpose(1, 2), s2)
+                    with torch.no_grad():
+                        ys = shared_forward(x_t, w["shared_w13"], w["shared_w2"]) if shared else None
+                    return Int8BoundResult(lambda: _finish_rows("up-projection", h_timed, h_grouped, y_rows, ys, k,
+                                                                tokens))
+
+                bodies["triton_grouped"] = grouped_forward_body
+            return _variant_step(bodies, sync, x_t.is_cuda, grouped_refusal)
 
         dyq, sdy = quantize_rows(dy_t.float().repeat(k, 1).view(experts, block, -1))
         da32 = torch.stack([int_mm(dyq[e], w["w2"][e].t()) for e in range(experts)])
@@ -191,6 +217,12 @@ class GemmBoundInt8(GemmBound):
                    dw2=torch.empty(w["w2"].shape, dtype=torch.int32, device=x_t.device),
                    dw13=torch.empty(w["w13"].shape, dtype=torch.int32, device=x_t.device))
 
+        def shared_backward():
+            if not shared:
+                return None
+            with torch.enable_grad():
+                return torch.autograd.grad(shared_forward(*leaves), leaves, grad_outputs=dy_t)[0]
+
         def backward_body():
             for e in range(experts):
                 int_mm(xq[e], w["w13_t"][e].t(), out=out["h"][e])
@@ -199,13 +231,36 @@ class GemmBoundInt8(GemmBound):
                 int_mm(dhq[e], w["w13"][e].t(), out=out["dx"][e])
                 int_mm(at[e], dyt[e].t(), out=out["dw2"][e])
                 int_mm(xt[e], dht[e].t(), out=out["dw13"][e])
-            dxs = None
-            if shared:
-                with torch.enable_grad():
-                    dxs = torch.autograd.grad(shared_forward(*leaves), leaves, grad_outputs=dy_t)[0]
+            dxs = shared_backward()
             return Int8BoundResult(lambda: _finish_backward(out, da32, sdh, s13, dxs, k, tokens))
 
-        return _mark(synchronized_step(backward_body, sync, torch_stream=x_t.is_cuda))
+        bodies = {"int_mm": backward_body}
+        if grouped is not None:
+            hidden = spec.hidden
+            unit = {n: torch.ones(n, dtype=torch.float32, device=x_t.device) for n in (experts, experts * ffn,
+                                                                                      experts * hidden)}
+            ends = {n: torch.arange(experts + 1, dtype=torch.int32, device=x_t.device) * n for n in (ffn, hidden)}
+            da_grouped = project(dyq, sdy, w["w2"].transpose(1, 2), s2)  # untimed: the exactness check's
+
+            def weight_grad(rows_t, grads_t, per_expert):
+                """dW[e] = rows_e^T grads_e over the block's rows: rows of rows_t grouped per expert (K = the
+                block), unit scales (per-token scales lie along K; the int_mm variant leaves them out too)."""
+                return grouped(rows_t.reshape(experts * per_expert, block), grads_t.transpose(1, 2), ends[per_expert],
+                               out_dtype=torch.float32, a_scale=unit[experts * per_expert], b_scale=unit[experts])
+
+            def grouped_backward_body():
+                project(xq, sx, w["w13_t"].transpose(1, 2), s13)
+                project(aq, sa, w["w2_t"].transpose(1, 2), s2)
+                da_timed = project(dyq, sdy, w["w2"].transpose(1, 2), s2)
+                dx_rows = project(dhq, sdh, w["w13"].transpose(1, 2), s13)
+                weight_grad(at, dyt, ffn)
+                weight_grad(xt, dht, hidden)
+                dxs = shared_backward()
+                return Int8BoundResult(lambda: _finish_rows("dA = dy W2^T", da_timed, da_grouped, dx_rows, dxs, k,
+                                                            tokens))
+
+            bodies["triton_grouped"] = grouped_backward_body
+        return _variant_step(bodies, sync, x_t.is_cuda, grouped_refusal)
 
 
 def block_rows(tokens: int, top_k: int, experts: int) -> int:
@@ -220,6 +275,28 @@ def block_rows(tokens: int, top_k: int, experts: int) -> int:
     return block
 
 
+def triton_grouped_gemm(device) -> tuple[Callable | None, str | None]:
+    """torch_triton's grouped GEMM (`implementations.torch_triton.kernels.grouped_gemm.grouped_gemm`), or None
+    and why not: Triton missing, or a CPU run whose kernels were not built for Triton's interpreter."""
+    try:
+        from qmoe.implementations.torch_triton.kernels import grouped_gemm as kernels
+    except ImportError as exc:
+        return None, f"the triton_grouped variant needs triton ({exc})"
+    if device.type != "cuda" and not kernels.INTERPRETED:
+        return None, "the triton_grouped variant runs on CPU only under TRITON_INTERPRET=1 (set before import)"
+    return kernels.grouped_gemm, None
+
+
+def _variant_step(bodies: dict[str, Callable[[], Any]], sync: Callable[[], None], cuda: bool,
+                  refusal: str | None) -> Callable[[], Any]:
+    """The step of the faster body (`peers.faster_variant`), with what was compared in its extra_info."""
+    chosen, seconds = faster_variant(bodies, sync)
+    step = _mark(synchronized_step(bodies[chosen], sync, torch_stream=cuda))
+    step.extra_info = {"bound_variant": chosen, "bound_variant_s": seconds,  # type: ignore[attr-defined]
+                       **({"bound_variant_note": refusal} if refusal else {})}
+    return step
+
+
 def _mark(step: Callable[[], Any]) -> Callable[[], Any]:
     """Capture on CUDA whatever the options say: the per-expert loop's launches are not the layer's cost."""
     step.always_capture = True  # type: ignore[attr-defined]
@@ -230,7 +307,7 @@ def _exact(name: str, timed, untimed) -> None:
     import torch
 
     if not torch.equal(timed, untimed):
-        raise WrongOutputError(f"gemm_bound_int8: the timed {name} GEMM differs from the same int32 GEMM computed "
+        raise WrongOutputError(f"gemm_bound_int8: the timed {name} GEMM differs from the same GEMM computed "
                                "before timing: the timed call did not do (all) its work")
 
 
@@ -238,6 +315,14 @@ def _finish_forward(out: dict, h32, sa, s2, ys, k: int, tokens: int):
     _exact("up-projection", out["h"], h32)
     y = (out["y"].float() * sa[..., None] * s2[:, None, None]).reshape(k, tokens, -1).sum(0)
     return y + ys.float() if ys is not None else y
+
+
+def _finish_rows(name: str, timed, untimed, rows, extra, k: int, tokens: int):
+    """The triton_grouped variant's result: its first GEMM equal to the same call made before timing (the
+    kernel is deterministic), then the dequantized rows summed per token (+ the shared expert's part)."""
+    _exact(name, timed, untimed)
+    y = rows.float().reshape(k, tokens, -1).sum(0)
+    return y + extra.float() if extra is not None else y
 
 
 def _finish_backward(out: dict, da32, sdh, s13, dxs, k: int, tokens: int):
