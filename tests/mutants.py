@@ -214,7 +214,8 @@ def _prequant_dw2_from_q_h() -> Any:
         def backward(ctx, g):
             plan, experts = ctx.plan, ctx.experts
             g = plan.mask_rows(g.contiguous())
-            x, a, h = ctx.saved_tensors
+            (x,) = ctx.saved_tensors
+            a, h = layer._hand_over(ctx)
             dtype = x.dtype
             h_codes, h_scale = layer.quantize_rows(h)                               # the bug:
             d_w2 = layer.grouped_weight_grad((h_codes.float() * h_scale[:, None]).to(dtype), g, plan)  # Q(h)^T g
