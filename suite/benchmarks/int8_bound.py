@@ -244,9 +244,10 @@ class GemmBoundInt8(GemmBound):
 
             def weight_grad(rows_t, grads_t, per_expert):
                 """dW[e] = rows_e^T grads_e over the block's rows: rows of rows_t grouped per expert (K = the
-                block), unit scales (per-token scales lie along K; the int_mm variant leaves them out too)."""
+                block), unit scales (per-token scales lie along K; the int_mm variant leaves them out too), written
+                in the compute dtype as a layer's weight gradients are (float32 would double DeepSeek-V3's 22 GiB)."""
                 return grouped(rows_t.reshape(experts * per_expert, block), grads_t.transpose(1, 2), ends[per_expert],
-                               out_dtype=torch.float32, a_scale=unit[experts * per_expert], b_scale=unit[experts])
+                               out_dtype=dtype, a_scale=unit[experts * per_expert], b_scale=unit[experts])
 
             def grouped_backward_body():
                 project(xq, sx, w["w13_t"].transpose(1, 2), s13)
