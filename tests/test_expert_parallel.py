@@ -199,3 +199,35 @@ def test_expert_parallel_benchmark_jax_on_cpu(scheme):
     else:  # the scheme's own dispatch already sends the codes its experts quantize: nothing left to save
         assert sent["float"] == sent["int8"] and info["int8_dispatch_saving"]["bytes"] == 0
         assert info["int8_check"]["int8_dispatch_check"] == "tight" and info["int8_check"]["int8_dispatch_error"] == 0
+
+
+def test_expert_parallel_benchmark_when_one_device_does_not_fit(monkeypatch):
+    """A one-device layer that runs out of memory (jax_prequant's capacity padding on zipf, H200) leaves the
+    case a result: the sharded layer is timed and checked against the float64 reference instead, the
+    table says why there is no speed-up; an error that is not out-of-memory still fails the case."""
+    pytest.importorskip("jax")
+    from qmoe.implementations.jax_prequant import JaxPrequantBackend
+    from qmoe.suite.benchmarks import ep_tables
+
+    prepare = JaxPrequantBackend.prepare
+
+    def one_device_too_small(self, spec, params, scheme, dtype, ep_size=1):
+        if ep_size == 1:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 42.00GiB")
+        return prepare(self, spec, params, scheme, dtype, ep_size)
+
+    monkeypatch.setattr(JaxPrequantBackend, "prepare", one_device_too_small)
+    info = ep_bench.measure(JaxPrequantBackend, None, _bench("none"))
+    assert info["speedup_vs_one_device"] is None and "RESOURCE_EXHAUSTED" in info["one_device"]["error"]
+    check = info["float"]["output_check_vs_reference"]
+    assert check["sqnr_db"] > check["floor_db"] and check["rows"] > 0
+    assert "output_error_vs_one_device" not in info["int8"]
+    (row,) = ep_tables.layer_table([info])
+    assert "one device: out of memory" in row
+
+    def broken(self, spec, params, scheme, dtype, ep_size=1):
+        raise ValueError("not a memory problem")
+
+    monkeypatch.setattr(JaxPrequantBackend, "prepare", broken)
+    with pytest.raises(ValueError, match="not a memory problem"):
+        ep_bench.measure(JaxPrequantBackend, None, _bench("none"))

@@ -65,7 +65,8 @@ def layer_table(infos: list[dict]) -> list[list]:
         undecided = sharded.get("routing_undecided_tokens")
         table.append([*_label(info), _ms(sharded["seconds_median"]), fmt_si(sharded["tokens_per_s"]),
                       _ms(one["seconds_median"]), fmt_si(one["tokens_per_s"]),
-                      fmt(info["speedup_vs_one_device"], ".2f") + "x",
+                      "one device: out of memory" if info["speedup_vs_one_device"] is None
+                      else fmt(info["speedup_vs_one_device"], ".2f") + "x",
                       fmt(sharded.get("output_error_vs_one_device"), ".1e"),
                       "" if undecided is None else str(undecided)])
     return table
