@@ -260,17 +260,17 @@ def plan_dispatch(expert_ids: torch.Tensor, kept: torch.Tensor | None, experts: 
     """Sort the T * k assignments by expert (stable: token order within an expert)."""
     tokens, top_k = expert_ids.shape
     key = expert_ids.reshape(-1)
-    if kept is not None:
-        key = torch.where(kept.reshape(-1), key, experts)
+    kept_flat = None if kept is None else kept.reshape(-1)
+    if kept_flat is not None:
+        key = torch.where(kept_flat, key, experts)
     order = torch.argsort(key, stable=True)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     counts = counts_per_expert(key, experts + 1)[:experts]
     starts = torch.zeros(experts + 1, dtype=torch.int32, device=key.device)
     starts[1:] = torch.cumsum(counts, dim=0)
-    row_valid = None if kept is None else key[order] < experts
-    return DispatchPlan(tokens, top_k, experts, order, inverse, order // top_k, starts, row_valid,
-                        None if kept is None else kept.reshape(-1))
+    row_valid = None if kept_flat is None else kept_flat[order]
+    return DispatchPlan(tokens, top_k, experts, order, inverse, order // top_k, starts, row_valid, kept_flat)
 
 
 # -- float grouped matmuls (torch._grouped_mm) ------------------------------------------------------

@@ -313,20 +313,19 @@ def _exact(name: str, timed, untimed) -> None:
 
 
 def _finish_forward(out: dict, h32, sa, s2, ys, k: int, tokens: int):
-    _exact("up-projection", out["h"], h32)
-    y = (out["y"].float() * sa[..., None] * s2[:, None, None]).reshape(k, tokens, -1).sum(0)
-    return y + ys.float() if ys is not None else y
+    return _finish_rows("up-projection", out["h"], h32, out["y"].float() * sa[..., None] * s2[:, None, None], ys,
+                        k, tokens)
 
 
 def _finish_rows(name: str, timed, untimed, rows, extra, k: int, tokens: int):
-    """The triton_grouped variant's result: its first GEMM equal to the same call made before timing (the
-    kernel is deterministic), then the dequantized rows summed per token (+ the shared expert's part)."""
+    """A timed call's result: its first GEMM (``timed``) equal to the same GEMM computed before timing (int32
+    arithmetic, and the grouped kernel, are deterministic), then the dequantized ``rows`` (k blocks of T
+    rows) summed per token, plus the shared expert's part (``extra``) where there is one."""
     _exact(name, timed, untimed)
     y = rows.float().reshape(k, tokens, -1).sum(0)
     return y + extra.float() if extra is not None else y
 
 
 def _finish_backward(out: dict, da32, sdh, s13, dxs, k: int, tokens: int):
-    _exact("dA = dy W2^T", out["da"], da32)
-    dx = (out["dx"].float() * sdh[..., None] * s13[:, None, None]).reshape(k, tokens, -1).sum(0)
-    return dx + dxs.float() if dxs is not None else dx
+    return _finish_rows("dA = dy W2^T", out["da"], da32, out["dx"].float() * sdh[..., None] * s13[:, None, None],
+                        dxs, k, tokens)
