@@ -144,6 +144,9 @@ def test_compare_to_one_device_leaves_out_only_undecided_rows():
     moved[0, 0] = 7  # a selection that differs beyond rounding
     with pytest.raises(AssertionError, match="routing differs from one device at 1 tokens"):
         ep_bench.compare_to_one_device("case", tol, y, y, undecided, moved, ids)
+    swapped = ids.copy()
+    swapped[0] = swapped[0, ::-1]  # the same two experts in the other slot order (H200 x4: token 7283)
+    assert ep_bench.compare_to_one_device("case", tol, y, y, undecided, swapped, ids)["routing_differs_tokens"] == 0
 
 
 # -- the benchmark on CPU ---------------------------------------------------------------------------------------

@@ -120,7 +120,9 @@ def compare_to_one_device(bench_id: str, tol, y_sharded: np.ndarray, y_one: np.n
     decided = ~undecided
     differs = np.zeros(undecided.shape, dtype=bool)
     if ids_sharded is not None and ids_one is not None:
-        differs = np.any(np.asarray(ids_sharded) != np.asarray(ids_one), axis=-1)
+        # the selected sets: two experts inside the top-k whose scores are within rounding of each other may
+        # come in either slot order (H200 x4, zipf top-8: token 7283, experts 4 and 6), which moves no row
+        differs = np.any(np.sort(ids_sharded, axis=-1) != np.sort(ids_one, axis=-1), axis=-1)
         wrong = differs & decided
         assert not wrong.any(), (f"{bench_id}: sharded routing differs from one device at {int(wrong.sum())} tokens "
                                  f"whose top-k boundary is beyond float32 rounding (first: token "
