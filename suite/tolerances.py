@@ -144,10 +144,10 @@ _EXPERT_PARALLEL: dict[tuple[str, bool], tuple[float, str]] = {
     ("float32", False): (1e-5, _EP_FLOAT32_REASON),
     ("float32", True): (1e-5, _EP_FLOAT32_REASON),
     ("bfloat16", False): (1e-2, _EP_BFLOAT16_REASON + "; seen 5.1e-3 (CPU, full grid)" + EP_REASON_UNDECIDED),
-    # One float32 intermediate rounded otherwise upstream of a bfloat16 hidden (the dequantized GEMM's
-    # scale product, fused differently per program) frees that hidden's per-token codes as against the
-    # reference, so the same model as levels 3-4 holds: a pair of correct programs may differ by a
-    # flip-per-hidden-element envelope, which this constant is.
+    # One float32 intermediate rounded otherwise upstream of a bfloat16 hidden (XLA fuses the sharded
+    # program differently, e.g. the dequantizing scale products) frees that hidden's per-token codes as
+    # against the reference, so the same model as levels 3-4 holds: a pair of correct programs may differ
+    # by a flip-per-hidden-element envelope, which this constant is.
     ("bfloat16", True): (_TIGHT[("bfloat16", True)][0],
                          _EP_BFLOAT16_REASON + ", and per-token int8 codes downstream of it then flip as against "
                          "the reference (levels 3-4's bfloat16 per-token model: " + _TIGHT[("bfloat16", True)][1]
