@@ -11,6 +11,7 @@ module is collected. Nothing here imports a framework: backends are imported onl
 from __future__ import annotations
 
 import collections
+import datetime
 import importlib
 import json
 import os
@@ -568,4 +569,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
                      "figures": [{"what": w, **f} for w, f in figures],
                      "message": str(report.longrepr).splitlines()[-1] if report.failed else None})
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({"tests": rows}, indent=1))
+    # the run's own time and command: a file's mtime is its checkout's once committed
+    finished = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    command = " ".join(["pytest", *session.config.invocation_params.args])
+    Path(path).write_text(json.dumps({"finished": finished, "command": command, "tests": rows}, indent=1))

@@ -357,7 +357,8 @@ def write_conformance(out_dir: Path, path: Path | None) -> Path:
         target.write_text("# Conformance\n\nNo conformance outcomes were given: run `pytest -m conformance "
                           "--conformance-json PATH` and pass `--conformance-json PATH` to the report.\n")
         return target
-    tests = json.loads(Path(path).read_text()).get("tests", [])
+    data = json.loads(Path(path).read_text())
+    tests = data.get("tests", [])
     parsed = [parse_nodeid(test["nodeid"]) for test in tests]
     # A backend is a registered name, or one the conformance suite (suite/) ran with a scheme; any other
     # parameter id (a case of the project's own self-tests in tests/) is not a backend.
@@ -366,7 +367,10 @@ def write_conformance(out_dir: Path, path: Path | None) -> Path:
     for test, meta in zip(tests, parsed):
         if meta["backend"] not in known:
             meta["backend"] = "(self-tests)" if test["nodeid"].startswith("tests/") else "(reference)"
-    mtime = datetime.datetime.fromtimestamp(Path(path).stat().st_mtime, datetime.timezone.utc)
+    # files from before "finished" was recorded: the file's mtime, which a checkout resets
+    written = (datetime.datetime.fromisoformat(data["finished"]) if "finished" in data
+               else datetime.datetime.fromtimestamp(Path(path).stat().st_mtime, datetime.timezone.utc))
+    command = data.get("command", "pytest -m conformance --conformance-json")
     counts: dict[tuple, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     reasons: dict[tuple, int] = defaultdict(int)
     failures = []
@@ -402,7 +406,7 @@ def write_conformance(out_dir: Path, path: Path | None) -> Path:
         for outcome, n in c.items():
             total[outcome] += n
     lines = ["# Conformance", "",
-             f"- source: `{path}` (written {mtime:%Y-%m-%d %H:%M} UTC by `pytest -m conformance --conformance-json`)",
+             f"- source: `{path}` (written {written:%Y-%m-%d %H:%M} UTC by `{command}`)",
              f"- outcomes: {total.get('passed', 0)} passed, {total.get('failed', 0)} failed, "
              f"{total.get('skipped', 0)} skipped", "",
              "## Backend x level", "",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,3 +124,26 @@ def test_timing_sentence_names_only_the_modes_present():
     mixed = [row("torch_triton", "stream_ordered"), row("jax_prequant", "synchronized")]
     both = [line for line in report._header([], mixed) if "timing:" in line]
     assert "`synchronized` rows (jax_prequant)" in both[0] and "calls_per_round" in both[0]
+
+
+def test_conformance_header_takes_the_runs_time_and_command_not_the_files(tmp_path: Path):
+    """A committed JSON's mtime is its checkout's: the header reads the time and command the run recorded."""
+    bench = tmp_path / "run.json"
+    bench.write_text(json.dumps(FIXTURE))
+    path = tmp_path / "conformance.json"
+    path.write_text(json.dumps({**CONFORMANCE, "finished": "2026-11-30T21:54:10+00:00",
+                                "command": "pytest -m conformance --device cuda"}))
+    out = tmp_path / "out"
+    assert report.main(["--benchmark-json", str(bench), "--conformance-json", str(path), "--out", str(out),
+                        "--no-plots"]) == 0
+    text = (out / "conformance.md").read_text()
+    assert "(written 2026-11-30 21:54 UTC by `pytest -m conformance --device cuda`)" in text
+
+
+def test_conformance_json_records_when_and_how_it_was_run(tmp_path: Path):
+    (tmp_path / "test_one.py").write_text("import pytest\n\n@pytest.mark.conformance\ndef test_x():\n    pass\n")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "conformance",
+                           "--conformance-json=c.json", "test_one.py"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert data["finished"].startswith("20") and "--conformance-json=c.json" in data["command"]
