@@ -131,6 +131,9 @@ FULL_GRID_PROFILES = ("ci", "thorough")
 #: loads in milliseconds what took a second to compile. Off when $QMOE_JAX_CACHE is 0 or JAX's own
 #: $JAX_COMPILATION_CACHE_DIR is set.
 JAX_CACHE_ENV = "QMOE_JAX_CACHE"
+#: Host devices JAX simulates in CPU runs (``--xla_force_host_platform_device_count``, unless XLA_FLAGS
+#: already names a count): the largest N level 6 shards over.
+CPU_DEVICES = 8
 
 
 @pytest.hookimpl(tryfirst=True)  # before hypothesis' own plugin loads the profile named on the command line
@@ -189,13 +192,14 @@ def activate(config: pytest.Config) -> Selection:
     if _SELECTION in config.stash:
         return config.stash[_SELECTION]
     device = config.getoption("--device")
-    # Before any framework import: Triton kernels run interpreted on CPU; JAX gets 4 host devices for
-    # expert-parallel tests; TF32 stays off and JAX matmuls stay full precision so float32 means float32.
+    # Before any framework import: Triton kernels run interpreted on CPU; JAX gets CPU_DEVICES host devices
+    # for expert-parallel tests (level 6 shards over up to 8); TF32 stays off and JAX matmuls stay full
+    # precision so float32 means float32.
     if device in (None, "cpu"):
         os.environ.setdefault("TRITON_INTERPRET", "1")
         flags = os.environ.get("XLA_FLAGS", "")
         if "xla_force_host_platform_device_count" not in flags:
-            os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=4").strip()
+            os.environ["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={CPU_DEVICES}").strip()
     os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
     os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
     # Several frameworks share one GPU in a benchmark session: JAX must not grab 75% of it up front.

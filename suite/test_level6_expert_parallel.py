@@ -1,5 +1,5 @@
 """Level 6, expert parallel: the layer with experts sharded over N devices equals the same backend on
-one device — routing, output, balance loss and every gradient — for N in {2, 4}.
+one device — routing, output, balance loss and every gradient — for N in {2, 4, 8}.
 
 Comparison convention as level 4: the output and x's gradient row by row, the router's gradient as a
 whole tensor, each expert's weight gradients as a whole tensor (exactly zero where no token reached
@@ -13,9 +13,16 @@ dispatch — uneven routing (``all_on_one_top2``, ``one_expert``: one device rec
 ``zipf_skew``), idle devices whose experts' gradients must stay exactly zero (``empty_experts``),
 capacity applied in global token order (``capacity_drop``), a router bias (``sigmoid``), the shared
 expert beside the sharded ones (``shared_expert``) and fewer tokens than devices (``one_token``).
-``QMOE_LEVEL6_GRID=full`` runs the whole grid (`FULL_CASES` x schemes x dtypes x N) instead.
+N = 8 runs on the 8-expert cases, one expert per device, in both dtypes: Zipf-skewed routing (each
+device's load is one expert's: devices 0 and 1 receive about 50 rows each, device 7 none), three idle
+devices (``empty_experts``: experts 1, 5 and 6), capacity in global token order on the two overfull
+devices (``capacity_drop``: rows from all eight sources compete for one expert's 16 places) and the
+sigmoid router's bias.
+``QMOE_LEVEL6_GRID=full`` runs the whole grid (`FULL_CASES` x schemes x dtypes x N) instead; there N = 8
+also meets the 4-expert cases, where half the devices hold no expert (experts split ceil(E / N) per
+device, as both backends document).
 
-On CPU, N devices are simulated (``--xla_force_host_platform_device_count``, set by the plugin).
+On CPU, N devices are simulated (``--xla_force_host_platform_device_count=8``, set by the plugin).
 
 Backends whose N devices are N processes (``capabilities.expert_parallel_processes``: torch.distributed)
 run the sharded side in a pool of N spawned ranks kept for the session (`qmoe.suite.process_group`: one
@@ -23,8 +30,11 @@ pool per N, gloo on CPU, NCCL on GPUs); every rank gets the whole batch and retu
 rank 0's is compared and the others must equal it bit for bit. Their covering design is
 `PROCESS_CONFIGS` (float32, the dtype they declare on CPU): every scheme at N = 2 and N = 4, uneven
 routing, idle ranks (``one_expert`` at N = 4), ranks without tokens (``one_token``), capacity in global
-order, a sigmoid router, the shared expert. One forward and one backward per configuration and side,
-shared by the two tests. A rank's failure fails the test with its traceback; a missing GPU skips.
+order, a sigmoid router, the shared expert; at N = 8, one expert per rank, idle ranks whose gradients
+must stay exactly zero (``empty_experts``) and capacity in global order over Zipf-skewed routing
+(``capacity_drop``): two configurations, as on CPU the eight ranks' start is most of their cost. One
+forward and one backward per configuration and side, shared by the two tests. A rank's failure fails
+the test with its traceback; a machine with fewer GPUs than N skips, saying how many it has.
 """
 
 from __future__ import annotations
@@ -43,7 +53,7 @@ from qmoe.suite.tolerances import DTYPES, tolerance
 
 pytestmark = pytest.mark.conformance
 REQUIRES = ("expert_parallel",)
-EP_SIZES = (2, 4)
+EP_SIZES = (2, 4, 8)
 #: Environment switch for the whole grid (slow: about 500 tests per backend).
 GRID_ENV = "QMOE_LEVEL6_GRID"
 
@@ -60,7 +70,8 @@ class EPConfig:
         return f"{self.scheme}-{CASES[self.case].id}-{self.dtype}-ep{self.ep_size}"
 
 
-#: The covering design (see the module docstring): each scheme at N = 2 and N = 4 and in both dtypes.
+#: The covering design (see the module docstring): each scheme at N = 2 and N = 4 and in both dtypes;
+#: N = 8 on the 8-expert cases (one expert per device), in both dtypes.
 CONFIGS: tuple[EPConfig, ...] = (
     EPConfig("all_on_one_top2", "none", "float32", 2),
     EPConfig("zipf_skew", "none", "bfloat16", 4),
@@ -73,6 +84,10 @@ CONFIGS: tuple[EPConfig, ...] = (
     EPConfig("one_token", "int8_all", "bfloat16", 4),
     EPConfig("empty_experts", "int8_routed_prequant", "float32", 2),
     EPConfig("all_on_one_top2", "int8_routed_prequant", "bfloat16", 4),
+    EPConfig("zipf_skew", "int8_routed", "float32", 8),
+    EPConfig("empty_experts", "none", "bfloat16", 8),
+    EPConfig("capacity_drop", "int8_routed_prequant", "float32", 8),
+    EPConfig("sigmoid", "int8_all", "bfloat16", 8),
 )
 #: The covering design for process-group backends (see the module docstring).
 PROCESS_CONFIGS: tuple[EPConfig, ...] = (
@@ -85,9 +100,11 @@ PROCESS_CONFIGS: tuple[EPConfig, ...] = (
     EPConfig("one_token", "int8_routed_prequant", "float32", 4),
     EPConfig("shared_expert", "qat_int8_row", "float32", 2),
     EPConfig("zipf_skew", "qat_int8_row", "float32", 4),
+    EPConfig("empty_experts", "int8_routed", "float32", 8),
+    EPConfig("capacity_drop", "qat_int8_row", "float32", 8),
 )
 #: Under the covering grid (``--qmoe-grid=covering``, the dev profile's default) half of each design:
-#: every scheme once, N = 2 and 4 and both dtypes still met, the uneven and idle cases kept.
+#: every scheme once, N = 2, 4 and 8 and both dtypes still met, the uneven and idle cases kept.
 QUICK = {
     EPConfig("all_on_one_top2", "none", "float32", 2),
     EPConfig("shared_expert", "int8_dense", "bfloat16", 4),
@@ -99,6 +116,8 @@ QUICK = {
     EPConfig("balanced", "int8_routed_prequant", "float32", 2),
     EPConfig("zipf_skew", "qat_int8_row", "float32", 4),
     EPConfig("shared_expert", "qat_int8_row", "float32", 2),
+    EPConfig("zipf_skew", "int8_routed", "float32", 8),
+    EPConfig("empty_experts", "int8_routed", "float32", 8),
 }
 FULL_CASES = ("balanced", "zipf_skew", "all_on_one_top2", "one_expert", "empty_experts", "capacity_drop",
               "sigmoid", "shared_expert", "one_token")

@@ -26,7 +26,7 @@ FLOAT_NAMES = ("float32", "bfloat16")
 
 def _sharded(scheme: str, dtype: str = "float32", ep_dispatch: str = "float", ep_size: int = 2):
     if len(jax.devices("cpu")) < ep_size:
-        pytest.skip(f"needs {ep_size} CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=4 before jax "
+        pytest.skip(f"needs {ep_size} CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=8 before jax "
                     "is imported (the suite plugin sets it)")
     data = CASES["balanced"].build(dtype)
     backend = JaxPrequantBackend("cpu", ep_dispatch=ep_dispatch)

@@ -19,7 +19,7 @@ from qmoe.suite.cases import CASES  # noqa: E402
 
 def _stages(case: str, scheme: str, dtype: str, ep_dispatch: str, ep_size: int):
     if len(jax.devices("cpu")) < ep_size:
-        pytest.skip(f"needs {ep_size} CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=4 before jax "
+        pytest.skip(f"needs {ep_size} CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=8 before jax "
                     "is imported (the suite plugin sets it)")
     data = CASES[case].build(dtype)
     backend = JaxPrequantBackend("cpu", ep_dispatch=ep_dispatch)

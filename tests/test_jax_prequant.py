@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 
 import numpy as np
@@ -319,7 +320,7 @@ def test_padded_capacity_grows_when_outgrown():
 
 def _need_devices(n: int) -> None:
     if len(jax.devices("cpu")) < n:
-        pytest.skip(f"needs {n} CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=4 before jax is "
+        pytest.skip(f"needs {n} CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=8 before jax is "
                     "imported (the suite plugin sets it)")
 
 
@@ -371,6 +372,15 @@ def test_expert_parallel_shards_experts_and_exchanges_rows(monkeypatch):
         _jax_programs.forward.clear_cache()
     with pytest.raises(ConformanceError):
         assert_close(broken, expected, tolerance(scheme, "float32", "expert_parallel").tight, "broken dispatch.y")
+
+
+def test_cpu_run_simulates_a_device_for_every_declared_ep_size():
+    """The plugin asks XLA for `CPU_DEVICES` host devices (level 6 shards over up to 8)."""
+    from qmoe.suite.plugin import CPU_DEVICES
+
+    if f"xla_force_host_platform_device_count={CPU_DEVICES}" not in os.environ.get("XLA_FLAGS", ""):
+        pytest.skip(f"XLA_FLAGS named its own device count before the plugin: {os.environ.get('XLA_FLAGS')!r}")
+    assert len(jax.devices("cpu")) == CPU_DEVICES >= max(JaxPrequantBackend.capabilities.expert_parallel)
 
 
 def test_ep_size_beyond_devices_says_how_to_fix():

@@ -20,11 +20,12 @@ On GPU the programs of int8 schemes compile with ``env.INT8_GPU_OPTIONS`` (cuBLA
 instead of XLA's Triton GEMM fusions, which ran the int8 expert GEMMs slower than bfloat16 on an H100).
 
 Expert parallelism: ``prepare(..., ep_size=N)`` shards experts over N devices (mesh axis ``ep``);
-CPU runs need ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` before jax is imported. The int8
-routed schemes dispatch each token row as int8 codes + a float32 scale, quantized once at its source
-(the expert would make the same codes); ``JaxPrequantBackend(device, ep_dispatch="int8")`` does so for
-every scheme (``none`` then computes on the dequantized rows; straight-through backward), as
-``TorchTritonBackend(device, ep_dispatch="int8")`` does. See `expert_parallel`.
+CPU runs need ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (at least N; the suite plugin sets
+8) before jax is imported. The int8 routed schemes dispatch each token row as int8 codes + a float32
+scale, quantized once at its source (the expert would make the same codes);
+``JaxPrequantBackend(device, ep_dispatch="int8")`` does so for every scheme (``none`` then computes on
+the dequantized rows; straight-through backward), as ``TorchTritonBackend(device, ep_dispatch="int8")``
+does. See `expert_parallel`.
 
 Static shapes: the padded formulation and the EP dispatch need per-expert / per-device-pair row
 capacities. They are sized from the routing of the input (one small routing program), bucketed
@@ -90,7 +91,7 @@ class JaxPrequantBackend(Backend):
         shared_expert=True,
         quantizer=True,
         bypass=True,
-        expert_parallel=(2, 4),
+        expert_parallel=(2, 4, 8),
     )
 
     def __init__(self, device: str | None = None, grouped: str | None = None, ep_dispatch: str = "float") -> None:
@@ -147,7 +148,7 @@ class JaxPrequantBackend(Backend):
         if ep_size > len(devices):
             raise RuntimeError(
                 f"ep_size={ep_size} needs {ep_size} {self.device} devices, jax sees {len(devices)}; on CPU set "
-                f"XLA_FLAGS=--xla_force_host_platform_device_count={max(ep_size, 4)} before jax is imported")
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={max(ep_size, 8)} before jax is imported")
         experts = -(-spec.experts // ep_size) * ep_size
         mesh = _make_mesh(devices[:ep_size]) if ep_size > 1 else None
         plan = LayerPlan(spec, scheme, dtype, env.select_formulation(devices[0].platform, self.grouped),

@@ -10,7 +10,8 @@ here, the first time the backend touches JAX:
   ``jax_default_matmul_precision`` is left to the caller (the suite's plugin sets it to highest too).
 
 Simulated devices for expert parallelism must be set before jax is imported:
-``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (the suite plugin does this for CPU runs).
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the suite plugin does this for CPU runs: level 6
+shards over up to 8 devices).
 """
 
 from __future__ import annotations

@@ -123,7 +123,7 @@ class TorchTritonBackend(Backend):
         bypass=True,
         update="master_float",
         qat_export=True,
-        expert_parallel=(2, 4),
+        expert_parallel=(2, 4, 8),
         expert_parallel_processes=True,
     )
 
