@@ -36,6 +36,24 @@ def test_benchmark_json_alone_runs_and_writes_the_benchmark(tmp_path):
     benchmarks = json.loads(out.read_text())["benchmarks"]
     assert [b["extra_info"]["backend"] for b in benchmarks] == ["gemm_bound"]
     assert benchmarks[0]["extra_info"]["tflops"] > 0 and benchmarks[0]["name"].endswith(f"[{TINY_CASE}]")
+    assert not Path(f"{out}{plugin.PARTIAL_SUFFIX}").exists()  # the JSON has every result: no partial file left
+
+
+def test_benchmark_json_run_that_dies_keeps_its_results_in_the_partial_file(tmp_path):
+    """pytest-benchmark writes --benchmark-json at the session's end; a run killed before (here: a plugin that
+    ends the process once the case is reported) keeps each finished result in JSON.partial.jsonl."""
+    pytest.importorskip("torch")
+    (tmp_path / "die_at_finish.py").write_text(
+        "import os\n\n\ndef pytest_runtest_logfinish(nodeid, location):\n    os._exit(3)\n")
+    out = tmp_path / "out.json"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "die_at_finish",
+                             "--bench-threads", "1", f"--benchmark-json={out}", "-k", TINY_CASE, "-q"], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 3, result.stdout[-3000:] + result.stderr[-3000:]
+    assert not out.exists() or out.read_text() == ""  # what pytest-benchmark alone would have left
+    lines = Path(f"{out}{plugin.PARTIAL_SUFFIX}").read_text().splitlines()
+    assert [json.loads(line)["extra_info"]["backend"] for line in lines] == ["gemm_bound"]
 
 
 def _collected(result: subprocess.CompletedProcess) -> list[str]:

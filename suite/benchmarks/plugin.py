@@ -89,7 +89,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "session, so a run under a wall-clock limit still ends normally and saves its results")
     group.addoption("--bench-jsonl", default=None, metavar="PATH",
                     help="also append every result to PATH as it finishes (one JSON object per line, the "
-                         "benchmark entries of pytest-benchmark's JSON): partial results survive a killed run")
+                         "benchmark entries of pytest-benchmark's JSON): partial results survive a killed run; "
+                         f"default with --benchmark-json=JSON: JSON{PARTIAL_SUFFIX}, removed once JSON is written")
     group.addoption("--bench-cuda-graph", action="store_true",
                     help="capture each step in a CUDA graph before timing where it can be captured (static "
                          "shapes, no host synchronization); the table header and each result say which were")
@@ -102,6 +103,39 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def _csv(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+#: Where results stream when only --benchmark-json names a file: pytest-benchmark writes that file at the
+#: session's end, so a run killed before (a device call's time limit, a hung kernel) would keep nothing.
+PARTIAL_SUFFIX = ".partial.jsonl"
+
+
+def jsonl_path(config: pytest.Config) -> str | None:
+    """--bench-jsonl, else --benchmark-json's partial file, else None."""
+    explicit = config.getoption("--bench-jsonl")
+    if explicit:
+        return explicit
+    json_path = config.getoption("benchmark_json", None)
+    if hasattr(json_path, "write"):  # pytest-benchmark versions that open the file as they parse the option
+        json_path = json_path.name
+    return f"{os.fspath(json_path)}{PARTIAL_SUFFIX}" if json_path else None
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove --benchmark-json's partial file once the JSON holds the run (it then has every result)."""
+    if config.getoption("--bench-jsonl", None) or not _active(config):
+        return
+    partial = jsonl_path(config)
+    if not partial or not os.path.exists(partial):
+        return
+    json_path = partial.removesuffix(PARTIAL_SUFFIX)
+    try:
+        with open(json_path) as fh:
+            complete = "benchmarks" in json.load(fh)
+    except (OSError, ValueError):
+        complete = False
+    if complete:
+        os.remove(partial)
 
 
 @pytest.hookimpl(tryfirst=True)  # before the suite's plugin imports any framework (thread settings)
@@ -365,10 +399,10 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call):
-    """With --bench-jsonl: append the finished benchmark (name, stats, extra_info) to the file."""
+    """Append the finished benchmark (name, stats, extra_info) to `jsonl_path`'s file, if any."""
     outcome = yield
     report = outcome.get_result()
-    path = item.config.getoption("--bench-jsonl")
+    path = jsonl_path(item.config)
     fixture = getattr(item, "funcargs", {}).get("benchmark")
     if not path or report.when != "call" or not report.passed or fixture is None:
         return
