@@ -158,6 +158,13 @@ _EXPERT_PARALLEL: dict[tuple[str, bool], tuple[float, str]] = {
 }
 
 
+def expert_parallel_same_codes(dtype: str) -> Tolerance:
+    """Level 6's bound where both sides hold the same int8 codes by construction, so no code can flip
+    between them: int8 dispatch of a per-token scheme, whose expert re-quantizes the dequantized row to
+    the codes it was sent with. Float arithmetic only (the entry without per-token int8)."""
+    return Tolerance(*_EXPERT_PARALLEL[(dtype, False)])
+
+
 def _entry(scheme: str, dtype: str, level: str) -> Tolerance:
     per_token = SCHEMES[scheme].routed_activations == "per_token" or SCHEMES[scheme].shared_activations == "per_token"
     tight, why = _TIGHT[(dtype, per_token)]

@@ -101,6 +101,8 @@ def test_int8_dispatch_check_holds_its_bounds():
     ep_bench.check_int8_dispatch("int8_routed_prequant", "float32", y, y * (1 + 1e-7))
     with pytest.raises(AssertionError, match="must equal float dispatch"):
         ep_bench.check_int8_dispatch("int8_routed_prequant", "float32", y, y * (1 + 1e-3))
+    with pytest.raises(AssertionError, match="must equal float dispatch"):  # not level 6's per-token 6e-2:
+        ep_bench.check_int8_dispatch("int8_routed_prequant", "bfloat16", y, y * (1 + 3e-2))  # same codes
     floor = ep_bench.int8_dispatch_floor_db("float32")
     ep_bench.check_int8_dispatch("none", "float32", y, y + y * 10 ** (-(floor + 3) / 20))
     with pytest.raises(AssertionError, match="SQNR"):

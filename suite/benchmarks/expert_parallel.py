@@ -157,10 +157,10 @@ def check_against_reference(bench_id: str, spec, params, scheme: str, x: np.ndar
 
 def check_int8_dispatch(scheme: str, dtype: str, y_float: np.ndarray, y_int8: np.ndarray) -> dict:
     """Int8 dispatch against float dispatch (see the module docstring); raises AssertionError if out of bounds."""
-    from qmoe.suite.tolerances import tolerance
+    from qmoe.suite.tolerances import expert_parallel_same_codes
 
     if get_scheme(scheme).routed_activations == "per_token":
-        bound = tolerance(scheme, dtype, "expert_parallel").tight
+        bound = expert_parallel_same_codes(dtype).tight
         error = _relative_row_error(y_int8, y_float)
         assert error <= bound, (f"int8 dispatch under {scheme}: the expert quantizes each row anyway, so the output "
                                 f"must equal float dispatch's; worst row relative error {error:.3e} > {bound:g}")
