@@ -16,6 +16,7 @@ import importlib
 import json
 import os
 import platform
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_NOT_APPLICABLE] = collections.defaultdict(collections.Counter)
     if any(config.getoption(name) for name in _QMOE_OPTIONS):
         activate(config)
+
+
+def run_command(config: pytest.Config) -> str:
+    """The command line of this run as a shell would take it back (recorded in the JSON files it writes)."""
+    return shlex.join(["pytest", *config.invocation_params.args])
 
 
 def is_active(config: pytest.Config) -> bool:
@@ -575,5 +581,5 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     # the run's own time and command: a file's mtime is its checkout's once committed
     finished = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    command = " ".join(["pytest", *session.config.invocation_params.args])
-    Path(path).write_text(json.dumps({"finished": finished, "command": command, "tests": rows}, indent=1))
+    Path(path).write_text(json.dumps({"finished": finished, "command": run_command(session.config), "tests": rows},
+                                     indent=1))

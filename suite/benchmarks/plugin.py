@@ -37,7 +37,6 @@ import itertools
 import json
 import os
 import re
-import shlex
 import time
 
 import pytest
@@ -440,10 +439,12 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 
 
 def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json: dict) -> None:
+    from ..plugin import run_command
+
     if not _active(config):
         return
     output_json["qmoe"] = {
-        "command": shlex.join(["pytest", *config.invocation_params.args]),
+        "command": run_command(config),
         "cuda_graph": config.getoption("--bench-cuda-graph"),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": _device_label(config), "preset": config.getoption("--bench-shape"),
