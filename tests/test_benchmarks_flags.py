@@ -39,6 +39,17 @@ def test_benchmark_json_alone_runs_and_writes_the_benchmark(tmp_path):
     assert not Path(f"{out}{plugin.PARTIAL_SUFFIX}").exists()  # the JSON has every result: no partial file left
 
 
+def test_another_projects_benchmark_json_run_gets_no_partial_file(tmp_path):
+    """qmoe installed as a plugin leaves a project's own pytest-benchmark run alone: no file of ours."""
+    (tmp_path / "test_theirs.py").write_text("def test_theirs(benchmark):\n    benchmark(sum, [1, 2])\n")
+    out = tmp_path / "theirs.json"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--benchmark-json={out}",
+                             "-q", "test_theirs.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads(out.read_text())["benchmarks"] and not Path(f"{out}{plugin.PARTIAL_SUFFIX}").exists()
+    assert "qmoe" not in json.loads(out.read_text())  # and the session was not a qmoe run (what the rule keys on)
+
+
 def test_benchmark_json_run_that_dies_keeps_its_results_in_the_partial_file(tmp_path):
     """pytest-benchmark writes --benchmark-json at the session's end; a run killed before (here: a plugin that
     ends the process once the case is reported) keeps each finished result in JSON.partial.jsonl."""

@@ -110,10 +110,13 @@ PARTIAL_SUFFIX = ".partial.jsonl"
 
 
 def jsonl_path(config: pytest.Config) -> str | None:
-    """--bench-jsonl, else --benchmark-json's partial file, else None."""
+    """--bench-jsonl, else --benchmark-json's partial file in a qmoe run (another project's benchmarks in a
+    session where qmoe is only installed get no file of ours), else None."""
     explicit = config.getoption("--bench-jsonl")
     if explicit:
         return explicit
+    if not _active(config):
+        return None
     json_path = config.getoption("benchmark_json", None)
     if hasattr(json_path, "write"):  # pytest-benchmark versions that open the file as they parse the option
         json_path = json_path.name
@@ -122,7 +125,7 @@ def jsonl_path(config: pytest.Config) -> str | None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     """Remove --benchmark-json's partial file once the JSON holds the run (it then has every result)."""
-    if config.getoption("--bench-jsonl", None) or not _active(config):
+    if config.getoption("--bench-jsonl", None):
         return
     partial = jsonl_path(config)
     if not partial or not os.path.exists(partial):
