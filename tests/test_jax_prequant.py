@@ -374,6 +374,27 @@ def test_expert_parallel_shards_experts_and_exchanges_rows(monkeypatch):
         assert_close(broken, expected, tolerance(scheme, "float32", "expert_parallel").tight, "broken dispatch.y")
 
 
+def test_level6_fails_a_dispatch_that_keeps_rows_home_at_eight_devices(monkeypatch):
+    """The control above at N = 8, one expert per device (zipf_skew: 8 experts, uneven load): a dispatch
+    that sends no row away puts tokens on the wrong expert, and level 6's bound catches it by far."""
+    _need_devices(8)
+    scheme = "int8_routed"
+    data = CASES["zipf_skew"].build("float32")
+    backend = JaxPrequantBackend("cpu")
+    expected = backend.forward(backend.prepare(data.spec, data.params, scheme, "float32"), data.x).y
+    monkeypatch.setattr(_jax_ep, "_exchange", lambda values: values)
+    _jax_programs.forward.clear_cache()
+    try:
+        broken = backend.forward(backend.prepare(data.spec, data.params, scheme, "float32", ep_size=8), data.x).y
+    finally:
+        _jax_programs.forward.clear_cache()
+    bound = tolerance(scheme, "float32", "expert_parallel").tight
+    with pytest.raises(ConformanceError):
+        assert_close(broken, expected, bound, "broken dispatch.y")
+    rows = np.linalg.norm(np.asarray(broken, np.float64) - expected, axis=1) / np.linalg.norm(expected, axis=1)
+    assert rows.max() >= 10 * bound, f"caught by only {rows.max() / bound:.3g}x the bound"
+
+
 def test_cpu_run_simulates_a_device_for_every_declared_ep_size():
     """The plugin asks XLA for `CPU_DEVICES` host devices (level 6 shards over up to 8)."""
     from qmoe.suite.plugin import CPU_DEVICES
