@@ -521,6 +521,29 @@ def test_a_step_whose_work_is_not_on_torchs_stream_is_refused_stream_ordered_tim
         check()
 
 
+def test_one_stalled_synchronized_call_does_not_refuse_a_step_on_torchs_stream():
+    """H200, 2026-11-30: one synchronized call of 15.4 ms against 7.0 ms stream-ordered refused a correct
+    step. The check keeps the fastest of its samples; a body whose work is elsewhere stays refused."""
+    def run(body_us, step_us):
+        queue = {"body": [t / 1e6 for t in body_us], "step": [t / 1e6 for t in step_us]}
+        device = {"now": 0.0}
+        class Clock:
+            def arm(self, synchronize_start=True):
+                pass
+
+            def __call__(self):
+                return device["now"]
+
+        def call(name):
+            return lambda: device.__setitem__("now", device["now"] + queue[name].pop(0))
+
+        harness.check_stream_order(call("step"), call("body"), Clock(), lambda: None, samples=3)
+
+    run([7001.1, 7002.0, 7000.5], [15424.7, 7025.0, 7030.0])  # the stall of one call: accepted
+    with pytest.raises(harness.StreamOrderError, match="fastest of 3 calls"):
+        run([3.0, 3.1, 2.9], [15424.7, 7025.0, 7030.0])  # the work was never on the stream
+
+
 def test_steps_on_torchs_stream_are_timed_stream_ordered_and_the_rest_synchronized(monkeypatch):
     from qmoe.implementations.base import synchronized_step
 
