@@ -191,6 +191,37 @@ def stage_combine(out_rows: jax.Array, packed: Packed) -> jax.Array:
     return weighted_sum(out_rows, packed.placement, packed.routing.gate_weights)
 
 
+@jax.custom_vjp
+def float_dense_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w`` in the operands' dtype with a float32 result, and a VJP whose products keep that dtype.
+
+    Autodiff of a dot with a float32 result hands both transposed dots a float32 cotangent, so a
+    bfloat16 layer's backward runs float32 GEMMs (at HIGHEST precision when the caller pins it). The
+    shared expert did so until 2026-12-01: on the H200 (logbook-shared5632, results/h200) forward+backward
+    of every scheme with a float shared expert took ~80 ms more than its forward's three times, 95-200
+    TF/s against 500-570 for the int8-shared schemes, whose dot had its own VJP. Here the cotangent is
+    rounded to the operands' dtype once, as the routed experts' `float_grouped_dot` does; float32 layers
+    are unchanged.
+    """
+    return jnp.dot(x, w, precision=precision_for(x.dtype), preferred_element_type=jnp.float32)
+
+
+def _float_dense_dot_forward(x: jax.Array, w: jax.Array):
+    return float_dense_dot(x, w), (x, w)
+
+
+def _float_dense_dot_backward(residuals, g: jax.Array):
+    x, w = residuals
+    g = g.astype(x.dtype)
+    precision = precision_for(x.dtype)
+    dx = jnp.dot(g, w.T, precision=precision, preferred_element_type=jnp.float32)
+    dw = jnp.dot(x.T, g, precision=precision, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+float_dense_dot.defvjp(_float_dense_dot_forward, _float_dense_dot_backward)
+
+
 def shared_expert(plan: LayerPlan, params: dict, x: jax.Array) -> jax.Array | None:
     """The shared SwiGLU on every token, fused w13; int8 per-token x per-output-channel where the
     scheme quantizes it (quantized in the step, straight-through backward). float32 result."""
@@ -200,9 +231,7 @@ def shared_expert(plan: LayerPlan, params: dict, x: jax.Array) -> jax.Array | No
     x = x.astype(dtype)
     w13, w2 = params["shared_w13"], params["shared_w2"]
     if not plan.shared_int8:
-        a = jnp.dot(x, w13, precision=precision_for(dtype), preferred_element_type=jnp.float32)
-        h = swiglu(a, dtype)
-        return jnp.dot(h, w2, precision=precision_for(dtype), preferred_element_type=jnp.float32)
+        return float_dense_dot(swiglu(float_dense_dot(x, w13), dtype), w2)
     dot = int8_dense_dot(plan.dtype)
     h = swiglu(dot(x, *quantize_rows(x), w13, *quantize_columns(w13)), dtype)
     return dot(h, *quantize_rows(h), w2, *quantize_columns(w2)).astype(jnp.float32)
