@@ -195,7 +195,7 @@ def test_formulation_by_platform(monkeypatch):
 
 
 def test_pallas_formulation_only_when_asked_for(monkeypatch):
-    """``pallas`` is never a default (not yet measured on a GPU); asked for, it runs on GPUs and, interpreted,
+    """``pallas`` is never a default (not yet measured against ``padded`` at balanced routing); asked for, it runs on GPUs and, interpreted,
     on CPU; on a TPU it raises instead of falling back to another formulation."""
     monkeypatch.delenv(_jax_env.GROUPED_ENV, raising=False)
     assert "pallas" not in {_jax_env.select_formulation(p) for p in ("cpu", "gpu", "cuda", "rocm", "tpu")}
@@ -306,6 +306,31 @@ def test_pallas_formulation_matches_reference(scheme, case, dtype):
     prepared = backend.prepare(data.spec, data.params, scheme, dtype)
     assert prepared.plan.formulation == "pallas"
     _check_against_reference(backend, prepared, data, scheme, dtype)
+
+
+@pytest.mark.parametrize("scheme", ["int8_routed", "int8_all", "int8_routed_prequant"])
+def test_pallas_int8_forward_gets_codes_contracting_their_minor_axis(scheme, monkeypatch):
+    """Every int8 product of the pallas formulation contracts the minor axis of both operands ([G, N, K]
+    weight codes, ``transpose_rhs``), also when the codes are made in the step: on the H200 the step-quantized
+    schemes' [G, K, N] codes ran at a quarter of int8_routed_prequant's rate (`layer.step_codes`)."""
+    from qmoe.implementations.jax_prequant import pallas_grouped
+
+    calls, kernel = [], pallas_grouped.grouped_matmul
+
+    def recording(lhs, rhs, group_sizes, **kwargs):
+        if lhs.dtype == jnp.int8:
+            calls.append(kwargs.get("transpose_rhs", False))
+        return kernel(lhs, rhs, group_sizes, **kwargs)
+
+    monkeypatch.setattr(pallas_grouped, "grouped_matmul", recording)
+    _jax_programs.forward.clear_cache()
+    try:
+        backend = JaxPrequantBackend("cpu", grouped="pallas")
+        params, x, _ = _layer(HLO_SPEC, tokens=10)
+        backend.forward(backend.prepare(HLO_SPEC, params, scheme, "float32"), x)
+    finally:
+        _jax_programs.forward.clear_cache()
+    assert calls and all(calls), f"{scheme}: int8 kernel calls with transpose_rhs={calls}"
 
 
 def test_padded_capacity_grows_when_outgrown():

@@ -63,7 +63,8 @@ def select_formulation(platform: str, override: str | None = None) -> str:
     12.8 TF/s bf16, out of memory at top_k 8), while a capacity-padded batched matmul is a plain
     cuBLAS batched GEMM. On CPU and TPU ``ragged_dot`` is the native grouped matmul. ``pallas`` (the
     grouped Pallas/Triton kernels of `pallas_grouped`, no capacity padding; issue 15) is chosen only
-    when asked for: it has not been measured on a GPU yet, and ``padded`` stays the GPU default until a
+    when asked for: on the H200 it has run at zipf routing (where ``padded`` runs out of memory) but has not
+    been measured against ``padded`` at balanced routing, and ``padded`` stays the GPU default until a
     benchmark shows it slower. On CPU ``pallas`` runs interpreted (slow; for tests). Asked for where it
     cannot run (TPU, or a jax without Pallas's Triton support), it raises instead of falling back.
     """

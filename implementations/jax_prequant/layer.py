@@ -149,6 +149,22 @@ def stage_pack(plan: LayerPlan, params: dict, frozen: dict, x: jax.Array) -> Pac
     return Packed(rows, codes, scale, placement, routing)
 
 
+def step_codes(weight: jax.Array, layout: GroupedLayout) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """(codes, scale, transposed codes or None) of expert weights quantized in the step (``int8_routed``,
+    ``int8_all``).
+
+    The ``pallas`` kernels also get the codes transposed to [G, N, K], as prepare makes them for
+    ``int8_routed_prequant``: Hopper's int8 tensor-core GEMM contracts the minor axis of both operands. On
+    the H200 (2026-12-01, zipf, top-8 forward) ``int8_routed`` ran at 159 TF/s on [G, K, N] codes against
+    573 for ``int8_routed_prequant`` on [G, N, K] ones, the same kernel otherwise; quantizing the weights in
+    the step reads and writes ~2.4 GB there, under a millisecond of the 30 ms gap, so the layout is the
+    suspect. Not yet re-measured with this copy (weight-sized, once per step). XLA's own GEMMs (``ragged``,
+    ``padded``) choose their layouts themselves.
+    """
+    codes, scale = quantize_per_expert(weight)
+    return codes, scale, jnp.swapaxes(codes, 1, 2) if layout.kind == "pallas" else None
+
+
 def routed_projection(plan: LayerPlan, rows: jax.Array, rows_codes, rows_scale, weight: jax.Array,
                       prequantized: tuple | None, layout: GroupedLayout) -> jax.Array:
     """rows @ weight[expert] per row, float or int8 as the scheme says.
@@ -160,7 +176,7 @@ def routed_projection(plan: LayerPlan, rows: jax.Array, rows_codes, rows_scale, 
         return float_grouped_dot(rows, weight, layout)
     if rows_codes is None:
         rows_codes, rows_scale = quantize_rows(rows)
-    w_codes, w_scale, w_codes_t = prequantized if plan.prequantized else (*quantize_per_expert(weight), None)
+    w_codes, w_scale, w_codes_t = prequantized if plan.prequantized else step_codes(weight, layout)
     dot = int8_grouped_dot(plan.routed_rule, plan.dtype)
     return dot(rows, rows_codes, rows_scale, weight, w_codes, w_scale, w_codes_t, layout)
 
