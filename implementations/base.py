@@ -190,6 +190,11 @@ class Backend(abc.ABC):
         them finished: their work runs in order on the same stream(s), as a JAX program's does. The benchmarks
         then run several calls per synchronized round and wait once, so the host's round trip is spread over
         them (`suite.benchmarks.harness.time_rounds`).
+
+        Optional for a JAX step: ``step.memory_analysis()`` returns XLA's memory analysis of the compiled
+        program one call runs (``jitted.lower(*args).compile().memory_analysis()``, or None where XLA gives
+        none), which `suite.benchmarks.memory` reports as the call's device footprint: XLA's runtime peak
+        is process-wide with no reset, so it rarely belongs to one call. `async_step` attaches it.
         """
         raise NotImplementedError(f"{self.name} does not offer benchmark_step")
 
@@ -215,11 +220,14 @@ def synchronized_step(body: Callable[[], Any], synchronize: Callable[[], None], 
     return step
 
 
-def async_step(body: Callable[[], Any], wait: Callable[[Any], Any]) -> Callable[[], Any]:
+def async_step(body: Callable[[], Any], wait: Callable[[Any], Any],
+               memory_analysis: Callable[[], Any] | None = None) -> Callable[[], Any]:
     """The benchmark step ``body`` then ``wait(output)``, returning ``body``'s output
     (`Backend.benchmark_step`). It offers ``step.async_body`` (= ``body``) and ``step.wait`` (= ``wait``), so
     a synchronized round may enqueue several calls and wait for the last one alone. ``wait`` gets the output
-    because some frameworks wait for an array, not for a device (``jax.block_until_ready``)."""
+    because some frameworks wait for an array, not for a device (``jax.block_until_ready``).
+    ``memory_analysis``: offered as ``step.memory_analysis`` when given (a JAX program's compiled memory
+    analysis, `Backend.benchmark_step`)."""
     def step() -> Any:
         out = body()
         wait(out)
@@ -227,4 +235,6 @@ def async_step(body: Callable[[], Any], wait: Callable[[Any], Any]) -> Callable[
 
     step.async_body = body  # type: ignore[attr-defined]
     step.wait = wait  # type: ignore[attr-defined]
+    if memory_analysis is not None:
+        step.memory_analysis = memory_analysis  # type: ignore[attr-defined]
     return step

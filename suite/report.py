@@ -272,8 +272,11 @@ def write_throughput(out_dir: Path, rows: list[ResultRow], docs: list[dict], not
              "suite/benchmarks/int8_bound.py; a share above 100% is marked "
              f"`{ABOVE_BOUND.strip()}`: the row beat the bound on that case, so it bounds nothing there); "
              "`peak memory` = peak device memory of one "
-             "call (torch.cuda.max_memory_allocated, mx.get_peak_memory, JAX's peak_bytes_in_use), weights and "
-             "inputs included; `% peak` = of the device's dense tensor-core peak for the scheme's operand type "
+             "call (torch.cuda.max_memory_allocated, mx.get_peak_memory; JAX: the compiled program's footprint "
+             "from XLA's memory_analysis, arguments + outputs + temporaries - aliased, a static per-program "
+             "figure, per device in expert parallelism, since XLA's runtime peak_bytes_in_use is process-wide "
+             "with no reset), weights and inputs included; `% peak` = of the device's dense tensor-core peak for "
+             "the scheme's operand type "
              "(int8 where routed experts run int8 x int8), where known.", ""]
     lines += throughput_tables(rows)
     lines += not_run(docs, rows)

@@ -233,7 +233,9 @@ class JaxPrequantBackend(Backend):
         """A callable running one ``pass_`` (``forward``, or ``backward`` = forward+backward) on
         device-resident x / dy, returning after ``block_until_ready``. It offers the jitted call as
         ``step.async_body`` and ``block_until_ready`` as ``step.wait`` (`base.async_step`): JAX dispatches
-        the calls asynchronously and runs them in order, so several may be timed with one wait.
+        the calls asynchronously and runs them in order, so several may be timed with one wait, and
+        ``step.memory_analysis`` gives XLA's memory analysis of the compiled program (the benchmarks' peak
+        memory, `suite.benchmarks.memory`; per device on an expert-parallel plan).
 
         The static capacities are sized here from this x's routing (outside the timed call) and the
         first run's needed sizes are checked, so the timed call never overflows; a training loop with
@@ -248,23 +250,28 @@ class JaxPrequantBackend(Backend):
         x_dev = self._put_tokens(prepared, x)
         plan = self._plan_for(prepared, x_dev)
         if pass_ == "forward":
-            def run():
-                return programs.forward(prepared.params, prepared.frozen, x_dev, plan)
+            program, args = programs.forward, (prepared.params, prepared.frozen, x_dev)
         elif pass_ in FORWARD_BACKWARD:
             if dy is None:
                 dy = np.random.default_rng(0).standard_normal(x.shape)
             dy_dev = self._put_tokens(prepared, dy)
-
-            def run():
-                return programs.forward_backward(prepared.params, prepared.frozen, x_dev, dy_dev,
-                                                      np.float32(0.0), plan)
+            program, args = programs.forward_backward, (prepared.params, prepared.frozen, x_dev, dy_dev,
+                                                        np.float32(0.0))
         else:
             raise ValueError(f"unknown pass {pass_!r}: use 'forward' or one of {FORWARD_BACKWARD}")
+
+        def run() -> Any:
+            return program(*args, plan=plan)
+
+        def memory_analysis() -> Any:  # XLA's CompiledMemoryStats, or None
+            # the same jitted function, arguments and plan as run's: the compilation cache answers, no rebuild
+            return program.lower(*args, plan=plan).compile().memory_analysis()
+
         needed = jax.device_get(run()[-1])
         if _outgrown(plan, needed):
             raise RuntimeError(f"benchmark sizing failed: plan {plan} but the routing needs {needed}")
 
-        return async_step(run, jax.block_until_ready)
+        return async_step(run, jax.block_until_ready, memory_analysis)
 
     def all_to_all_operands(self, prepared: JaxPrepared, x: np.ndarray, pass_: str = "forward",
                             dy: np.ndarray | None = None) -> list[tuple[str, tuple[int, ...]]]:

@@ -6,11 +6,20 @@ rounds, with the framework's own allocator statistics:
 * torch (CUDA): ``torch.cuda.reset_peak_memory_stats`` then ``torch.cuda.max_memory_allocated`` after the
   call, less the harness's L2-flush buffer (not the layer's);
 * MLX: ``mx.reset_peak_memory`` then ``mx.get_peak_memory``;
-* JAX: XLA keeps one process-wide ``peak_bytes_in_use`` and offers no reset, so the figure is recorded only
-  when the call raised it (then it is this call's peak); otherwise the column stays empty and says why.
+* JAX: XLA keeps one process-wide ``peak_bytes_in_use`` and offers no reset, so after the first case of a
+  run almost no call raises it and the runtime figure cannot be attributed to the call (on the H200 nearly
+  every JAX row was empty). A JAX step therefore offers its jitted program's compiled memory analysis
+  (``step.memory_analysis``, `CompiledMemory`; `implementations.base.async_step`), and the column holds
+  that program's device footprint while it runs: arguments + outputs + temporaries - aliased
+  (`JAX_COMPILED_SOURCE`; per device for an expert-parallel program). It is a static per-program figure:
+  the same for every call, on CPU as on GPU, comparable between the JAX rows of a table, and without
+  what the process holds beside the program (other inputs, the allocator's pool). The runtime peak is
+  kept beside it (``peak_memory_runtime_bytes``) when the call raised it; a step without the hook, or
+  whose analysis XLA does not give, gets the runtime figure alone, empty with the reason where there is
+  none.
 
 The peak includes what is resident during the call: the prepared weights (codes and scales), the inputs,
-and for forward+backward the gradients. torch on CPU and JAX on CPU report nothing: empty, with the reason.
+and for forward+backward the gradients. torch on CPU reports nothing: empty, with the reason.
 
 Fit (a real model's layer must run or be skipped with its estimate as the reason): `estimate` counts the
 host bytes the harness and a backend's prepare need (the float32 parameters, one float32 transient of a
@@ -28,7 +37,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from qmoe.reference.spec import MoESpec
 
@@ -40,18 +49,38 @@ HOST_SHARE = 0.85
 DEVICE_SHARE = 0.90
 
 
+#: ``peak_memory_source`` of a JAX figure from the compiled program's memory analysis (`compiled_footprint`).
+JAX_COMPILED_SOURCE = "jax compiled memory_analysis (arguments + outputs + temporaries - aliased)"
+#: ``peak_memory_source`` of a JAX figure from the allocator's process-wide peak, raised by this call.
+JAX_RUNTIME_SOURCE = "jax memory_stats peak_bytes_in_use"
+
+
+class CompiledMemory(Protocol):
+    """What ``step.memory_analysis()`` returns: XLA's ``CompiledMemoryStats`` of the step's compiled
+    program (``jax.jit(f).lower(*args).compile().memory_analysis()``), per device, in bytes."""
+
+    argument_size_in_bytes: int
+    output_size_in_bytes: int
+    temp_size_in_bytes: int
+    alias_size_in_bytes: int
+
+
 @dataclass(frozen=True)
 class Peak:
-    """Peak bytes of one call (None when the framework cannot say), where it came from, and why not."""
+    """Peak bytes of one call (None when the framework cannot say), where it came from, and why not.
+    ``runtime_bytes``: the allocator's figure when ``bytes`` is another one (JAX's compiled analysis)."""
 
     bytes: int | None
     source: str
     note: str | None = None
+    runtime_bytes: int | None = None
 
     def as_info(self) -> dict:
         info: dict = {"peak_memory_bytes": self.bytes, "peak_memory_source": self.source}
         if self.note:
             info["peak_memory_note"] = self.note
+        if self.runtime_bytes is not None:
+            info["peak_memory_runtime_bytes"] = self.runtime_bytes
         return info
 
 
@@ -81,6 +110,21 @@ def measure_peak(framework: str | None, device: str | None, step: Callable[[], A
 
 
 def _jax_peak(device: str | None, step: Callable[[], Any]) -> Peak:
+    """The compiled program's footprint where the step offers its analysis (the runtime peak beside it when
+    this call raised it), else the runtime peak alone (module docstring)."""
+    runtime = _jax_runtime_peak(device, step)
+    analysis = getattr(step, "memory_analysis", None)
+    if analysis is None:
+        return runtime
+    footprint, why_not = _jax_compiled_peak(analysis)
+    if footprint is None:
+        note = runtime.note and f"{runtime.note}; the compiled memory analysis: {why_not}"
+        return Peak(runtime.bytes, runtime.source, note)
+    return Peak(footprint, JAX_COMPILED_SOURCE, runtime_bytes=runtime.bytes)
+
+
+def _jax_runtime_peak(device: str | None, step: Callable[[], Any]) -> Peak:
+    """Run ``step`` once; XLA's process-wide peak if this call raised it, else None with the reason."""
     import jax
 
     try:
@@ -95,7 +139,31 @@ def _jax_peak(device: str | None, step: Callable[[], Any]) -> Peak:
         return Peak(None, "jax", f"JAX reports no memory statistics on {dev.platform}")
     if before is not None and after <= before:
         return Peak(None, "jax", "JAX's peak is process-wide with no reset, and this call did not raise it")
-    return Peak(int(after), "jax memory_stats peak_bytes_in_use")
+    return Peak(int(after), JAX_RUNTIME_SOURCE)
+
+
+def _jax_compiled_peak(analysis: Callable[[], CompiledMemory | None]) -> tuple[int | None, str | None]:
+    """(footprint bytes, None), or (None, why not) where XLA gives no analysis of the program."""
+    try:
+        stats = analysis()
+    except Exception as exc:  # the figure is optional: a platform or program without it must not fail the case
+        return None, f"{type(exc).__name__}: {exc}"
+    if stats is None:
+        return None, "XLA gives none for this program on this platform"
+    footprint = compiled_footprint(stats)
+    if footprint is None:
+        return None, f"XLA's analysis lacks the argument/output/temporary/alias sizes: {stats!r}"
+    return footprint, None
+
+
+def compiled_footprint(stats: CompiledMemory) -> int | None:
+    """A compiled program's device bytes while it runs: its arguments, outputs and temporaries, less the
+    outputs that reuse (alias) an argument's buffer. None when ``stats`` lacks one of the four sizes."""
+    sizes = [getattr(stats, f"{name}_size_in_bytes", None) for name in ("argument", "output", "temp", "alias")]
+    if any(size is None for size in sizes):
+        return None
+    argument, output, temp, alias = (int(size) for size in sizes)
+    return argument + output + temp - alias
 
 
 # -- will the case fit ------------------------------------------------------------------------------------------

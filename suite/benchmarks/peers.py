@@ -558,12 +558,18 @@ class JaxRaggedDotPeer(PeerBackend):
         x_dev = self._put(prepared, x)
         dy_dev = self._put(prepared, dy if dy is not None else np.random.default_rng(0).standard_normal(x.shape))
         if pass_ == "forward":
-            body = partial(prepared.extra["forward"], prepared.arrays, x_dev)
+            program, args = prepared.extra["forward"], (prepared.arrays, x_dev)
         elif pass_ == "backward":
-            body = partial(prepared.extra["forward_backward"], prepared.arrays, x_dev, dy_dev)
+            program, args = prepared.extra["forward_backward"], (prepared.arrays, x_dev, dy_dev)
         else:
             raise SpecError(f"unknown pass {pass_!r}")
-        return async_step(body, jax.block_until_ready)  # jitted calls dispatch asynchronously, in order
+
+        def memory_analysis() -> Any:  # XLA's CompiledMemoryStats, or None
+            # XLA's runtime peak is process-wide (`memory`): the compiled program's own figure, from its cache
+            return program.lower(*args).compile().memory_analysis()
+
+        # jitted calls dispatch asynchronously, in order
+        return async_step(partial(program, *args), jax.block_until_ready, memory_analysis)
 
 
 # -- mx.gather_mm -----------------------------------------------------------------------------------------------

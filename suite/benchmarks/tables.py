@@ -185,7 +185,8 @@ def fmt_share(value) -> str:
 
 
 def fmt_bytes(value) -> str:
-    """Peak memory: 3.5e9 -> '3.26 GiB', 2e6 -> '1.9 MiB'; empty where the framework could not say."""
+    """Peak memory: 3.5e9 -> '3.26 GiB', 2e6 -> '1.9 MiB'; empty where the framework could not say. A JAX
+    row's is its compiled program's footprint (``peak_memory_source``, `memory.JAX_COMPILED_SOURCE`)."""
     if value is None:
         return ""
     if value >= 2 ** 30:
