@@ -32,6 +32,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from qmoe.reference.schemes import SCHEMES
+from qmoe.suite.benchmarks import memory
 from qmoe.suite.benchmarks.tables import (
     ABOVE_BOUND,
     ResultRow,
@@ -111,8 +112,11 @@ def _header(docs: list[dict], rows: list[ResultRow]) -> list[str]:
 
     timers = sorted({timer(r) for r in rows})
     threads = sorted({str(r.get("threads") or "framework default") for r in rows})
-    rounds = sorted({f"{r.get('rounds')} rounds after {r.get('warmup_rounds')} warm-up, {r.get('inputs')} "
-                     "distinct inputs rotated" for r in rows})
+    def inputs(count) -> str:
+        return "1 input" if count == 1 else f"{count} distinct inputs rotated"
+
+    rounds = sorted({f"{r.get('rounds')} rounds after {r.get('warmup_rounds')} warm-up, {inputs(r.get('inputs'))}"
+                     for r in rows})
     lines += [f"- dtype: {', '.join(dtypes)}; timer: {', '.join(timers)}; threads: {', '.join(threads)}",
               f"- CUDA graphs: {_graph_mode(docs, rows)}",
               f"- rounds: {'; '.join(rounds)}",
@@ -256,6 +260,27 @@ def not_run(docs: list[dict], rows: list[ResultRow]) -> list[str]:
             tabulate(table, headers=["case", "outcome", "reason"], tablefmt="github"), ""]
 
 
+#: How each ``peak_memory_source`` a result can carry is described in the tables' column note.
+MEMORY_SOURCE_TEXT = {
+    "torch.cuda.max_memory_allocated": "torch.cuda.max_memory_allocated",
+    "mx.get_peak_memory": "mx.get_peak_memory",
+    memory.JAX_COMPILED_SOURCE: "JAX: the compiled program's footprint from XLA's memory_analysis, arguments + "
+                                "outputs + temporaries - aliased, a static per-program figure, per device in "
+                                "expert parallelism (XLA's runtime peak is process-wide with no reset)",
+    memory.JAX_RUNTIME_SOURCE: "JAX: XLA's process-wide peak_bytes_in_use where the call raised it, else empty "
+                               "(it has no reset)",
+}
+
+
+def _memory_sources(rows: list[ResultRow]) -> str:
+    """The column note's list of sources: those the rows' figures actually came from (a run made before the
+    JAX compiled analysis existed has runtime figures, and its table must say so)."""
+    seen = {str(r.get("peak_memory_source")) for r in rows if r.get("peak_memory_bytes") is not None}
+    texts = [text for source, text in MEMORY_SOURCE_TEXT.items() if any(s.startswith(source) for s in seen)]
+    texts += sorted(s for s in seen if not any(s.startswith(source) for source in MEMORY_SOURCE_TEXT))
+    return "; ".join(texts) or "no framework reported one"
+
+
 def write_throughput(out_dir: Path, rows: list[ResultRow], docs: list[dict], notes: tuple[str, ...] = ()) -> Path:
     device = next((r.get("device_name") for r in rows if r.get("device_name")), "?")
     lines = [f"# Throughput: {device}", "", *_header(docs, rows), *[f"- note: {note}" for note in notes], "",
@@ -267,16 +292,13 @@ def write_throughput(out_dir: Path, rows: list[ResultRow], docs: list[dict], not
              "the same case; `% of bound` = TF/s as a share of the GEMM-only bound of the row's operand type "
              "(`gemm_bound`: the layer's grouped GEMMs alone, torch._grouped_mm on pre-sorted, perfectly balanced "
              "rows, eager or under torch.compile, whichever is faster; `gemm_bound_int8` for rows whose routed "
-             "experts run int8 x int8: the same GEMM sizes as torch._int_mm per expert, CUDA-graph captured, "
-             "quantization, scale epilogue and SwiGLU left out, so an upper bound; see "
+             "experts run int8 x int8: the same GEMM sizes, the faster of torch._int_mm per expert (CUDA-graph "
+             "captured) and torch_triton's grouped int8 kernel, quantization, scale epilogue and SwiGLU left out, "
+             "so an upper bound; see "
              "suite/benchmarks/int8_bound.py; a share above 100% is marked "
              f"`{ABOVE_BOUND.strip()}`: the row beat the bound on that case, so it bounds nothing there); "
-             "`peak memory` = peak device memory of one "
-             "call (torch.cuda.max_memory_allocated, mx.get_peak_memory; JAX: the compiled program's footprint "
-             "from XLA's memory_analysis, arguments + outputs + temporaries - aliased, a static per-program "
-             "figure, per device in expert parallelism, since XLA's runtime peak_bytes_in_use is process-wide "
-             "with no reset), weights and inputs included; `% peak` = of the device's dense tensor-core peak for "
-             "the scheme's operand type "
+             f"`peak memory` = peak device memory of one call ({_memory_sources(rows)}), weights and inputs "
+             "included; `% peak` = of the device's dense tensor-core peak for the scheme's operand type "
              "(int8 where routed experts run int8 x int8), where known.", ""]
     lines += throughput_tables(rows)
     lines += not_run(docs, rows)

@@ -147,3 +147,19 @@ def test_conformance_json_records_when_and_how_it_was_run(tmp_path: Path):
     assert done.returncode == 0, done.stdout + done.stderr
     data = json.loads((tmp_path / "c.json").read_text())
     assert data["finished"].startswith("20") and "--conformance-json=c.json" in data["command"]
+
+
+def test_memory_column_note_names_the_sources_the_figures_came_from():
+    """A run whose JAX figures are runtime peaks (before the compiled analysis) must not be described as
+    compiled footprints, and the reverse; a source without a figure is not named."""
+    from qmoe.suite.benchmarks import memory
+    from qmoe.suite.benchmarks.tables import ResultRow
+
+    def row(source: str, figure: int | None) -> ResultRow:
+        return ResultRow("case", {"peak_memory_source": source, "peak_memory_bytes": figure}, 1e-3, 1e-3)
+
+    runtime = report._memory_sources([row("torch.cuda.max_memory_allocated", 1), row(memory.JAX_RUNTIME_SOURCE, 2)])
+    assert "process-wide" in runtime and "memory_analysis" not in runtime
+    compiled = report._memory_sources([row(memory.JAX_COMPILED_SOURCE, 3), row("jax", None)])
+    assert "memory_analysis" in compiled and "torch" not in compiled and "process-wide peak_bytes" not in compiled
+    assert report._memory_sources([row("jax", None)]) == "no framework reported one"
