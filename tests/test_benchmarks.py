@@ -493,12 +493,10 @@ def test_the_cuda_clock_times_a_round_between_its_armed_start_and_end_with_or_wi
     assert clock() - before == pytest.approx(1e-3)
 
 
-@pytest.mark.parametrize("ordered_us, synchronized_us, refused", [
-    (1000.0, 1022.0, False), (2.0, 22.0, False),  # a real step, the do-nothing one: the host round trip alone
-    (3.0, 1020.0, True), (400.0, 1020.0, True)])   # work on another stream: (most of) it missed
-def test_a_step_whose_work_is_not_on_torchs_stream_is_refused_stream_ordered_timing(ordered_us, synchronized_us,
-                                                                                 refused):
-    durations = {"body": ordered_us / 1e6, "step": synchronized_us / 1e6}
+def _check_stream_order(body_us: list[float], step_us: list[float]) -> None:
+    """`harness.check_stream_order` on a fake device clock: each call of the body (stream-ordered) or the step
+    (synchronized) advances it by the next of its durations, in microseconds."""
+    queue = {"body": [t / 1e6 for t in body_us], "step": [t / 1e6 for t in step_us]}
     device = {"now": 0.0}
 
     class Clock:
@@ -509,39 +507,30 @@ def test_a_step_whose_work_is_not_on_torchs_stream_is_refused_stream_ordered_tim
             return device["now"]
 
     def call(name):
-        return lambda: device.__setitem__("now", device["now"] + durations[name])
+        return lambda: device.__setitem__("now", device["now"] + queue[name].pop(0))
 
-    def check():
-        harness.check_stream_order(call("step"), call("body"), Clock(), lambda: None)
+    harness.check_stream_order(call("step"), call("body"), Clock(), lambda: None, samples=len(body_us))
 
+
+@pytest.mark.parametrize("ordered_us, synchronized_us, refused", [
+    (1000.0, 1022.0, False), (2.0, 22.0, False),  # a real step, the do-nothing one: the host round trip alone
+    (3.0, 1020.0, True), (400.0, 1020.0, True)])   # work on another stream: (most of) it missed
+def test_a_step_whose_work_is_not_on_torchs_stream_is_refused_stream_ordered_timing(ordered_us, synchronized_us,
+                                                                                 refused):
+    samples = harness.STREAM_ORDER_SAMPLES
     if refused:
         with pytest.raises(harness.StreamOrderError, match="not ordered on that stream"):
-            check()
+            _check_stream_order([ordered_us] * samples, [synchronized_us] * samples)
     else:
-        check()
+        _check_stream_order([ordered_us] * samples, [synchronized_us] * samples)
 
 
 def test_one_stalled_synchronized_call_does_not_refuse_a_step_on_torchs_stream():
     """H200, 2026-11-30: one synchronized call of 15.4 ms against 7.0 ms stream-ordered refused a correct
     step. The check keeps the fastest of its samples; a body whose work is elsewhere stays refused."""
-    def run(body_us, step_us):
-        queue = {"body": [t / 1e6 for t in body_us], "step": [t / 1e6 for t in step_us]}
-        device = {"now": 0.0}
-        class Clock:
-            def arm(self, synchronize_start=True):
-                pass
-
-            def __call__(self):
-                return device["now"]
-
-        def call(name):
-            return lambda: device.__setitem__("now", device["now"] + queue[name].pop(0))
-
-        harness.check_stream_order(call("step"), call("body"), Clock(), lambda: None, samples=3)
-
-    run([7001.1, 7002.0, 7000.5], [15424.7, 7025.0, 7030.0])  # the stall of one call: accepted
+    _check_stream_order([7001.1, 7002.0, 7000.5], [15424.7, 7025.0, 7030.0])  # the stall of one call: accepted
     with pytest.raises(harness.StreamOrderError, match="fastest of 3 calls"):
-        run([3.0, 3.1, 2.9], [15424.7, 7025.0, 7030.0])  # the work was never on the stream
+        _check_stream_order([3.0, 3.1, 2.9], [15424.7, 7025.0, 7030.0])  # the work was never on the stream
 
 
 def test_steps_on_torchs_stream_are_timed_stream_ordered_and_the_rest_synchronized(monkeypatch):
