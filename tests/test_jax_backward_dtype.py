@@ -2,7 +2,7 @@
 
 Autodiff of a dot with a float32 result gives the transposed dots a float32 cotangent; on a GPU those
 become float32 GEMMs. On the H200 (2026-11-30, logbook-shared5632) that made forward+backward of every
-scheme with a float shared expert 3-5x slower than its forward suggested (95-200 TF/s against 500-570 for
+scheme with a float shared expert 2.6-5.4x slower than three times its forward (95-200 TF/s against 478-534 for
 the schemes whose shared expert is int8, with a hand-written VJP). The test reads the compiled program's
 jaxpr: every dot_general that touches an expert's or the shared expert's width runs on bfloat16 (or int8)
 operands; only the router's dot (width: the expert count) is float32 by design.

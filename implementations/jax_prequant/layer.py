@@ -215,7 +215,7 @@ def float_dense_dot(x: jax.Array, w: jax.Array) -> jax.Array:
     bfloat16 layer's backward runs float32 GEMMs (at HIGHEST precision when the caller pins it). The
     shared expert did so until 2026-12-01: on the H200 (logbook-shared5632, results/h200) forward+backward
     of every scheme with a float shared expert took ~80 ms more than its forward's three times, 95-200
-    TF/s against 500-570 for the int8-shared schemes, whose dot had its own VJP. Here the cotangent is
+    TF/s against 478-534 for the int8-shared schemes, whose dot had its own VJP. Here the cotangent is
     rounded to the operands' dtype once, as the routed experts' `float_grouped_dot` does; float32 layers
     are unchanged.
     """
