@@ -526,7 +526,7 @@ def test_a_step_whose_work_is_not_on_torchs_stream_is_refused_stream_ordered_tim
 
 
 def test_one_stalled_synchronized_call_does_not_refuse_a_step_on_torchs_stream():
-    """H200, 2026-11-30: one synchronized call of 15.4 ms against 7.0 ms stream-ordered refused a correct
+    """H200, 2026-12-01: one synchronized call of 15.4 ms against 7.0 ms stream-ordered refused a correct
     step. The check keeps the fastest of its samples; a body whose work is elsewhere stays refused."""
     _check_stream_order([7001.1, 7002.0, 7000.5], [15424.7, 7025.0, 7030.0])  # the stall of one call: accepted
     with pytest.raises(harness.StreamOrderError, match="fastest of 3 calls"):

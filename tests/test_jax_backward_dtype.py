@@ -1,7 +1,7 @@
 """A bfloat16 `jax_prequant` step must run its backward GEMMs in bfloat16.
 
 Autodiff of a dot with a float32 result gives the transposed dots a float32 cotangent; on a GPU those
-become float32 GEMMs. On the H200 (2026-11-30, logbook-shared5632) that made forward+backward of every
+become float32 GEMMs. On the H200 (2026-12-01, logbook-shared5632) that made forward+backward of every
 scheme with a float shared expert 2.6-5.4x slower than three times its forward (95-200 TF/s against 478-534 for
 the schemes whose shared expert is int8, with a hand-written VJP). The test reads the compiled program's
 jaxpr: every dot_general that touches an expert's or the shared expert's width runs on bfloat16 (or int8)

@@ -302,7 +302,7 @@ def time_rounds(benchmark, steps: list[Callable[[], Any]], options: BenchOptions
 #: of it: the synchronized interval's host round trip (~22-25 us on the H200), with room for noise.
 STREAM_ORDER_SLACK_S = 100e-6
 #: Calls of each kind the check times, keeping the fastest of each: one synchronized call can catch a
-#: host stall (H200, 2026-11-30: the compiled torch peer at top-1 zipf forward+backward, 7.0 ms
+#: host stall (H200, 2026-12-01: the compiled torch peer at top-1 zipf forward+backward, 7.0 ms
 #: stream-ordered against one synchronized call of 15.4 ms, in a run alone on the machine, where its
 #: timed rounds agreed with each other), while a body whose work is on another stream is short every time.
 STREAM_ORDER_SAMPLES = 3
