@@ -27,6 +27,7 @@ from qmoe.implementations.jax_prequant import env as _jax_env  # noqa: E402
 from qmoe.implementations.jax_prequant import expert_parallel as _jax_ep
 from qmoe.implementations.jax_prequant import programs as _jax_programs
 from qmoe.implementations.jax_prequant.grouped import bucket_capacity, int8_grouped_dot, place_rows, take_rows  # noqa: E402
+from qmoe.implementations.jax_prequant.layer import float_dense_dot  # noqa: E402
 from qmoe.implementations.jax_prequant.quant import quantize_per_expert, quantize_rows  # noqa: E402
 from qmoe.reference import MoEParams, MoESpec  # noqa: E402
 from qmoe.suite.bounds import CaseBounds  # noqa: E402
@@ -49,19 +50,28 @@ def _layer(spec: MoESpec, tokens: int, seed: int = 0) -> tuple[MoEParams, np.nda
     return params, x, dy
 
 
+def _step_program(spec: MoESpec, scheme: str, dtype: str, grouped: str | None, tokens: int
+                  ) -> tuple[object, tuple]:
+    """(plan, arguments) of the backend's forward+backward program for ``spec`` on CPU."""
+    backend = JaxPrequantBackend("cpu", grouped=grouped)
+    params, x, dy = _layer(spec, tokens=tokens)
+    prepared = backend.prepare(spec, params, scheme, dtype)
+    x_dev = backend._put_tokens(prepared, x)
+    plan = backend._plan_for(prepared, x_dev)
+    return plan, (prepared.params, prepared.frozen, x_dev, backend._put_tokens(prepared, dy), np.float32(0.05))
+
+
+def _step_jaxpr(plan, args):
+    return jax.make_jaxpr(lambda *a: _jax_programs.forward_backward(*a, plan=plan))(*args)
+
+
 @functools.cache
 def _compiled_step(scheme: str, grouped: str) -> tuple[object, str]:
     """(jaxpr, optimized HLO text) of the forward+backward program for HLO_SPEC (cached: several
     tests inspect the same program)."""
-    backend = JaxPrequantBackend("cpu", grouped=grouped)
-    params, x, dy = _layer(HLO_SPEC, tokens=10)
-    prepared = backend.prepare(HLO_SPEC, params, scheme, "float32")
-    x_dev = backend._put_tokens(prepared, x)
-    plan = backend._plan_for(prepared, x_dev)
-    args = (prepared.params, prepared.frozen, x_dev, backend._put_tokens(prepared, dy), np.float32(0.05))
-    jaxpr = jax.make_jaxpr(lambda *a: _jax_programs.forward_backward(*a, plan=plan))(*args)
+    plan, args = _step_program(HLO_SPEC, scheme, "float32", grouped, tokens=10)
     hlo = _jax_programs.forward_backward.lower(*args, plan=plan).compile().as_text()
-    return jaxpr, hlo
+    return _step_jaxpr(plan, args), hlo
 
 
 def _sub_jaxprs(value):
@@ -74,17 +84,21 @@ def _sub_jaxprs(value):
             yield from _sub_jaxprs(item)
 
 
-def _jaxpr_round_sizes(jaxpr) -> list[int]:
-    """Element counts of every `round` output anywhere in the jaxpr (nested jaxprs included)."""
-    sizes, stack = [], [jaxpr.jaxpr]
+def _jaxpr_eqns(jaxpr, *primitives: str):
+    """Every equation of one of ``primitives`` anywhere in the closed jaxpr (nested jaxprs included)."""
+    stack = [jaxpr.jaxpr]
     while stack:
         current = stack.pop()
         for eqn in current.eqns:
-            if eqn.primitive.name == "round":
-                sizes.extend(int(np.prod(v.aval.shape)) for v in eqn.outvars)
+            if eqn.primitive.name in primitives:
+                yield eqn
             for param in eqn.params.values():
                 stack.extend(_sub_jaxprs(param))
-    return sizes
+
+
+def _jaxpr_round_sizes(jaxpr) -> list[int]:
+    """Element counts of every `round` output anywhere in the jaxpr (nested jaxprs included)."""
+    return [int(np.prod(v.aval.shape)) for eqn in _jaxpr_eqns(jaxpr, "round") for v in eqn.outvars]
 
 
 def _hlo_round_sizes(hlo: str) -> list[int]:
@@ -116,16 +130,8 @@ def test_in_step_scheme_rounds_weights(grouped):
 def test_int8_products_accumulate_in_int32(grouped):
     """Every int8 x int8 product in the prequant step asks for an int32 result."""
     jaxpr, _ = _compiled_step("int8_routed_prequant", grouped)
-    products, stack = [], [jaxpr.jaxpr]
-    while stack:
-        current = stack.pop()
-        for eqn in current.eqns:
-            if eqn.primitive.name in ("dot_general", "ragged_dot_general"):
-                dtypes = {str(v.aval.dtype) for v in eqn.invars[:2]}
-                if dtypes == {"int8"}:
-                    products.append(str(eqn.outvars[0].aval.dtype))
-            for param in eqn.params.values():
-                stack.extend(_sub_jaxprs(param))
+    products = [str(eqn.outvars[0].aval.dtype) for eqn in _jaxpr_eqns(jaxpr, "dot_general", "ragged_dot_general")
+                if {str(v.aval.dtype) for v in eqn.invars[:2]} == {"int8"}]
     # two forward projections, two input-gradient projections through the int8 weights
     assert len(products) == 4 and set(products) == {"int32"}, products
 
@@ -195,8 +201,8 @@ def test_formulation_by_platform(monkeypatch):
 
 
 def test_pallas_formulation_only_when_asked_for(monkeypatch):
-    """``pallas`` is never a default (not yet measured against ``padded`` at balanced routing); asked for, it runs on GPUs and, interpreted,
-    on CPU; on a TPU it raises instead of falling back to another formulation."""
+    """``pallas`` is never a default (not yet measured against ``padded`` at balanced routing); asked for,
+    it runs on GPUs and, interpreted, on CPU; on a TPU it raises instead of falling back to another formulation."""
     monkeypatch.delenv(_jax_env.GROUPED_ENV, raising=False)
     assert "pallas" not in {_jax_env.select_formulation(p) for p in ("cpu", "gpu", "cuda", "rocm", "tpu")}
     assert _jax_env.select_formulation("gpu", "pallas") == _jax_env.select_formulation("cpu", "pallas") == "pallas"
@@ -456,3 +462,35 @@ def test_benchmark_step(pass_):
     assert all(leaf.is_fully_addressable and np.all(np.isfinite(np.asarray(leaf, np.float32))) for leaf in leaves)
     if pass_ == "forward":
         assert out[0].shape == x.shape and str(out[0].dtype) == "bfloat16"
+
+
+# A bfloat16 step must run its backward GEMMs in bfloat16. Autodiff of a dot with a float32 result gives the
+# transposed dots a float32 cotangent; on a GPU those become float32 GEMMs. On the H200 (2026-12-01,
+# logbook-shared5632) that made forward+backward of every scheme with a float shared expert 2.6-5.4x slower than
+# three times its forward (95-200 TF/s against 478-534 for the schemes whose shared expert is int8, with a
+# hand-written VJP). Widths no other tensor of the step has: a float32 dot over any of them is an expert's GEMM;
+# only the router's dot (width: the expert count) is float32 by design.
+SHARED_SPEC = MoESpec(hidden=24, ffn=40, experts=4, top_k=2, shared_ffn=56)
+EXPERT_WIDTHS = {SHARED_SPEC.ffn, 2 * SHARED_SPEC.ffn, SHARED_SPEC.shared_ffn, 2 * SHARED_SPEC.shared_ffn}
+
+
+@pytest.mark.parametrize("scheme", ["none", "int8_routed", "int8_routed_prequant"])  # float shared expert
+def test_bfloat16_backward_has_no_float32_expert_gemm(scheme):
+    jaxpr = _step_jaxpr(*_step_program(SHARED_SPEC, scheme, "bfloat16", None, tokens=16))
+    bad = [f"{[str(v.aval.dtype) for v in eqn.invars]} {[v.aval.shape for v in eqn.invars]}"
+           for eqn in _jaxpr_eqns(jaxpr, "dot_general")
+           if any(set(v.aval.shape) & EXPERT_WIDTHS for v in eqn.invars)
+           and any(v.aval.dtype == jnp.float32 for v in eqn.invars)]
+    assert not bad, f"{scheme}: float32 GEMMs in the bfloat16 forward+backward program: {bad}"
+
+
+def test_float_dense_dot_gradient_is_the_dot_gradient_in_float32():
+    """In float32 the shared expert's custom VJP is autodiff's: the same dx and dW to rounding."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((6, 5)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((5, 3)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((6, 3)), jnp.float32)
+    ours = jax.vjp(float_dense_dot, x, w)[1](g)
+    plain = jax.vjp(lambda a, b: jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST), x, w)[1](g)
+    for got, want in zip(ours, plain):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
