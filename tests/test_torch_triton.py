@@ -244,6 +244,37 @@ def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backe
         out.y.sum().backward()
 
 
+def test_dequantized_expert_codes_make_no_float32_copy():
+    """``codes * scale`` is written straight into the bf16 result: the float32 product of the whole weight
+    (28 GiB for DeepSeek-V3's w13; the H200 ran out of memory there on 2026-12-01, int8_routed backward) is
+    never materialised as a tensor. Checked on the ops the call dispatches (values: the two-step formula's)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from qmoe.implementations.torch_triton.layer import dequantize_expert_codes
+
+    class Outputs(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.float32_numels: list[int] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    self.float32_numels.append(t.numel())
+            return out
+
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(-127, 128, (4, 48, 40), dtype=torch.int8, generator=generator).transpose(1, 2)
+    scale = torch.rand(4, generator=generator) * 1e-2
+    with Outputs() as seen:
+        got = dequantize_expert_codes(codes, scale, torch.bfloat16)
+    assert codes.numel() not in seen.float32_numels, "a float32 tensor of the weight's size was made"
+    expected = (codes.to(torch.float32) * scale[:, None, None]).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got.is_contiguous() and torch.equal(got, expected)
+
+
 def test_top_k_keys_order_as_a_stable_descending_sort():
     """The routing's one-topk selection equals a stable descending sort's first k: exact ties (all-zero
     rows, +0.0 against -0.0), denormals, huge values of both signs, every k."""

@@ -94,7 +94,17 @@ class Int8Experts:
 
 
 def dequantize_expert_codes(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (codes.to(torch.float32) * scale[:, None, None]).to(dtype).contiguous()
+    """[E, in, out] ``codes * scale[e]`` in ``dtype``, contiguous."""
+    return scaled_codes(codes, scale[:, None, None], dtype)
+
+
+def scaled_codes(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``codes * scale`` (float32 product) rounded once to ``dtype``, written straight into a ``dtype``
+    tensor: ``(codes.float() * scale).to(dtype)`` gives the same values but holds a float32 copy first,
+    twice a bf16 result's size (28 GiB for DeepSeek-V3's w13, which ran the H200 out of memory on
+    2026-12-01)."""
+    out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+    return torch.mul(codes, scale, out=out)
 
 
 # -- QAT ------------------------------------------------------------------------------------------
@@ -442,14 +452,14 @@ class _RoutedInt8Experts(torch.autograd.Function):
             x_codes, x_scale, a, h_codes, h_scale = _hand_over(ctx)
             dtype = a.dtype
             w13_eff, w2_eff = experts.dequantized(dtype)
-            h_eff = (h_codes.to(torch.float32) * h_scale[:, None]).to(dtype)
+            h_eff = scaled_codes(h_codes, h_scale[:, None], dtype)
             del h_codes, h_scale
             d_w2 = grouped_weight_grad(h_eff, g, plan)
             del h_eff
             d_h = grouped_mm(g, w2_eff.transpose(1, 2), plan)
             d_a = plan.mask_rows(fused_swiglu_backward(a, d_h)[0])
             del a, d_h
-            x_eff = (x_codes[plan.row_token].to(torch.float32) * x_scale[plan.row_token, None]).to(dtype)
+            x_eff = scaled_codes(x_codes[plan.row_token], x_scale[plan.row_token, None], dtype)
             del x_codes, x_scale
             d_w13 = grouped_weight_grad(x_eff, d_a, plan)
             del x_eff
