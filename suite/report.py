@@ -115,8 +115,18 @@ def _header(docs: list[dict], rows: list[ResultRow]) -> list[str]:
     def inputs(count) -> str:
         return "1 input" if count == 1 else f"{count} distinct inputs rotated"
 
-    rounds = sorted({f"{r.get('rounds')} rounds after {r.get('warmup_rounds')} warm-up, {inputs(r.get('inputs'))}"
-                     for r in rows})
+    def round_counts(group: list) -> str:
+        counts = sorted({int(r.get("rounds") or 0) for r in group})
+        least = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+        min_time = group[0].get("min_time_s")
+        return least + (f" (short calls: as many as add up to {min_time:g} s)" if min_time and len(counts) > 1 else "")
+
+    by_setting: dict[tuple, list] = defaultdict(list)
+    for r in rows:
+        by_setting[(r.get("warmup_rounds"), r.get("inputs"), r.get("warmup_s"))].append(r)
+    rounds = sorted(f"{round_counts(group)} rounds after {warmup} warm-up"
+                    + (f" (and untimed calls for the first {warmup_s:g} s)" if warmup_s else "")
+                    + f", {inputs(count)}" for (warmup, count, warmup_s), group in by_setting.items())
     lines += [f"- dtype: {', '.join(dtypes)}; timer: {', '.join(timers)}; threads: {', '.join(threads)}",
               f"- CUDA graphs: {_graph_mode(docs, rows)}",
               f"- rounds: {'; '.join(rounds)}",

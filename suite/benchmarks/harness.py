@@ -15,8 +15,10 @@ runs as it is, and extra_info says which and why.
 Timed rounds (`time_rounds`): pytest-benchmark's pedantic mode, one call per round (or n, below). Each round's
 (untimed) setup flushes L2 and hands the target the next of ``--bench-inputs`` distinct inputs, so no
 two consecutive rounds see the same x and a backend cannot serve a cached result; the target stores
-the call's return value, which is checked against the reference after the rounds. Warm-up rounds
-(at least one per distinct input: compilation, autotuning, capacity sizing) go through the same path.
+the call's return value, which is checked against the reference after the rounds. First, untimed calls
+for ``--bench-warmup-s`` (`warm_up`: compilation, autotuning, capacity sizing, clocks), then warm-up rounds
+(at least one per distinct input) through the same path as the timed ones. A case gets ``--bench-rounds``
+timed rounds, or more where its calls are short, until they add up to ``--bench-min-time-s`` (`rounds_for`).
 On CUDA a step whose work all goes to torch's current stream (``step.stream_body``) is timed
 stream-ordered, between CUDA events with no host wait inside; any other step waits for the start event
 and synchronizes at its end (`timing.CudaEventClock`). extra_info ``timing`` says which; each mode has
@@ -42,6 +44,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import itertools
+import math
 import platform
 import time
 from collections.abc import Callable
@@ -66,8 +69,10 @@ PASS_IDS = {"fwd": ("forward", "forward"), "fwd_bwd": ("forward_backward", "back
 class BenchOptions:
     device: str | None
     dtype: str
-    rounds: int = 5
+    rounds: int = 5  # at least this many timed rounds (more where `min_time_s` asks for them)
     warmup: int = 1
+    warmup_s: float = 0.05  # untimed calls for at least this long before the rounds (`warm_up`)
+    min_time_s: float = 0.1  # timed rounds at least this long together (`rounds_for`), at most `MAX_ROUNDS`
     inputs: int = 2
     check_rows: int = outputs.DEFAULT_CHECK_ROWS
     stage_times: bool = False
@@ -226,6 +231,8 @@ class TimedRounds:
     timing: str = "host"
     #: calls per timed round (`timing.calls_per_round`); the timings are per call whatever it is
     calls_per_round: int = 1
+    rounds: int = 0  # timed rounds run (`rounds_for`)
+    warmup_calls: int = 0  # untimed calls before the rounds' own warm-up rounds (`warm_up`)
 
 
 @dataclass
@@ -261,6 +268,35 @@ def back_to_back(step: Callable[[], Any], calls: int) -> Any:
     return out
 
 
+#: Timed rounds at most, however short the call (a do-nothing call would otherwise get 10^5 of them).
+MAX_ROUNDS = 200
+
+
+def warm_up(steps: list[Callable[[], Any]], flush: Callable[[], None], seconds: float) -> tuple[int, float | None]:
+    """Untimed calls through the inputs, each after an L2 flush, until ``seconds`` have passed (at least one
+    per input; none if ``seconds`` is 0). Returns (calls, the fastest call's seconds by the host clock, or
+    None if none ran). Why: with one warm-up round, 2-4 ms cases on the H200 were still getting faster over
+    their 5 timed rounds (2026-12-01, gpt-oss-20b forward: 3.58, 2.97, 2.86, 2.67, 2.79 ms; the same case 27%
+    apart in two runs); triton's do_bench likewise warms up by time (25 ms)."""
+    if seconds <= 0:
+        return 0, None
+    calls, fastest, start = 0, None, time.perf_counter()
+    while calls < len(steps) or time.perf_counter() - start < seconds:
+        flush()
+        call_s = _call_seconds(steps[calls % len(steps)])
+        fastest = call_s if fastest is None else min(fastest, call_s)
+        calls += 1
+    return calls, fastest
+
+
+def rounds_for(options: BenchOptions, round_s: float | None) -> int:
+    """Timed rounds: ``options.rounds``, or more, up to `MAX_ROUNDS`, until they add up to ``options.min_time_s``
+    (``round_s``: one round's estimated seconds). A 3 ms call then gets 34 rounds, a 35 ms one keeps 5."""
+    if round_s is None or round_s <= 0 or options.min_time_s <= 0:
+        return options.rounds
+    return max(options.rounds, min(MAX_ROUNDS, math.ceil(options.min_time_s / round_s)))
+
+
 def time_rounds(benchmark, steps: list[Callable[[], Any]], options: BenchOptions, may_repeat: bool = True
                 ) -> TimedRounds:
     """Pedantic rounds over ``steps`` (one per distinct input) with the setup/flush/timer described above.
@@ -279,6 +315,10 @@ def time_rounds(benchmark, steps: list[Callable[[], Any]], options: BenchOptions
                             and all(getattr(step, "async_body", None) is not None for step in steps))
     results: list = [NOT_RUN] * len(steps)
     turn = itertools.count()
+    warmup_calls, call_s = (0, None) if getattr(benchmark, "disabled", False) else warm_up(steps, flush,
+                                                                                          options.warmup_s)
+    expected_calls = timing.calls_per_round(call_s) if repeats.repeat and call_s is not None else 1
+    rounds = rounds_for(options, None if call_s is None else call_s * expected_calls)
 
     def setup():
         index = next(turn)
@@ -291,11 +331,12 @@ def time_rounds(benchmark, steps: list[Callable[[], Any]], options: BenchOptions
     def target(i: int, n: int) -> None:
         results[i] = back_to_back(steps[i], n) if n > 1 else calls[i]()
 
-    benchmark.pedantic(target, setup=setup, rounds=options.rounds, warmup_rounds=warmup, iterations=1)
+    benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=warmup, iterations=1)
     if stream_ordered:
         check_stream_order(steps[0], bodies[0], clock, flush)
     mode = "host" if clock is None else "stream_ordered" if stream_ordered else "synchronized"
-    return TimedRounds(results, timer_name, flush.bytes, timing=mode, calls_per_round=repeats.calls)
+    return TimedRounds(results, timer_name, flush.bytes, timing=mode, calls_per_round=repeats.calls, rounds=rounds,
+                       warmup_calls=warmup_calls)
 
 
 #: Device seconds a stream-ordered call may come out shorter than the same call synchronized, beyond half
@@ -524,7 +565,9 @@ def describe(case: BenchCase, backend_cls: type, spec, options: BenchOptions, ti
         "device": options.device or "default", "device_name": timing.device_name(options.device),
         "versions": versions, "timer": timed.timer, "timing": timed.timing, "calls_per_round": timed.calls_per_round,
         "l2_flush_bytes": timed.l2_flush_bytes,
-        "inputs": options.inputs, "rounds": options.rounds, "warmup_rounds": max(options.warmup, options.inputs),
+        "inputs": options.inputs, "rounds": timed.rounds or options.rounds,
+        "warmup_rounds": max(options.warmup, options.inputs),
+        "warmup_calls": timed.warmup_calls, "warmup_s": options.warmup_s, "min_time_s": options.min_time_s,
         "threads": options.threads, "cuda_graph_option": options.cuda_graph,
     }
     bound_operand = getattr(backend_cls, "bound_operand", None)

@@ -70,6 +70,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bench-rounds", type=int, default=5, help="timed rounds per benchmark (default 5)")
     group.addoption("--bench-warmup", type=int, default=1,
                     help="warm-up rounds (default 1; at least one per distinct input is always run)")
+    group.addoption("--bench-warmup-s", type=float, default=0.05, metavar="SECONDS",
+                    help="untimed calls for at least this long before the warm-up rounds (default 0.05)")
+    group.addoption("--bench-min-time-s", type=float, default=0.1, metavar="SECONDS",
+                    help="more timed rounds for short calls, until they add up to this (default 0.1; at most "
+                         f"{harness.MAX_ROUNDS} rounds; --bench-rounds stays the least)")
     group.addoption("--bench-inputs", type=int, default=2,
                     help="distinct inputs the rounds rotate through (default 2)")
     group.addoption("--bench-check-rows", type=int, default=32,
@@ -278,6 +283,7 @@ def bench_options(config: pytest.Config) -> harness.BenchOptions:
     return harness.BenchOptions(
         device=device, dtype=config.getoption("--bench-dtype") or harness.default_dtype(device),
         rounds=config.getoption("--bench-rounds"), warmup=config.getoption("--bench-warmup"),
+        warmup_s=config.getoption("--bench-warmup-s"), min_time_s=config.getoption("--bench-min-time-s"),
         inputs=config.getoption("--bench-inputs"), check_rows=config.getoption("--bench-check-rows"),
         stage_times=config.getoption("--bench-stage-times"), max_call_s=budget or None,
         threads=config.getoption("--bench-threads"), deadline=_state.get("deadline"),
