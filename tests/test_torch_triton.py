@@ -275,6 +275,36 @@ def test_dequantized_expert_codes_make_no_float32_copy():
     assert got.dtype == torch.bfloat16 and got.is_contiguous() and torch.equal(got, expected)
 
 
+def test_per_expert_scale_makes_no_weight_sized_temporary():
+    """The per-expert amax is one reduction: no |w| tensor of the weights' size (``abs().amax()`` wrote and
+    read one every int8_routed step, as large as the layer's bf16 weights), and the scales are the same."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from qmoe.implementations.torch_triton.kernels.quant import INT8_MAX, per_expert_scale
+
+    class Outputs(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.numels: list[int] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            self.numels += [t.numel() for t in (out if isinstance(out, (tuple, list)) else (out,))
+                            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs]
+            return out  # views (detach) share their input's storage: no memory, not counted
+
+    w = torch.randn(4, 48, 40, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    w[1] *= -3.0  # the largest magnitude negative
+    w[2] = 0.0  # an all-zero expert: scale 1
+    with Outputs() as seen:
+        scale = per_expert_scale(w)
+    assert max(seen.numels) < w[0].numel(), "a tensor of an expert's size or more was made"
+    expected = w.abs().amax(dim=(-2, -1)).to(torch.float32) / INT8_MAX
+    assert torch.equal(scale, torch.where(expected > 0, expected, torch.ones_like(expected)))
+
+
 def test_top_k_keys_order_as_a_stable_descending_sort():
     """The routing's one-topk selection equals a stable descending sort's first k: exact ties (all-zero
     rows, +0.0 against -0.0), denormals, huge values of both signs, every k."""

@@ -160,7 +160,10 @@ def per_expert_scale(w: torch.Tensor) -> torch.Tensor:
     """s_e = amax(|w_e|) / 127 over each whole expert matrix, 1 where that is 0 (an all-zero matrix)."""
     if w.numel() == 0:
         return torch.ones(w.shape[0], dtype=torch.float32, device=w.device)
-    scale = w.detach().abs().amax(dim=(-2, -1)).to(torch.float32) / INT8_MAX
+    # One reduction, exact in w's dtype (a max of magnitudes rounds nothing): w.abs().amax() would first
+    # write |w|, a temporary of the weights' size (22 GiB at DeepSeek-V3), and read it back.
+    amax = torch.linalg.vector_norm(w.detach(), ord=float("inf"), dim=(-2, -1))
+    scale = amax.to(torch.float32) / INT8_MAX
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
