@@ -231,6 +231,7 @@ def throughput_tables(rows: list[ResultRow]) -> list[str]:
         notes = sorted({str(r.get("peak_memory_note")) for r in group if r.get("peak_memory_note")})
         if notes:
             out += ["Peak memory not reported: " + "; ".join(notes) + ".", ""]
+        out += [line + "\n" for line in _weak_peer_notes(group, best_label(group))]
     if shapes_seen:
         out += ["## Shapes", ""]
         from qmoe.suite.benchmarks.shapes import all_shapes
@@ -242,6 +243,37 @@ def throughput_tables(rows: list[ResultRow]) -> list[str]:
             out.append(f"- `{shape}`: {source}" + (f"; {note}" if note else ""))
         out.append("")
     return out
+
+
+#: A native peer slower than this share of the best float row of the same case makes a weak baseline: its
+#: rows' ``x native peer`` then says more about the peer than about them (JAX on GPUs: `jax.lax.ragged_dot`
+#: lowers to a dense masked dot; results/h200/models, 2026-12-01: 5-95 TF/s, 0.02-0.18x the best bf16 row).
+WEAK_PEER_SHARE = 0.5
+
+
+def _weak_peer_notes(group: list[ResultRow], best_column: str = "x best") -> list[str]:
+    """One line per framework whose native peer, on some case of the table, runs below `WEAK_PEER_SHARE` of
+    that case's best float row: its rows' ``x native peer`` is against a weak baseline, so the table says so."""
+    tflops = {(r.get("backend"), r.get("top_k")): r.get("tflops") for r in group if r.get("scheme") == "none"}
+    weak: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
+    for row in group:
+        peer, best = row.derived.get("peer"), row.derived.get("best")
+        peer_tf, best_tf = tflops.get((peer, row.get("top_k"))), tflops.get((best, row.get("top_k")))
+        if peer_tf and best_tf and peer_tf < WEAK_PEER_SHARE * best_tf:
+            weak[(str(row.get("framework")), str(peer))].append((peer_tf, peer_tf / best_tf))
+    lines = []
+    for (framework, peer), seen in sorted(weak.items()):
+        speeds, shares = sorted({tf for tf, _ in seen}), sorted({share for _, share in seen})
+        lines.append(f"`x native peer` of the {framework} rows: their native peer, {peer}, runs at "
+                     f"{_span(speeds, '.3g')} TF/s here, {_span(shares, '.2f')}x the best float row of the same "
+                     f"case, a weak baseline (no faster native {framework} layer is in the run): `{best_column}` "
+                     "compares them with the fastest float layer of any framework.")
+    return lines
+
+
+def _span(values: list[float], spec: str) -> str:
+    low, high = format(values[0], spec), format(values[-1], spec)
+    return low if low == high else f"{low}-{high}"
 
 
 def _row_name(row: ResultRow) -> str:

@@ -163,3 +163,20 @@ def test_memory_column_note_names_the_sources_the_figures_came_from():
     compiled = report._memory_sources([row(memory.JAX_COMPILED_SOURCE, 3), row("jax", None)])
     assert "memory_analysis" in compiled and "torch" not in compiled and "process-wide peak_bytes" not in compiled
     assert report._memory_sources([row("jax", None)]) == "no framework reported one"
+
+
+def test_a_weak_native_peer_is_named_under_its_table(tmp_path: Path):
+    """A framework whose native peer runs far below the case's best float row (JAX on GPUs: jax.lax.ragged_dot
+    as a dense masked dot, 0.02-0.18x on the H200) gets a line saying its rows' `x native peer` is against a
+    weak baseline; a framework whose peer is the best row gets none."""
+    run = dict(FIXTURE, benchmarks=FIXTURE["benchmarks"] + [
+        _bench("jax_x", "none", 8, 450.0, 0.0147, framework="jax"),
+        _bench("jax_x", "int8_routed_prequant", 8, 650.0, 0.0102, framework="jax"),
+        _bench("jax.lax.ragged_dot", "none", 8, 10.0, 0.66, peer=True, framework="jax")])
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    assert report.main(["--benchmark-json", str(path), "--out", str(tmp_path / "out"), "--no-plots"]) == 0
+    text = (tmp_path / "out" / "throughput.md").read_text()
+    assert ("`x native peer` of the jax rows: their native peer, jax.lax.ragged_dot, runs at 10 TF/s here, "
+            "0.02x the best float row") in text  # 10 / 500 (torch._grouped_mm, top-8)
+    assert "of the torch rows" not in text
