@@ -354,6 +354,21 @@ def test_short_calls_get_rounds_adding_up_to_the_minimum_time():
     assert harness.rounds_for(dataclasses.replace(options, min_time_s=0), 0.003) == 5
 
 
+def test_a_compiling_first_call_does_not_use_up_the_warm_up():
+    """The warm-up's clock starts after one call per input: a first call that compiles (seconds, on the GPU)
+    is followed by warm calls, whose fastest sizes the rounds, instead of ending the warm-up by itself."""
+    import time
+
+    calls: list[None] = []
+
+    def step():
+        calls.append(None)
+        time.sleep(0.15 if len(calls) == 1 else 0.001)
+
+    count, fastest = harness.warm_up([step], lambda: None, seconds=0.02)
+    assert count >= 5 and fastest is not None and fastest < 0.01
+
+
 def test_the_timed_warm_up_keeps_a_warming_step_out_of_the_rounds():
     """A step that is slow for its first calls (clocks ramping, allocator growing, lazy autotuning: 2-4 ms
     cases on the H200 were still getting faster over 5 rounds after one warm-up round) is timed once warm:

@@ -273,20 +273,26 @@ MAX_ROUNDS = 200
 
 
 def warm_up(steps: list[Callable[[], Any]], flush: Callable[[], None], seconds: float) -> tuple[int, float | None]:
-    """Untimed calls through the inputs, each after an L2 flush, until ``seconds`` have passed (at least one
-    per input; none if ``seconds`` is 0). Returns (calls, the fastest call's seconds by the host clock, or
-    None if none ran). Why: with one warm-up round, 2-4 ms cases on the H200 were still getting faster over
-    their 5 timed rounds (2026-12-01, gpt-oss-20b forward: 3.58, 2.97, 2.86, 2.67, 2.79 ms; the same case 27%
-    apart in two runs); triton's do_bench likewise warms up by time (25 ms)."""
+    """Untimed calls, each after an L2 flush: one per input (the first may compile or autotune), then more
+    through the inputs until ``seconds`` have passed since those; none if ``seconds`` is 0. Returns (calls,
+    the fastest call's seconds by the host clock, or None if none ran). Why: with one warm-up round, 2-4 ms
+    cases on the H200 were still getting faster over their 5 timed rounds (2026-12-01, gpt-oss-20b forward:
+    3.58, 2.97, 2.86, 2.67, 2.79 ms; the same case 27% apart in two runs); triton's do_bench likewise warms up
+    by time (25 ms). The clock starts after the first calls, so that a compile does not use up the warm-up."""
     if seconds <= 0:
         return 0, None
-    calls, fastest, start = 0, None, time.perf_counter()
-    while calls < len(steps) or time.perf_counter() - start < seconds:
+    times: list[float] = []
+
+    def call() -> None:
         flush()
-        call_s = _call_seconds(steps[calls % len(steps)])
-        fastest = call_s if fastest is None else min(fastest, call_s)
-        calls += 1
-    return calls, fastest
+        times.append(_call_seconds(steps[len(times) % len(steps)]))
+
+    for _ in steps:
+        call()
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        call()
+    return len(times), min(times)
 
 
 def rounds_for(options: BenchOptions, round_s: float | None) -> int:
