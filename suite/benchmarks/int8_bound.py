@@ -276,13 +276,24 @@ def block_rows(tokens: int, top_k: int, experts: int) -> int:
     return block
 
 
+#: Whether CPU runs also try the triton_grouped variant. There it runs in Triton's interpreter, Python
+#: executing the kernel: it is never the faster variant, and comparing it cost 1698 of the 2173 s of
+#: `pytest --benchmark-autosave` (cpu-small, every backend; 2 cores, 2026-12-01). The tests switch it on to
+#: check that variant's output on CPU.
+CPU_TRITON_VARIANT = False
+
+
 def triton_grouped_gemm(device) -> tuple[Callable | None, str | None]:
     """torch_triton's grouped GEMM (`implementations.torch_triton.kernels.grouped_gemm.grouped_gemm`), or None
-    and why not: Triton missing, or a CPU run whose kernels were not built for Triton's interpreter."""
+    and why not: Triton missing, a CPU run (`CPU_TRITON_VARIANT`), or a CPU run whose kernels were not built
+    for Triton's interpreter."""
     try:
         from qmoe.implementations.torch_triton.kernels import grouped_gemm as kernels
     except ImportError as exc:
         return None, f"the triton_grouped variant needs triton ({exc})"
+    if device.type != "cuda" and not CPU_TRITON_VARIANT:
+        return None, ("the triton_grouped variant is left out on CPU: Triton's interpreter runs it in Python, "
+                      "never the faster variant there")
     if device.type != "cuda" and not kernels.INTERPRETED:
         return None, "the triton_grouped variant runs on CPU only under TRITON_INTERPRET=1 (set before import)"
     return kernels.grouped_gemm, None
