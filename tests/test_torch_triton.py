@@ -244,33 +244,43 @@ def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backe
         out.y.sum().backward()
 
 
+def _new_tensors(run):
+    """``run()``'s result and the tensors its dispatched ops made: outputs that do not share an input's
+    storage (a view such as ``detach`` allocates nothing and is not listed)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Made(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tensors: list[torch.Tensor] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            self.tensors += [t for t in (out if isinstance(out, (tuple, list)) else (out,))
+                             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs]
+            return out
+
+    with Made() as made:
+        result = run()
+    return result, made.tensors
+
+
 def test_dequantized_expert_codes_make_no_float32_copy():
     """``codes * scale`` is written straight into the bf16 result: the float32 product of the whole weight
     (28 GiB for DeepSeek-V3's w13; the H200 ran out of memory there on 2026-12-01, int8_routed backward) is
     never materialised as a tensor. Checked on the ops the call dispatches (values: the two-step formula's)."""
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from qmoe.implementations.torch_triton.layer import dequantize_expert_codes
-
-    class Outputs(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.float32_numels: list[int] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
-                    self.float32_numels.append(t.numel())
-            return out
 
     generator = torch.Generator().manual_seed(0)
     codes = torch.randint(-127, 128, (4, 48, 40), dtype=torch.int8, generator=generator).transpose(1, 2)
     scale = torch.rand(4, generator=generator) * 1e-2
-    with Outputs() as seen:
-        got = dequantize_expert_codes(codes, scale, torch.bfloat16)
-    assert codes.numel() not in seen.float32_numels, "a float32 tensor of the weight's size was made"
+    got, made = _new_tensors(lambda: dequantize_expert_codes(codes, scale, torch.bfloat16))
+    assert not any(t.dtype == torch.float32 and t.numel() == codes.numel() for t in made), \
+        "a float32 tensor of the weight's size was made"
     expected = (codes.to(torch.float32) * scale[:, None, None]).to(torch.bfloat16)
     assert got.dtype == torch.bfloat16 and got.is_contiguous() and torch.equal(got, expected)
 
@@ -279,28 +289,14 @@ def test_per_expert_scale_makes_no_weight_sized_temporary():
     """The per-expert amax is one reduction: no |w| tensor of the weights' size (``abs().amax()`` wrote and
     read one every int8_routed step, as large as the layer's bf16 weights), and the scales are the same."""
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from qmoe.implementations.torch_triton.kernels.quant import INT8_MAX, per_expert_scale
-
-    class Outputs(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.numels: list[int] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
-            self.numels += [t.numel() for t in (out if isinstance(out, (tuple, list)) else (out,))
-                            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs]
-            return out  # views (detach) share their input's storage: no memory, not counted
 
     w = torch.randn(4, 48, 40, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     w[1] *= -3.0  # the largest magnitude negative
     w[2] = 0.0  # an all-zero expert: scale 1
-    with Outputs() as seen:
-        scale = per_expert_scale(w)
-    assert max(seen.numels) < w[0].numel(), "a tensor of an expert's size or more was made"
+    scale, made = _new_tensors(lambda: per_expert_scale(w))
+    assert max(t.numel() for t in made) < w[0].numel(), "a tensor of an expert's size or more was made"
     expected = w.abs().amax(dim=(-2, -1)).to(torch.float32) / INT8_MAX
     assert torch.equal(scale, torch.where(expected > 0, expected, torch.ones_like(expected)))
 

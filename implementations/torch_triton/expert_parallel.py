@@ -148,7 +148,7 @@ def pack_int8_rows(rows: torch.Tensor) -> torch.Tensor:
 
 def unpack_int8_rows(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     codes, scale = packed[:, :-4], packed[:, -4:].contiguous().view(torch.float32).view(-1)
-    return (codes.to(torch.float32) * scale[:, None]).to(dtype)
+    return layer.scaled_codes(codes, scale[:, None], dtype)
 
 
 class _Int8Dispatch(torch.autograd.Function):
