@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,7 +27,7 @@ import pytest
 from qmoe import reference
 from qmoe.reference.schemes import SCHEMES
 from qmoe.reference.spec import MoESpec
-from qmoe.suite.benchmarks import harness, metrics, outputs, plugin, shapes, tables, timing, workload
+from qmoe.suite.benchmarks import harness, memory, metrics, outputs, plugin, shapes, tables, timing, workload
 from qmoe.suite.benchmarks.peers import GemmBound, NoopBackend, balanced_expert_ids
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -345,6 +346,33 @@ def test_rounds_rotate_inputs_and_keep_each_output():
     assert timed.results == ["out0", "out1", "out2"] and timed.timer == "perf_counter"
 
 
+class _Output:
+    """A step's output that can be watched (weakref) for when the harness lets go of it."""
+
+
+def test_a_call_runs_without_the_previous_output_of_its_input_alive():
+    """The previous output of an input is dropped before its next call, not replaced after it: a kept output
+    adds a whole output (a forward+backward's weight gradients) to the call's live memory. Failed before the
+    fix: every call after the first found its predecessor alive."""
+    last: list = [None, None]
+    alive_at_call: list[bool] = []
+
+    def step(i: int):
+        def call():
+            alive_at_call.append(last[i] is not None and last[i]() is not None)
+            out = _Output()
+            last[i] = weakref.ref(out)
+            return out
+
+        return call
+
+    options = harness.BenchOptions(device="cpu", dtype="float32", rounds=6, warmup=2, inputs=2, warmup_s=0,
+                                   min_time_s=0)
+    timed = harness.time_rounds(FakeBenchmark(), [step(0), step(1)], options)
+    assert len(alive_at_call) == 8 and not any(alive_at_call)
+    assert all(isinstance(out, _Output) for out in timed.results)  # each input's last output stays for the check
+
+
 def test_short_calls_get_rounds_adding_up_to_the_minimum_time():
     options = harness.BenchOptions(device="cpu", dtype="float32", rounds=5, min_time_s=0.1)
     assert harness.rounds_for(options, 0.003) == 34  # a 3 ms call: 34 rounds make 0.1 s
@@ -445,6 +473,77 @@ def test_a_step_whose_output_cannot_be_checked_fails_the_benchmark(pass_id):
     with pytest.raises(outputs.OutputNotFoundError, match=f"returned None, so the timed output cannot be checked"
                                                           f".*return {target}"):
         harness.run_case(FakeBenchmark(), bad, _ForgetsItsOutput, options)
+
+
+class _WatchedOutputs(_ReferenceStep):
+    """The reference forward, each output watched by a weakref."""
+
+    name = "watched_outputs"
+    outputs: list = []
+
+    def benchmark_step(self, prepared, x, pass_, dy=None):
+        compute = super().benchmark_step(prepared, x, pass_, dy)
+
+        def step():
+            out = compute()
+            type(self).outputs.append(weakref.ref(out))
+            return out
+
+        return step
+
+
+def test_the_peak_is_measured_with_the_timed_outputs_released(monkeypatch):
+    """torch's peak counts from what is allocated when it is reset: a kept timed output (at forward+backward,
+    the weight gradients) would be counted beside the measured call's own. Failed before the fix (the peak
+    was measured while the outputs waited for their check)."""
+    shape = shapes.BenchShape("t", tokens=40, hidden=32, ffn=16, experts=6, top_ks=(2,))
+    options = harness.BenchOptions(device="cpu", dtype="float32", rounds=2, warmup=1, inputs=2, warmup_s=0)
+    harness.clear_caches()
+    _WatchedOutputs.outputs = []
+    held_at_peak: list[int] = []
+
+    def peak(framework, device, step, exclude_bytes=0):
+        held_at_peak.append(sum(ref() is not None for ref in _WatchedOutputs.outputs))
+        return memory.Peak(None, "test")
+
+    monkeypatch.setattr(memory, "measure_peak", peak)
+    case = harness.BenchCase(_WatchedOutputs.name, "none", shape, 2, "fwd", "balanced")
+    info = harness.run_case(FakeBenchmark(), case, _WatchedOutputs, options)
+    assert info["output_check"]["inputs"] == 2  # both outputs were checked first
+    assert held_at_peak == [0]
+
+
+class _FailsInItsStep(_ReferenceStep):
+    """Prepares a watched object, then fails in its timed step, as an out-of-memory call does."""
+
+    name = "fails_in_its_step"
+    prepared: list = []
+
+    def prepare(self, spec, params, scheme, dtype, ep_size=1):
+        made = _Output()
+        type(self).prepared.append(weakref.ref(made))
+        return made
+
+    def benchmark_step(self, prepared, x, pass_, dy=None):
+        def step():
+            raise RuntimeError("out of memory (planted)")
+
+        return step
+
+
+def test_a_failed_case_lets_go_of_its_prepared_arrays():
+    """pytest keeps a failure's traceback until the next failure; its frames must not keep the case's device
+    arrays, which the next case would find still allocated (2026-12-01, deepseek-v3 on the H200: one
+    out-of-memory failure, then four more). Failed before the fix."""
+    shape = shapes.BenchShape("t", tokens=40, hidden=32, ffn=16, experts=6, top_ks=(2,))
+    options = harness.BenchOptions(device="cpu", dtype="float32", rounds=1, warmup=1, inputs=1, warmup_s=0)
+    harness.clear_caches()
+    _FailsInItsStep.prepared = []
+    case = harness.BenchCase(_FailsInItsStep.name, "none", shape, 2, "fwd", "balanced")
+    with pytest.raises(RuntimeError, match="planted") as failure:
+        harness.run_case(FakeBenchmark(), case, _FailsInItsStep, options)
+    assert failure.traceback  # the traceback itself is kept, for the report
+    assert len(_FailsInItsStep.prepared) == 1 and _FailsInItsStep.prepared[0]() is None
 
 
 def test_an_input_whose_step_never_ran_is_told_apart_from_a_none_output():

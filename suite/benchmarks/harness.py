@@ -47,6 +47,7 @@ import itertools
 import math
 import platform
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -328,6 +329,10 @@ def time_rounds(benchmark, steps: list[Callable[[], Any]], options: BenchOptions
 
     def setup():
         index = next(turn)
+        # The previous output of the input about to run goes before the call, not when the call's output
+        # replaces it: kept through the call it adds one output (a forward+backward's weight gradients) to the
+        # call's live memory (2026-12-01, deepseek-v3 on the H200: 21 GiB of gradients, out of memory).
+        results[index % len(steps)] = NOT_RUN
         n = repeats.before_round(index, getattr(clock, "last_call_s", None))
         flush()
         if clock is not None:
@@ -405,7 +410,22 @@ def _skip(reason: str):
 
 
 def run_case(benchmark, case: BenchCase, backend_cls: type, options: BenchOptions) -> dict:
-    """Run ``case``; returns the extra_info it recorded. Skips (with the reason) what cannot run here."""
+    """Run ``case``; returns the extra_info it recorded. Skips (with the reason) what cannot run here.
+
+    A case that fails lets go of its device arrays before the error goes on: pytest keeps a failure's
+    traceback (and ``sys.last_traceback``) until the next one, and its frames hold the case's prepared
+    weights and last outputs. On 2026-12-01 (deepseek-v3, H200) one out-of-memory failure left 40 GiB held
+    that way, and the next four cases failed in their own allocations.
+    """
+    try:
+        return _run_case(benchmark, case, backend_cls, options)
+    except Exception as exc:
+        traceback.clear_frames(exc.__traceback__)  # the finished frames' locals; names and lines stay
+        _prepared.drop()
+        raise
+
+
+def _run_case(benchmark, case: BenchCase, backend_cls: type, options: BenchOptions) -> dict:
     if options.deadline is not None and time.monotonic() > options.deadline:
         _skip("the session's time budget (--bench-session-budget-s) is spent: not started")
     backend = backend_instance(backend_cls, options.device)
@@ -475,8 +495,6 @@ def run_case(benchmark, case: BenchCase, backend_cls: type, options: BenchOption
     info = describe(case, backend_cls, spec, options, timed)
     info.update(graph_info or {})
     info.update(step_info)
-    info.update(memory.measure_peak(info["framework"], options.device, steps[0]).as_info())
-    clock.lap("peak_memory")
     fixed = getattr(backend, "fixed_expert_ids", None)
     expert_ids = fixed(spec, shape.tokens) if fixed is not None else None
     if expert_ids is None:
@@ -487,12 +505,6 @@ def run_case(benchmark, case: BenchCase, backend_cls: type, options: BenchOption
     stats = _stats(benchmark)
     if stats is not None:
         info.update(measured(spec, shape.tokens, case.scheme, dtype, metric_pass, stats, info["device_name"]))
-
-    if options.stage_times and metric_pass == "forward" and hasattr(backend, "stage_times"):
-        try:
-            info["stage_times_s"] = {k: float(v) for k, v in backend.stage_times(prepared, inputs[0].x).items()}
-        except Exception as exc:  # stage timing is optional: its failure is reported, not fatal
-            info["stage_times_error"] = f"{type(exc).__name__}: {exc}"
 
     benchmark.extra_info.update(info)
     rows = outputs.check_rows(shape.tokens, options.check_rows)
@@ -515,6 +527,17 @@ def run_case(benchmark, case: BenchCase, backend_cls: type, options: BenchOption
         raise outputs.OutputNotFoundError(f"{case.id}: no timed call ran, so no output could be checked: "
                                           "an unchecked timing is not a result")
     clock.lap("check")
+    # The peak is measured once the timed outputs are gone: torch's allocator peak starts from what is allocated,
+    # and a kept forward+backward output (the weight gradients) would count twice (the step makes its own).
+    timed.results, result = [], None
+    after = memory.measure_peak(info["framework"], options.device, steps[0]).as_info()
+    clock.lap("peak_memory")
+    if options.stage_times and metric_pass == "forward" and hasattr(backend, "stage_times"):
+        try:
+            after["stage_times_s"] = {k: float(v) for k, v in backend.stage_times(prepared, inputs[0].x).items()}
+        except Exception as exc:  # stage timing is optional: its failure is reported, not fatal
+            after["stage_times_error"] = f"{type(exc).__name__}: {exc}"
+    benchmark.extra_info.update(after)
     benchmark.extra_info["phase_s"] = clock.laps
     benchmark.extra_info["output_check"] = {
         "what": checks[0].what if checks else None, "rows": int(rows.size), "inputs": len(checks),
