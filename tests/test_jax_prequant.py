@@ -484,6 +484,45 @@ def test_bfloat16_backward_has_no_float32_expert_gemm(scheme):
     assert not bad, f"{scheme}: float32 GEMMs in the bfloat16 forward+backward program: {bad}"
 
 
+WEIGHT_SHAPES = {(4, 24, 80), (4, 40, 24), (24, 112), (56, 24)}  # SHARED_SPEC's w13, w2, shared_w13, shared_w2
+
+
+@pytest.mark.parametrize("grouped", ["ragged", "padded", "pallas"])
+@pytest.mark.parametrize("scheme", ["none", "int8_routed", "int8_routed_prequant", "int8_all"])
+def test_bfloat16_weight_gradients_leave_their_gemm_in_bfloat16(scheme, grouped):
+    """No GEMM of a bfloat16 step makes a float32 weight-sized result: a float32 dW then cast was a temporary
+    the size of the weights (2026-12-01, H200, deepseek-v3: 29.8 GiB of temporaries, out of memory).
+    Failed before the fix in all 12 cases (the shared expert's dW as well). The pallas kernel's own float32
+    output (a pallas_call, cast after it) is out of this test's sight: a known temporary of that formulation."""
+    jaxpr = _step_jaxpr(*_step_program(SHARED_SPEC, scheme, "bfloat16", grouped, tokens=16))
+    bad = [f"{eqn.primitive.name} -> {v.aval.dtype}{list(v.aval.shape)}"
+           for eqn in _jaxpr_eqns(jaxpr, "dot_general", "ragged_dot_general")
+           for v in eqn.outvars if tuple(v.aval.shape) in WEIGHT_SHAPES and v.aval.dtype == jnp.float32]
+    assert not bad, f"{scheme} ({grouped}): float32 weight-sized GEMM results in a bfloat16 step: {bad}"
+
+
+def test_bfloat16_weights_are_cast_on_the_host(monkeypatch):
+    """prepare sends a bfloat16 layer's weights as bfloat16: a float32 copy on the device first (cast there)
+    is twice the weights (2026-12-01, H200, deepseek-v3: 28 GiB for w13, out of memory in prepare). The
+    values are XLA's cast's, bit for bit, also across the threaded chunks. Failed before the fix."""
+    from qmoe.implementations import jax_prequant
+
+    monkeypatch.setattr(jax_prequant, "_CAST_CHUNK", 1000)  # several chunks per weight
+    sent: list[tuple[str, tuple]] = []
+    device_put = jax.device_put
+    monkeypatch.setattr(jax, "device_put", lambda value, *a, **k: sent.append((str(value.dtype), value.shape))
+                        or device_put(value, *a, **k))
+    params, _, _ = _layer(SHARED_SPEC, tokens=4)
+    params = params.map(lambda a: a * 1.001)  # not bfloat16 values: the rounding is exercised
+    prepared = JaxPrequantBackend("cpu", grouped="padded").prepare(SHARED_SPEC, params, "none", "bfloat16")
+    assert not [s for s in sent if s[0] == "float32" and s[1] in WEIGHT_SHAPES], sent
+    for name in ("w13", "w2", "shared_w13", "shared_w2"):
+        want = jnp.asarray(np.asarray(getattr(params, name), np.float32)).astype(jnp.bfloat16)
+        got = prepared.params[name]
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16))
+
+
 def test_float_dense_dot_gradient_is_the_dot_gradient_in_float32():
     """In float32 the shared expert's custom VJP is autodiff's: the same dx and dW to rounding."""
     rng = np.random.default_rng(1)

@@ -217,24 +217,28 @@ def _xla_grouped_dot(lhs: jax.Array, rhs: jax.Array, layout: GroupedLayout, tran
     return out.reshape(g * c, out.shape[-1])
 
 
-def grouped_weight_grad(lhs: jax.Array, g: jax.Array, layout: GroupedLayout) -> jax.Array:
-    """dW[e] = sum over rows m of group e of lhs[m]^T g[m]: [G, K, N], float32 accumulation.
+def grouped_weight_grad(lhs: jax.Array, g: jax.Array, layout: GroupedLayout, out_dtype=jnp.float32) -> jax.Array:
+    """dW[e] = sum over rows m of group e of lhs[m]^T g[m]: [G, K, N] in ``out_dtype``, float32 accumulation.
 
-    A group with no rows gets exactly zero.
+    A group with no rows gets exactly zero. A bfloat16 layer asks for its weights' dtype: XLA's GEMM then
+    rounds its float32 accumulator once on the way out, where a float32 result and a cast made a float32
+    temporary the size of the weights (2026-12-01, H200, deepseek-v3: the program's 29.8 GiB temporaries,
+    out of memory; +3.5 GB of footprint at logbook-shared5632). The ``pallas`` kernel keeps a float32 output.
     """
     if layout.kind == "pallas":
         from . import pallas_grouped
 
-        return pallas_grouped.grouped_weight_grad(lhs, g, layout.group_sizes, interpret=layout.interpret)
+        dw = pallas_grouped.grouped_weight_grad(lhs, g, layout.group_sizes, interpret=layout.interpret)
+        return dw.astype(out_dtype)
     if layout.kind == "ragged":
         numbers = RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
         return ragged_dot_general(lhs, g, layout.group_sizes, numbers, precision=precision_for(lhs.dtype),
-                                  preferred_element_type=jnp.float32)
+                                  preferred_element_type=out_dtype)
     groups, c = layout.groups, layout.capacity
     return jax.lax.dot_general(lhs.reshape(groups, c, lhs.shape[-1]), g.reshape(groups, c, g.shape[-1]),
                                (([1], [1]), ([0], [0])), precision=precision_for(lhs.dtype),
-                               preferred_element_type=jnp.float32)
+                               preferred_element_type=out_dtype)
 
 
 @jax.custom_vjp
@@ -257,7 +261,7 @@ def _float_grouped_dot_backward(residuals, g):
     lhs, rhs, layout = residuals
     g = g.astype(lhs.dtype)
     dx = grouped_dot(g, rhs, layout, transpose_rhs=True, out_dtype=lhs.dtype)
-    return dx, grouped_weight_grad(lhs, g, layout).astype(rhs.dtype), None
+    return dx, grouped_weight_grad(lhs, g, layout, out_dtype=rhs.dtype), None
 
 
 float_grouped_dot.defvjp(_float_grouped_dot_forward, _float_grouped_dot_backward)
@@ -324,12 +328,12 @@ def int8_grouped_dot(rule: str, dtype_name: str):
         if rule == "prequant_vjp":
             g_codes, g_scale = quantize_rows(g)
             dx = int8_grouped_product(g_codes, g_scale, w_codes, w_scale, layout, transpose_rhs=True, out_dtype=dtype)
-            dw = grouped_weight_grad(kept, g.astype(dtype), layout)
+            dw = grouped_weight_grad(kept, g.astype(dtype), layout, out_dtype=dtype)
         else:
             x_codes, x_scale = kept
             dx = grouped_dot(g.astype(dtype), w_codes.astype(dtype), layout, transpose_rhs=True)
             dx = dx * _expert_scale(w_scale, layout)
-            dw = grouped_weight_grad(dequantize(x_codes, x_scale, dtype), g.astype(dtype), layout)
+            dw = grouped_weight_grad(dequantize(x_codes, x_scale, dtype), g.astype(dtype), layout, out_dtype=dtype)
         return dx.astype(dtype), None, None, dw.astype(dtype), None, None, None, None
 
     dot.defvjp(forward, backward)

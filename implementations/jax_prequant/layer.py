@@ -231,8 +231,8 @@ def _float_dense_dot_backward(residuals, g: jax.Array):
     g = g.astype(x.dtype)
     precision = precision_for(x.dtype)
     dx = jnp.dot(g, w.T, precision=precision, preferred_element_type=jnp.float32)
-    dw = jnp.dot(x.T, g, precision=precision, preferred_element_type=jnp.float32)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+    dw = jnp.dot(x.T, g, precision=precision, preferred_element_type=w.dtype)  # no float32 weight-sized temporary
+    return dx.astype(x.dtype), dw
 
 
 float_dense_dot.defvjp(_float_dense_dot_forward, _float_dense_dot_backward)

@@ -71,8 +71,9 @@ def int8_dense_dot(dtype_name: str):
         dx = jnp.dot(scaled_g, w_codes.astype(dtype).T, precision=precision_for(dtype),
                      preferred_element_type=jnp.float32)
         x_deq = dequantize(x_codes, x_scale, dtype)
-        dw = jnp.dot(x_deq.T, g.astype(dtype), precision=precision_for(dtype), preferred_element_type=jnp.float32)
-        return dx.astype(dtype), None, None, dw.astype(dtype), None, None
+        # dW leaves its GEMM in the weights' dtype: no float32 weight-sized temporary (grouped_weight_grad)
+        dw = jnp.dot(x_deq.T, g.astype(dtype), precision=precision_for(dtype), preferred_element_type=dtype)
+        return dx.astype(dtype), None, None, dw, None, None
 
     dot.defvjp(forward, backward)
     return dot
