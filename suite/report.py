@@ -285,6 +285,34 @@ def _memory_cell(row: ResultRow) -> str:
     return fmt_bytes(row.get("peak_memory_bytes"))
 
 
+def stage_times(rows: list[ResultRow]) -> list[str]:
+    """The forward stages' times of the rows that measured them (``--bench-stage-times``): each stage run alone
+    on the previous stage's outputs, in ms, with their sum against the timed call's median (a sum above the call:
+    the separate programs lose the whole forward's fusion and overlap, so read the stages' shares, not their sum)."""
+    from tabulate import tabulate
+
+    timed = [r for r in rows if r.get("stage_times_s")]
+    if not timed:
+        return []
+    names: list[str] = []
+    for row in timed:
+        names += [n for n in row.get("stage_times_s") if n not in names]
+    table = []
+    for row in sorted(timed, key=lambda r: (r.get("shape"), r.get("routing"), r.get("top_k"), r.get("backend"),
+                                            r.get("scheme"))):
+        stages = row.get("stage_times_s")
+        total = sum(stages.values())
+        table.append([row.get("shape"), row.get("routing"), row.get("top_k"), row.get("backend"), row.get("scheme"),
+                      *(f"{1e3 * stages[n]:.2f}" if n in stages else "" for n in names),
+                      f"{1e3 * total:.2f}", f"{1e3 * row.median_s:.2f}", f"{total / row.median_s:.2f}"])
+    headers = ["shape", "routing", "top_k", "backend", "scheme", *(f"{n} ms" for n in names), "sum ms",
+               "call ms", "sum / call"]
+    return ["## Forward stage times (--bench-stage-times)", "",
+            "Each stage run alone on the previous stage's outputs (the backend's `stage_times`, medians); `call ms` "
+            "is the timed forward of the same case.", "",
+            tabulate(table, headers=headers, tablefmt="github", disable_numparse=True), ""]
+
+
 def not_run(docs: list[dict], rows: list[ResultRow]) -> list[str]:
     """Cases without a result, with their reasons; a later file's outcome for the same case replaces an
     earlier one's, and a case that has a result in any file is not listed."""
@@ -343,6 +371,7 @@ def write_throughput(out_dir: Path, rows: list[ResultRow], docs: list[dict], not
              "included; `% peak` = of the device's dense tensor-core peak for the scheme's operand type "
              "(int8 where routed experts run int8 x int8), where known.", ""]
     lines += throughput_tables(rows)
+    lines += stage_times(rows)
     lines += not_run(docs, rows)
     path = out_dir / "throughput.md"
     path.write_text("\n".join(lines).rstrip() + "\n")

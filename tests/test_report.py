@@ -180,3 +180,22 @@ def test_a_weak_native_peer_is_named_under_its_table(tmp_path: Path):
     assert ("`x native peer` of the jax rows: their native peer, jax.lax.ragged_dot, runs at 10 TF/s here, "
             "0.02x the best float row") in text  # 10 / 500 (torch._grouped_mm, top-8)
     assert "of the torch rows" not in text
+
+
+def test_stage_times_get_their_own_table(tmp_path: Path):
+    """Rows that measured their forward stages (--bench-stage-times) get a table of them in ms, with their sum
+    beside the timed call; rows without them are not listed. Before, the stages were in the JSON only."""
+    stages = {"pack": 0.002, "up": 0.008, "down": 0.004, "combine": 0.0005}
+    run = dict(FIXTURE, benchmarks=FIXTURE["benchmarks"] + [
+        _bench("jax_x", "none", 8, 450.0, 0.0147, framework="jax", stage_times_s=stages)])
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    assert report.main(["--benchmark-json", str(path), "--out", str(tmp_path / "out"), "--no-plots"]) == 0
+    text = (tmp_path / "out" / "throughput.md").read_text()
+    section = text.split("## Forward stage times", 1)[1].split("\n## ", 1)[0]
+    header, row = (next(line for line in section.splitlines() if key in line) for key in ("| shape", "jax_x"))
+    assert [c.strip() for c in header.strip("|").split("|")][5:] == [
+        "pack ms", "up ms", "down ms", "combine ms", "sum ms", "call ms", "sum / call"]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[5:] == ["2.00", "8.00", "4.00", "0.50", "14.50", "14.70", "0.99"]
+    assert "torch_x" not in section
