@@ -128,6 +128,22 @@ def test_float_grouped_matmul(transpose_rhs, dtype, tiles):
     assert_close(out, expected, FLOAT32_RTOL if dtype == "float32" else BFLOAT16_RTOL, f"{dtype} grouped matmul")
 
 
+def test_grouped_weight_grad_rounds_once_at_its_store():
+    """With ``out_dtype`` bfloat16 the kernel stores its float32 accumulator rounded: bit for bit the float32
+    result cast afterwards, without that float32 result (weight-sized) ever existing."""
+    sizes, tail = SIZES["skewed"]
+    _, group_sizes = _rows_of(sizes, tail)
+    rng = np.random.default_rng(3)
+    rows = int(sum(sizes)) + tail
+    lhs = jnp.asarray(rng.standard_normal((rows, 40)), jnp.bfloat16)
+    rhs = jnp.asarray(rng.standard_normal((rows, 24)), jnp.bfloat16)
+    wide = pg.grouped_weight_grad(lhs, rhs, jnp.asarray(group_sizes), interpret=True)
+    narrow = pg.grouped_weight_grad(lhs, rhs, jnp.asarray(group_sizes), interpret=True, out_dtype=jnp.bfloat16)
+    assert narrow.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(narrow).view(np.uint16),
+                                  np.asarray(wide.astype(jnp.bfloat16)).view(np.uint16))
+
+
 @pytest.mark.parametrize("tiles", list(TILES))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_grouped_weight_grad(dtype, tiles):

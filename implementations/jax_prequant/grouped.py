@@ -223,13 +223,13 @@ def grouped_weight_grad(lhs: jax.Array, g: jax.Array, layout: GroupedLayout, out
     A group with no rows gets exactly zero. A bfloat16 layer asks for its weights' dtype: XLA's GEMM then
     rounds its float32 accumulator once on the way out, where a float32 result and a cast made a float32
     temporary the size of the weights (2026-12-01, H200, deepseek-v3: the program's 29.8 GiB temporaries,
-    out of memory; +3.5 GB of footprint at logbook-shared5632). The ``pallas`` kernel keeps a float32 output.
+    out of memory; +3.5 GB of footprint at logbook-shared5632). The ``pallas`` kernel rounds at its store.
     """
     if layout.kind == "pallas":
         from . import pallas_grouped
 
-        dw = pallas_grouped.grouped_weight_grad(lhs, g, layout.group_sizes, interpret=layout.interpret)
-        return dw.astype(out_dtype)
+        return pallas_grouped.grouped_weight_grad(lhs, g, layout.group_sizes, interpret=layout.interpret,
+                                                  out_dtype=out_dtype)
     if layout.kind == "ragged":
         numbers = RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[])

@@ -14,7 +14,7 @@ Two kernels:
   tiles). Each row tile belongs to exactly one group (`row_tile_schedule`, made with jnp ops inside
   the jitted program, as MegaBlocks' and megablox's group metadata): a group's last tile is partial
   and masked, never shared with the next group, so a tile multiplies by one weight matrix.
-* `grouped_weight_grad`: ``dW[g] = lhs[rows of g]^T @ rhs[rows of g]`` [G, K, N], float32. Grid: (groups,
+* `grouped_weight_grad`: ``dW[g] = lhs[rows of g]^T @ rhs[rows of g]`` [G, K, N], float32 accumulation. Grid: (groups,
   K tiles, N tiles); each program walks its group's rows in chunks (a loop with a run-time trip
   count). A group without rows gets exactly zero. On GPU ``ragged_dot_general`` with a ragged
   contracting dimension has the same dense lowering as the forward, so the weight gradient needs its
@@ -273,8 +273,9 @@ def _grouped_matmul_kernel(tile_group_ref, tile_start_ref, tile_end_ref, lhs_ref
 
 
 def grouped_weight_grad(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, interpret: bool = False,
-                        tiles: Tiles | None = None) -> jax.Array:
-    """dW[g] = sum over the rows m of group g of lhs[m]^T rhs[m]: [G, K, N] float32.
+                        tiles: Tiles | None = None, out_dtype=jnp.float32) -> jax.Array:
+    """dW[g] = sum over the rows m of group g of lhs[m]^T rhs[m]: [G, K, N] in ``out_dtype``, accumulated in
+    float32 and rounded once at the store (a bfloat16 layer's dW then never exists in float32: weight-sized).
 
     ``lhs`` [M, K] and ``rhs`` [M, N] float, rows sorted by group (rows past sum(group_sizes) are
     ignored). A group with no rows gets exactly zero.
@@ -296,7 +297,7 @@ def grouped_weight_grad(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, 
     operands = (ends - sizes, ends, lhs, rhs)
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((groups, depth, cols), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((groups, depth, cols), out_dtype),
         grid=(groups, _cdiv(depth, tiles.depth), _cdiv(cols, tiles.cols)),
         interpret=interpret,
         compiler_params=None if interpret else _compiler_params(tiles),
@@ -326,7 +327,7 @@ def _weight_grad_kernel(group_start_ref, group_end_ref, lhs_ref, rhs_ref, out_re
 
     steps = _cdiv(jnp.maximum(end - start, 0), tiles.rows)
     acc = jax.lax.fori_loop(0, steps, row_step, jnp.zeros((tiles.depth, tiles.cols), jnp.float32))
-    plgpu.store(out_ref.at[group, pl.ds(k0, tiles.depth), pl.ds(n0, tiles.cols)], acc,
+    plgpu.store(out_ref.at[group, pl.ds(k0, tiles.depth), pl.ds(n0, tiles.cols)], acc.astype(out_ref.dtype),
                 mask=k_ok[:, None] & n_ok[None, :])
 
 
