@@ -319,6 +319,50 @@ def test_top_k_keys_order_as_a_stable_descending_sort():
         assert torch.equal(top_k_lower_index_first(table, k), stable[:, :k]), f"top-{k}"
 
 
+# -- forward stages (stage timing) ------------------------------------------------------------------
+
+_STAGES = ["pack", "up", "down", "combine"]
+
+
+@pytest.mark.parametrize("scheme", ["none", "int8_routed_prequant"])
+@pytest.mark.parametrize("case,stages", [("empty_experts", _STAGES), ("shared_expert", [*_STAGES, "shared"])])
+def test_stage_times_names_each_forward_stage(triton_backend, scheme, case, stages):
+    data = CASES[case].build("float32")
+    prepared = triton_backend.prepare(data.spec, data.params, scheme, "float32")
+    times = triton_backend.stage_times(prepared, data.x, repeats=2)
+    assert list(times) == stages
+    assert all(isinstance(t, float) and np.isfinite(t) and t > 0 for t in times.values()), times
+
+
+def test_stage_times_refuses_expert_parallel_layers(triton_backend):
+    data = CASES["balanced"].build("float32")
+    prepared = triton_backend.prepare(data.spec, data.params, "none", "float32")
+    with pytest.raises(ValueError, match="one device"):
+        triton_backend.stage_times(dataclasses.replace(prepared, shard=object()), data.x)
+
+
+@pytest.mark.parametrize("scheme,case", [
+    pytest.param(scheme, case, id=f"{scheme}-{case}")
+    for scheme in ("none", "int8_routed", "int8_routed_prequant")
+    for case in ("capacity_drop", "shared_sigmoid")
+] + [pytest.param("qat_int8_row", "wide_g64", id="qat_int8_row-wide_g64")])  # w13 fake-quantized there
+def test_stages_in_order_give_the_forwards_output(triton_backend, scheme, case):
+    """The stages that stage_times times, run in order, make the backend's forward output bit for bit
+    (capacity drops, a router bias, a shared expert, QAT fake quantization): they time what runs."""
+    import torch
+
+    from qmoe.implementations.torch_triton import layer
+
+    data = CASES[case].build("float32")
+    prepared = triton_backend.prepare(data.spec, data.params, scheme, "float32")
+    stages = layer.LayerStages(prepared.spec, prepared.scheme, prepared.weights, prepared.int8_experts,
+                               prepared.fake_quant)
+    with torch.no_grad():
+        y, _ = stages.run(torch.tensor(data.x, dtype=prepared.torch_dtype, device=prepared.device))
+    forward = triton_backend.forward(prepared, data.x).y  # float64 copy of the float32 output: exact
+    assert torch.equal(y.to("cpu", torch.float64), torch.from_numpy(forward))
+
+
 # -- QAT review findings: each planted bug fails its check ------------------------------------------
 
 class _EvalFakeQuantizes(TorchTritonBackend):

@@ -47,6 +47,8 @@ dispatched rows as int8 codes and scales instead of float rows.
 from __future__ import annotations
 
 import dataclasses
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -413,6 +415,22 @@ class TorchTritonBackend(Backend):
         return synchronized_step(forward_body if pass_ == "forward" else backward_body, synchronize,
                                  torch_stream=prepared.device.type == "cuda")
 
+    def stage_times(self, prepared: TritonPrepared, x: np.ndarray, repeats: int = 5) -> dict[str, float]:
+        """Median seconds of each forward stage run on its own on device-resident data (`layer.LayerStages`):
+        ``pack`` (routing, dispatch plan, row gather or per-token int8), ``up`` (w13 grouped GEMM + SwiGLU,
+        Q(h) fused for int8), ``down`` (w2 grouped GEMM), ``combine`` (gate-weighted sum), and ``shared``
+        when the layer has a shared expert. Each stage reruns on the previous stage's outputs, made once
+        here. One device only: in expert parallelism the stages interleave with the all-to-alls."""
+        torch = _torch()
+        if prepared.shard is not None:
+            raise ValueError("stage_times runs on one device (prepare with ep_size=1)")
+        x_t = self._to_device(prepared, x)
+        stages = _layer().LayerStages(prepared.spec, prepared.scheme, prepared.weights, prepared.int8_experts,
+                                      prepared.fake_quant)
+        with torch.no_grad():
+            _, runs = stages.run(x_t)
+            return {name: _median_seconds(run, repeats, prepared.device) for name, run in runs.items()}
+
     # -- boundary ----------------------------------------------------------------------------------
     def _to_device(self, prepared: TritonPrepared, x: np.ndarray, what: str = "x") -> torch.Tensor:
         validate_input(prepared.spec, x, what)
@@ -423,3 +441,27 @@ class TorchTritonBackend(Backend):
             raise SpecError(f"dy has shape {np.shape(dy)}, expected the output's shape {np.shape(x)}")
         validate_input(prepared.spec, np.asarray(dy), "dy")
         return _torch().tensor(np.asarray(dy), dtype=_torch().float32, device=prepared.device)
+
+
+def _median_seconds(run: Callable[[], Any], repeats: int, device: torch.device) -> float:
+    """Median seconds of ``run()`` over ``repeats`` calls after one warm-up call (Triton compiles and
+    autotunes on first use). On CUDA a pair of events brackets each call on the current stream, so the
+    calls queue back to back and one synchronisation at the end reads them all; on CPU, wall time."""
+    torch = _torch()
+    run()
+    if device.type != "cuda":
+        seconds = []
+        for _ in range(max(repeats, 1)):
+            start = time.perf_counter()
+            run()
+            seconds.append(time.perf_counter() - start)
+        return statistics.median(seconds)
+    events = []
+    for _ in range(max(repeats, 1)):
+        start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start_event.record()
+        run()
+        end_event.record()
+        events.append((start_event, end_event))
+    events[-1][1].synchronize()
+    return statistics.median([start.elapsed_time(end) / 1e3 for start, end in events])

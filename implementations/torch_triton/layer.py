@@ -24,6 +24,7 @@ Imports torch and triton: the backend module imports this lazily.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -80,8 +81,8 @@ class Int8Experts:
 
     @classmethod
     def quantize(cls, w13: torch.Tensor, w2: torch.Tensor, with_transposed: bool) -> Int8Experts:
-        w13_fwd, s13 = quantize_per_expert(w13.detach(), k_major=True)
-        w2_fwd, s2 = quantize_per_expert(w2.detach(), k_major=True)
+        w13_fwd, s13 = expert_codes(w13)
+        w2_fwd, s2 = expert_codes(w2)
         if not with_transposed:
             return cls(w13_fwd, s13, w2_fwd, s2)
         # The same codes again in row-major storage: transposed, that is K-major for g @ W^T.
@@ -91,6 +92,12 @@ class Int8Experts:
         """(W13, W2) as the float values the int8 products compute with: codes * scale."""
         return (dequantize_expert_codes(self.w13_fwd, self.w13_scale, dtype),
                 dequantize_expert_codes(self.w2_fwd, self.w2_scale, dtype))
+
+
+def expert_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One projection's [E, in, out] int8 codes in the K-major storage the forward kernel reads, and
+    its per-expert float32 scales."""
+    return quantize_per_expert(w.detach(), k_major=True)
 
 
 def dequantize_expert_codes(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -389,8 +396,22 @@ def float_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, plan: Di
     and in its input gradient alike; masking each input with `torch.where` keeps those rows out of
     both directions (where's backward selects, so even a NaN there is dropped).
     """
-    a = grouped_mm(plan.mask_rows(gather_token_rows(x, plan)), w13, plan)
-    return grouped_mm(plan.mask_rows(swiglu(a)), w2, plan)
+    return float_down(float_up(float_rows(x, plan), w13, plan), w2, plan)
+
+
+def float_rows(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """x's rows in expert order [N, H], capacity-dropped rows zeroed: the float path's GEMM input."""
+    return plan.mask_rows(gather_token_rows(x, plan))
+
+
+def float_up(rows: torch.Tensor, w13: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """h = swiglu(rows W13_e) per sorted row, [N, F]."""
+    return swiglu(grouped_mm(rows, w13, plan))
+
+
+def float_down(h: torch.Tensor, w2: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """h W2_e per sorted row, [N, H]; h's uncovered rows are zeroed first (see `float_experts`)."""
+    return grouped_mm(plan.mask_rows(h), w2, plan)
 
 
 class _RoutedInt8Experts(torch.autograd.Function):
@@ -405,15 +426,12 @@ class _RoutedInt8Experts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w13, w2, plan: DispatchPlan, rule: str, prequantized: Int8Experts | None):
         experts = prequantized if prequantized is not None else Int8Experts.quantize(w13, w2, with_transposed=False)
-        zero = plan.has_drops
         x_codes, x_scale = quantize_rows(x)
-        a = grouped_gemm(x_codes, experts.w13_fwd, plan.group_starts, out_dtype=x.dtype, a_scale=x_scale,
-                         b_scale=experts.w13_scale, a_rows=plan.row_token, zero_uncovered=zero)
         # The float hidden is kept only where the prequant weight gradient needs it (d_w2 = h^T g).
         keep_h = rule == "prequant_vjp" and any(ctx.needs_input_grad)
-        h, h_codes, h_scale = swiglu_forward(a, store_h=keep_h)
-        out = grouped_gemm(h_codes, experts.w2_fwd, plan.group_starts, out_dtype=x.dtype, a_scale=h_scale,
-                           b_scale=experts.w2_scale, zero_uncovered=zero)
+        a, h, h_codes, h_scale = int8_up(x_codes, x_scale, experts.w13_fwd, experts.w13_scale, plan, x.dtype,
+                                         store_h=keep_h)
+        out = int8_down(h_codes, h_scale, experts.w2_fwd, experts.w2_scale, plan, x.dtype)
         ctx.plan, ctx.rule, ctx.experts = plan, rule, experts
         # Activations go to the backward through `_hand_over`, not save_for_backward, which would keep
         # every one of them alive until the backward returns.
@@ -467,6 +485,25 @@ class _RoutedInt8Experts(torch.autograd.Function):
         return plan.sum_per_token(d_x_rows), d_w13, d_w2, None, None, None
 
 
+def int8_up(x_codes: torch.Tensor, x_scale: torch.Tensor, w13_codes: torch.Tensor, w13_scale: torch.Tensor,
+            plan: DispatchPlan, dtype: torch.dtype, store_h: bool
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(a, h or None, Q(h) codes, Q(h) scales): a = Q(x_r) Q(W13_e) per sorted row, read straight from
+    the per-token codes (the GEMM gathers the rows), then the fused SwiGLU + per-row int8 of h."""
+    a = grouped_gemm(x_codes, w13_codes, plan.group_starts, out_dtype=dtype, a_scale=x_scale, b_scale=w13_scale,
+                     a_rows=plan.row_token, zero_uncovered=plan.has_drops)
+    h, h_codes, h_scale = swiglu_forward(a, store_h=store_h)
+    assert h_codes is not None and h_scale is not None  # quantize (the default) always makes them
+    return a, h, h_codes, h_scale
+
+
+def int8_down(h_codes: torch.Tensor, h_scale: torch.Tensor, w2_codes: torch.Tensor, w2_scale: torch.Tensor,
+              plan: DispatchPlan, dtype: torch.dtype) -> torch.Tensor:
+    """Q(h_r) Q(W2_e) per sorted row, [N, H] (uncovered rows zero where assignments were dropped)."""
+    return grouped_gemm(h_codes, w2_codes, plan.group_starts, out_dtype=dtype, a_scale=h_scale, b_scale=w2_scale,
+                        zero_uncovered=plan.has_drops)
+
+
 def _hand_over(ctx) -> list[torch.Tensor]:
     """The forward's activations, handed to the backward once (ctx keeps no reference, so a ``del``
     there frees a buffer). A second backward through the same graph (``retain_graph``) is refused."""
@@ -478,10 +515,15 @@ def _hand_over(ctx) -> list[torch.Tensor]:
     return stash
 
 
+def int8_routed(scheme: Scheme) -> bool:
+    """Whether the routed experts run as int8 products (else as float grouped matmuls)."""
+    return scheme.routed_weights == "per_expert"
+
+
 def routed_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, plan: DispatchPlan, scheme: Scheme,
                    prequantized: Int8Experts | None) -> torch.Tensor:
     """Unweighted expert outputs [N, H] per sorted row under ``scheme`` (weights already training weights)."""
-    if scheme.routed_weights == "per_expert":
+    if int8_routed(scheme):
         return _RoutedInt8Experts.apply(x, w13, w2, plan, scheme.backward, prequantized)
     return float_experts(x, w13, w2, plan)
 
@@ -544,6 +586,106 @@ def layer_forward(spec: MoESpec, scheme: Scheme, weights: LayerWeights, x: torch
     if used.shared_w13 is not None:
         y = y + shared_expert(x, used.shared_w13, used.shared_w2)
     return LayerOutput(y, routing)
+
+
+# -- the forward in stages (stage timing) ----------------------------------------------------------
+
+@dataclass
+class Packed:
+    """What the pack stage hands on: the routing, its dispatch plan and the up projection's input,
+    either x's float rows in expert order (``scale`` None) or every token's int8 codes and their scales
+    (int8 schemes, whose GEMM gathers the rows itself)."""
+
+    routing: Routing
+    plan: DispatchPlan
+    dtype: torch.dtype  # x's: the grouped GEMMs' output dtype
+    rows: torch.Tensor
+    scale: torch.Tensor | None = None
+
+
+@dataclass
+class Hidden:
+    """The up stage's output, the down projection's input: h (``scale`` None) or Q(h)'s codes and scales."""
+
+    rows: torch.Tensor
+    scale: torch.Tensor | None = None
+
+
+@dataclass
+class LayerStages:
+    """`layer_forward` without autograd, cut into stages that can each run on their own:
+
+    * ``pack``: routing, the dispatch plan, and the rows (gathered; int8: per-token quantized);
+    * ``up``: the w13 grouped GEMM and the SwiGLU (int8: with Q(h) fused);
+    * ``down``: the w2 grouped GEMM;
+    * ``combine``: the gate-weighted sum back to tokens;
+    * ``shared``: the shared expert, where the layer has one.
+
+    The stages call what the forward calls (the functions under `routed_experts`), so their values are
+    the forward's bit for bit. Weight work that the forward does on every call (QAT fake quantization,
+    ``int8_routed``'s weight quantization) is counted in the stage that reads the weight.
+    """
+
+    spec: MoESpec
+    scheme: Scheme
+    weights: LayerWeights
+    prequantized: Int8Experts | None = None
+    fake_quant: bool = True
+
+    def weight(self, name: str) -> torch.Tensor:
+        """Parameter ``name``'s training weight (`training_weights`, one parameter of it); it must be present."""
+        return training_weight(getattr(self.weights, name), self.scheme.weight_quant(name), self.scheme,
+                               self.fake_quant)
+
+    def pack(self, x: torch.Tensor) -> Packed:
+        bias = None if self.weights.router_bias is None else self.weight("router_bias")
+        routing = route(self.spec, self.weight("router"), bias, x)
+        plan = plan_dispatch(routing.expert_ids, routing.kept, self.spec.experts)
+        if int8_routed(self.scheme):
+            return Packed(routing, plan, x.dtype, *quantize_rows(x))
+        return Packed(routing, plan, x.dtype, float_rows(x, plan))
+
+    def up(self, packed: Packed) -> Hidden:
+        if packed.scale is None:
+            return Hidden(float_up(packed.rows, self.weight("w13"), packed.plan))
+        codes, scale = self._codes("w13")
+        _, _, h_codes, h_scale = int8_up(packed.rows, packed.scale, codes, scale, packed.plan, packed.dtype,
+                                         store_h=False)
+        return Hidden(h_codes, h_scale)
+
+    def down(self, packed: Packed, hidden: Hidden) -> torch.Tensor:
+        if hidden.scale is None:
+            return float_down(hidden.rows, self.weight("w2"), packed.plan)
+        codes, scale = self._codes("w2")
+        return int8_down(hidden.rows, hidden.scale, codes, scale, packed.plan, packed.dtype)
+
+    def combine(self, packed: Packed, rows: torch.Tensor) -> torch.Tensor:
+        return combine(rows, packed.plan, packed.routing)
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        return shared_expert(x, self.weight("shared_w13"), self.weight("shared_w2"))
+
+    def run(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Callable[[], object]]]:
+        """(y, {stage: a call re-running that stage alone on the inputs it had here}), stages in forward order."""
+        packed = self.pack(x)
+        hidden = self.up(packed)
+        rows = self.down(packed, hidden)
+        y = self.combine(packed, rows)
+        stages: dict[str, Callable[[], object]] = {
+            "pack": lambda: self.pack(x),
+            "up": lambda: self.up(packed),
+            "down": lambda: self.down(packed, hidden),
+            "combine": lambda: self.combine(packed, rows)}
+        if self.weights.shared_w13 is not None:
+            y = y + self.shared(x)
+            stages["shared"] = lambda: self.shared(x)
+        return y, stages
+
+    def _codes(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A routed projection's forward codes and scales: prepare's, or quantized now (``int8_routed``)."""
+        if self.prequantized is not None:
+            return getattr(self.prequantized, f"{name}_fwd"), getattr(self.prequantized, f"{name}_scale")
+        return expert_codes(self.weight(name))
 
 
 def bypass_expert_outputs(spec: MoESpec, scheme: Scheme, weights: LayerWeights, x: torch.Tensor,
