@@ -334,7 +334,7 @@ def int8_grouped_dot(rule: str, dtype_name: str):
             dx = grouped_dot(g.astype(dtype), w_codes.astype(dtype), layout, transpose_rhs=True)
             dx = dx * _expert_scale(w_scale, layout)
             dw = grouped_weight_grad(dequantize(x_codes, x_scale, dtype), g.astype(dtype), layout, out_dtype=dtype)
-        return dx.astype(dtype), None, None, dw.astype(dtype), None, None, None, None
+        return dx.astype(dtype), None, None, dw, None, None, None, None  # dw: already in dtype
 
     dot.defvjp(forward, backward)
     return dot
