@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import is_interpreted_kernel, next_power_of_2, record_launch
+from ..common import is_interpreted_kernel, next_power_of_2, record_launch, round_half_even
+from .quant import _row_scale
 
 
 @triton.jit
@@ -55,13 +56,31 @@ def _combine_kernel(rows_ptr, position_ptr, kept_ptr, weight_ptr, out_ptr, n_tok
 
 @triton.jit
 def _combine_backward_kernel(rows_ptr, dy_ptr, position_ptr, kept_ptr, weight_ptr, d_rows_ptr, d_weight_ptr,
-                             n_tokens, hidden, stride_r, stride_dy, stride_dr,
-                             TOP_K: tl.constexpr, HAS_KEPT: tl.constexpr, BLOCK_T: tl.constexpr,
-                             BLOCK_H: tl.constexpr):
-    """One program per BLOCK_T tokens and all of H: each d_w[t, j] is a whole-row dot product."""
+                             codes_ptr, scale_ptr, n_tokens, hidden, stride_r, stride_dy, stride_dr, stride_c,
+                             TOP_K: tl.constexpr, HAS_KEPT: tl.constexpr, QUANTIZE: tl.constexpr,
+                             BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One program per BLOCK_T tokens and all of H: each d_w[t, j] is a whole-row dot product.
+
+    With ``QUANTIZE`` it also writes Q(d_rows) per row (codes and scale), bit for bit `quantize_rows`
+    of the stored d_rows, from one extra pass over dy (see `combine_rows_backward_quantized`)."""
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_ok = tokens < n_tokens
     tokens64 = tokens.to(tl.int64)
+    if QUANTIZE:
+        # The stored d_row element is R(fl32(w * dy_i)), R the cast to d_rows' dtype; both roundings are
+        # monotone in |w * dy_i| and odd in sign (to nearest even compiled; the interpreter truncates to
+        # bfloat16, also monotone; an overflow to inf is monotone too). So a row's amax is
+        # R(fl32(|w| * max_i |dy_i|)): one max over the token's dy serves all its slots, exactly, with
+        # no pass over each stored row. Not covered: NaN or inf in dy or w (the max then depends on the
+        # max's NaN rule; the interpreter happens to agree), and float32 subnormal products in the
+        # interpreter's bfloat16 cast, which mangles them (not monotone): there, bf16 rows with a
+        # product below 2^-126 may get another scale than quantize_rows gives.
+        dy_amax = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        for start in range(0, hidden, BLOCK_H):
+            cols = start + tl.arange(0, BLOCK_H)
+            mask = token_ok[:, None] & (cols < hidden)[None, :]
+            dy = tl.load(dy_ptr + tokens64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
+            dy_amax = tl.maximum(dy_amax, tl.max(tl.abs(dy.to(tl.float32)), axis=1))
     for j in range(TOP_K):
         slot = tokens64 * TOP_K + j
         use = token_ok
@@ -69,18 +88,29 @@ def _combine_backward_kernel(rows_ptr, dy_ptr, position_ptr, kept_ptr, weight_pt
             use = use & (tl.load(kept_ptr + slot, mask=token_ok, other=0) != 0)
         row = tl.load(position_ptr + slot, mask=token_ok, other=0).to(tl.int64)
         weight = tl.load(weight_ptr + slot, mask=use, other=0.0).to(tl.float32)
+        if QUANTIZE:
+            # A dropped slot's row is all zeros (amax 0, scale 1) whatever dy holds: 0 * inf would be NaN.
+            row_amax = tl.abs(weight) * dy_amax
+            row_amax = tl.where(use, row_amax.to(d_rows_ptr.dtype.element_ty).to(tl.float32), 0.0)
+            scale = _row_scale(row_amax)
         dot = tl.zeros((BLOCK_T,), dtype=tl.float32)
         for start in range(0, hidden, BLOCK_H):
             cols = start + tl.arange(0, BLOCK_H)
             mask = token_ok[:, None] & (cols < hidden)[None, :]
             use_mask = use[:, None] & (cols < hidden)[None, :]
             dy = tl.load(dy_ptr + tokens64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            d_row = tl.where(use_mask, dy * weight[:, None], 0.0)
-            tl.store(d_rows_ptr + row[:, None] * stride_dr + cols[None, :], d_row.to(d_rows_ptr.dtype.element_ty),
-                     mask=mask)
+            d_row = tl.where(use_mask, dy * weight[:, None], 0.0).to(d_rows_ptr.dtype.element_ty)
+            tl.store(d_rows_ptr + row[:, None] * stride_dr + cols[None, :], d_row, mask=mask)
+            if QUANTIZE:
+                # Quantize the stored value (rounded to d_rows' dtype), as `quantize_rows` loads it.
+                q = round_half_even(d_row.to(tl.float32) / scale[:, None])
+                q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+                tl.store(codes_ptr + row[:, None] * stride_c + cols[None, :], q.to(tl.int8), mask=mask)
             values = tl.load(rows_ptr + row[:, None] * stride_r + cols[None, :], mask=use_mask, other=0.0)
             dot += tl.sum(values.to(tl.float32) * dy, axis=1)
         tl.store(d_weight_ptr + slot, dot, mask=token_ok)
+        if QUANTIZE:
+            tl.store(scale_ptr + row, scale, mask=token_ok)
 
 
 INTERPRETED: bool = is_interpreted_kernel(_combine_kernel)
@@ -134,19 +164,55 @@ def combine_rows(rows: torch.Tensor, position: torch.Tensor, top_k: int, weight:
 def combine_rows_backward(rows: torch.Tensor, dy: torch.Tensor, position: torch.Tensor, weight: torch.Tensor,
                           top_k: int, kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(d_rows [N, H] in rows' dtype, d_weight [T, k] float32) of `combine_rows` for dy [T, H]."""
+    d_rows, d_weight, _, _ = _backward(rows, dy, position, weight, top_k, kept, quantize=False)
+    return d_rows, d_weight
+
+
+def combine_rows_backward_quantized(rows: torch.Tensor, dy: torch.Tensor, position: torch.Tensor,
+                                    weight: torch.Tensor, top_k: int, kept: torch.Tensor | None = None
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d_rows, d_weight, codes, scale): `combine_rows_backward`'s two outputs and Q(d_rows) per row,
+    codes int8 [N, H] and scale float32 [N], bit for bit what `quantize_rows(d_rows)` returns.
+
+    Fused so that the int8 backward does not read d_rows a second time: the kernel reads dy once
+    more per token for its amax, from which every slot's row scale follows exactly (the kernel's
+    comment says why). Exact wherever dy and the weights are finite, also where a product overflows
+    d_rows' dtype to inf. Not guaranteed: where dy or a kept weight holds NaN or inf, codes and scale
+    of the rows it reaches (d_rows and d_weight are unchanged); and under TRITON_INTERPRET, bfloat16
+    rows with products below 2^-126 (the interpreter's float32 -> bfloat16 cast of subnormals is not
+    a rounding; compiled kernels round them to nearest even)."""
+    d_rows, d_weight, codes, scale = _backward(rows, dy, position, weight, top_k, kept, quantize=True)
+    assert codes is not None and scale is not None
+    return d_rows, d_weight, codes, scale
+
+
+def _backward(rows: torch.Tensor, dy: torch.Tensor, position: torch.Tensor, weight: torch.Tensor, top_k: int,
+              kept: torch.Tensor | None, quantize: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Both backward wrappers' launch: (d_rows, d_weight, codes, scale), the last two None unless
+    ``quantize``. Degenerate shapes give what `quantize_rows` gives for the d_rows returned (zero
+    rows: codes 0, scale 1; no columns: scale 1)."""
     tokens, hidden = dy.shape
     rows, position, kept_u8 = _operands(rows, position, kept, tokens, top_k)
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     d_rows = torch.empty_like(rows)
     d_weight = torch.zeros((tokens, top_k), dtype=torch.float32, device=rows.device)
-    if tokens == 0 or top_k == 0:
-        return d_rows.zero_(), d_weight
-    if hidden == 0:
-        return d_rows, d_weight
+    codes: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    if quantize:
+        codes = torch.empty(d_rows.shape, dtype=torch.int8, device=rows.device)
+        scale = torch.empty((d_rows.shape[0],), dtype=torch.float32, device=rows.device)
+    if tokens == 0 or top_k == 0 or hidden == 0:
+        if codes is not None and scale is not None:
+            codes.zero_()
+            scale.fill_(1.0)
+        return d_rows.zero_(), d_weight, codes, scale
     block_t, block_h, warps = _blocks(hidden)
-    record_launch("combine_rows_backward")
+    record_launch("combine_rows_backward_quantized" if quantize else "combine_rows_backward")
     _combine_backward_kernel[(triton.cdiv(tokens, block_t),)](
         rows, dy, position, kept_u8 if kept_u8 is not None else position, weight.reshape(-1).contiguous(),
-        d_rows, d_weight, tokens, hidden, rows.stride(0), dy.stride(0), d_rows.stride(0),
-        TOP_K=top_k, HAS_KEPT=kept_u8 is not None, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=warps)
-    return d_rows, d_weight
+        d_rows, d_weight, codes if codes is not None else d_rows, scale if scale is not None else d_weight,
+        tokens, hidden, rows.stride(0), dy.stride(0), d_rows.stride(0), codes.stride(0) if codes is not None else 0,
+        TOP_K=top_k, HAS_KEPT=kept_u8 is not None, QUANTIZE=quantize, BLOCK_T=block_t, BLOCK_H=block_h,
+        num_warps=warps)
+    return d_rows, d_weight, codes, scale
