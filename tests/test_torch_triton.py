@@ -79,11 +79,12 @@ def test_int8_schemes_launch_the_int8_kernel(triton_backend, kernels, scheme, fo
     assert forward.get("quantize_rows") == 1 and forward.get("swiglu_quantize_rows") == 1, forward
     assert forward.get("combine_rows") == 1, forward  # the gate-weighted combine, fused
     both = _launches(kernels, lambda: triton_backend.backward(prepared, data.x, data.dy))
-    assert both.get("combine_rows_backward") == 1, both
     assert both.get("grouped_gemm_int8") == forward_gemms + backward_gemms, both
-    if backward_gemms:  # Q(g) by the row quantizer, Q(d_a) fused into the SwiGLU backward
-        assert both.get("quantize_rows") == 2 and both.get("swiglu_backward_quantize_rows") == 1, both
+    if backward_gemms:  # Q(g) fused into the combine's backward, Q(d_a) into the SwiGLU backward
+        assert both.get("combine_rows_backward_quantized") == 1 and "combine_rows_backward" not in both, both
+        assert both.get("quantize_rows") == 1 and both.get("swiglu_backward_quantize_rows") == 1, both
     else:
+        assert both.get("combine_rows_backward") == 1, both
         assert both.get("quantize_rows") == 1 and both.get("swiglu_backward") == 1, both
 
 
@@ -209,10 +210,11 @@ def test_combine_kernels_match_the_gather_sum(triton_backend, kernels, tokens, t
 
 @pytest.mark.parametrize("scheme", ["int8_routed_prequant", "int8_routed"])
 def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backend, scheme, monkeypatch):
-    """When the SwiGLU gradient allocates d_a (with a, the largest [N, 2F] buffers), the forward's hidden
-    h (prequant) or its codes (straight-through) is gone: the backward holds each activation only to
-    its last use (issue 10: the int8 layer's forward+backward peak was 1.5x the compiled bf16 layer's).
-    Checked with weak references on CPU tensors; a second backward through the graph is refused."""
+    """When the SwiGLU gradient runs (with a, the largest [N, 2F] buffer), the forward's hidden h
+    (prequant) or its codes (straight-through) and the rows' gradient g are gone, and d_a is written over
+    a (no second [N, 2F] buffer): the backward holds each activation only to its last use (issue 10: the
+    int8 layer's forward+backward peak was 1.3x the compiled bf16 layer's). Checked with weak references
+    on CPU tensors; a second backward through the graph is refused."""
     import weakref
 
     import torch
@@ -222,26 +224,59 @@ def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backe
     data = CASES["empty_experts"].build("float32")
     prepared = triton_backend.prepare(data.spec, data.params, scheme, "float32")
     hidden: list[weakref.ref] = []
-    alive_at_peak: list[bool] = []
+    rows_grad: list[weakref.ref] = []
+    at_swiglu_grad: list[tuple[bool, bool, bool]] = []
     forward, backward = layer.swiglu_forward, layer.fused_swiglu_backward
+    combine_grads = {name: getattr(layer, name)
+                     for name in ("combine_rows_backward", "combine_rows_backward_quantized")}
 
     def recording_forward(a, store_h=True, quantize=True):
         out = forward(a, store_h=store_h, quantize=quantize)
         hidden.append(weakref.ref(out[0] if store_h else out[1]))
         return out
 
-    def checking_backward(a, d_h, quantize=False):
-        alive_at_peak.append(hidden[-1]() is not None)
-        return backward(a, d_h, quantize=quantize)
+    def recording_combine_grad(name):
+        def run(*args, **kwargs):
+            out = combine_grads[name](*args, **kwargs)
+            rows_grad.append(weakref.ref(out[0]))
+            return out
+        return run
+
+    def checking_backward(a, d_h, quantize=False, in_place=False):
+        out = backward(a, d_h, quantize=quantize, in_place=in_place)
+        at_swiglu_grad.append((hidden[-1]() is not None, rows_grad[-1]() is not None,
+                               out[0].data_ptr() != a.data_ptr()))
+        return out
 
     monkeypatch.setattr(layer, "swiglu_forward", recording_forward)
     monkeypatch.setattr(layer, "fused_swiglu_backward", checking_backward)
+    for name in combine_grads:
+        monkeypatch.setattr(layer, name, recording_combine_grad(name))
     x = torch.tensor(data.x, requires_grad=True)
     out = layer.layer_forward(prepared.spec, prepared.scheme, prepared.weights, x, prepared.int8_experts)
     out.y.sum().backward(retain_graph=True)
-    assert alive_at_peak == [False], "the hidden activation was still alive at the SwiGLU gradient"
+    assert len(rows_grad) == 1, "the rows' gradient did not come from the combine's backward kernel"
+    assert at_swiglu_grad == [(False, False, False)], (
+        "at the SwiGLU gradient (hidden alive, rows' gradient alive, d_a a new buffer): " + str(at_swiglu_grad))
     with pytest.raises(RuntimeError, match="once per forward"):
         out.y.sum().backward()
+
+
+def test_swiglu_backward_in_place_equals_the_out_of_place_one(kernels):
+    """d_a written over a is bit for bit the d_a of a fresh buffer, with and without Q(d_a)."""
+    import torch
+
+    from qmoe.implementations.torch_triton.kernels.swiglu import swiglu_backward
+
+    rng = np.random.default_rng(7)
+    for quantize in (False, True):
+        a = torch.tensor(rng.standard_normal((37, 2 * 40)).astype(np.float32))
+        d_h = torch.tensor(rng.standard_normal((37, 40)).astype(np.float32))
+        expected = swiglu_backward(a, d_h, quantize=quantize)
+        got = swiglu_backward(a, d_h, quantize=quantize, in_place=True)
+        assert got[0] is a
+        for e, g in zip(expected, got):
+            assert (e is None and g is None) or torch.equal(e, g)
 
 
 def _new_tensors(run):

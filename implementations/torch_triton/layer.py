@@ -35,9 +35,11 @@ from qmoe.reference.spec import MoESpec
 
 from ..torch_eager import router_gate_weights, sigmoid_balance_probs
 from .common import FALLBACKS
-from .kernels.combine import combine_rows, combine_rows_backward
+from .kernels import router as router_kernels
+from .kernels.combine import combine_rows, combine_rows_backward, combine_rows_backward_quantized
 from .kernels.grouped_gemm import grouped_gemm
 from .kernels.quant import fake_quant_rows, quantize_per_expert, quantize_rows
+from .kernels.router import top_k_lower_index_first
 from .kernels.swiglu import swiglu_backward as fused_swiglu_backward
 from .kernels.swiglu import swiglu_forward
 
@@ -178,9 +180,9 @@ def route(spec: MoESpec, router: torch.Tensor, router_bias: torch.Tensor | None,
     """softmax/sigmoid top-k in float32 (never quantized), capacity mask and Switch balance loss.
 
     Among equal scores the lower expert index wins, as in the reference (``torch.topk`` promises no
-    order for ties): `top_k_lower_index_first` for softmax routers, a stable descending sort for sigmoid.
+    order for ties): `top_k_lower_index_first`, a Triton kernel.
     """
-    logits = x.to(torch.float32) @ router.to(torch.float32)
+    logits = router_logits(x, router)
     # Select on the float32 logits (softmax) or float64 scores (sigmoid), never on float32 scores:
     # probabilities of a saturated router (an outlier token) underflow to 0 or round to 1 and tie
     # experts that the reference still orders; the softmax is monotonic, so its top-k is the logits'.
@@ -193,33 +195,51 @@ def route(spec: MoESpec, router: torch.Tensor, router_bias: torch.Tensor | None,
         bias = router_bias.detach().to(torch.float64) if router_bias is not None else 0.0
         selection = torch.sigmoid(logits.detach().to(torch.float64)) + bias
         probs = sigmoid_balance_probs(logits)
-        ids = torch.sort(selection, dim=-1, descending=True, stable=True).indices[:, : spec.top_k]
+        ids = top_k_lower_index_first(selection, spec.top_k)
     weights = router_gate_weights(spec, logits, scores, ids)
     share = counts_per_expert(ids.reshape(-1), spec.experts).to(torch.float32) / ids.numel()
     balance = spec.experts * torch.sum(share * probs.mean(dim=0))
     return Routing(ids, weights, capacity_mask(spec, ids), balance)
 
 
-def top_k_lower_index_first(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest float32 ``values`` per row, larger first, equal values by lower index:
-    a stable descending sort's first k, as one `torch.topk` over distinct int64 keys (a sort of [T, E]
-    float64 took 4% of the int8 layer's forward on the H200, 11% at top-2).
+class _RouterLogits(torch.autograd.Function):
+    """float32 logits of bfloat16 tokens through `kernels.router` (tensor cores, float32-accurate), with
+    both gradients likewise: dx rounded to x's dtype, as autograd's cast back from float32 would."""
 
-    A key is the value's order-preserving integer image (float32 bits, negatives' magnitude bits
-    flipped) times E, plus E - 1 - index; ``values + 0.0`` turns -0.0 into +0.0, which must tie.
-    The float32 logits order the experts as their float64 copies and their softmax do.
-    """
-    bits = (values.to(torch.float32) + 0.0).contiguous().view(torch.int32)
-    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)
-    columns = values.shape[-1]
-    tie_break = torch.arange(columns - 1, -1, -1, device=values.device)
-    return torch.topk(ordered * columns + tie_break, k, dim=-1).indices
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, router)
+        return router_kernels.logits_bf16(x, router)
+
+    @staticmethod
+    def backward(ctx, d_logits: torch.Tensor):
+        x, router = ctx.saved_tensors
+        d_logits = d_logits.to(torch.float32).contiguous()
+        dx = router_kernels.input_grad(d_logits, router, x.dtype) if ctx.needs_input_grad[0] else None
+        d_router = router_kernels.router_grad(x, d_logits) if ctx.needs_input_grad[1] else None
+        return dx, d_router
+
+
+def router_logits(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
+    """x R in float32 [T, E], differentiable. bfloat16 x runs the split-operand kernels (exact parts of the
+    float32 router on the tensor cores); any other dtype is copied to float32 for torch's float32 GEMM."""
+    router = router.to(torch.float32)
+    if x.dtype == torch.bfloat16:
+        return _RouterLogits.apply(x, router)
+    return x.to(torch.float32) @ router
 
 
 def counts_per_expert(ids: torch.Tensor, experts: int) -> torch.Tensor:
-    """How many entries of ``ids`` name each expert. A scatter-add, not `torch.bincount`, which on
-    CUDA reads the maximum back to the host: a synchronisation in the middle of every forward."""
-    return torch.zeros(experts, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+    """How many entries of ``ids`` (in 0 .. experts - 1) name each expert, int64 [experts].
+
+    A histogram of unit-wide bins (`torch.histc`: exact while a count stays below 2^24), not
+    `torch.bincount`, which on CUDA reads the maximum back to the host (a synchronisation in the middle
+    of every forward), nor a scatter-add of ones, whose atomics on E addresses serialise: 57 us per call
+    at T * k = 262,144 on the H200, twice per forward."""
+    if ids.numel() >= 2**24:
+        raise ValueError(f"counts_per_expert: {ids.numel()} entries, float32 bins count exactly below 2^24")
+    bins = torch.histc(ids.to(torch.float32), bins=experts, min=0, max=experts)
+    return bins.to(torch.int64)
 
 
 def capacity_mask(spec: MoESpec, ids: torch.Tensor) -> torch.Tensor | None:
@@ -414,8 +434,98 @@ def float_down(h: torch.Tensor, w2: torch.Tensor, plan: DispatchPlan) -> torch.T
     return grouped_mm(plan.mask_rows(h), w2, plan)
 
 
+@dataclass
+class _Int8Saved:
+    """What an int8 experts forward hands its backward: the plan, the rule, the weights' codes, x (only
+    the prequant weight gradient reads its float rows) and the activations (``stash``, given over once)."""
+
+    plan: DispatchPlan
+    rule: str
+    experts: Int8Experts
+    x: torch.Tensor | None
+    stash: list[torch.Tensor] | None
+
+
+def _int8_experts_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, plan: DispatchPlan, rule: str,
+                          prequantized: Int8Experts | None, needs_grad: bool
+                          ) -> tuple[torch.Tensor, _Int8Saved]:
+    """Unweighted expert rows [N, H] = Q(swiglu(Q(x_r) Q(W13_e))) Q(W2_e), and what the backward needs
+    (no activation kept unless ``needs_grad``)."""
+    experts = prequantized if prequantized is not None else Int8Experts.quantize(w13, w2, with_transposed=False)
+    x_codes, x_scale = quantize_rows(x)
+    # The float hidden is kept only where the prequant weight gradient needs it (d_w2 = h^T g).
+    keep_h = rule == "prequant_vjp" and needs_grad
+    a, h, h_codes, h_scale = int8_up(x_codes, x_scale, experts.w13_fwd, experts.w13_scale, plan, x.dtype,
+                                     store_h=keep_h)
+    out = int8_down(h_codes, h_scale, experts.w2_fwd, experts.w2_scale, plan, x.dtype)
+    stash = None
+    if needs_grad:
+        stash = [a, h] if rule == "prequant_vjp" else [x_codes, x_scale, a, h_codes, h_scale]
+    return out, _Int8Saved(plan, rule, experts, x if rule == "prequant_vjp" else None, stash)
+
+
+def _int8_experts_backward(saved: _Int8Saved, rows_grad: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d_x [T, H], d_w13, d_w2) from the rows' gradient g [N, H] (zero on rows no group covers).
+
+    ``rows_grad`` = [g, Q(g) codes or None, Q(g) scales or None], emptied here: g and every [N, .]
+    buffer is dropped right after its last use, so that the largest ones are never alive together. The
+    order is chosen for the peak: d_a is written over a (the SwiGLU gradient in place), the input
+    gradient d_x goes through before d_w13 (so Q(d_a) and d_x's rows are gone when x's gathered rows and
+    d_w13 are made), and g goes as soon as d_h and d_w2 have read it.
+    """
+    plan, experts = saved.plan, saved.experts
+    g, g_codes, g_scale = rows_grad
+    rows_grad.clear()
+    stash = saved.stash
+    if stash is None:
+        raise RuntimeError("torch_triton's int8 experts run their backward once per forward "
+                           "(backward through a retained graph is not supported)")
+    saved.stash = None
+    if saved.rule == "prequant_vjp":
+        x = saved.x
+        assert x is not None  # kept for this rule by `_int8_experts_forward`
+        dtype = x.dtype
+        a, h = stash
+        del stash
+        d_w2 = grouped_weight_grad(h, g, plan)
+        del h
+        if g_codes is None:
+            g_codes, g_scale = quantize_rows(g)
+        del g
+        d_h = grouped_gemm(g_codes, experts.w2_bwd, plan.group_starts, out_dtype=dtype, a_scale=g_scale,
+                           b_scale=experts.w2_scale, zero_uncovered=plan.has_drops)
+        del g_codes, g_scale
+        d_a, d_a_codes, d_a_scale = fused_swiglu_backward(a, d_h, quantize=True, in_place=True)
+        del a, d_h
+        d_x_rows = grouped_gemm(d_a_codes, experts.w13_bwd, plan.group_starts, out_dtype=dtype,
+                                a_scale=d_a_scale, b_scale=experts.w13_scale, zero_uncovered=plan.has_drops)
+        del d_a_codes, d_a_scale
+        d_x = plan.sum_per_token(d_x_rows)
+        del d_x_rows
+        d_w13 = grouped_weight_grad(x[plan.row_token], d_a, plan)
+        return d_x, d_w13, d_w2
+    x_codes, x_scale, a, h_codes, h_scale = stash
+    del stash, g_codes, g_scale
+    dtype = a.dtype
+    w13_eff, w2_eff = experts.dequantized(dtype)
+    h_eff = scaled_codes(h_codes, h_scale[:, None], dtype)
+    del h_codes, h_scale
+    d_w2 = grouped_weight_grad(h_eff, g, plan)
+    del h_eff
+    d_h = grouped_mm(g, w2_eff.transpose(1, 2), plan)
+    del g, w2_eff
+    d_a = plan.mask_rows(fused_swiglu_backward(a, d_h, in_place=True)[0])
+    del a, d_h
+    d_x = plan.sum_per_token(grouped_mm(d_a, w13_eff.transpose(1, 2), plan))
+    del w13_eff
+    x_eff = scaled_codes(x_codes[plan.row_token], x_scale[plan.row_token, None], dtype)
+    del x_codes, x_scale
+    return d_x, grouped_weight_grad(x_eff, d_a, plan), d_w2
+
+
 class _RoutedInt8Experts(torch.autograd.Function):
-    """Routed experts with int8 products: y_r = Q(swiglu(Q(x_r) Q(W13_e))) Q(W2_e) per sorted row r.
+    """Routed experts with int8 products: y_r = Q(swiglu(Q(x_r) Q(W13_e))) Q(W2_e) per sorted row r
+    (expert parallelism's local experts; the one-device layer runs `_RoutedInt8Layer`).
 
     Backward ``ste``: the float graph at the dequantized values (d_w2 = Q(h)^T g, d_h = g W2^T,
     d_w13 = Q(x)^T d_a, d_x = d_a W13^T). Backward ``prequant_vjp``: d_h = Q(g) W2^T and
@@ -425,64 +535,56 @@ class _RoutedInt8Experts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w13, w2, plan: DispatchPlan, rule: str, prequantized: Int8Experts | None):
-        experts = prequantized if prequantized is not None else Int8Experts.quantize(w13, w2, with_transposed=False)
-        x_codes, x_scale = quantize_rows(x)
-        # The float hidden is kept only where the prequant weight gradient needs it (d_w2 = h^T g).
-        keep_h = rule == "prequant_vjp" and any(ctx.needs_input_grad)
-        a, h, h_codes, h_scale = int8_up(x_codes, x_scale, experts.w13_fwd, experts.w13_scale, plan, x.dtype,
-                                         store_h=keep_h)
-        out = int8_down(h_codes, h_scale, experts.w2_fwd, experts.w2_scale, plan, x.dtype)
-        ctx.plan, ctx.rule, ctx.experts = plan, rule, experts
-        # Activations go to the backward through `_hand_over`, not save_for_backward, which would keep
-        # every one of them alive until the backward returns.
-        if rule == "prequant_vjp":
-            ctx.save_for_backward(x)
-            ctx.stash = [a, h]
-        else:
-            ctx.stash = [x_codes, x_scale, a, h_codes, h_scale]
-        if not any(ctx.needs_input_grad):
-            ctx.stash = None
+        # Activations go to the backward in `_Int8Saved`, not save_for_backward, which would keep every
+        # one of them alive until the backward returns.
+        out, ctx.saved = _int8_experts_forward(x, w13, w2, plan, rule, prequantized, any(ctx.needs_input_grad))
         return out
 
     @staticmethod
     def backward(ctx, g):
-        plan, experts = ctx.plan, ctx.experts
-        g = plan.mask_rows(g.contiguous())
-        # Each [N, .] buffer is dropped (del) right after its last use, so that the largest ones (a, d_a:
-        # [N, 2F]) are not alive together with h, g's codes and d_h at the backward's peak.
-        if ctx.rule == "prequant_vjp":
-            (x,) = ctx.saved_tensors
-            a, h = _hand_over(ctx)
-            dtype = x.dtype
-            d_w2 = grouped_weight_grad(h, g, plan)
-            del h
-            g_codes, g_scale = quantize_rows(g)
-            d_h = grouped_gemm(g_codes, experts.w2_bwd, plan.group_starts, out_dtype=dtype, a_scale=g_scale,
-                               b_scale=experts.w2_scale, zero_uncovered=plan.has_drops)
-            del g_codes, g_scale
-            d_a, d_a_codes, d_a_scale = fused_swiglu_backward(a, d_h, quantize=True)
-            del a, d_h
-            d_w13 = grouped_weight_grad(x[plan.row_token], d_a, plan)
-            del d_a
-            d_x_rows = grouped_gemm(d_a_codes, experts.w13_bwd, plan.group_starts, out_dtype=dtype,
-                                    a_scale=d_a_scale, b_scale=experts.w13_scale, zero_uncovered=plan.has_drops)
+        d_x, d_w13, d_w2 = _int8_experts_backward(ctx.saved, [ctx.saved.plan.mask_rows(g.contiguous()), None, None])
+        return d_x, d_w13, d_w2, None, None, None
+
+
+class _RoutedInt8Layer(torch.autograd.Function):
+    """The int8 routed experts and their gate-weighted combine as one autograd node, y [T, H].
+
+    One node, so that the rows' gradient g [N, H] is made inside this backward (the combine's backward
+    kernel, which also quantizes it per row for the prequant VJP: no separate pass over g) and freed
+    once d_h and d_w2 have read it, where autograd would hold it until the experts' backward returned.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w13, w2, gate_weights, plan: DispatchPlan, rule: str, prequantized: Int8Experts | None):
+        needs_grad = any(ctx.needs_input_grad)
+        rows, ctx.saved = _int8_experts_forward(x, w13, w2, plan, rule, prequantized, needs_grad)
+        y = combine_rows(rows, plan.inverse, plan.top_k, weight=gate_weights, kept=plan.kept)
+        # The rows are read once more, by the gates' gradient; given over like the activations.
+        ctx.rows = [rows] if needs_grad else None
+        ctx.gate_weights = gate_weights.detach()
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        saved: _Int8Saved = ctx.saved
+        plan = saved.plan
+        if ctx.rows is None:
+            raise RuntimeError("torch_triton's int8 experts run their backward once per forward "
+                               "(backward through a retained graph is not supported)")
+        rows = ctx.rows.pop()
+        ctx.rows = None
+        dy = dy.contiguous()
+        if saved.rule == "prequant_vjp":
+            g, d_gates, g_codes, g_scale = combine_rows_backward_quantized(
+                rows, dy, plan.inverse, ctx.gate_weights, plan.top_k, kept=plan.kept)
         else:
-            x_codes, x_scale, a, h_codes, h_scale = _hand_over(ctx)
-            dtype = a.dtype
-            w13_eff, w2_eff = experts.dequantized(dtype)
-            h_eff = scaled_codes(h_codes, h_scale[:, None], dtype)
-            del h_codes, h_scale
-            d_w2 = grouped_weight_grad(h_eff, g, plan)
-            del h_eff
-            d_h = grouped_mm(g, w2_eff.transpose(1, 2), plan)
-            d_a = plan.mask_rows(fused_swiglu_backward(a, d_h)[0])
-            del a, d_h
-            x_eff = scaled_codes(x_codes[plan.row_token], x_scale[plan.row_token, None], dtype)
-            del x_codes, x_scale
-            d_w13 = grouped_weight_grad(x_eff, d_a, plan)
-            del x_eff
-            d_x_rows = grouped_mm(d_a, w13_eff.transpose(1, 2), plan)
-        return plan.sum_per_token(d_x_rows), d_w13, d_w2, None, None, None
+            (g, d_gates), g_codes, g_scale = combine_rows_backward(
+                rows, dy, plan.inverse, ctx.gate_weights, plan.top_k, kept=plan.kept), None, None
+        del rows
+        rows_grad = [g, g_codes, g_scale]
+        del g, g_codes, g_scale
+        d_x, d_w13, d_w2 = _int8_experts_backward(saved, rows_grad)
+        return d_x, d_w13, d_w2, d_gates.to(ctx.gate_weights.dtype).view_as(ctx.gate_weights), None, None, None
 
 
 def int8_up(x_codes: torch.Tensor, x_scale: torch.Tensor, w13_codes: torch.Tensor, w13_scale: torch.Tensor,
@@ -502,17 +604,6 @@ def int8_down(h_codes: torch.Tensor, h_scale: torch.Tensor, w2_codes: torch.Tens
     """Q(h_r) Q(W2_e) per sorted row, [N, H] (uncovered rows zero where assignments were dropped)."""
     return grouped_gemm(h_codes, w2_codes, plan.group_starts, out_dtype=dtype, a_scale=h_scale, b_scale=w2_scale,
                         zero_uncovered=plan.has_drops)
-
-
-def _hand_over(ctx) -> list[torch.Tensor]:
-    """The forward's activations, handed to the backward once (ctx keeps no reference, so a ``del``
-    there frees a buffer). A second backward through the same graph (``retain_graph``) is refused."""
-    stash = getattr(ctx, "stash", None)
-    if stash is None:
-        raise RuntimeError("torch_triton's int8 experts run their backward once per forward "
-                           "(backward through a retained graph is not supported)")
-    ctx.stash = None
-    return stash
 
 
 def int8_routed(scheme: Scheme) -> bool:
@@ -581,8 +672,10 @@ def layer_forward(spec: MoESpec, scheme: Scheme, weights: LayerWeights, x: torch
     used = training_weights(weights, scheme, fake_quant)
     routing = route(spec, used.router, used.router_bias, x)
     plan = plan_dispatch(routing.expert_ids, routing.kept, spec.experts)
-    rows = routed_experts(x, used.w13, used.w2, plan, scheme, prequantized)
-    y = combine(rows, plan, routing)
+    if int8_routed(scheme):
+        y = _RoutedInt8Layer.apply(x, used.w13, used.w2, routing.gate_weights, plan, scheme.backward, prequantized)
+    else:
+        y = combine(float_experts(x, used.w13, used.w2, plan), plan, routing)
     if used.shared_w13 is not None:
         y = y + shared_expert(x, used.shared_w13, used.shared_w2)
     return LayerOutput(y, routing)

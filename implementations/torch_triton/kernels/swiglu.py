@@ -90,21 +90,38 @@ def _swiglu_grads(a_ptr, dh_ptr, rows64, cols, mask, stride_a, stride_dh, ffn):
 
 
 @triton.jit
+def _store_grads(a_ptr, da_ptr, da_row, cols, ffn, d_gate, d_up, mask, IN_PLACE: tl.constexpr):
+    """d_a's gate and up halves, rounded to the dtype of the tensor they go to (a's, in place)."""
+    if IN_PLACE:
+        out_ty = a_ptr.dtype.element_ty
+    else:
+        out_ty = da_ptr.dtype.element_ty
+    tl.store(da_row + cols[None, :], d_gate.to(out_ty), mask=mask)
+    tl.store(da_row + (cols + ffn)[None, :], d_up.to(out_ty), mask=mask)
+
+
+@triton.jit
 def _swiglu_backward_kernel(a_ptr, dh_ptr, da_ptr, codes_ptr, scale_ptr, n_rows, ffn,
                             stride_a, stride_dh, stride_da, stride_c,
-                            QUANTIZE: tl.constexpr, ONE_PASS: tl.constexpr,
+                            QUANTIZE: tl.constexpr, ONE_PASS: tl.constexpr, IN_PLACE: tl.constexpr,
                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     rows64 = rows.to(tl.int64)
-    da_row = da_ptr + rows64[:, None] * stride_da
+    # In place, d_a goes through a's own pointer (one argument, no aliasing between two): a program owns
+    # its rows, and in each column block it reads gate and up before writing their gradients there.
+    if IN_PLACE:
+        da_row = a_ptr + rows64[:, None] * stride_a
+    else:
+        da_row = da_ptr + rows64[:, None] * stride_da
     codes_row = codes_ptr + rows64[:, None] * stride_c
     if ONE_PASS:
         cols = tl.arange(0, BLOCK_C)
         mask = row_ok[:, None] & (cols < ffn)[None, :]
         d_gate, d_up = _swiglu_grads(a_ptr, dh_ptr, rows64, cols, mask, stride_a, stride_dh, ffn)
-        tl.store(da_row + cols[None, :], d_gate.to(da_ptr.dtype.element_ty), mask=mask)
-        tl.store(da_row + (cols + ffn)[None, :], d_up.to(da_ptr.dtype.element_ty), mask=mask)
+        if IN_PLACE:
+            tl.debug_barrier()  # every thread's loads of these rows are done before any thread stores
+        _store_grads(a_ptr, da_ptr, da_row, cols, ffn, d_gate, d_up, mask, IN_PLACE)
         if QUANTIZE:
             scale = _row_scale(tl.maximum(tl.max(tl.abs(d_gate), axis=1), tl.max(tl.abs(d_up), axis=1)))
             tl.store(codes_row + cols[None, :], _codes(d_gate, scale), mask=mask)
@@ -125,8 +142,9 @@ def _swiglu_backward_kernel(a_ptr, dh_ptr, da_ptr, codes_ptr, scale_ptr, n_rows,
             cols = start + tl.arange(0, BLOCK_C)
             mask = row_ok[:, None] & (cols < ffn)[None, :]
             d_gate, d_up = _swiglu_grads(a_ptr, dh_ptr, rows64, cols, mask, stride_a, stride_dh, ffn)
-            tl.store(da_row + cols[None, :], d_gate.to(da_ptr.dtype.element_ty), mask=mask)
-            tl.store(da_row + (cols + ffn)[None, :], d_up.to(da_ptr.dtype.element_ty), mask=mask)
+            if IN_PLACE:
+                tl.debug_barrier()
+            _store_grads(a_ptr, da_ptr, da_row, cols, ffn, d_gate, d_up, mask, IN_PLACE)
             if QUANTIZE:
                 tl.store(codes_row + cols[None, :], _codes(d_gate, scale), mask=mask)
                 tl.store(codes_row + (cols + ffn)[None, :], _codes(d_up, scale), mask=mask)
@@ -171,14 +189,19 @@ def swiglu_forward(a: torch.Tensor, store_h: bool = True, quantize: bool = True
     return h, codes, scale
 
 
-def swiglu_backward(a: torch.Tensor, d_h: torch.Tensor, quantize: bool = False
+def swiglu_backward(a: torch.Tensor, d_h: torch.Tensor, quantize: bool = False, in_place: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """d_a [R, 2F] (a's dtype) for a [R, 2F] and d_h [R, F]; with ``quantize`` also Q(d_a) per row."""
+    """d_a [R, 2F] (a's dtype) for a [R, 2F] and d_h [R, F]; with ``quantize`` also Q(d_a) per row.
+
+    ``in_place``: d_a is written over a (returned as that same tensor), for a caller that is done with a:
+    the backward's largest buffer then never exists twice (2 GiB at the logbook shape, top-8)."""
     rows, two_f = a.shape
     ffn = two_f // 2
+    if in_place and a.stride(-1) != 1:
+        raise ValueError("swiglu_backward(in_place=True) needs a with unit column stride")
     a = a if a.stride(-1) == 1 else a.contiguous()
     d_h = d_h if d_h.stride(-1) == 1 else d_h.contiguous()
-    d_a = torch.empty_like(a)
+    d_a = a if in_place else torch.empty_like(a)
     codes = torch.empty((rows, two_f), dtype=torch.int8, device=a.device) if quantize else None
     scale = torch.ones((rows,), dtype=torch.float32, device=a.device) if quantize else None
     if rows == 0 or ffn == 0:
@@ -186,7 +209,8 @@ def swiglu_backward(a: torch.Tensor, d_h: torch.Tensor, quantize: bool = False
     one_pass, block_r, block_c, warps = _launch_shape(ffn)
     record_launch("swiglu_backward_quantize_rows" if quantize else "swiglu_backward")
     _swiglu_backward_kernel[(triton.cdiv(rows, block_r),)](
-        a, d_h, d_a, codes if quantize else d_a, scale if quantize else d_a, rows, ffn,
+        a, d_h, d_h if in_place else d_a, codes if quantize else d_h, scale if quantize else d_h, rows, ffn,
         a.stride(0), d_h.stride(0), d_a.stride(0), codes.stride(0) if quantize else 0,
-        QUANTIZE=quantize, ONE_PASS=one_pass, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
+        QUANTIZE=quantize, ONE_PASS=one_pass, IN_PLACE=in_place, BLOCK_R=block_r, BLOCK_C=block_c,
+        num_warps=warps)
     return d_a, codes, scale

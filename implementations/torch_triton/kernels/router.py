@@ -1,0 +1,256 @@
+"""Triton kernels of the torch_triton router: float32-accurate logits from bfloat16 tokens on the tensor
+cores, their two gradients likewise, and the top-k selection.
+
+The router is float32 in every backend: logits = x R with R [H, E] float32. For float32 tokens that is
+a float32 GEMM; for bfloat16 tokens torch would first copy x to float32 and run the GEMM without tensor
+cores (on the H200 at T 32768, H 2048, E 64 the copy, the GEMM and the two backward GEMMs took ~0.9 ms of
+a 9.8 ms int8 training step at top-2). Here a float32 operand is split exactly into three bfloat16 parts,
+
+    r = hi + mid + lo,  hi = bf16(r), mid = bf16(r - hi), lo = bf16(r - hi - mid)
+
+(each remainder has at most 16, then 8, significant bits: the parts add up to r exactly, to float32's
+normal range), and x r = x hi + x mid + x lo: products of bfloat16 operands are exact in float32, the
+tensor cores accumulate in float32, so the logits carry a float32 GEMM's rounding and no more. The
+gradients split both float32 factors (d_logits and R) and keep the six part products above 2^-24 of the
+leading one. A bfloat16 x needs no split.
+
+`top_k_lower_index_first`: the k largest of each row, larger first, equal values by lower index (the
+reference's rule), on integer keys that order as the floats do.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..common import is_interpreted_kernel, next_power_of_2, record_launch
+
+
+def split_bf16x3(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hi, mid, lo) bfloat16 with hi + mid + lo == r exactly (float32 r in the normal range)."""
+    r = r.to(torch.float32)
+    hi = r.to(torch.bfloat16)
+    rest = r - hi.to(torch.float32)
+    mid = rest.to(torch.bfloat16)
+    lo = (rest - mid.to(torch.float32)).to(torch.bfloat16)
+    return hi, mid, lo
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a b, float32 accumulation. UPCAST (the interpreter, whose dot reads bfloat16 as its integer
+    bits) multiplies float32 copies instead: the same exact products."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _logits_kernel(x_ptr, hi_ptr, mid_ptr, lo_ptr, out_ptr, n_tokens, hidden, experts,
+                   stride_x, stride_r, stride_o,
+                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """logits[t, e] = sum_k x[t, k] (hi + mid + lo)[k, e], float32 accumulation; small parts first."""
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    token_ok = tokens < n_tokens
+    col_ok = cols < experts
+    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    for start in range(0, hidden, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_ok = ks < hidden
+        x = tl.load(x_ptr + tokens.to(tl.int64)[:, None] * stride_x + ks[None, :],
+                    mask=token_ok[:, None] & k_ok[None, :], other=0.0)
+        r_offsets = ks[:, None] * stride_r + cols[None, :]
+        r_mask = k_ok[:, None] & col_ok[None, :]
+        acc = _dot(x, tl.load(lo_ptr + r_offsets, mask=r_mask, other=0.0), acc, UPCAST)
+        acc = _dot(x, tl.load(mid_ptr + r_offsets, mask=r_mask, other=0.0), acc, UPCAST)
+        acc = _dot(x, tl.load(hi_ptr + r_offsets, mask=r_mask, other=0.0), acc, UPCAST)
+    tl.store(out_ptr + tokens.to(tl.int64)[:, None] * stride_o + cols[None, :], acc,
+             mask=token_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _input_grad_kernel(d1_ptr, d2_ptr, d3_ptr, r1_ptr, r2_ptr, r3_ptr, out_ptr, n_tokens, hidden, experts,
+                       stride_d, stride_r, stride_o,
+                       BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, UPCAST: tl.constexpr):
+    """dx[t, h] = sum_e d[t, e] r[h, e] (d, r float32 as three bfloat16 parts each), rounded once to
+    out's dtype. r is read transposed: its [H, E] rows are the B operand's columns."""
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    token_ok = tokens < n_tokens
+    col_ok = cols < hidden
+    acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+    for start in range(0, experts, BLOCK_E):
+        es = start + tl.arange(0, BLOCK_E)
+        e_ok = es < experts
+        d_offsets = tokens.to(tl.int64)[:, None] * stride_d + es[None, :]
+        d_mask = token_ok[:, None] & e_ok[None, :]
+        r_offsets = cols[None, :] * stride_r + es[:, None]
+        r_mask = e_ok[:, None] & col_ok[None, :]
+        d1 = tl.load(d1_ptr + d_offsets, mask=d_mask, other=0.0)
+        d2 = tl.load(d2_ptr + d_offsets, mask=d_mask, other=0.0)
+        d3 = tl.load(d3_ptr + d_offsets, mask=d_mask, other=0.0)
+        r1 = tl.load(r1_ptr + r_offsets, mask=r_mask, other=0.0)
+        r2 = tl.load(r2_ptr + r_offsets, mask=r_mask, other=0.0)
+        r3 = tl.load(r3_ptr + r_offsets, mask=r_mask, other=0.0)
+        # The six part products down to 2^-16 x 2^-8 of the leading one, smallest first.
+        acc = _dot(d2, r2, acc, UPCAST)
+        acc = _dot(d1, r3, acc, UPCAST)
+        acc = _dot(d3, r1, acc, UPCAST)
+        acc = _dot(d1, r2, acc, UPCAST)
+        acc = _dot(d2, r1, acc, UPCAST)
+        acc = _dot(d1, r1, acc, UPCAST)
+    tl.store(out_ptr + tokens.to(tl.int64)[:, None] * stride_o + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=token_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _router_grad_kernel(x_ptr, d1_ptr, d2_ptr, d3_ptr, out_ptr, n_tokens, hidden, experts, tokens_per_split,
+                        stride_x, stride_d, stride_os, stride_o,
+                        BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, UPCAST: tl.constexpr):
+    """One split's share of dR[h, e] = sum_t x[t, h] d[t, e] (d float32 as three bfloat16 parts) over
+    tokens split * tokens_per_split onwards, into out[split] (the splits are summed afterwards, in a
+    fixed order: deterministic, no atomics)."""
+    cols = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    experts_ = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    split = tl.program_id(2)
+    col_ok = cols < hidden
+    e_ok = experts_ < experts
+    first = split * tokens_per_split
+    last = tl.minimum(first + tokens_per_split, n_tokens)
+    acc = tl.zeros((BLOCK_H, BLOCK_E), dtype=tl.float32)
+    for start in range(first, last, BLOCK_T):
+        tokens = start + tl.arange(0, BLOCK_T)
+        token_ok = tokens < last
+        x_t = tl.load(x_ptr + cols[:, None] + tokens.to(tl.int64)[None, :] * stride_x,
+                      mask=col_ok[:, None] & token_ok[None, :], other=0.0)
+        d_offsets = tokens.to(tl.int64)[:, None] * stride_d + experts_[None, :]
+        d_mask = token_ok[:, None] & e_ok[None, :]
+        acc = _dot(x_t, tl.load(d3_ptr + d_offsets, mask=d_mask, other=0.0), acc, UPCAST)
+        acc = _dot(x_t, tl.load(d2_ptr + d_offsets, mask=d_mask, other=0.0), acc, UPCAST)
+        acc = _dot(x_t, tl.load(d1_ptr + d_offsets, mask=d_mask, other=0.0), acc, UPCAST)
+    tl.store(out_ptr + split.to(tl.int64) * stride_os + cols[:, None] * stride_o + experts_[None, :], acc,
+             mask=col_ok[:, None] & e_ok[None, :])
+
+
+@triton.jit
+def _top_k_kernel(values_ptr, ids_ptr, n_rows, n_cols, stride_v, TOP_K: tl.constexpr, WIDE: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """ids[r, :k] = the k largest of values[r], larger first, equal values by lower index.
+
+    Compared as integers that order as the floats do (the bits, negatives' magnitude bits flipped;
+    -0.0 made +0.0 first so that the two zeros tie), k rounds of (max, lowest index holding it)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    v = tl.load(values_ptr + rows.to(tl.int64)[:, None] * stride_v + cols[None, :],
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    v = tl.where(v == 0.0, 0.0, v)
+    if WIDE:
+        bits = v.to(tl.int64, bitcast=True)
+        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFFFFFFFFFF)
+        lowest = -9223372036854775807 - 1
+    else:
+        bits = v.to(tl.int32, bitcast=True)
+        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+        lowest = -2147483647 - 1
+    taken = (cols >= n_cols)[None, :] | (rows < 0)[:, None]  # padding columns never win
+    for j in tl.static_range(TOP_K):
+        best = tl.max(tl.where(taken, lowest, key), axis=1)
+        pick = tl.min(tl.where((~taken) & (key == best[:, None]), cols[None, :], BLOCK_C), axis=1)
+        tl.store(ids_ptr + rows.to(tl.int64) * TOP_K + j, pick.to(tl.int64), mask=row_ok)
+        taken = taken | (cols[None, :] == pick[:, None])
+
+
+INTERPRETED: bool = is_interpreted_kernel(_logits_kernel)
+
+
+def _tiles(n: int, cap: int, floor: int = 16) -> int:
+    """A power-of-two tile of at most ``cap`` covering ``n`` where it can (tl.dot wants >= 16)."""
+    return max(floor, min(cap, next_power_of_2(n)))
+
+
+def logits_bf16(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
+    """float32 logits [T, E] = x R for bfloat16 x [T, H] and float32 R [H, E] (module docstring)."""
+    tokens, hidden = x.shape
+    experts = router.shape[1]
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    hi, mid, lo = (p.contiguous() for p in split_bf16x3(router))
+    out = torch.empty((tokens, experts), dtype=torch.float32, device=x.device)
+    if tokens == 0 or experts == 0:
+        return out
+    if hidden == 0:
+        return out.zero_()
+    block_t, block_e, block_k = (32, _tiles(experts, 32), 32) if INTERPRETED else (128, _tiles(experts, 128), 64)
+    record_launch("router_logits")
+    _logits_kernel[(triton.cdiv(tokens, block_t), triton.cdiv(experts, block_e))](
+        x, hi, mid, lo, out, tokens, hidden, experts, x.stride(0), hi.stride(0), out.stride(0),
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, UPCAST=INTERPRETED, num_warps=4)
+    return out
+
+
+def input_grad(d_logits: torch.Tensor, router: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dx [T, H] = d_logits R^T in ``dtype``, from float32 d_logits [T, E] and R [H, E]."""
+    tokens, experts = d_logits.shape
+    hidden = router.shape[0]
+    out = torch.empty((tokens, hidden), dtype=dtype, device=d_logits.device)
+    if tokens == 0 or hidden == 0:
+        return out
+    if experts == 0:
+        return out.zero_()
+    d1, d2, d3 = (p.contiguous() for p in split_bf16x3(d_logits))
+    r1, r2, r3 = (p.contiguous() for p in split_bf16x3(router))
+    block_t, block_h, block_e = (32, 32, _tiles(experts, 32)) if INTERPRETED else (128, 128, _tiles(experts, 64))
+    record_launch("router_input_grad")
+    _input_grad_kernel[(triton.cdiv(tokens, block_t), triton.cdiv(hidden, block_h))](
+        d1, d2, d3, r1, r2, r3, out, tokens, hidden, experts, d1.stride(0), r1.stride(0), out.stride(0),
+        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_E=block_e, UPCAST=INTERPRETED, num_warps=8)
+    return out
+
+
+def router_grad(x: torch.Tensor, d_logits: torch.Tensor) -> torch.Tensor:
+    """dR [H, E] float32 = x^T d_logits for bfloat16 x [T, H] and float32 d_logits [T, E]."""
+    tokens, hidden = x.shape
+    experts = d_logits.shape[1]
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    if tokens == 0 or hidden == 0 or experts == 0:
+        return torch.zeros((hidden, experts), dtype=torch.float32, device=x.device)
+    d1, d2, d3 = (p.contiguous() for p in split_bf16x3(d_logits))
+    if INTERPRETED:
+        block_h, block_e, block_t, per_split = 32, _tiles(experts, 32), 32, 64
+    else:
+        block_h, block_e, block_t = 128, _tiles(experts, 64), 64
+        # Enough splits to fill the GPU (~2 programs per SM), each a run of whole token tiles.
+        programs = triton.cdiv(hidden, block_h) * triton.cdiv(experts, block_e)
+        per_split = block_t * triton.cdiv(tokens, block_t * max(1, min(256 // programs, triton.cdiv(tokens, 1024))))
+    splits = triton.cdiv(tokens, per_split)
+    partial = torch.empty((splits, hidden, experts), dtype=torch.float32, device=x.device)
+    record_launch("router_weight_grad")
+    _router_grad_kernel[(triton.cdiv(hidden, block_h), triton.cdiv(experts, block_e), splits)](
+        x, d1, d2, d3, partial, tokens, hidden, experts, per_split, x.stride(0), d1.stride(0),
+        partial.stride(0), partial.stride(1), BLOCK_H=block_h, BLOCK_E=block_e, BLOCK_T=block_t, UPCAST=INTERPRETED,
+        num_warps=4)
+    return partial.sum(dim=0)
+
+
+def top_k_lower_index_first(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [R, k] int64 of the k largest of each row of float32 or float64 ``values`` [R, C], larger
+    first, equal values by lower index (a stable descending sort's first k; -0.0 ties +0.0)."""
+    if values.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"top_k_lower_index_first takes float32 or float64 values, got {values.dtype}")
+    rows, cols = values.shape
+    if not 0 <= k <= cols:
+        raise ValueError(f"top-{k} of {cols} columns")
+    values = values if values.stride(-1) == 1 else values.contiguous()
+    ids = torch.empty((rows, k), dtype=torch.int64, device=values.device)
+    if rows == 0 or k == 0:
+        return ids
+    block_c = next_power_of_2(cols)
+    block_r = max(1, min(64, 4096 // block_c)) if not INTERPRETED else 32
+    record_launch("router_top_k")
+    _top_k_kernel[(triton.cdiv(rows, block_r),)](
+        values, ids, rows, cols, values.stride(0), TOP_K=k, WIDE=values.dtype == torch.float64,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+    return ids
