@@ -252,7 +252,7 @@ def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backe
     monkeypatch.setattr(layer, "fused_swiglu_backward", checking_backward)
     for name in combine_grads:
         monkeypatch.setattr(layer, name, recording_combine_grad(name))
-    x = torch.tensor(data.x, requires_grad=True)
+    x = torch.tensor(data.x, device=prepared.device, requires_grad=True)
     out = layer.layer_forward(prepared.spec, prepared.scheme, prepared.weights, x, prepared.int8_experts)
     out.y.sum().backward(retain_graph=True)
     assert len(rows_grad) == 1, "the rows' gradient did not come from the combine's backward kernel"

@@ -81,9 +81,10 @@ def test_logits_carry_a_float32_gemms_rounding(router, experts):
     assert bool(((hi_only - exact).abs() > bound).any())
 
 
-def test_gradients_carry_a_float32_gemms_rounding(router):
+@pytest.mark.parametrize("experts", [9, 64])  # 64: the GPU's full tiles (six operand tiles in shared memory)
+def test_gradients_carry_a_float32_gemms_rounding(router, experts):
     kernels, device = router
-    x, r = _operands(device)
+    x, r = _operands(device, hidden=140, experts=experts)
     rng = np.random.default_rng(2)
     d = torch.tensor((rng.standard_normal((x.shape[0], r.shape[1])) * 1e-3).astype(np.float32), device=device)
     dx = kernels.input_grad(d, r, torch.bfloat16)

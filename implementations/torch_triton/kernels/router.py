@@ -206,7 +206,8 @@ def input_grad(d_logits: torch.Tensor, router: torch.Tensor, dtype: torch.dtype)
     record_launch("router_input_grad")
     _input_grad_kernel[(triton.cdiv(tokens, block_t), triton.cdiv(hidden, block_h))](
         d1, d2, d3, r1, r2, r3, out, tokens, hidden, experts, d1.stride(0), r1.stride(0), out.stride(0),
-        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_E=block_e, UPCAST=INTERPRETED, num_warps=8)
+        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_E=block_e, UPCAST=INTERPRETED, num_warps=8,
+        num_stages=1)  # six operand tiles, one E step at E <= 64: a pipeline only needs shared memory
     return out
 
 
