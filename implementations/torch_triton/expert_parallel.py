@@ -43,7 +43,7 @@ from qmoe.reference.spec import MoESpec, SpecError
 
 from ..torch_eager import sigmoid_balance_probs
 from . import layer
-from .kernels.quant import quantize_rows
+from .kernels.quant import dequantize_rows, quantize_rows
 
 #: Seconds a collective may wait for the other ranks before it raises (a rank that failed must not hang
 #: the others for torch's default 10 to 30 minutes).
@@ -148,7 +148,7 @@ def pack_int8_rows(rows: torch.Tensor) -> torch.Tensor:
 
 def unpack_int8_rows(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     codes, scale = packed[:, :-4], packed[:, -4:].contiguous().view(torch.float32).view(-1)
-    return layer.scaled_codes(codes, scale[:, None], dtype)
+    return dequantize_rows(codes, scale, dtype)
 
 
 class _Int8Dispatch(torch.autograd.Function):

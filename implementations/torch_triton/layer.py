@@ -38,7 +38,7 @@ from .common import FALLBACKS
 from .kernels import router as router_kernels
 from .kernels.combine import combine_rows, combine_rows_backward, combine_rows_backward_quantized
 from .kernels.grouped_gemm import grouped_gemm
-from .kernels.quant import fake_quant_rows, quantize_per_expert, quantize_rows
+from .kernels.quant import dequantize_experts, dequantize_rows, fake_quant_rows, quantize_per_expert, quantize_rows
 from .kernels.router import top_k_lower_index_first
 from .kernels.swiglu import swiglu_backward as fused_swiglu_backward
 from .kernels.swiglu import swiglu_forward
@@ -103,17 +103,9 @@ def expert_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_expert_codes(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[E, in, out] ``codes * scale[e]`` in ``dtype``, contiguous."""
-    return scaled_codes(codes, scale[:, None, None], dtype)
-
-
-def scaled_codes(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``codes * scale`` (float32 product) rounded once to ``dtype``, written straight into a ``dtype``
-    tensor: ``(codes.float() * scale).to(dtype)`` gives the same values but holds a float32 copy first,
-    twice a bf16 result's size (28 GiB for DeepSeek-V3's w13, which ran the H200 out of memory on
-    2026-12-01)."""
-    out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
-    return torch.mul(codes, scale, out=out)
+    """[E, in, out] ``codes * scale[e]`` in ``dtype`` (the float32 product rounded once), in the codes'
+    layout: a K-major view gives a K-major result, read by `torch._grouped_mm` either way."""
+    return dequantize_experts(codes, scale, dtype)
 
 
 # -- QAT ------------------------------------------------------------------------------------------
@@ -508,7 +500,7 @@ def _int8_experts_backward(saved: _Int8Saved, rows_grad: list) -> tuple[torch.Te
     del stash, g_codes, g_scale
     dtype = a.dtype
     w13_eff, w2_eff = experts.dequantized(dtype)
-    h_eff = scaled_codes(h_codes, h_scale[:, None], dtype)
+    h_eff = dequantize_rows(h_codes, h_scale, dtype)
     del h_codes, h_scale
     d_w2 = grouped_weight_grad(h_eff, g, plan)
     del h_eff
@@ -518,7 +510,7 @@ def _int8_experts_backward(saved: _Int8Saved, rows_grad: list) -> tuple[torch.Te
     del a, d_h
     d_x = plan.sum_per_token(grouped_mm(d_a, w13_eff.transpose(1, 2), plan))
     del w13_eff
-    x_eff = scaled_codes(x_codes[plan.row_token], x_scale[plan.row_token, None], dtype)
+    x_eff = dequantize_rows(x_codes, x_scale, dtype, rows=plan.row_token)
     del x_codes, x_scale
     return d_x, grouped_weight_grad(x_eff, d_a, plan), d_w2
 

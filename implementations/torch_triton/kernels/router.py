@@ -27,13 +27,15 @@ import triton.language as tl
 from ..common import is_interpreted_kernel, next_power_of_2, record_launch
 
 
-def split_bf16x3(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(hi, mid, lo) bfloat16 with hi + mid + lo == r exactly (float32 r in the normal range)."""
-    r = r.to(torch.float32)
-    hi = r.to(torch.bfloat16)
-    rest = r - hi.to(torch.float32)
-    mid = rest.to(torch.bfloat16)
-    lo = (rest - mid.to(torch.float32)).to(torch.bfloat16)
+@triton.jit
+def _split3(v):
+    """float32 v as bfloat16 (hi, mid, lo) with hi + mid + lo == v exactly: each remainder is exact in
+    float32 and has at most 16, then 8 significant bits (so whether the conversion rounds to nearest,
+    compiled, or truncates, in the interpreter, the three parts still add up to v)."""
+    hi = v.to(tl.bfloat16)
+    rest = v - hi.to(tl.float32)
+    mid = rest.to(tl.bfloat16)
+    lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
     return hi, mid, lo
 
 
@@ -47,7 +49,7 @@ def _dot(a, b, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _logits_kernel(x_ptr, hi_ptr, mid_ptr, lo_ptr, out_ptr, n_tokens, hidden, experts,
+def _logits_kernel(x_ptr, r_ptr, out_ptr, n_tokens, hidden, experts,
                    stride_x, stride_r, stride_o,
                    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
     """logits[t, e] = sum_k x[t, k] (hi + mid + lo)[k, e], float32 accumulation; small parts first."""
@@ -63,15 +65,16 @@ def _logits_kernel(x_ptr, hi_ptr, mid_ptr, lo_ptr, out_ptr, n_tokens, hidden, ex
                     mask=token_ok[:, None] & k_ok[None, :], other=0.0)
         r_offsets = ks[:, None] * stride_r + cols[None, :]
         r_mask = k_ok[:, None] & col_ok[None, :]
-        acc = _dot(x, tl.load(lo_ptr + r_offsets, mask=r_mask, other=0.0), acc, UPCAST)
-        acc = _dot(x, tl.load(mid_ptr + r_offsets, mask=r_mask, other=0.0), acc, UPCAST)
-        acc = _dot(x, tl.load(hi_ptr + r_offsets, mask=r_mask, other=0.0), acc, UPCAST)
+        hi, mid, lo = _split3(tl.load(r_ptr + r_offsets, mask=r_mask, other=0.0))
+        acc = _dot(x, lo, acc, UPCAST)
+        acc = _dot(x, mid, acc, UPCAST)
+        acc = _dot(x, hi, acc, UPCAST)
     tl.store(out_ptr + tokens.to(tl.int64)[:, None] * stride_o + cols[None, :], acc,
              mask=token_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
-def _input_grad_kernel(d1_ptr, d2_ptr, d3_ptr, r1_ptr, r2_ptr, r3_ptr, out_ptr, n_tokens, hidden, experts,
+def _input_grad_kernel(d_ptr, r_ptr, out_ptr, n_tokens, hidden, experts,
                        stride_d, stride_r, stride_o,
                        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, UPCAST: tl.constexpr):
     """dx[t, h] = sum_e d[t, e] r[h, e] (d, r float32 as three bfloat16 parts each), rounded once to
@@ -88,12 +91,8 @@ def _input_grad_kernel(d1_ptr, d2_ptr, d3_ptr, r1_ptr, r2_ptr, r3_ptr, out_ptr, 
         d_mask = token_ok[:, None] & e_ok[None, :]
         r_offsets = cols[None, :] * stride_r + es[:, None]
         r_mask = e_ok[:, None] & col_ok[None, :]
-        d1 = tl.load(d1_ptr + d_offsets, mask=d_mask, other=0.0)
-        d2 = tl.load(d2_ptr + d_offsets, mask=d_mask, other=0.0)
-        d3 = tl.load(d3_ptr + d_offsets, mask=d_mask, other=0.0)
-        r1 = tl.load(r1_ptr + r_offsets, mask=r_mask, other=0.0)
-        r2 = tl.load(r2_ptr + r_offsets, mask=r_mask, other=0.0)
-        r3 = tl.load(r3_ptr + r_offsets, mask=r_mask, other=0.0)
+        d1, d2, d3 = _split3(tl.load(d_ptr + d_offsets, mask=d_mask, other=0.0))
+        r1, r2, r3 = _split3(tl.load(r_ptr + r_offsets, mask=r_mask, other=0.0))
         # The six part products down to 2^-16 x 2^-8 of the leading one, smallest first.
         acc = _dot(d2, r2, acc, UPCAST)
         acc = _dot(d1, r3, acc, UPCAST)
@@ -106,7 +105,7 @@ def _input_grad_kernel(d1_ptr, d2_ptr, d3_ptr, r1_ptr, r2_ptr, r3_ptr, out_ptr, 
 
 
 @triton.jit
-def _router_grad_kernel(x_ptr, d1_ptr, d2_ptr, d3_ptr, out_ptr, n_tokens, hidden, experts, tokens_per_split,
+def _router_grad_kernel(x_ptr, d_ptr, out_ptr, n_tokens, hidden, experts, tokens_per_split,
                         stride_x, stride_d, stride_os, stride_o,
                         BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, UPCAST: tl.constexpr):
     """One split's share of dR[h, e] = sum_t x[t, h] d[t, e] (d float32 as three bfloat16 parts) over
@@ -127,9 +126,10 @@ def _router_grad_kernel(x_ptr, d1_ptr, d2_ptr, d3_ptr, out_ptr, n_tokens, hidden
                       mask=col_ok[:, None] & token_ok[None, :], other=0.0)
         d_offsets = tokens.to(tl.int64)[:, None] * stride_d + experts_[None, :]
         d_mask = token_ok[:, None] & e_ok[None, :]
-        acc = _dot(x_t, tl.load(d3_ptr + d_offsets, mask=d_mask, other=0.0), acc, UPCAST)
-        acc = _dot(x_t, tl.load(d2_ptr + d_offsets, mask=d_mask, other=0.0), acc, UPCAST)
-        acc = _dot(x_t, tl.load(d1_ptr + d_offsets, mask=d_mask, other=0.0), acc, UPCAST)
+        d1, d2, d3 = _split3(tl.load(d_ptr + d_offsets, mask=d_mask, other=0.0))
+        acc = _dot(x_t, d3, acc, UPCAST)
+        acc = _dot(x_t, d2, acc, UPCAST)
+        acc = _dot(x_t, d1, acc, UPCAST)
     tl.store(out_ptr + split.to(tl.int64) * stride_os + cols[:, None] * stride_o + experts_[None, :], acc,
              mask=col_ok[:, None] & e_ok[None, :])
 
@@ -177,7 +177,7 @@ def logits_bf16(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
     tokens, hidden = x.shape
     experts = router.shape[1]
     x = x if x.stride(-1) == 1 else x.contiguous()
-    hi, mid, lo = (p.contiguous() for p in split_bf16x3(router))
+    router = router.to(torch.float32).contiguous()
     out = torch.empty((tokens, experts), dtype=torch.float32, device=x.device)
     if tokens == 0 or experts == 0:
         return out
@@ -186,7 +186,7 @@ def logits_bf16(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
     block_t, block_e, block_k = (32, _tiles(experts, 32), 32) if INTERPRETED else (128, _tiles(experts, 128), 64)
     record_launch("router_logits")
     _logits_kernel[(triton.cdiv(tokens, block_t), triton.cdiv(experts, block_e))](
-        x, hi, mid, lo, out, tokens, hidden, experts, x.stride(0), hi.stride(0), out.stride(0),
+        x, router, out, tokens, hidden, experts, x.stride(0), router.stride(0), out.stride(0),
         BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, UPCAST=INTERPRETED, num_warps=4)
     return out
 
@@ -200,12 +200,12 @@ def input_grad(d_logits: torch.Tensor, router: torch.Tensor, dtype: torch.dtype)
         return out
     if experts == 0:
         return out.zero_()
-    d1, d2, d3 = (p.contiguous() for p in split_bf16x3(d_logits))
-    r1, r2, r3 = (p.contiguous() for p in split_bf16x3(router))
+    d_logits = d_logits.to(torch.float32).contiguous()
+    router = router.to(torch.float32).contiguous()
     block_t, block_h, block_e = (32, 32, _tiles(experts, 32)) if INTERPRETED else (128, 128, _tiles(experts, 64))
     record_launch("router_input_grad")
     _input_grad_kernel[(triton.cdiv(tokens, block_t), triton.cdiv(hidden, block_h))](
-        d1, d2, d3, r1, r2, r3, out, tokens, hidden, experts, d1.stride(0), r1.stride(0), out.stride(0),
+        d_logits, router, out, tokens, hidden, experts, d_logits.stride(0), router.stride(0), out.stride(0),
         BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_E=block_e, UPCAST=INTERPRETED, num_warps=8,
         num_stages=1)  # six operand tiles, one E step at E <= 64: a pipeline only needs shared memory
     return out
@@ -218,7 +218,7 @@ def router_grad(x: torch.Tensor, d_logits: torch.Tensor) -> torch.Tensor:
     x = x if x.stride(-1) == 1 else x.contiguous()
     if tokens == 0 or hidden == 0 or experts == 0:
         return torch.zeros((hidden, experts), dtype=torch.float32, device=x.device)
-    d1, d2, d3 = (p.contiguous() for p in split_bf16x3(d_logits))
+    d_logits = d_logits.to(torch.float32).contiguous()
     if INTERPRETED:
         block_h, block_e, block_t, per_split = 32, _tiles(experts, 32), 32, 64
     else:
@@ -230,7 +230,7 @@ def router_grad(x: torch.Tensor, d_logits: torch.Tensor) -> torch.Tensor:
     partial = torch.empty((splits, hidden, experts), dtype=torch.float32, device=x.device)
     record_launch("router_weight_grad")
     _router_grad_kernel[(triton.cdiv(hidden, block_h), triton.cdiv(experts, block_e), splits)](
-        x, d1, d2, d3, partial, tokens, hidden, experts, per_split, x.stride(0), d1.stride(0),
+        x, d_logits, partial, tokens, hidden, experts, per_split, x.stride(0), d_logits.stride(0),
         partial.stride(0), partial.stride(1), BLOCK_H=block_h, BLOCK_E=block_e, BLOCK_T=block_t, UPCAST=INTERPRETED,
         num_warps=4)
     return partial.sum(dim=0)
