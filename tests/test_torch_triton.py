@@ -262,7 +262,7 @@ def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backe
         out.y.sum().backward()
 
 
-def test_swiglu_backward_in_place_equals_the_out_of_place_one(kernels):
+def test_swiglu_backward_in_place_equals_the_out_of_place_one(triton_backend):
     """d_a written over a is bit for bit the d_a of a fresh buffer, with and without Q(d_a)."""
     import torch
 
@@ -270,8 +270,8 @@ def test_swiglu_backward_in_place_equals_the_out_of_place_one(kernels):
 
     rng = np.random.default_rng(7)
     for quantize in (False, True):
-        a = torch.tensor(rng.standard_normal((37, 2 * 40)).astype(np.float32))
-        d_h = torch.tensor(rng.standard_normal((37, 40)).astype(np.float32))
+        a = torch.tensor(rng.standard_normal((37, 2 * 40)).astype(np.float32), device=triton_backend.device)
+        d_h = torch.tensor(rng.standard_normal((37, 40)).astype(np.float32), device=triton_backend.device)
         expected = swiglu_backward(a, d_h, quantize=quantize)
         got = swiglu_backward(a, d_h, quantize=quantize, in_place=True)
         assert got[0] is a
@@ -302,7 +302,7 @@ def _new_tensors(run):
     return result, made.tensors
 
 
-def test_dequantized_expert_codes_make_no_float32_copy():
+def test_dequantized_expert_codes_make_no_float32_copy(triton_backend):
     """``codes * scale`` is written straight into the bf16 result: the float32 product of the whole weight
     (28 GiB for DeepSeek-V3's w13; the H200 ran out of memory there on 2026-12-01, int8_routed backward) is
     never materialised as a tensor. Checked on the ops the call dispatches (values: the two-step formula's)."""
@@ -311,8 +311,9 @@ def test_dequantized_expert_codes_make_no_float32_copy():
     from qmoe.implementations.torch_triton.layer import dequantize_expert_codes
 
     generator = torch.Generator().manual_seed(0)
-    codes = torch.randint(-127, 128, (4, 48, 40), dtype=torch.int8, generator=generator).transpose(1, 2)
-    scale = torch.rand(4, generator=generator) * 1e-2
+    codes = torch.randint(-127, 128, (4, 48, 40), dtype=torch.int8, generator=generator)
+    codes = codes.to(triton_backend.device).transpose(1, 2)
+    scale = torch.rand(4, generator=generator).to(triton_backend.device) * 1e-2
     from qmoe.implementations.torch_triton.kernels.quant import INTERPRETED
 
     got, made = _new_tensors(lambda: dequantize_expert_codes(codes, scale, torch.bfloat16))
@@ -327,7 +328,7 @@ def test_dequantized_expert_codes_make_no_float32_copy():
     assert got.dtype == torch.bfloat16 and got.stride() == codes.stride() and torch.equal(got, expected)
 
 
-def test_dequantize_rows_per_row_and_gathered():
+def test_dequantize_rows_per_row_and_gathered(triton_backend):
     """``codes[src] * scale[src]`` per row, with and without the gather (the straight-through backward's
     x and h), and a strided slice of codes (expert parallelism's packed rows): torch's float32 formula."""
     import torch
@@ -335,10 +336,11 @@ def test_dequantize_rows_per_row_and_gathered():
     from qmoe.implementations.torch_triton.kernels.quant import dequantize_rows
 
     generator = torch.Generator().manual_seed(1)
-    packed = torch.randint(-127, 128, (37, 70 + 4), dtype=torch.int8, generator=generator)
+    device = triton_backend.device
+    packed = torch.randint(-127, 128, (37, 70 + 4), dtype=torch.int8, generator=generator).to(device)
     codes = packed[:, :-4]
-    scale = torch.rand(37, generator=generator)
-    rows = torch.randint(0, 37, (53,), generator=generator)
+    scale = torch.rand(37, generator=generator).to(device)
+    rows = torch.randint(0, 37, (53,), generator=generator).to(device)
     assert torch.equal(dequantize_rows(codes, scale, torch.float32), codes.float() * scale[:, None])
     assert torch.equal(dequantize_rows(codes, scale, torch.float32, rows=rows),
                        codes[rows].float() * scale[rows, None])
