@@ -80,11 +80,12 @@ def test_int8_schemes_launch_the_int8_kernel(triton_backend, kernels, scheme, fo
     assert forward.get("combine_rows") == 1, forward  # the gate-weighted combine, fused
     both = _launches(kernels, lambda: triton_backend.backward(prepared, data.x, data.dy))
     assert both.get("grouped_gemm_int8") == forward_gemms + backward_gemms, both
+    assert both.get("combine_gate_grads") == 1 and "combine_rows_backward" not in both, both
     if backward_gemms:  # Q(g) fused into the combine's backward, Q(d_a) into the SwiGLU backward
-        assert both.get("combine_rows_backward_quantized") == 1 and "combine_rows_backward" not in both, both
+        assert both.get("combine_rows_grad_quantized") == 1, both
         assert both.get("quantize_rows") == 1 and both.get("swiglu_backward_quantize_rows") == 1, both
     else:
-        assert both.get("combine_rows_backward") == 1, both
+        assert both.get("combine_rows_grad") == 1, both
         assert both.get("quantize_rows") == 1 and both.get("swiglu_backward") == 1, both
 
 
@@ -210,11 +211,11 @@ def test_combine_kernels_match_the_gather_sum(triton_backend, kernels, tokens, t
 
 @pytest.mark.parametrize("scheme", ["int8_routed_prequant", "int8_routed"])
 def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backend, scheme, monkeypatch):
-    """When the SwiGLU gradient runs (with a, the largest [N, 2F] buffer), the forward's hidden h
-    (prequant) or its codes (straight-through) and the rows' gradient g are gone, and d_a is written over
-    a (no second [N, 2F] buffer): the backward holds each activation only to its last use (issue 10: the
-    int8 layer's forward+backward peak was 1.3x the compiled bf16 layer's). Checked with weak references
-    on CPU tensors; a second backward through the graph is refused."""
+    """When the rows' gradient g is made, the experts' output rows are gone; when the SwiGLU gradient runs
+    (with a, the largest [N, 2F] buffer), the forward's hidden h (prequant) or its codes (straight-through)
+    and g are gone, and d_a is written over a (no second [N, 2F] buffer): the backward holds each
+    activation only to its last use (issue 10: the int8 layer's forward+backward peak was 1.3x the compiled
+    bf16 layer's). Checked with weak references; a second backward through the graph is refused."""
     import weakref
 
     import torch
@@ -225,22 +226,27 @@ def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backe
     prepared = triton_backend.prepare(data.spec, data.params, scheme, "float32")
     hidden: list[weakref.ref] = []
     rows_grad: list[weakref.ref] = []
+    expert_rows: list[weakref.ref] = []
+    rows_alive_at_g: list[bool] = []
     at_swiglu_grad: list[tuple[bool, bool, bool]] = []
     forward, backward = layer.swiglu_forward, layer.fused_swiglu_backward
-    combine_grads = {name: getattr(layer, name)
-                     for name in ("combine_rows_backward", "combine_rows_backward_quantized")}
+    down, rows_grad_of = layer.int8_down, layer.combine_rows_grad
+
+    def recording_down(*args, **kwargs):
+        out = down(*args, **kwargs)
+        expert_rows.append(weakref.ref(out))
+        return out
 
     def recording_forward(a, store_h=True, quantize=True):
         out = forward(a, store_h=store_h, quantize=quantize)
         hidden.append(weakref.ref(out[0] if store_h else out[1]))
         return out
 
-    def recording_combine_grad(name):
-        def run(*args, **kwargs):
-            out = combine_grads[name](*args, **kwargs)
-            rows_grad.append(weakref.ref(out[0]))
-            return out
-        return run
+    def recording_rows_grad(*args, **kwargs):
+        rows_alive_at_g.append(expert_rows[-1]() is not None)
+        out = rows_grad_of(*args, **kwargs)
+        rows_grad.append(weakref.ref(out[0]))
+        return out
 
     def checking_backward(a, d_h, quantize=False, in_place=False):
         out = backward(a, d_h, quantize=quantize, in_place=in_place)
@@ -250,16 +256,74 @@ def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backe
 
     monkeypatch.setattr(layer, "swiglu_forward", recording_forward)
     monkeypatch.setattr(layer, "fused_swiglu_backward", checking_backward)
-    for name in combine_grads:
-        monkeypatch.setattr(layer, name, recording_combine_grad(name))
+    monkeypatch.setattr(layer, "int8_down", recording_down)
+    monkeypatch.setattr(layer, "combine_rows_grad", recording_rows_grad)
     x = torch.tensor(data.x, device=prepared.device, requires_grad=True)
     out = layer.layer_forward(prepared.spec, prepared.scheme, prepared.weights, x, prepared.int8_experts)
     out.y.sum().backward(retain_graph=True)
-    assert len(rows_grad) == 1, "the rows' gradient did not come from the combine's backward kernel"
+    assert rows_alive_at_g == [False], "the experts' output rows were alive when their gradient was made"
     assert at_swiglu_grad == [(False, False, False)], (
         "at the SwiGLU gradient (hidden alive, rows' gradient alive, d_a a new buffer): " + str(at_swiglu_grad))
     with pytest.raises(RuntimeError, match="once per forward"):
         out.y.sum().backward()
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_combine_backward_in_two_passes_equals_the_one_pass(triton_backend, kernels, quantize):
+    """`combine_gate_grads` then `combine_rows_grad` (the int8 layer's order, which frees the rows between
+    them) give the one-pass backward's d_weight, d_rows and Q(d_rows) bit for bit, dropped slots too."""
+    import torch
+
+    from qmoe.implementations.torch_triton.kernels import combine as _combine
+
+    rows, position, weight, kept = _combine_case(33, 3, 70, 4)
+    device = triton_backend.device
+    rows, position, weight, kept = (t.to(device) for t in (rows, position, weight, kept))
+    dy = torch.tensor(np.random.default_rng(3).standard_normal((33, 70)), dtype=torch.float32, device=device)
+    if quantize:
+        d_rows, d_weight, codes, scale = _combine.combine_rows_backward_quantized(rows, dy, position, weight, 3, kept)
+    else:
+        d_rows, d_weight = _combine.combine_rows_backward(rows, dy, position, weight, 3, kept)
+        codes = scale = None
+    gates = _combine.combine_gate_grads(rows, dy, position, 3, kept)
+    got_rows, got_codes, got_scale = _combine.combine_rows_grad(dy, position, weight, 3, rows.shape[0], rows.dtype,
+                                                                kept, quantize=quantize)
+    assert torch.equal(gates, d_weight) and torch.equal(got_rows, d_rows)
+    assert (codes is None and got_codes is None) or torch.equal(got_codes, codes)
+    assert (scale is None and got_scale is None) or torch.equal(got_scale, scale)
+
+
+def test_tuned_launches_equal_the_fixed_ones(triton_backend, monkeypatch):
+    """Large problems on a GPU run the SwiGLU and combine kernels autotuned over launch shapes; each shape
+    must give the fixed shape's values bit for bit (in-place SwiGLU gradient included: the tuner's trial
+    runs write over a, which it must put back). The interpreter never tunes."""
+    import torch
+
+    from qmoe.implementations.torch_triton.kernels import combine as _combine
+    from qmoe.implementations.torch_triton.kernels import swiglu as _swiglu
+
+    if triton_backend.device == "cpu":
+        pytest.skip("the interpreter never tunes")
+    generator = torch.Generator().manual_seed(5)
+    rows, ffn = 2048, 2048  # 2^22 elements of h: the tuned path
+    a = torch.randn(rows, 2 * ffn, generator=generator).to("cuda", torch.bfloat16)
+    d_h = torch.randn(rows, ffn, generator=generator).to("cuda", torch.bfloat16)
+    position = torch.randperm(rows * 2, generator=generator).to("cuda")
+    weight = torch.rand(rows, 2, generator=generator).to("cuda")
+    expert_rows = torch.randn(rows * 2, ffn, generator=generator).to("cuda", torch.bfloat16)
+
+    def run():
+        return (*_swiglu.swiglu_forward(a, store_h=True, quantize=True),
+                *_swiglu.swiglu_backward(a.clone(), d_h, quantize=True, in_place=True),
+                _combine.combine_rows(expert_rows, position, 2, weight=weight),
+                *_combine.combine_rows_backward_quantized(expert_rows, d_h, position, weight, 2))
+
+    tuned = run()
+    for module in (_swiglu, _combine):
+        monkeypatch.setattr(module, "_TUNE_MIN_ELEMENTS", 2**62)
+    fixed = run()
+    for i, (t, f) in enumerate(zip(tuned, fixed)):
+        assert torch.equal(t, f), f"output {i} differs between the tuned and the fixed launch"
 
 
 def test_swiglu_backward_in_place_equals_the_out_of_place_one(triton_backend):
@@ -362,8 +426,8 @@ def test_per_expert_scale_makes_no_weight_sized_temporary():
     assert torch.equal(scale, torch.where(expected > 0, expected, torch.ones_like(expected)))
 
 
-def test_top_k_keys_order_as_a_stable_descending_sort():
-    """The routing's one-topk selection equals a stable descending sort's first k: exact ties (all-zero
+def test_top_k_keys_order_as_a_stable_descending_sort(triton_backend):
+    """The routing's top-k kernel equals a stable descending sort's first k: exact ties (all-zero
     rows, +0.0 against -0.0), denormals, huge values of both signs, every k."""
     import torch
 
@@ -377,7 +441,8 @@ def test_top_k_keys_order_as_a_stable_descending_sort():
     table = torch.tensor(values, dtype=torch.float32)
     stable = torch.sort(table.double(), dim=-1, descending=True, stable=True).indices
     for k in range(1, 10):
-        assert torch.equal(top_k_lower_index_first(table, k), stable[:, :k]), f"top-{k}"
+        got = top_k_lower_index_first(table.to(triton_backend.device), k).cpu()
+        assert torch.equal(got, stable[:, :k]), f"top-{k}"
 
 
 # -- forward stages (stage timing) ------------------------------------------------------------------

@@ -36,7 +36,7 @@ from qmoe.reference.spec import MoESpec
 from ..torch_eager import router_gate_weights, sigmoid_balance_probs
 from .common import FALLBACKS
 from .kernels import router as router_kernels
-from .kernels.combine import combine_rows, combine_rows_backward, combine_rows_backward_quantized
+from .kernels.combine import combine_gate_grads, combine_rows, combine_rows_backward, combine_rows_grad
 from .kernels.grouped_gemm import grouped_gemm
 from .kernels.quant import dequantize_experts, dequantize_rows, fake_quant_rows, quantize_per_expert, quantize_rows
 from .kernels.router import top_k_lower_index_first
@@ -542,8 +542,9 @@ class _RoutedInt8Layer(torch.autograd.Function):
     """The int8 routed experts and their gate-weighted combine as one autograd node, y [T, H].
 
     One node, so that the rows' gradient g [N, H] is made inside this backward (the combine's backward
-    kernel, which also quantizes it per row for the prequant VJP: no separate pass over g) and freed
-    once d_h and d_w2 have read it, where autograd would hold it until the experts' backward returned.
+    kernel, which also quantizes it per row for the prequant VJP: no separate pass over g), after the
+    expert rows (read by the gates' gradient alone) are freed, and is freed once d_h and d_w2 have read it,
+    where autograd would hold it until the experts' backward returned.
     """
 
     @staticmethod
@@ -566,13 +567,12 @@ class _RoutedInt8Layer(torch.autograd.Function):
         rows = ctx.rows.pop()
         ctx.rows = None
         dy = dy.contiguous()
-        if saved.rule == "prequant_vjp":
-            g, d_gates, g_codes, g_scale = combine_rows_backward_quantized(
-                rows, dy, plan.inverse, ctx.gate_weights, plan.top_k, kept=plan.kept)
-        else:
-            (g, d_gates), g_codes, g_scale = combine_rows_backward(
-                rows, dy, plan.inverse, ctx.gate_weights, plan.top_k, kept=plan.kept), None, None
+        # The gates' gradient first, the only reader of the rows, which go before g exists.
+        d_gates = combine_gate_grads(rows, dy, plan.inverse, plan.top_k, kept=plan.kept)
+        n_rows, dtype = rows.shape[0], rows.dtype
         del rows
+        g, g_codes, g_scale = combine_rows_grad(dy, plan.inverse, ctx.gate_weights, plan.top_k, n_rows, dtype,
+                                                kept=plan.kept, quantize=saved.rule == "prequant_vjp")
         rows_grad = [g, g_codes, g_scale]
         del g, g_codes, g_scale
         d_x, d_w13, d_w2 = _int8_experts_backward(saved, rows_grad)

@@ -58,8 +58,12 @@ def _combine_kernel(rows_ptr, position_ptr, kept_ptr, weight_ptr, out_ptr, n_tok
 def _combine_backward_kernel(rows_ptr, dy_ptr, position_ptr, kept_ptr, weight_ptr, d_rows_ptr, d_weight_ptr,
                              codes_ptr, scale_ptr, n_tokens, hidden, stride_r, stride_dy, stride_dr, stride_c,
                              TOP_K: tl.constexpr, HAS_KEPT: tl.constexpr, QUANTIZE: tl.constexpr,
+                             WRITE_ROWS: tl.constexpr, WRITE_WEIGHT: tl.constexpr,
                              BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
     """One program per BLOCK_T tokens and all of H: each d_w[t, j] is a whole-row dot product.
+
+    WRITE_ROWS / WRITE_WEIGHT: which of d_rows and d_w it makes (both, or one pass each: the gates'
+    pass is the only one that reads the rows, so a caller can free them before d_rows exists).
 
     With ``QUANTIZE`` it also writes Q(d_rows) per row (codes and scale), bit for bit `quantize_rows`
     of the stored d_rows, from one extra pass over dy (see `combine_rows_backward_quantized`)."""
@@ -99,16 +103,19 @@ def _combine_backward_kernel(rows_ptr, dy_ptr, position_ptr, kept_ptr, weight_pt
             mask = token_ok[:, None] & (cols < hidden)[None, :]
             use_mask = use[:, None] & (cols < hidden)[None, :]
             dy = tl.load(dy_ptr + tokens64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            d_row = tl.where(use_mask, dy * weight[:, None], 0.0).to(d_rows_ptr.dtype.element_ty)
-            tl.store(d_rows_ptr + row[:, None] * stride_dr + cols[None, :], d_row, mask=mask)
-            if QUANTIZE:
-                # Quantize the stored value (rounded to d_rows' dtype), as `quantize_rows` loads it.
-                q = round_half_even(d_row.to(tl.float32) / scale[:, None])
-                q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-                tl.store(codes_ptr + row[:, None] * stride_c + cols[None, :], q.to(tl.int8), mask=mask)
-            values = tl.load(rows_ptr + row[:, None] * stride_r + cols[None, :], mask=use_mask, other=0.0)
-            dot += tl.sum(values.to(tl.float32) * dy, axis=1)
-        tl.store(d_weight_ptr + slot, dot, mask=token_ok)
+            if WRITE_ROWS:
+                d_row = tl.where(use_mask, dy * weight[:, None], 0.0).to(d_rows_ptr.dtype.element_ty)
+                tl.store(d_rows_ptr + row[:, None] * stride_dr + cols[None, :], d_row, mask=mask)
+                if QUANTIZE:
+                    # Quantize the stored value (rounded to d_rows' dtype), as `quantize_rows` loads it.
+                    q = round_half_even(d_row.to(tl.float32) / scale[:, None])
+                    q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+                    tl.store(codes_ptr + row[:, None] * stride_c + cols[None, :], q.to(tl.int8), mask=mask)
+            if WRITE_WEIGHT:
+                values = tl.load(rows_ptr + row[:, None] * stride_r + cols[None, :], mask=use_mask, other=0.0)
+                dot += tl.sum(values.to(tl.float32) * dy, axis=1)
+        if WRITE_WEIGHT:
+            tl.store(d_weight_ptr + slot, dot, mask=token_ok)
         if QUANTIZE:
             tl.store(scale_ptr + row, scale, mask=token_ok)
 
@@ -123,6 +130,39 @@ def _blocks(hidden: int) -> tuple[int, int, int]:
     if INTERPRETED:
         return 32, min(width, 1024), 4
     return 4, min(width, 512), 4
+
+
+#: Below this many output elements (tokens x H) `_blocks`' fixed shape: one compile per small problem.
+_TUNE_MIN_ELEMENTS = 2**22
+
+_tuned: dict[tuple, object] = {}
+
+
+def _launch(kernel, n_tokens: int, hidden: int, args: tuple, flags: dict, key: list[str], split_h: bool) -> None:
+    """Launch ``kernel`` over ``n_tokens`` tokens (and H in blocks when ``split_h``, the forward's grid):
+    tuned on a GPU for large problems over tokens per program and warps, and the forward's H block (the
+    backward's stays fixed: its d_w sums go block by block, and a tuned block would change their
+    rounding between runs), else `_blocks`' fixed shape."""
+    block_t, block_h, warps = _blocks(hidden)
+    if INTERPRETED or n_tokens * hidden < _TUNE_MIN_ELEMENTS:
+        grid = (triton.cdiv(n_tokens, block_t), triton.cdiv(hidden, block_h)) if split_h else (
+            triton.cdiv(n_tokens, block_t),)
+        kernel[grid](*args, **flags, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=warps)
+        return
+    tuned_key = (kernel, block_h)
+    if tuned_key not in _tuned:
+        shapes = [(4, 512, 4), (8, 512, 4), (8, 512, 8), (16, 512, 8), (2, 1024, 4), (4, 1024, 8), (16, 256, 4)]
+        if not split_h:
+            shapes = [(t, block_h, w) for t, _, w in shapes]
+        configs = list({(t, h, w): triton.Config({"BLOCK_T": t, "BLOCK_H": h}, num_warps=w)
+                        for t, h, w in shapes}.values())
+        _tuned[tuned_key] = triton.autotune(configs=configs, key=["n_tokens", "hidden", *key])(kernel)
+
+    def grid(meta):
+        tiles = triton.cdiv(n_tokens, meta["BLOCK_T"])
+        return (tiles, triton.cdiv(hidden, meta["BLOCK_H"])) if split_h else (tiles,)
+
+    _tuned[tuned_key][grid](*args, **flags)
 
 
 def _operands(rows: torch.Tensor, position: torch.Tensor, kept: torch.Tensor | None, tokens: int, top_k: int):
@@ -151,13 +191,12 @@ def combine_rows(rows: torch.Tensor, position: torch.Tensor, top_k: int, weight:
     if top_k == 0:
         return out.zero_()
     weights = None if weight is None else weight.reshape(-1).contiguous()
-    block_t, block_h, warps = _blocks(hidden)
     record_launch("combine_rows")
-    _combine_kernel[(triton.cdiv(tokens, block_t), triton.cdiv(hidden, block_h))](
-        rows, position, kept_u8 if kept_u8 is not None else position, weights if weights is not None else rows,
-        out, tokens, hidden, rows.stride(0), out.stride(0),
-        TOP_K=top_k, HAS_KEPT=kept_u8 is not None, HAS_WEIGHT=weights is not None,
-        BLOCK_T=block_t, BLOCK_H=block_h, num_warps=warps)
+    _launch(_combine_kernel, tokens, hidden,
+            (rows, position, kept_u8 if kept_u8 is not None else position, weights if weights is not None else rows,
+             out, tokens, hidden, rows.stride(0), out.stride(0)),
+            dict(TOP_K=top_k, HAS_KEPT=kept_u8 is not None, HAS_WEIGHT=weights is not None),
+            key=["TOP_K", "HAS_KEPT", "HAS_WEIGHT"], split_h=True)
     return out
 
 
@@ -186,16 +225,41 @@ def combine_rows_backward_quantized(rows: torch.Tensor, dy: torch.Tensor, positi
     return d_rows, d_weight, codes, scale
 
 
+def combine_gate_grads(rows: torch.Tensor, dy: torch.Tensor, position: torch.Tensor, top_k: int,
+                       kept: torch.Tensor | None = None) -> torch.Tensor:
+    """d_weight [T, k] float32 of `combine_rows` alone: each kept slot's row . dy[t] (0 where dropped).
+
+    With `combine_rows_grad` the two halves of `combine_rows_backward`, for a caller that frees the rows
+    (read here only) before the rows' gradient exists."""
+    ones = torch.ones(position.numel(), dtype=torch.float32, device=rows.device)
+    _, d_weight, _, _ = _backward(rows, dy, position, ones, top_k, kept, quantize=False, write_rows=False)
+    return d_weight
+
+
+def combine_rows_grad(dy: torch.Tensor, position: torch.Tensor, weight: torch.Tensor, top_k: int, n_rows: int,
+                      dtype: torch.dtype, kept: torch.Tensor | None = None, quantize: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(d_rows [n_rows, H] in ``dtype``, and with ``quantize`` its per-row codes and scales): the rows'
+    half of `combine_rows_backward` (of `combine_rows_backward_quantized`), bit for bit; reads no rows."""
+    d_rows = torch.empty((n_rows, dy.shape[1]), dtype=dtype, device=dy.device)
+    # d_rows stands in for the rows, which a pass without WRITE_WEIGHT never reads.
+    _, _, codes, scale = _backward(d_rows, dy, position, weight, top_k, kept, quantize=quantize,
+                                   write_weight=False, out=d_rows)
+    return d_rows, codes, scale
+
+
 def _backward(rows: torch.Tensor, dy: torch.Tensor, position: torch.Tensor, weight: torch.Tensor, top_k: int,
-              kept: torch.Tensor | None, quantize: bool
+              kept: torch.Tensor | None, quantize: bool, write_rows: bool = True, write_weight: bool = True,
+              out: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Both backward wrappers' launch: (d_rows, d_weight, codes, scale), the last two None unless
-    ``quantize``. Degenerate shapes give what `quantize_rows` gives for the d_rows returned (zero
-    rows: codes 0, scale 1; no columns: scale 1)."""
+    """Every backward wrapper's launch: (d_rows, d_weight, codes, scale), the last two None unless
+    ``quantize``; d_rows (``out`` if given, else shaped like ``rows``, which are read only for d_weight)
+    is unwritten without ``write_rows``, d_weight zero without ``write_weight``. Degenerate shapes give
+    what `quantize_rows` gives for the d_rows returned (zero rows: codes 0, scale 1; no columns: scale 1)."""
     tokens, hidden = dy.shape
     rows, position, kept_u8 = _operands(rows, position, kept, tokens, top_k)
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-    d_rows = torch.empty_like(rows)
+    d_rows = rows if not write_rows else out if out is not None else torch.empty_like(rows)
     d_weight = torch.zeros((tokens, top_k), dtype=torch.float32, device=rows.device)
     codes: torch.Tensor | None = None
     scale: torch.Tensor | None = None
@@ -206,13 +270,18 @@ def _backward(rows: torch.Tensor, dy: torch.Tensor, position: torch.Tensor, weig
         if codes is not None and scale is not None:
             codes.zero_()
             scale.fill_(1.0)
-        return d_rows.zero_(), d_weight, codes, scale
-    block_t, block_h, warps = _blocks(hidden)
-    record_launch("combine_rows_backward_quantized" if quantize else "combine_rows_backward")
-    _combine_backward_kernel[(triton.cdiv(tokens, block_t),)](
-        rows, dy, position, kept_u8 if kept_u8 is not None else position, weight.reshape(-1).contiguous(),
-        d_rows, d_weight, codes if codes is not None else d_rows, scale if scale is not None else d_weight,
-        tokens, hidden, rows.stride(0), dy.stride(0), d_rows.stride(0), codes.stride(0) if codes is not None else 0,
-        TOP_K=top_k, HAS_KEPT=kept_u8 is not None, QUANTIZE=quantize, BLOCK_T=block_t, BLOCK_H=block_h,
-        num_warps=warps)
+        return d_rows.zero_() if write_rows else d_rows, d_weight, codes, scale
+    if quantize:
+        record_launch("combine_rows_backward_quantized" if write_weight else "combine_rows_grad_quantized")
+    else:
+        record_launch("combine_rows_backward" if write_rows and write_weight else
+                      "combine_rows_grad" if write_rows else "combine_gate_grads")
+    _launch(_combine_backward_kernel, tokens, hidden,
+            (rows, dy, position, kept_u8 if kept_u8 is not None else position, weight.reshape(-1).contiguous(),
+             d_rows, d_weight, codes if codes is not None else d_rows, scale if scale is not None else d_weight,
+             tokens, hidden, rows.stride(0), dy.stride(0), d_rows.stride(0),
+             codes.stride(0) if codes is not None else 0),
+            dict(TOP_K=top_k, HAS_KEPT=kept_u8 is not None, QUANTIZE=quantize, WRITE_ROWS=write_rows,
+                 WRITE_WEIGHT=write_weight),
+            key=["TOP_K", "HAS_KEPT", "QUANTIZE", "WRITE_ROWS", "WRITE_WEIGHT"], split_h=False)
     return d_rows, d_weight, codes, scale

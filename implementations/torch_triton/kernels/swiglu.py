@@ -156,6 +156,37 @@ INTERPRETED: bool = is_interpreted_kernel(_swiglu_forward_kernel)
 _ONE_PASS_MAX = 4096
 
 
+#: Below this many elements of h (rows x F) one fixed launch shape (`_launch_shape`): the correctness
+#: checks' small problems cost one compile each, not a tuning sweep.
+_TUNE_MIN_ELEMENTS = 2**22
+
+#: (rows per program, warps) the GPU's one-pass launches are tuned over, where a block of rows x F
+#: float32 values per array still fits the registers (at most 8192 per array).
+_ROW_CONFIGS = ((1, 4), (1, 8), (1, 16), (2, 8), (2, 16), (4, 8), (4, 16))
+
+_tuned: dict[tuple, object] = {}
+
+
+def _launch(kernel, n_rows: int, ffn: int, args: tuple, flags: dict, key: list[str], restore: tuple[str, ...]) -> None:
+    """Launch ``kernel`` over ``n_rows`` rows: tuned over `_ROW_CONFIGS` on a GPU for large one-pass
+    problems (keyed on the rows, F and ``key``'s flags; ``restore``: arguments the kernel writes over,
+    put back between trial runs), else with `_launch_shape`'s fixed shape. Every shape gives the same
+    values bit for bit: rows are independent and a row's amax is a max."""
+    one_pass, block_r, block_c, warps = _launch_shape(ffn)
+    if INTERPRETED or not one_pass or n_rows * ffn < _TUNE_MIN_ELEMENTS:
+        kernel[(triton.cdiv(n_rows, block_r),)](*args, **flags, ONE_PASS=one_pass, BLOCK_R=block_r, BLOCK_C=block_c,
+                                                num_warps=warps)
+        return
+    tuned_key = (kernel, restore, block_c)
+    if tuned_key not in _tuned:
+        configs = [triton.Config({"BLOCK_R": rows}, num_warps=warps) for rows, warps in _ROW_CONFIGS
+                   if rows * block_c <= 8192]
+        _tuned[tuned_key] = triton.autotune(configs=configs, key=["n_rows", "ffn", *key],
+                                            restore_value=list(restore))(kernel)
+    _tuned[tuned_key][lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]),)](
+        *args, **flags, ONE_PASS=True, BLOCK_C=block_c)
+
+
 def _launch_shape(ffn: int) -> tuple[bool, int, int, int]:
     """(one pass, rows per program, columns per block, warps). The interpreter takes many rows per
     program (each program is a Python call); a GPU one row, the whole row when it fits."""
@@ -179,13 +210,12 @@ def swiglu_forward(a: torch.Tensor, store_h: bool = True, quantize: bool = True
     scale = torch.ones((rows,), dtype=torch.float32, device=a.device) if quantize else None
     if rows == 0 or ffn == 0 or not (store_h or quantize):
         return h, codes, scale
-    one_pass, block_r, block_c, warps = _launch_shape(ffn)
     record_launch("swiglu_quantize_rows" if quantize else "swiglu")
     dummy = h if h is not None else codes
-    _swiglu_forward_kernel[(triton.cdiv(rows, block_r),)](
-        a, h if store_h else dummy, codes if quantize else dummy, scale if quantize else dummy, rows, ffn,
-        a.stride(0), h.stride(0) if store_h else 0, codes.stride(0) if quantize else 0,
-        STORE_H=store_h, QUANTIZE=quantize, ONE_PASS=one_pass, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
+    _launch(_swiglu_forward_kernel, rows, ffn,
+            (a, h if store_h else dummy, codes if quantize else dummy, scale if quantize else dummy, rows, ffn,
+             a.stride(0), h.stride(0) if store_h else 0, codes.stride(0) if quantize else 0),
+            dict(STORE_H=store_h, QUANTIZE=quantize), key=["STORE_H", "QUANTIZE"], restore=())
     return h, codes, scale
 
 
@@ -206,11 +236,10 @@ def swiglu_backward(a: torch.Tensor, d_h: torch.Tensor, quantize: bool = False, 
     scale = torch.ones((rows,), dtype=torch.float32, device=a.device) if quantize else None
     if rows == 0 or ffn == 0:
         return d_a.zero_(), codes, scale
-    one_pass, block_r, block_c, warps = _launch_shape(ffn)
     record_launch("swiglu_backward_quantize_rows" if quantize else "swiglu_backward")
-    _swiglu_backward_kernel[(triton.cdiv(rows, block_r),)](
-        a, d_h, d_h if in_place else d_a, codes if quantize else d_h, scale if quantize else d_h, rows, ffn,
-        a.stride(0), d_h.stride(0), d_a.stride(0), codes.stride(0) if quantize else 0,
-        QUANTIZE=quantize, ONE_PASS=one_pass, IN_PLACE=in_place, BLOCK_R=block_r, BLOCK_C=block_c,
-        num_warps=warps)
+    _launch(_swiglu_backward_kernel, rows, ffn,
+            (a, d_h, d_h if in_place else d_a, codes if quantize else d_h, scale if quantize else d_h, rows, ffn,
+             a.stride(0), d_h.stride(0), d_a.stride(0), codes.stride(0) if quantize else 0),
+            dict(QUANTIZE=quantize, IN_PLACE=in_place), key=["QUANTIZE", "IN_PLACE"],
+            restore=("a_ptr",) if in_place else ())
     return d_a, codes, scale
