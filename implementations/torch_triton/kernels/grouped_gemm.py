@@ -27,7 +27,7 @@ from ..common import is_interpreted_kernel, next_power_of_2, record_launch
 
 @triton.jit
 def _grouped_gemm_kernel(a_ptr, a_scale_ptr, a_rows_ptr, b_ptr, b_scale_ptr, c_ptr, group_starts_ptr,
-                         n_cols, k_dim, n_experts,
+                         n_cols, k_dim, n_experts, rows_per_expert,
                          stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
                          INT8: tl.constexpr, GATHER_A: tl.constexpr, E_BLOCK: tl.constexpr, EVEN_K: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -113,6 +113,8 @@ _GPU_CONFIGS = [
     triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=5),
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=5),
 ]
 _FLOAT_GPU_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
@@ -132,7 +134,9 @@ def _gpu_kernel(int8: bool):
     if int8 not in _autotuned:
         configs = _GPU_CONFIGS if int8 else _FLOAT_GPU_CONFIGS
         even_k = triton.heuristics({"EVEN_K": lambda args: args["k_dim"] % args["BLOCK_K"] == 0})
-        _autotuned[int8] = triton.autotune(configs=configs, key=["n_cols", "k_dim", "stride_bk"])(
+        # rows_per_expert (a power of two at or above the mean group size): the best tile differs between
+        # top-2 and top-8 groups of the same matrices, which would otherwise share the first one's pick.
+        _autotuned[int8] = triton.autotune(configs=configs, key=["n_cols", "k_dim", "stride_bk", "rows_per_expert"])(
             even_k(_grouped_gemm_kernel))
     return _autotuned[int8]
 
@@ -162,8 +166,8 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_starts: torch.Tensor, *
         return c.zero_()
     dummy = c  # pointer arguments a constexpr branch never reads
     args = (a, a_scale if int8 else dummy, a_rows if a_rows is not None else dummy, b, b_scale if int8 else dummy,
-            c, group_starts, n_cols, k_dim, experts, a.stride(0), a.stride(1), *b.stride(), c.stride(0),
-            c.stride(1))
+            c, group_starts, n_cols, k_dim, experts, next_power_of_2(triton.cdiv(n_rows, experts)), a.stride(0),
+            a.stride(1), *b.stride(), c.stride(0), c.stride(1))
     flags = dict(INT8=int8, GATHER_A=a_rows is not None, E_BLOCK=max(2, next_power_of_2(experts)))
     record_launch("grouped_gemm_int8" if int8 else "grouped_gemm_float")
     if INTERPRETED:
