@@ -212,10 +212,11 @@ def _prequant_dw2_from_q_h() -> Any:
 
         @staticmethod
         def backward(ctx, g):
-            plan, experts = ctx.plan, ctx.experts
+            saved = ctx.saved  # layer._Int8Saved
+            plan, experts, x = saved.plan, saved.experts, saved.x
             g = plan.mask_rows(g.contiguous())
-            (x,) = ctx.saved_tensors
-            a, h = layer._hand_over(ctx)
+            a, h = saved.stash
+            saved.stash = None
             dtype = x.dtype
             h_codes, h_scale = layer.quantize_rows(h)                               # the bug:
             d_w2 = layer.grouped_weight_grad((h_codes.float() * h_scale[:, None]).to(dtype), g, plan)  # Q(h)^T g
