@@ -296,7 +296,9 @@ def test_combine_backward_in_two_passes_equals_the_one_pass(triton_backend, kern
 def test_tuned_launches_equal_the_fixed_ones(triton_backend, monkeypatch):
     """Large problems on a GPU run the SwiGLU and combine kernels autotuned over launch shapes; each shape
     must give the fixed shape's values bit for bit (in-place SwiGLU gradient included: the tuner's trial
-    runs write over a, which it must put back). The interpreter never tunes."""
+    runs write over a, which it must put back), except the combine backward's d_w, a row sum whose order
+    follows the tile layout: float32 rounding apart (failed bit for bit on the H200, 2026-12-01). The
+    interpreter never tunes."""
     import torch
 
     from qmoe.implementations.torch_triton.kernels import combine as _combine
@@ -322,8 +324,13 @@ def test_tuned_launches_equal_the_fixed_ones(triton_backend, monkeypatch):
     for module in (_swiglu, _combine):
         monkeypatch.setattr(module, "_TUNE_MIN_ELEMENTS", 2**62)
     fixed = run()
+    d_weight = 8  # the combine backward's d_w: sum_h rows[pos, h] dy[t, h] over H = 2048 terms
     for i, (t, f) in enumerate(zip(tuned, fixed)):
-        assert torch.equal(t, f), f"output {i} differs between the tuned and the fixed launch"
+        if i == d_weight:
+            terms = (expert_rows.float().abs()[position].view(rows, 2, ffn) * d_h.float().abs()[:, None]).sum(-1)
+            assert bool(((t - f).abs() <= 2 * 2.0**-24 * 64 * terms).all()), "d_w beyond float32 rounding"
+        else:
+            assert torch.equal(t, f), f"output {i} differs between the tuned and the fixed launch"
 
 
 def test_swiglu_backward_in_place_equals_the_out_of_place_one(triton_backend):

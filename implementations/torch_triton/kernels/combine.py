@@ -17,7 +17,8 @@ Why kernels: in PyTorch the combine is a gather to [T, k, H], a product and a su
 k copies of the token rows), and its backward an index_put with accumulation (a sort), a product and
 a reduction; on the H200 at the logbook's shape those took about a third of the int8 layer's forward
 (issue 10's profile, 2026-11-30). Here each direction reads the rows once and writes once, with
-float32 accumulation in a fixed slot order (deterministic, no atomics).
+float32 accumulation in a fixed slot order (deterministic for a given launch shape, no atomics; `_launch`
+says where a tuned shape changes the rounding).
 """
 
 from __future__ import annotations
@@ -140,9 +141,12 @@ _tuned: dict[tuple, object] = {}
 
 def _launch(kernel, n_tokens: int, hidden: int, args: tuple, flags: dict, key: list[str], split_h: bool) -> None:
     """Launch ``kernel`` over ``n_tokens`` tokens (and H in blocks when ``split_h``, the forward's grid):
-    tuned on a GPU for large problems over tokens per program and warps, and the forward's H block (the
-    backward's stays fixed: its d_w sums go block by block, and a tuned block would change their
-    rounding between runs), else `_blocks`' fixed shape."""
+    tuned on a GPU for large problems over tokens per program and warps, and the forward's H block, else
+    `_blocks`' fixed shape. The forward and the backward's rows (and their codes) are the same bit for bit
+    in every shape; the backward's d_w is a row sum whose reduction order follows the tile's layout, so
+    its float32 rounding can differ between shapes (and so between processes whose tuner picked
+    differently; the H200 run of 2026-12-01 showed it): deterministic for a given shape only. The
+    backward keeps its H block, which bounds the sum's chunks."""
     block_t, block_h, warps = _blocks(hidden)
     if INTERPRETED or n_tokens * hidden < _TUNE_MIN_ELEMENTS:
         grid = (triton.cdiv(n_tokens, block_t), triton.cdiv(hidden, block_h)) if split_h else (
