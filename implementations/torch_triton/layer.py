@@ -2,9 +2,11 @@
 
     y = sum_k gate_k * expert_{e_k}(x) [+ shared(x)],  expert(x) = swiglu(x W13) W2
 
-Steps: route (float32 logits, selection on float64 scores, lower index wins ties), plan the dispatch
-(token rows sorted by expert, group offsets, no capacity padding, no host synchronisation), run the
-routed experts as grouped GEMMs, combine by gate weight.
+Steps: route (float32 logits, through `kernels.router` on the tensor cores for bfloat16 tokens; top-k on
+the logits or on float64 sigmoid scores, lower index wins ties), plan the dispatch (token rows sorted by
+expert, group offsets, no capacity padding, no host synchronisation), run the routed experts as grouped
+GEMMs, combine by gate weight (int8 schemes: experts and combine are one autograd node, `_RoutedInt8Layer`,
+whose backward holds each [N, .] buffer only to its last use).
 Per scheme (`qmoe.reference.schemes`):
 
 * ``none``: `torch._grouped_mm` forward and backward (no loop over experts).
@@ -16,8 +18,8 @@ Per scheme (`qmoe.reference.schemes`):
   grouped matmuls, the SwiGLU gradient a Triton kernel).
 * ``int8_routed_prequant``: weights quantized once at prepare; the JAX logbook's custom VJP
   (MOE-I8-023/024): input gradients through the int8 kernel with the transposed weight codes and a
-  per-token-quantized output gradient (Q(d_a) fused into the SwiGLU-gradient kernel), weight
-  gradients as float grouped matmuls of the float rows.
+  per-token-quantized output gradient (Q(g) fused into the combine's backward, Q(d_a) into the
+  SwiGLU-gradient kernel), weight gradients as float grouped matmuls of the float rows.
 
 Imports torch and triton: the backend module imports this lazily.
 """
