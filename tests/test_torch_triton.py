@@ -81,11 +81,11 @@ def test_int8_schemes_launch_the_int8_kernel(triton_backend, kernels, scheme, fo
     both = _launches(kernels, lambda: triton_backend.backward(prepared, data.x, data.dy))
     assert both.get("grouped_gemm_int8") == forward_gemms + backward_gemms, both
     assert both.get("combine_gate_grads") == 1 and "combine_rows_backward" not in both, both
-    assert both.get("combine_rows_grad") == 1, both
-    if backward_gemms:  # Q(g) by the combine's kernel from dy, Q(d_a) fused into the SwiGLU backward
-        assert both.get("combine_rows_grad_codes") == 1, both
+    if backward_gemms:  # Q(g) fused into the combine's backward, Q(d_a) into the SwiGLU backward
+        assert both.get("combine_rows_grad_quantized") == 1, both
         assert both.get("quantize_rows") == 1 and both.get("swiglu_backward_quantize_rows") == 1, both
     else:
+        assert both.get("combine_rows_grad") == 1, both
         assert both.get("quantize_rows") == 1 and both.get("swiglu_backward") == 1, both
 
 
@@ -245,7 +245,7 @@ def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backe
     def recording_rows_grad(*args, **kwargs):
         rows_alive_at_g.append(expert_rows[-1]() is not None)
         out = rows_grad_of(*args, **kwargs)
-        rows_grad.append(weakref.ref(out))
+        rows_grad.append(weakref.ref(out[0]))
         return out
 
     def checking_backward(a, d_h, quantize=False, in_place=False):
@@ -270,9 +270,8 @@ def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backe
 
 @pytest.mark.parametrize("quantize", [False, True])
 def test_combine_backward_in_two_passes_equals_the_one_pass(triton_backend, kernels, quantize):
-    """`combine_gate_grads`, `combine_rows_grad` and `combine_rows_grad_codes` (the int8 layer's three passes:
-    the rows are freed after the first, d_rows after its last reader, before its codes are made) give the
-    one-pass backward's d_weight, d_rows and Q(d_rows) bit for bit, dropped slots too."""
+    """`combine_gate_grads` then `combine_rows_grad` (the int8 layer's order, which frees the rows between
+    them) give the one-pass backward's d_weight, d_rows and Q(d_rows) bit for bit, dropped slots too."""
     import torch
 
     from qmoe.implementations.torch_triton.kernels import combine as _combine
@@ -287,12 +286,11 @@ def test_combine_backward_in_two_passes_equals_the_one_pass(triton_backend, kern
         d_rows, d_weight = _combine.combine_rows_backward(rows, dy, position, weight, 3, kept)
         codes = scale = None
     gates = _combine.combine_gate_grads(rows, dy, position, 3, kept)
-    got_rows = _combine.combine_rows_grad(dy, position, weight, 3, rows.shape[0], rows.dtype, kept)
+    got_rows, got_codes, got_scale = _combine.combine_rows_grad(dy, position, weight, 3, rows.shape[0], rows.dtype,
+                                                                kept, quantize=quantize)
     assert torch.equal(gates, d_weight) and torch.equal(got_rows, d_rows)
-    if quantize:  # Q(d_rows) from dy alone, d_rows never made
-        got_codes, got_scale = _combine.combine_rows_grad_codes(dy, position, weight, 3, rows.shape[0], rows.dtype,
-                                                                kept)
-        assert torch.equal(got_codes, codes) and torch.equal(got_scale, scale)
+    assert (codes is None and got_codes is None) or torch.equal(got_codes, codes)
+    assert (scale is None and got_scale is None) or torch.equal(got_scale, scale)
 
 
 def test_tuned_launches_equal_the_fixed_ones(triton_backend, monkeypatch):

@@ -38,13 +38,7 @@ from qmoe.reference.spec import MoESpec
 from ..torch_eager import router_gate_weights, sigmoid_balance_probs
 from .common import FALLBACKS
 from .kernels import router as router_kernels
-from .kernels.combine import (
-    combine_gate_grads,
-    combine_rows,
-    combine_rows_backward,
-    combine_rows_grad,
-    combine_rows_grad_codes,
-)
+from .kernels.combine import combine_gate_grads, combine_rows, combine_rows_backward, combine_rows_grad
 from .kernels.grouped_gemm import grouped_gemm
 from .kernels.quant import dequantize_experts, dequantize_rows, fake_quant_rows, quantize_per_expert, quantize_rows
 from .kernels.router import top_k_lower_index_first
@@ -464,19 +458,17 @@ def _int8_experts_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     return out, _Int8Saved(plan, rule, experts, x if rule == "prequant_vjp" else None, stash)
 
 
-def _int8_experts_backward(saved: _Int8Saved, rows_grad: list[torch.Tensor],
-                           codes_of_g: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _int8_experts_backward(saved: _Int8Saved, rows_grad: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_x [T, H], d_w13, d_w2) from the rows' gradient g [N, H] (zero on rows no group covers).
 
-    ``rows_grad`` = [g], emptied here: g and every [N, .] buffer is dropped right after its last use, so
-    that the largest ones are never alive together. The order is chosen for the peak: the prequant VJP's
-    Q(g) is made after d_w2 = h^T g, once h (and, where ``codes_of_g`` makes Q(g) without reading g, g
-    itself) is gone; d_a is written over a (the SwiGLU gradient in place); the input gradient d_x goes
-    through before d_w13 (so Q(d_a) and d_x's rows are gone when x's gathered rows and d_w13 are made).
+    ``rows_grad`` = [g, Q(g) codes or None, Q(g) scales or None], emptied here: g and every [N, .]
+    buffer is dropped right after its last use, so that the largest ones are never alive together. The
+    order is chosen for the peak: d_a is written over a (the SwiGLU gradient in place), the input
+    gradient d_x goes through before d_w13 (so Q(d_a) and d_x's rows are gone when x's gathered rows and
+    d_w13 are made), and g goes as soon as d_h and d_w2 have read it.
     """
     plan, experts = saved.plan, saved.experts
-    (g,) = rows_grad
+    g, g_codes, g_scale = rows_grad
     rows_grad.clear()
     stash = saved.stash
     if stash is None:
@@ -491,12 +483,9 @@ def _int8_experts_backward(saved: _Int8Saved, rows_grad: list[torch.Tensor],
         del stash
         d_w2 = grouped_weight_grad(h, g, plan)
         del h
-        if codes_of_g is None:
+        if g_codes is None:
             g_codes, g_scale = quantize_rows(g)
-            del g
-        else:
-            del g
-            g_codes, g_scale = codes_of_g()
+        del g
         d_h = grouped_gemm(g_codes, experts.w2_bwd, plan.group_starts, out_dtype=dtype, a_scale=g_scale,
                            b_scale=experts.w2_scale, zero_uncovered=plan.has_drops)
         del g_codes, g_scale
@@ -510,7 +499,7 @@ def _int8_experts_backward(saved: _Int8Saved, rows_grad: list[torch.Tensor],
         d_w13 = grouped_weight_grad(x[plan.row_token], d_a, plan)
         return d_x, d_w13, d_w2
     x_codes, x_scale, a, h_codes, h_scale = stash
-    del stash
+    del stash, g_codes, g_scale
     dtype = a.dtype
     w13_eff, w2_eff = experts.dequantized(dtype)
     h_eff = dequantize_rows(h_codes, h_scale, dtype)
@@ -547,18 +536,17 @@ class _RoutedInt8Experts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        d_x, d_w13, d_w2 = _int8_experts_backward(ctx.saved, [ctx.saved.plan.mask_rows(g.contiguous())])
+        d_x, d_w13, d_w2 = _int8_experts_backward(ctx.saved, [ctx.saved.plan.mask_rows(g.contiguous()), None, None])
         return d_x, d_w13, d_w2, None, None, None
 
 
 class _RoutedInt8Layer(torch.autograd.Function):
     """The int8 routed experts and their gate-weighted combine as one autograd node, y [T, H].
 
-    One node, so that the rows' gradient g [N, H] is made inside this backward, after the expert rows (read
-    by the gates' gradient alone) are freed, and is freed once d_w2 has read it, where autograd would hold
-    it until the experts' backward returned; the prequant VJP's Q(g) comes from dy by the combine's kernel
-    (`combine_rows_grad_codes`), after g is gone: at logbook-shared0 top-8 the backward then peaks with a,
-    h, g and d_w2 alive (4.5 GiB), not also Q(g) (+0.5 GiB; 3.9 MB above the compiled layer's peak with it).
+    One node, so that the rows' gradient g [N, H] is made inside this backward (the combine's backward
+    kernel, which also quantizes it per row for the prequant VJP: no separate pass over g), after the
+    expert rows (read by the gates' gradient alone) are freed, and is freed once d_h and d_w2 have read it,
+    where autograd would hold it until the experts' backward returned.
     """
 
     @staticmethod
@@ -585,12 +573,11 @@ class _RoutedInt8Layer(torch.autograd.Function):
         d_gates = combine_gate_grads(rows, dy, plan.inverse, plan.top_k, kept=plan.kept)
         n_rows, dtype = rows.shape[0], rows.dtype
         del rows
-        rows_grad = [combine_rows_grad(dy, plan.inverse, ctx.gate_weights, plan.top_k, n_rows, dtype, kept=plan.kept)]
-        # Q(g) straight from dy (a T-row read), after g is gone: no pass over g, and g and Q(g) never coexist.
-        gates, top_k, kept = ctx.gate_weights, plan.top_k, plan.kept
-        d_x, d_w13, d_w2 = _int8_experts_backward(
-            saved, rows_grad,
-            codes_of_g=lambda: combine_rows_grad_codes(dy, plan.inverse, gates, top_k, n_rows, dtype, kept=kept))
+        g, g_codes, g_scale = combine_rows_grad(dy, plan.inverse, ctx.gate_weights, plan.top_k, n_rows, dtype,
+                                                kept=plan.kept, quantize=saved.rule == "prequant_vjp")
+        rows_grad = [g, g_codes, g_scale]
+        del g, g_codes, g_scale
+        d_x, d_w13, d_w2 = _int8_experts_backward(saved, rows_grad)
         return d_x, d_w13, d_w2, d_gates.to(ctx.gate_weights.dtype).view_as(ctx.gate_weights), None, None, None
 
 

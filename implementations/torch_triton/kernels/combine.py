@@ -104,16 +104,14 @@ def _combine_backward_kernel(rows_ptr, dy_ptr, position_ptr, kept_ptr, weight_pt
             mask = token_ok[:, None] & (cols < hidden)[None, :]
             use_mask = use[:, None] & (cols < hidden)[None, :]
             dy = tl.load(dy_ptr + tokens64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            # The d_rows element as stored (rounded to d_rows' dtype): what Q(d_rows) quantizes, whether or
-            # not this pass stores d_rows itself.
-            d_row = tl.where(use_mask, dy * weight[:, None], 0.0).to(d_rows_ptr.dtype.element_ty)
             if WRITE_ROWS:
+                d_row = tl.where(use_mask, dy * weight[:, None], 0.0).to(d_rows_ptr.dtype.element_ty)
                 tl.store(d_rows_ptr + row[:, None] * stride_dr + cols[None, :], d_row, mask=mask)
-            if QUANTIZE:
-                # Quantize the stored value, as `quantize_rows` loads it.
-                q = round_half_even(d_row.to(tl.float32) / scale[:, None])
-                q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-                tl.store(codes_ptr + row[:, None] * stride_c + cols[None, :], q.to(tl.int8), mask=mask)
+                if QUANTIZE:
+                    # Quantize the stored value (rounded to d_rows' dtype), as `quantize_rows` loads it.
+                    q = round_half_even(d_row.to(tl.float32) / scale[:, None])
+                    q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+                    tl.store(codes_ptr + row[:, None] * stride_c + cols[None, :], q.to(tl.int8), mask=mask)
             if WRITE_WEIGHT:
                 values = tl.load(rows_ptr + row[:, None] * stride_r + cols[None, :], mask=use_mask, other=0.0)
                 dot += tl.sum(values.to(tl.float32) * dy, axis=1)
@@ -243,36 +241,25 @@ def combine_gate_grads(rows: torch.Tensor, dy: torch.Tensor, position: torch.Ten
 
 
 def combine_rows_grad(dy: torch.Tensor, position: torch.Tensor, weight: torch.Tensor, top_k: int, n_rows: int,
-                      dtype: torch.dtype, kept: torch.Tensor | None = None) -> torch.Tensor:
-    """d_rows [n_rows, H] in ``dtype``: the rows' half of `combine_rows_backward`, bit for bit; reads no rows."""
+                      dtype: torch.dtype, kept: torch.Tensor | None = None, quantize: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(d_rows [n_rows, H] in ``dtype``, and with ``quantize`` its per-row codes and scales): the rows'
+    half of `combine_rows_backward` (of `combine_rows_backward_quantized`), bit for bit; reads no rows."""
     d_rows = torch.empty((n_rows, dy.shape[1]), dtype=dtype, device=dy.device)
     # d_rows stands in for the rows, which a pass without WRITE_WEIGHT never reads.
-    _backward(d_rows, dy, position, weight, top_k, kept, quantize=False, write_weight=False, out=d_rows)
-    return d_rows
-
-
-def combine_rows_grad_codes(dy: torch.Tensor, position: torch.Tensor, weight: torch.Tensor, top_k: int,
-                            n_rows: int, dtype: torch.dtype, kept: torch.Tensor | None = None
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize_rows(combine_rows_grad(...))` bit for bit, (codes int8 [n_rows, H], scales float32 [n_rows]),
-    without d_rows: each row is made from dy again in registers (dy is T rows, d_rows T k), so a caller
-    that is done with d_rows can free it before its codes exist."""
-    stand_in = torch.empty((1, dy.shape[1]), dtype=dtype, device=dy.device)  # d_rows' dtype; never written
-    _, _, codes, scale = _backward(stand_in, dy, position, weight, top_k, kept, quantize=True, write_rows=False,
-                                   write_weight=False, n_rows=n_rows)
-    assert codes is not None and scale is not None
-    return codes, scale
+    _, _, codes, scale = _backward(d_rows, dy, position, weight, top_k, kept, quantize=quantize,
+                                   write_weight=False, out=d_rows)
+    return d_rows, codes, scale
 
 
 def _backward(rows: torch.Tensor, dy: torch.Tensor, position: torch.Tensor, weight: torch.Tensor, top_k: int,
               kept: torch.Tensor | None, quantize: bool, write_rows: bool = True, write_weight: bool = True,
-              out: torch.Tensor | None = None, n_rows: int | None = None
+              out: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Every backward wrapper's launch: (d_rows, d_weight, codes, scale), the last two None unless
     ``quantize``; d_rows (``out`` if given, else shaped like ``rows``, which are read only for d_weight)
-    is unwritten without ``write_rows``, d_weight zero without ``write_weight``; ``n_rows``: the codes' rows
-    where ``rows`` is only a stand-in for d_rows' dtype (codes without d_rows). Degenerate shapes give what
-    `quantize_rows` gives for the d_rows returned (zero rows: codes 0, scale 1; no columns: scale 1)."""
+    is unwritten without ``write_rows``, d_weight zero without ``write_weight``. Degenerate shapes give
+    what `quantize_rows` gives for the d_rows returned (zero rows: codes 0, scale 1; no columns: scale 1)."""
     tokens, hidden = dy.shape
     rows, position, kept_u8 = _operands(rows, position, kept, tokens, top_k)
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
@@ -281,17 +268,15 @@ def _backward(rows: torch.Tensor, dy: torch.Tensor, position: torch.Tensor, weig
     codes: torch.Tensor | None = None
     scale: torch.Tensor | None = None
     if quantize:
-        code_rows = d_rows.shape[0] if n_rows is None else n_rows
-        codes = torch.empty((code_rows, hidden), dtype=torch.int8, device=rows.device)
-        scale = torch.empty((code_rows,), dtype=torch.float32, device=rows.device)
+        codes = torch.empty(d_rows.shape, dtype=torch.int8, device=rows.device)
+        scale = torch.empty((d_rows.shape[0],), dtype=torch.float32, device=rows.device)
     if tokens == 0 or top_k == 0 or hidden == 0:
         if codes is not None and scale is not None:
             codes.zero_()
             scale.fill_(1.0)
         return d_rows.zero_() if write_rows else d_rows, d_weight, codes, scale
     if quantize:
-        record_launch("combine_rows_backward_quantized" if write_weight and write_rows else
-                      "combine_rows_grad_quantized" if write_rows else "combine_rows_grad_codes")
+        record_launch("combine_rows_backward_quantized" if write_weight else "combine_rows_grad_quantized")
     else:
         record_launch("combine_rows_backward" if write_rows and write_weight else
                       "combine_rows_grad" if write_rows else "combine_gate_grads")
