@@ -215,8 +215,7 @@ def _prequant_dw2_from_q_h() -> Any:
             saved = ctx.saved  # layer._Int8Saved
             plan, experts, x = saved.plan, saved.experts, saved.x
             g = plan.mask_rows(g.contiguous())
-            a, h = saved.stash
-            saved.stash = None
+            a, h = saved.take("stash")
             dtype = x.dtype
             h_codes, h_scale = layer.quantize_rows(h)                               # the bug:
             d_w2 = layer.grouped_weight_grad((h_codes.float() * h_scale[:, None]).to(dtype), g, plan)  # Q(h)^T g

@@ -379,15 +379,13 @@ def test_dequantized_expert_codes_make_no_float32_copy(triton_backend):
     never materialised as a tensor. Checked on the ops the call dispatches (values: the two-step formula's)."""
     import torch
 
-    from qmoe.implementations.torch_triton.layer import dequantize_expert_codes
+    from qmoe.implementations.torch_triton.kernels.quant import INTERPRETED, dequantize_experts
 
     generator = torch.Generator().manual_seed(0)
     codes = torch.randint(-127, 128, (4, 48, 40), dtype=torch.int8, generator=generator)
     codes = codes.to(triton_backend.device).transpose(1, 2)
     scale = torch.rand(4, generator=generator).to(triton_backend.device) * 1e-2
-    from qmoe.implementations.torch_triton.kernels.quant import INTERPRETED
-
-    got, made = _new_tensors(lambda: dequantize_expert_codes(codes, scale, torch.bfloat16))
+    got, made = _new_tensors(lambda: dequantize_experts(codes, scale, torch.bfloat16))
     assert not any(t.dtype == torch.float32 and t.numel() == codes.numel() for t in made), \
         "a float32 tensor of the weight's size was made"
     product = codes.to(torch.float32) * scale[:, None, None]

@@ -93,21 +93,16 @@ class Int8Experts:
         return cls(w13_fwd, s13, w2_fwd, s2, w13_fwd.contiguous().transpose(1, 2), w2_fwd.contiguous().transpose(1, 2))
 
     def dequantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W13, W2) as the float values the int8 products compute with: codes * scale."""
-        return (dequantize_expert_codes(self.w13_fwd, self.w13_scale, dtype),
-                dequantize_expert_codes(self.w2_fwd, self.w2_scale, dtype))
+        """(W13, W2) as the float values the int8 products compute with, codes * scale (the float32 product
+        rounded once to ``dtype``), each in its codes' K-major layout, which `torch._grouped_mm` reads either way."""
+        return (dequantize_experts(self.w13_fwd, self.w13_scale, dtype),
+                dequantize_experts(self.w2_fwd, self.w2_scale, dtype))
 
 
 def expert_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One projection's [E, in, out] int8 codes in the K-major storage the forward kernel reads, and
     its per-expert float32 scales."""
     return quantize_per_expert(w.detach(), k_major=True)
-
-
-def dequantize_expert_codes(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[E, in, out] ``codes * scale[e]`` in ``dtype`` (the float32 product rounded once), in the codes'
-    layout: a K-major view gives a K-major result, read by `torch._grouped_mm` either way."""
-    return dequantize_experts(codes, scale, dtype)
 
 
 # -- QAT ------------------------------------------------------------------------------------------
@@ -431,13 +426,25 @@ def float_down(h: torch.Tensor, w2: torch.Tensor, plan: DispatchPlan) -> torch.T
 @dataclass
 class _Int8Saved:
     """What an int8 experts forward hands its backward: the plan, the rule, the weights' codes, x (only
-    the prequant weight gradient reads its float rows) and the activations (``stash``, given over once)."""
+    the prequant weight gradient reads its float rows), the activations (``stash``) and, for the one-node
+    layer, the experts' output rows (read by the gates' gradient). The last two are given over once (`take`)."""
 
     plan: DispatchPlan
     rule: str
     experts: Int8Experts
     x: torch.Tensor | None
     stash: list[torch.Tensor] | None
+    rows: torch.Tensor | None = None
+
+    def take(self, name: str):
+        """``name``'s value, no longer held here (a ``del`` in the backward then frees it). A second backward
+        through the same graph (``retain_graph``) finds it gone and is refused."""
+        value = getattr(self, name)
+        if value is None:
+            raise RuntimeError("torch_triton's int8 experts run their backward once per forward "
+                               "(backward through a retained graph is not supported)")
+        setattr(self, name, None)
+        return value
 
 
 def _int8_experts_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, plan: DispatchPlan, rule: str,
@@ -470,11 +477,7 @@ def _int8_experts_backward(saved: _Int8Saved, rows_grad: list) -> tuple[torch.Te
     plan, experts = saved.plan, saved.experts
     g, g_codes, g_scale = rows_grad
     rows_grad.clear()
-    stash = saved.stash
-    if stash is None:
-        raise RuntimeError("torch_triton's int8 experts run their backward once per forward "
-                           "(backward through a retained graph is not supported)")
-    saved.stash = None
+    stash = saved.take("stash")
     if saved.rule == "prequant_vjp":
         x = saved.x
         assert x is not None  # kept for this rule by `_int8_experts_forward`
@@ -554,8 +557,8 @@ class _RoutedInt8Layer(torch.autograd.Function):
         needs_grad = any(ctx.needs_input_grad)
         rows, ctx.saved = _int8_experts_forward(x, w13, w2, plan, rule, prequantized, needs_grad)
         y = combine_rows(rows, plan.inverse, plan.top_k, weight=gate_weights, kept=plan.kept)
-        # The rows are read once more, by the gates' gradient; given over like the activations.
-        ctx.rows = [rows] if needs_grad else None
+        if needs_grad:  # read once more, by the gates' gradient
+            ctx.saved.rows = rows
         ctx.gate_weights = gate_weights.detach()
         return y
 
@@ -563,11 +566,7 @@ class _RoutedInt8Layer(torch.autograd.Function):
     def backward(ctx, dy):
         saved: _Int8Saved = ctx.saved
         plan = saved.plan
-        if ctx.rows is None:
-            raise RuntimeError("torch_triton's int8 experts run their backward once per forward "
-                               "(backward through a retained graph is not supported)")
-        rows = ctx.rows.pop()
-        ctx.rows = None
+        rows = saved.take("rows")
         dy = dy.contiguous()
         # The gates' gradient first, the only reader of the rows, which go before g exists.
         d_gates = combine_gate_grads(rows, dy, plan.inverse, plan.top_k, kept=plan.kept)
