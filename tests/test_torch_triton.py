@@ -301,6 +301,7 @@ def test_tuned_launches_equal_the_fixed_ones(triton_backend, monkeypatch):
     interpreter never tunes."""
     import torch
 
+    from qmoe.implementations.torch_triton import common
     from qmoe.implementations.torch_triton.kernels import combine as _combine
     from qmoe.implementations.torch_triton.kernels import swiglu as _swiglu
 
@@ -321,8 +322,7 @@ def test_tuned_launches_equal_the_fixed_ones(triton_backend, monkeypatch):
                 *_combine.combine_rows_backward_quantized(expert_rows, d_h, position, weight, 2))
 
     tuned = run()
-    for module in (_swiglu, _combine):
-        monkeypatch.setattr(module, "_TUNE_MIN_ELEMENTS", 2**62)
+    monkeypatch.setattr(common, "TUNE_MIN_ELEMENTS", 2**62)
     fixed = run()
     d_weight = 8  # the combine backward's d_w: sum_h rows[pos, h] dy[t, h] over H = 2048 terms
     for i, (t, f) in enumerate(zip(tuned, fixed)):

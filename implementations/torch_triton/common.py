@@ -22,6 +22,11 @@ FALLBACKS: Counter[str] = Counter()
 
 INT8_MAX = 127
 
+#: Below this many elements (rows x columns) the memory-bound kernels (SwiGLU, combine) launch with their
+#: fixed shape, not an autotuned one: the correctness checks' small problems then cost one compile each,
+#: not a tuning sweep. Read at each launch (a test lowers it to compare the two).
+TUNE_MIN_ELEMENTS = 2**22
+
 
 def is_interpreted_kernel(kernel: object) -> bool:
     """True when ``kernel`` (a ``triton.jit`` result) was built for the interpreter, whatever the

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import common
 from ..common import is_interpreted_kernel, next_power_of_2, record_launch, round_half_even
 from .quant import _row_scale
 
@@ -133,9 +134,6 @@ def _blocks(hidden: int) -> tuple[int, int, int]:
     return 4, min(width, 512), 4
 
 
-#: Below this many output elements (tokens x H) `_blocks`' fixed shape: one compile per small problem.
-_TUNE_MIN_ELEMENTS = 2**22
-
 _tuned: dict[tuple, object] = {}
 
 
@@ -148,7 +146,7 @@ def _launch(kernel, n_tokens: int, hidden: int, args: tuple, flags: dict, key: l
     differently; the H200 run of 2026-12-01 showed it): deterministic for a given shape only. The
     backward keeps its H block, which bounds the sum's chunks."""
     block_t, block_h, warps = _blocks(hidden)
-    if INTERPRETED or n_tokens * hidden < _TUNE_MIN_ELEMENTS:
+    if INTERPRETED or n_tokens * hidden < common.TUNE_MIN_ELEMENTS:
         grid = (triton.cdiv(n_tokens, block_t), triton.cdiv(hidden, block_h)) if split_h else (
             triton.cdiv(n_tokens, block_t),)
         kernel[grid](*args, **flags, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=warps)

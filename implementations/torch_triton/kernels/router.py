@@ -20,6 +20,8 @@ reference's rule), on integer keys that order as the floats do.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -156,7 +158,7 @@ def _top_k_kernel(values_ptr, ids_ptr, n_rows, n_cols, stride_v, TOP_K: tl.const
         bits = v.to(tl.int32, bitcast=True)
         key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
         lowest = -2147483647 - 1
-    taken = (cols >= n_cols)[None, :] | (rows < 0)[:, None]  # padding columns never win
+    taken = tl.broadcast_to((cols >= n_cols)[None, :], (BLOCK_R, BLOCK_C))  # padding columns never win
     for j in tl.static_range(TOP_K):
         best = tl.max(tl.where(taken, lowest, key), axis=1)
         pick = tl.min(tl.where((~taken) & (key == best[:, None]), cols[None, :], BLOCK_C), axis=1)
@@ -217,19 +219,13 @@ def input_grad(d_logits: torch.Tensor, router: torch.Tensor, dtype: torch.dtype)
     return out
 
 
-_input_grad_tuned: list = []
-
-
+@functools.cache
 def _tuned_input_grad():
-    """The input-gradient kernel autotuned over output tiles (one pipeline stage: six operand tiles, one
-    E step at E <= 64; three stages needed 288 KiB of shared memory at 128 x 128, over the H200's 227).
-    Every tile gives the same sums: the contraction is over E in the same order."""
-    if not _input_grad_tuned:
-        tiles = ((128, 128, 8), (64, 128, 4), (128, 64, 4), (64, 256, 8), (128, 256, 8))
-        configs = [triton.Config({"BLOCK_T": t, "BLOCK_H": h}, num_warps=w, num_stages=1) for t, h, w in tiles]
-        _input_grad_tuned.append(triton.autotune(configs=configs, key=["n_tokens", "hidden", "experts"])(
-            _input_grad_kernel))
-    return _input_grad_tuned[0]
+    """The input-gradient kernel autotuned over output tiles, at one pipeline stage (six operand tiles, one
+    E step at E <= 64: three stages needed 288 KiB of shared memory at 128 x 128, over the H200's 227)."""
+    tiles = ((128, 128, 8), (64, 128, 4), (128, 64, 4), (64, 256, 8), (128, 256, 8))
+    configs = [triton.Config({"BLOCK_T": t, "BLOCK_H": h}, num_warps=w, num_stages=1) for t, h, w in tiles]
+    return triton.autotune(configs=configs, key=["n_tokens", "hidden", "experts"])(_input_grad_kernel)
 
 
 def router_grad(x: torch.Tensor, d_logits: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import common
 from ..common import is_interpreted_kernel, next_power_of_2, record_launch, round_half_even
 from .quant import _row_scale
 
@@ -156,10 +157,6 @@ INTERPRETED: bool = is_interpreted_kernel(_swiglu_forward_kernel)
 _ONE_PASS_MAX = 4096
 
 
-#: Below this many elements of h (rows x F) one fixed launch shape (`_launch_shape`): the correctness
-#: checks' small problems cost one compile each, not a tuning sweep.
-_TUNE_MIN_ELEMENTS = 2**22
-
 #: (rows per program, warps) the GPU's one-pass launches are tuned over, where a block of rows x F
 #: float32 values per array still fits the registers (at most 8192 per array).
 _ROW_CONFIGS = ((1, 4), (1, 8), (1, 16), (2, 8), (2, 16), (4, 8), (4, 16))
@@ -173,7 +170,7 @@ def _launch(kernel, n_rows: int, ffn: int, args: tuple, flags: dict, key: list[s
     put back between trial runs), else with `_launch_shape`'s fixed shape. Every shape gives the same
     values bit for bit: rows are independent and a row's amax is a max."""
     one_pass, block_r, block_c, warps = _launch_shape(ffn)
-    if INTERPRETED or not one_pass or n_rows * ffn < _TUNE_MIN_ELEMENTS:
+    if INTERPRETED or not one_pass or n_rows * ffn < common.TUNE_MIN_ELEMENTS:
         kernel[(triton.cdiv(n_rows, block_r),)](*args, **flags, ONE_PASS=one_pass, BLOCK_R=block_r, BLOCK_C=block_c,
                                                 num_warps=warps)
         return
