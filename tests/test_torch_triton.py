@@ -75,20 +75,18 @@ def test_int8_schemes_launch_the_int8_kernel(triton_backend, kernels, scheme, fo
     data = CASES["empty_experts"].build("float32")
     prepared = triton_backend.prepare(data.spec, data.params, scheme, "float32")
     forward = _launches(kernels, lambda: triton_backend.forward(prepared, data.x))
-    # the up projection with the SwiGLU in its epilogue, the down projection plain; Q(x) and Q(h) per row
-    assert forward.get("grouped_gemm_swiglu_int8") == 1, forward
-    assert forward.get("grouped_gemm_int8") == forward_gemms - 1, forward
-    assert forward.get("quantize_rows") == 2 and "swiglu_quantize_rows" not in forward, forward
+    assert forward.get("grouped_gemm_int8") == forward_gemms, forward
+    assert forward.get("quantize_rows") == 1 and forward.get("swiglu_quantize_rows") == 1, forward
     assert forward.get("combine_rows") == 1, forward  # the gate-weighted combine, fused
     both = _launches(kernels, lambda: triton_backend.backward(prepared, data.x, data.dy))
-    assert both.get("grouped_gemm_int8") == forward_gemms - 1 + backward_gemms, both
+    assert both.get("grouped_gemm_int8") == forward_gemms + backward_gemms, both
     assert both.get("combine_gate_grads") == 1 and "combine_rows_backward" not in both, both
     if backward_gemms:  # Q(g) fused into the combine's backward, Q(d_a) into the SwiGLU backward
         assert both.get("combine_rows_grad_quantized") == 1, both
-        assert both.get("quantize_rows") == 2 and both.get("swiglu_backward_quantize_rows") == 1, both
+        assert both.get("quantize_rows") == 1 and both.get("swiglu_backward_quantize_rows") == 1, both
     else:
         assert both.get("combine_rows_grad") == 1, both
-        assert both.get("quantize_rows") == 2 and both.get("swiglu_backward") == 1, both
+        assert both.get("quantize_rows") == 1 and both.get("swiglu_backward") == 1, both
 
 
 def test_qat_training_launches_the_fused_fake_quant_kernel(triton_backend, kernels):
@@ -156,38 +154,6 @@ def test_grouped_int8_gemm_every_group_empty(triton_backend, kernels):
     out = kernels[1].grouped_gemm(a_codes, b_codes, starts, out_dtype=torch.float32, a_scale=a_scale,
                                   b_scale=b_scale, a_rows=a_rows, zero_uncovered=True)
     assert out.shape == (5, 8) and not torch.any(out)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("sizes, uncovered", [
-    pytest.param([0, 5, 0, 0, 3, 0], 0, id="empty_first_middle_last"),
-    pytest.param([31, 32, 33, 1], 0, id="tile_boundaries"),
-    pytest.param([7, 0, 26], 4, id="dropped_rows"),
-])
-def test_grouped_gemm_swiglu_equals_the_gemm_then_swiglu(triton_backend, kernels, sizes, uncovered, dtype):
-    """The SwiGLU in the up GEMM's epilogue gives the separate path's product and h bit for bit (h of the
-    product as stored, in the output dtype), with and without the product stored; rows no group covers are
-    zero in both outputs with zero_uncovered."""
-    import torch
-
-    from qmoe.implementations.torch_triton.kernels import swiglu as _swiglu
-
-    a_codes, a_scale, a_rows, b_codes, b_scale, starts = _grouped_case(sizes, k_dim=40, n_cols=2 * 18)
-    device, out_dtype = triton_backend.device, getattr(torch, dtype)
-    a_rows = torch.cat([a_rows, a_rows[:uncovered]])  # uncovered rows sort after the last group
-    args = [t.to(device) for t in (a_codes, b_codes, starts)]
-    # scales that put the products near 1, where SiLU is neither 0 nor the identity
-    kw = dict(out_dtype=out_dtype, a_scale=(a_scale * 1e-3).to(device), b_scale=(b_scale * 1e-2).to(device),
-              a_rows=a_rows.to(device), zero_uncovered=uncovered > 0)
-    product = kernels[1].grouped_gemm(*args, **kw)
-    h, _, _ = _swiglu.swiglu_forward(product, store_h=True, quantize=False)
-    fused_product, fused_h = kernels[1].grouped_gemm_swiglu(*args, **kw)
-    no_product, only_h = kernels[1].grouped_gemm_swiglu(*args, **kw, store_product=False)
-    assert no_product is None
-    assert torch.equal(fused_product, product) and torch.equal(fused_h, h) and torch.equal(only_h, h)
-    if uncovered:
-        assert not torch.any(fused_h[-uncovered:]) and not torch.any(only_h[-uncovered:])
-    assert torch.count_nonzero(h[:-uncovered or None]) > 0.9 * h[:-uncovered or None].numel()
 
 
 def _combine_case(tokens: int, top_k: int, hidden: int, drop_every: int | None):
@@ -263,7 +229,7 @@ def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backe
     expert_rows: list[weakref.ref] = []
     rows_alive_at_g: list[bool] = []
     at_swiglu_grad: list[tuple[bool, bool, bool]] = []
-    forward, backward = layer.int8_up, layer.fused_swiglu_backward
+    forward, backward = layer.swiglu_forward, layer.fused_swiglu_backward
     down, rows_grad_of = layer.int8_down, layer.combine_rows_grad
 
     def recording_down(*args, **kwargs):
@@ -271,9 +237,9 @@ def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backe
         expert_rows.append(weakref.ref(out))
         return out
 
-    def recording_forward(*args, **kwargs):
-        out = forward(*args, **kwargs)  # (a, h or None, Q(h) codes, scales): h where kept, else its codes
-        hidden.append(weakref.ref(out[1] if out[1] is not None else out[2]))
+    def recording_forward(a, store_h=True, quantize=True):
+        out = forward(a, store_h=store_h, quantize=quantize)
+        hidden.append(weakref.ref(out[0] if store_h else out[1]))
         return out
 
     def recording_rows_grad(*args, **kwargs):
@@ -288,7 +254,7 @@ def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backe
                                out[0].data_ptr() != a.data_ptr()))
         return out
 
-    monkeypatch.setattr(layer, "int8_up", recording_forward)
+    monkeypatch.setattr(layer, "swiglu_forward", recording_forward)
     monkeypatch.setattr(layer, "fused_swiglu_backward", checking_backward)
     monkeypatch.setattr(layer, "int8_down", recording_down)
     monkeypatch.setattr(layer, "combine_rows_grad", recording_rows_grad)

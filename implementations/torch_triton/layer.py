@@ -39,7 +39,7 @@ from ..torch_eager import router_gate_weights, sigmoid_balance_probs
 from .common import FALLBACKS
 from .kernels import router as router_kernels
 from .kernels.combine import combine_gate_grads, combine_rows, combine_rows_backward, combine_rows_grad
-from .kernels.grouped_gemm import grouped_gemm, grouped_gemm_swiglu
+from .kernels.grouped_gemm import grouped_gemm
 from .kernels.quant import dequantize_experts, dequantize_rows, fake_quant_rows, quantize_per_expert, quantize_rows
 from .kernels.router import top_k_lower_index_first
 from .kernels.swiglu import swiglu_backward as fused_swiglu_backward
@@ -457,7 +457,7 @@ def _int8_experts_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     # The float hidden is kept only where the prequant weight gradient needs it (d_w2 = h^T g).
     keep_h = rule == "prequant_vjp" and needs_grad
     a, h, h_codes, h_scale = int8_up(x_codes, x_scale, experts.w13_fwd, experts.w13_scale, plan, x.dtype,
-                                     store_a=needs_grad, store_h=keep_h)
+                                     store_h=keep_h)
     out = int8_down(h_codes, h_scale, experts.w2_fwd, experts.w2_scale, plan, x.dtype)
     stash = None
     if needs_grad:
@@ -581,17 +581,15 @@ class _RoutedInt8Layer(torch.autograd.Function):
 
 
 def int8_up(x_codes: torch.Tensor, x_scale: torch.Tensor, w13_codes: torch.Tensor, w13_scale: torch.Tensor,
-            plan: DispatchPlan, dtype: torch.dtype, store_a: bool, store_h: bool
-            ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(a or None, h or None, Q(h) codes, Q(h) scales): a = Q(x_r) Q(W13_e) per sorted row, read straight
-    from the per-token codes (the GEMM gathers the rows), h = swiglu(a) in the GEMM's epilogue, then h's
-    per-row int8, of h as stored (a tile of the GEMM sees only part of a row's amax). a and h are returned
-    only where asked for (the backward's); neither is ever made in a forward without gradients but h."""
-    a, h = grouped_gemm_swiglu(x_codes, w13_codes, plan.group_starts, out_dtype=dtype, a_scale=x_scale,
-                               b_scale=w13_scale, a_rows=plan.row_token, zero_uncovered=plan.has_drops,
-                               store_product=store_a)
-    h_codes, h_scale = quantize_rows(h)
-    return a, (h if store_h else None), h_codes, h_scale
+            plan: DispatchPlan, dtype: torch.dtype, store_h: bool
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(a, h or None, Q(h) codes, Q(h) scales): a = Q(x_r) Q(W13_e) per sorted row, read straight from
+    the per-token codes (the GEMM gathers the rows), then the fused SwiGLU + per-row int8 of h."""
+    a = grouped_gemm(x_codes, w13_codes, plan.group_starts, out_dtype=dtype, a_scale=x_scale, b_scale=w13_scale,
+                     a_rows=plan.row_token, zero_uncovered=plan.has_drops)
+    h, h_codes, h_scale = swiglu_forward(a, store_h=store_h)
+    assert h_codes is not None and h_scale is not None  # quantize (the default) always makes them
+    return a, h, h_codes, h_scale
 
 
 def int8_down(h_codes: torch.Tensor, h_scale: torch.Tensor, w2_codes: torch.Tensor, w2_scale: torch.Tensor,
@@ -704,7 +702,7 @@ class LayerStages:
     """`layer_forward` without autograd, cut into stages that can each run on their own:
 
     * ``pack``: routing, the dispatch plan, and the rows (gathered; int8: per-token quantized);
-    * ``up``: the w13 grouped GEMM and the SwiGLU (int8: in the GEMM's epilogue, then Q(h));
+    * ``up``: the w13 grouped GEMM and the SwiGLU (int8: with Q(h) fused);
     * ``down``: the w2 grouped GEMM;
     * ``combine``: the gate-weighted sum back to tokens;
     * ``shared``: the shared expert, where the layer has one.
@@ -738,7 +736,7 @@ class LayerStages:
             return Hidden(float_up(packed.rows, self.weight("w13"), packed.plan))
         codes, scale = self._codes("w13")
         _, _, h_codes, h_scale = int8_up(packed.rows, packed.scale, codes, scale, packed.plan, packed.dtype,
-                                         store_a=False, store_h=False)
+                                         store_h=False)
         return Hidden(h_codes, h_scale)
 
     def down(self, packed: Packed, hidden: Hidden) -> torch.Tensor:

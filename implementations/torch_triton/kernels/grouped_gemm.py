@@ -14,13 +14,6 @@ devlog's FP8 failure was ``amax`` over such an empty expert: here an empty group
 
 The same kernel with ``INT8=False`` is a float grouped GEMM (float32 accumulation, no TF32), used
 where a float path must not depend on ``torch._grouped_mm``.
-
-``SWIGLU`` (`grouped_gemm_swiglu`) fuses the SwiGLU into the up projection's epilogue: b holds the gate
-columns then the up columns (W13), a program owns the same BLOCK_N columns of both halves (two
-accumulators over one A tile) and writes h = silu(gate) * up, each half rounded to the output dtype
-first as if stored and read back, so h is bit for bit `kernels.swiglu`'s on the stored product. The
-product itself (the autograd backward's a) is written only where asked: a forward without gradients
-never makes it, and the separate SwiGLU pass's read of it (twice h's bytes) is gone either way.
 """
 
 from __future__ import annotations
@@ -33,11 +26,10 @@ from ..common import is_interpreted_kernel, next_power_of_2, record_launch
 
 
 @triton.jit
-def _grouped_gemm_kernel(a_ptr, a_scale_ptr, a_rows_ptr, b_ptr, b_scale_ptr, c_ptr, h_ptr, group_starts_ptr,
+def _grouped_gemm_kernel(a_ptr, a_scale_ptr, a_rows_ptr, b_ptr, b_scale_ptr, c_ptr, group_starts_ptr,
                          n_cols, k_dim, n_experts, rows_per_expert,
-                         stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn, stride_hm,
-                         INT8: tl.constexpr, GATHER_A: tl.constexpr, SWIGLU: tl.constexpr, STORE_C: tl.constexpr,
-                         E_BLOCK: tl.constexpr, EVEN_K: tl.constexpr,
+                         stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
+                         INT8: tl.constexpr, GATHER_A: tl.constexpr, E_BLOCK: tl.constexpr, EVEN_K: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # N-tiles vary fastest: the programs in flight share one A tile and sweep one expert's B, which
     # stays in L2 across that expert's M-tiles (A is read from memory once).
@@ -75,57 +67,32 @@ def _grouped_gemm_kernel(a_ptr, a_scale_ptr, a_rows_ptr, b_ptr, b_scale_ptr, c_p
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = acc  # SwiGLU: the up half's sum, over b's columns n_cols further on (unused otherwise)
-    up_offset = n_cols * stride_bn
     for step in range(0, k_steps):
         if EVEN_K:
             # No mask along K: the loads stay 16-byte vectors, which the pipeliner needs to turn them
             # into asynchronous copies (an int8 load masked per element is one byte wide).
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0)
             b = tl.load(b_ptrs, mask=col_ok[None, :], other=0)
-            if SWIGLU:
-                b_up = tl.load(b_ptrs + up_offset, mask=col_ok[None, :], other=0)
         else:
             k_ok = ks < k_dim - step * BLOCK_K
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0)
-            if SWIGLU:
-                b_up = tl.load(b_ptrs + up_offset, mask=k_ok[:, None] & col_ok[None, :], other=0)
         if INT8:
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-            if SWIGLU:
-                acc_up = tl.dot(a, b_up, acc_up, out_dtype=tl.int32)
         else:
             acc = tl.dot(a, b, acc, input_precision="ieee")
-            if SWIGLU:
-                acc_up = tl.dot(a, b_up, acc_up, input_precision="ieee")
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    out = acc.to(tl.float32)
-    out_up = acc_up.to(tl.float32)
     if INT8:
         # Dequantize at the output: the int32 sum times the token's scale times the expert's scale.
         a_scale = tl.load(a_scale_ptr + src, mask=row_ok, other=0.0)
         b_scale = tl.load(b_scale_ptr + expert64)
-        out = out * a_scale[:, None] * b_scale
-        if SWIGLU:
-            out_up = out_up * a_scale[:, None] * b_scale
-    rows64 = rows.to(tl.int64)
-    mask = row_ok[:, None] & col_ok[None, :]
-    c_ptrs = c_ptr + rows64[:, None] * stride_cm + cols[None, :] * stride_cn
-    if SWIGLU:
-        out_ty = h_ptr.dtype.element_ty
-        gate = out.to(out_ty)
-        up = out_up.to(out_ty)
-        if STORE_C:
-            tl.store(c_ptrs, gate, mask=mask)
-            tl.store(c_ptrs + n_cols * stride_cn, up, mask=mask)
-        gate32 = gate.to(tl.float32)
-        h = gate32 * tl.sigmoid(gate32) * up.to(tl.float32)
-        tl.store(h_ptr + rows64[:, None] * stride_hm + cols[None, :], h.to(out_ty), mask=mask)
+        out = acc.to(tl.float32) * a_scale[:, None] * b_scale
     else:
-        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
+        out = acc
+    c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :] * stride_cn
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 #: True when the kernel runs in Triton's interpreter (fixed at this module's import).
@@ -133,7 +100,7 @@ INTERPRETED: bool = is_interpreted_kernel(_grouped_gemm_kernel)
 
 #: Interpreter tiles: each program is a Python call, so few programs; 32 keeps tile-boundary
 #: behaviour visible at the suite's sizes (T = 31, 33, 63, 65).
-_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})
+_INTERPRETER_TILES = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
 
 #: Hopper tiles for the int8 tensor cores (wgmma wants K-major operands: callers pass B that way).
 #: The deeper pipelines and K = 256 steps were added after the H200 profile (issue 10: the int8 GEMMs
@@ -154,75 +121,24 @@ _FLOAT_GPU_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
 ]
 
-#: The SwiGLU epilogue's tiles: BLOCK_N columns of each half, so a program's two accumulators hold
-#: BLOCK_M x 2 BLOCK_N sums, the register and shared-memory footprint of the plain kernel's BLOCK_N x 2.
-_SWIGLU_GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=5),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-]
-
 #: One fixed config below this many multiply-adds: small problems (the correctness checks) then cost
 #: one compile each instead of an autotuning sweep, and tiles of 64 waste less on tiny groups.
 _AUTOTUNE_MIN_MACS = 2**30
 _SMALL_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3)
 
-_autotuned: dict[tuple[bool, bool], object] = {}
+_autotuned: dict[bool, object] = {}
 
 
-def _gpu_kernel(int8: bool, swiglu: bool):
+def _gpu_kernel(int8: bool):
     """The kernel wrapped in an autotuner (built on first GPU use; the interpreter never tunes)."""
-    if (int8, swiglu) not in _autotuned:
-        configs = _SWIGLU_GPU_CONFIGS if swiglu else _GPU_CONFIGS if int8 else _FLOAT_GPU_CONFIGS
+    if int8 not in _autotuned:
+        configs = _GPU_CONFIGS if int8 else _FLOAT_GPU_CONFIGS
         even_k = triton.heuristics({"EVEN_K": lambda args: args["k_dim"] % args["BLOCK_K"] == 0})
         # rows_per_expert (a power of two at or above the mean group size): the best tile differs between
         # top-2 and top-8 groups of the same matrices, which would otherwise share the first one's pick.
-        _autotuned[int8, swiglu] = triton.autotune(
-            configs=configs, key=["n_cols", "k_dim", "stride_bk", "rows_per_expert"])(even_k(_grouped_gemm_kernel))
-    return _autotuned[int8, swiglu]
-
-
-def _check_operands(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None, b_scale: torch.Tensor | None,
-                    name: str) -> bool:
-    """Whether the product is int8 (else float); raises where the operands disagree."""
-    int8 = a.dtype == torch.int8
-    if int8 != (b.dtype == torch.int8) or int8 != (a_scale is not None) or int8 != (b_scale is not None):
-        raise ValueError(f"{name}: int8 operands need both scales; float operands take none")
-    if a.shape[-1] != b.shape[1]:
-        raise ValueError(f"{name}: a has {a.shape[-1]} columns, b contracts over {b.shape[1]}")
-    return int8
-
-
-def _launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, h: torch.Tensor | None, group_starts: torch.Tensor,
-            a_scale: torch.Tensor | None, b_scale: torch.Tensor | None, a_rows: torch.Tensor | None,
-            n_rows: int, n_cols: int, store_c: bool) -> None:
-    """One launch over n_rows x n_cols outputs (SwiGLU: columns of h, when ``h`` is given)."""
-    int8 = a.dtype == torch.int8
-    experts, k_dim = b.shape[:2]
-    swiglu = h is not None
-    dummy = h if h is not None else c  # pointer arguments a constexpr branch never reads
-    args = (a, a_scale if int8 else dummy, a_rows if a_rows is not None else dummy, b, b_scale if int8 else dummy,
-            c, dummy, group_starts, n_cols, k_dim, experts, next_power_of_2(triton.cdiv(n_rows, experts)),
-            a.stride(0), a.stride(1), *b.stride(), c.stride(0), c.stride(1), dummy.stride(0))
-    flags = dict(INT8=int8, GATHER_A=a_rows is not None, SWIGLU=swiglu, STORE_C=store_c,
-                 E_BLOCK=max(2, next_power_of_2(experts)))
-    record_launch(("grouped_gemm_swiglu_" if swiglu else "grouped_gemm_") + ("int8" if int8 else "float"))
-    macs = n_rows * n_cols * k_dim * (2 if swiglu else 1)
-    if INTERPRETED or macs < _AUTOTUNE_MIN_MACS:
-        config = _INTERPRETER_CONFIG if INTERPRETED else _SMALL_CONFIG
-        tiles = config.kwargs
-        grid = (triton.cdiv(n_cols, tiles["BLOCK_N"]), triton.cdiv(n_rows, tiles["BLOCK_M"]) + experts)
-        _grouped_gemm_kernel[grid](*args, **flags, **tiles, EVEN_K=k_dim % tiles["BLOCK_K"] == 0,
-                                   num_warps=config.num_warps, num_stages=config.num_stages)
-    else:
-        def grid(meta):
-            return (triton.cdiv(n_cols, meta["BLOCK_N"]), triton.cdiv(n_rows, meta["BLOCK_M"]) + experts)
-
-        _gpu_kernel(int8, swiglu)[grid](*args, **flags)
+        _autotuned[int8] = triton.autotune(configs=configs, key=["n_cols", "k_dim", "stride_bk", "rows_per_expert"])(
+            even_k(_grouped_gemm_kernel))
+    return _autotuned[int8]
 
 
 def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_starts: torch.Tensor, *, out_dtype: torch.dtype,
@@ -235,39 +151,37 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_starts: torch.Tensor, *
     R = len(a_rows) or R_a. Rows of c outside every group are left unwritten, or zero with
     ``zero_uncovered`` (capacity-dropped rows sorted after the last group).
     """
-    _check_operands(a, b, a_scale, b_scale, "grouped_gemm")
+    int8 = a.dtype == torch.int8
+    if int8 != (b.dtype == torch.int8) or int8 != (a_scale is not None) or int8 != (b_scale is not None):
+        raise ValueError("grouped_gemm: int8 operands need both scales; float operands take none")
+    experts, k_dim, n_cols = b.shape
     n_rows = a_rows.shape[0] if a_rows is not None else a.shape[0]
-    n_cols = b.shape[2]
+    if a.shape[-1] != k_dim:
+        raise ValueError(f"grouped_gemm: a has {a.shape[-1]} columns, b contracts over {k_dim}")
     alloc = torch.zeros if zero_uncovered else torch.empty
     c = alloc((n_rows, n_cols), dtype=out_dtype, device=a.device)
     if n_rows == 0 or n_cols == 0:
         return c
-    if b.shape[1] == 0:
+    if k_dim == 0:
         return c.zero_()
-    _launch(a, b, c, None, group_starts, a_scale, b_scale, a_rows, n_rows, n_cols, store_c=True)
+    dummy = c  # pointer arguments a constexpr branch never reads
+    args = (a, a_scale if int8 else dummy, a_rows if a_rows is not None else dummy, b, b_scale if int8 else dummy,
+            c, group_starts, n_cols, k_dim, experts, next_power_of_2(triton.cdiv(n_rows, experts)), a.stride(0),
+            a.stride(1), *b.stride(), c.stride(0), c.stride(1))
+    flags = dict(INT8=int8, GATHER_A=a_rows is not None, E_BLOCK=max(2, next_power_of_2(experts)))
+    record_launch("grouped_gemm_int8" if int8 else "grouped_gemm_float")
+    if INTERPRETED:
+        tiles = _INTERPRETER_TILES
+        grid = (triton.cdiv(n_cols, tiles["BLOCK_N"]), triton.cdiv(n_rows, tiles["BLOCK_M"]) + experts)
+        _grouped_gemm_kernel[grid](*args, **flags, **tiles, EVEN_K=k_dim % tiles["BLOCK_K"] == 0)
+    elif n_rows * n_cols * k_dim < _AUTOTUNE_MIN_MACS:
+        tiles = _SMALL_CONFIG.kwargs
+        grid = (triton.cdiv(n_cols, tiles["BLOCK_N"]), triton.cdiv(n_rows, tiles["BLOCK_M"]) + experts)
+        _grouped_gemm_kernel[grid](*args, **flags, **tiles, EVEN_K=k_dim % tiles["BLOCK_K"] == 0,
+                                   num_warps=_SMALL_CONFIG.num_warps, num_stages=_SMALL_CONFIG.num_stages)
+    else:
+        def grid(meta):
+            return (triton.cdiv(n_cols, meta["BLOCK_N"]), triton.cdiv(n_rows, meta["BLOCK_M"]) + experts)
+
+        _gpu_kernel(int8)[grid](*args, **flags)
     return c
-
-
-def grouped_gemm_swiglu(a: torch.Tensor, b: torch.Tensor, group_starts: torch.Tensor, *, out_dtype: torch.dtype,
-                        a_scale: torch.Tensor | None = None, b_scale: torch.Tensor | None = None,
-                        a_rows: torch.Tensor | None = None, zero_uncovered: bool = False, store_product: bool = True
-                        ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(p or None, h): p = `grouped_gemm` (a, b) [R, 2F] with b = [gate | up] [E, K, 2F], written only with
-    ``store_product``, and h = silu(p_gate) * p_up [R, F] from p's values in ``out_dtype``, each in
-    ``out_dtype``; the SwiGLU runs in the GEMM's epilogue. Uncovered rows as `grouped_gemm`'s (h: zero
-    where p is)."""
-    _check_operands(a, b, a_scale, b_scale, "grouped_gemm_swiglu")
-    n_rows = a_rows.shape[0] if a_rows is not None else a.shape[0]
-    if b.shape[2] % 2:
-        raise ValueError(f"grouped_gemm_swiglu: b has {b.shape[2]} columns, not gate and up halves")
-    ffn = b.shape[2] // 2
-    alloc = torch.zeros if zero_uncovered else torch.empty
-    h = alloc((n_rows, ffn), dtype=out_dtype, device=a.device)
-    product = alloc((n_rows, 2 * ffn), dtype=out_dtype, device=a.device) if store_product else None
-    if n_rows == 0 or ffn == 0:
-        return product, h
-    if b.shape[1] == 0:
-        return (None if product is None else product.zero_()), h.zero_()
-    _launch(a, b, product if product is not None else h, h, group_starts, a_scale, b_scale, a_rows, n_rows, ffn,
-            store_c=product is not None)
-    return product, h
