@@ -143,6 +143,34 @@ def test_grouped_int8_gemm_ragged_groups(triton_backend, kernels, sizes):
     np.testing.assert_allclose(out.numpy(), expected, rtol=2e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("k_dim", [48, 64])  # 48: the last K step half past the end (zero-filled)
+@pytest.mark.parametrize("gather", [True, False])
+@pytest.mark.parametrize("sizes", [
+    pytest.param([0, 5, 0, 0, 3, 0], id="empty_first_middle_last"),
+    pytest.param([31, 32, 33, 1], id="tile_boundaries"),
+])
+def test_grouped_int8_gemm_through_tensor_descriptors(triton_backend, kernels, sizes, gather, k_dim):
+    """Operands whose strides the tensor memory accelerator takes load through descriptors (the interpreter
+    emulates them): B always, A where its rows are not gathered. A tile that runs past its group reads the
+    next group's rows (never stored), past the last row and past K zeros; N = 36 leaves a partial B tile."""
+    import torch
+
+    a_codes, a_scale, a_rows, b_codes, b_scale, starts = _grouped_case(sizes, k_dim=k_dim, n_cols=36)
+    expected = _expected(a_codes, a_scale, a_rows, b_codes, b_scale, sizes)
+    if not gather:  # the rows already in group order, as the down projection's and the backward's are
+        a_codes, a_scale, a_rows = a_codes[a_rows].contiguous(), a_scale[a_rows].contiguous(), None
+    device = triton_backend.device
+    run = lambda: kernels[1].grouped_gemm(  # noqa: E731
+        a_codes.to(device), b_codes.to(device), starts.to(device), out_dtype=torch.float32,
+        a_scale=a_scale.to(device), b_scale=b_scale.to(device), a_rows=None if a_rows is None else a_rows.to(device))
+    out = []
+    launches = _launches(kernels, lambda: out.append(run()))
+    if device == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
+        assert launches.get("grouped_gemm_b_descriptor") == 1 and launches.get("grouped_gemm_a_descriptor") == (
+            None if gather else 1), launches
+    np.testing.assert_allclose(out[0].cpu().numpy(), expected, rtol=2e-6, atol=1e-6)
+
+
 def test_grouped_int8_gemm_every_group_empty(triton_backend, kernels):
     """Rows outside every group (capacity-dropped) are zero with zero_uncovered, never NaN."""
     import torch

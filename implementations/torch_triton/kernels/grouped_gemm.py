@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..common import is_interpreted_kernel, next_power_of_2, record_launch
 
@@ -29,7 +30,8 @@ from ..common import is_interpreted_kernel, next_power_of_2, record_launch
 def _grouped_gemm_kernel(a_ptr, a_scale_ptr, a_rows_ptr, b_ptr, b_scale_ptr, c_ptr, group_starts_ptr,
                          n_cols, k_dim, n_experts, rows_per_expert,
                          stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
-                         INT8: tl.constexpr, GATHER_A: tl.constexpr, E_BLOCK: tl.constexpr, EVEN_K: tl.constexpr,
+                         INT8: tl.constexpr, GATHER_A: tl.constexpr, A_DESC: tl.constexpr, B_DESC: tl.constexpr,
+                         E_BLOCK: tl.constexpr, EVEN_K: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # N-tiles vary fastest: the programs in flight share one A tile and sweep one expert's B, which
     # stays in L2 across that expert's M-tiles (A is read from memory once).
@@ -57,10 +59,16 @@ def _grouped_gemm_kernel(a_ptr, a_scale_ptr, a_rows_ptr, b_ptr, b_scale_ptr, c_p
         src = rows.to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
-    expert64 = tl.minimum(expert, n_experts - 1).to(tl.int64)
+    expert32 = tl.minimum(expert, n_experts - 1)
+    expert64 = expert32.to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak
-    b_ptrs = b_ptr + expert64 * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+    # Tensor-memory-accelerator loads (``*_DESC``: a_ptr / b_ptr are tensor descriptors, out-of-bounds
+    # zero-filled): B's [BLOCK_N, BLOCK_K] tile of expert e from its K-major [E, N, K] codes; A's rows
+    # row_begin .. + BLOCK_M, which past row_end are another group's (their sums are never stored).
+    if not A_DESC:
+        a_ptrs = a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak
+    if not B_DESC:
+        b_ptrs = b_ptr + expert64 * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
 
     k_steps = tl.where(row_begin < row_end, tl.cdiv(k_dim, BLOCK_K), 0)
     if INT8:
@@ -68,21 +76,28 @@ def _grouped_gemm_kernel(a_ptr, a_scale_ptr, a_rows_ptr, b_ptr, b_scale_ptr, c_p
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for step in range(0, k_steps):
-        if EVEN_K:
+        if A_DESC:
+            a = a_ptr.load([row_begin, step * BLOCK_K])
+        elif EVEN_K:
             # No mask along K: the loads stay 16-byte vectors, which the pipeliner needs to turn them
             # into asynchronous copies (an int8 load masked per element is one byte wide).
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0)
+        else:
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & (ks < k_dim - step * BLOCK_K)[None, :], other=0)
+        if B_DESC:
+            b = b_ptr.load([expert32, pid_n * BLOCK_N, step * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
+        elif EVEN_K:
             b = tl.load(b_ptrs, mask=col_ok[None, :], other=0)
         else:
-            k_ok = ks < k_dim - step * BLOCK_K
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0)
+            b = tl.load(b_ptrs, mask=(ks < k_dim - step * BLOCK_K)[:, None] & col_ok[None, :], other=0)
         if INT8:
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         else:
             acc = tl.dot(a, b, acc, input_precision="ieee")
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        if not A_DESC:
+            a_ptrs += BLOCK_K * stride_ak
+        if not B_DESC:
+            b_ptrs += BLOCK_K * stride_bk
 
     if INT8:
         # Dequantize at the output: the int32 sum times the token's scale times the expert's scale.
@@ -100,7 +115,7 @@ INTERPRETED: bool = is_interpreted_kernel(_grouped_gemm_kernel)
 
 #: Interpreter tiles: each program is a Python call, so few programs; 32 keeps tile-boundary
 #: behaviour visible at the suite's sizes (T = 31, 33, 63, 65).
-_INTERPRETER_TILES = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})
 
 #: Hopper tiles for the int8 tensor cores (wgmma wants K-major operands: callers pass B that way).
 #: The deeper pipelines and K = 256 steps were added after the H200 profile (issue 10: the int8 GEMMs
@@ -129,16 +144,43 @@ _SMALL_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num
 _autotuned: dict[bool, object] = {}
 
 
+def _set_block_shapes(nargs: dict) -> None:
+    """A launch's tiles into its tensor descriptors (a config's pre-hook: the tiles are the config's)."""
+    if isinstance(nargs["a_ptr"], TensorDescriptor):
+        nargs["a_ptr"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    if isinstance(nargs["b_ptr"], TensorDescriptor):
+        nargs["b_ptr"].block_shape = [1, nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
 def _gpu_kernel(int8: bool):
     """The kernel wrapped in an autotuner (built on first GPU use; the interpreter never tunes)."""
     if int8 not in _autotuned:
-        configs = _GPU_CONFIGS if int8 else _FLOAT_GPU_CONFIGS
+        configs = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_set_block_shapes)
+                   for c in (_GPU_CONFIGS if int8 else _FLOAT_GPU_CONFIGS)]
         even_k = triton.heuristics({"EVEN_K": lambda args: args["k_dim"] % args["BLOCK_K"] == 0})
         # rows_per_expert (a power of two at or above the mean group size): the best tile differs between
         # top-2 and top-8 groups of the same matrices, which would otherwise share the first one's pick.
-        _autotuned[int8] = triton.autotune(configs=configs, key=["n_cols", "k_dim", "stride_bk", "rows_per_expert"])(
-            even_k(_grouped_gemm_kernel))
+        key = ["n_cols", "k_dim", "stride_bk", "rows_per_expert", "GATHER_A", "A_DESC", "B_DESC"]
+        _autotuned[int8] = triton.autotune(configs=configs, key=key)(even_k(_grouped_gemm_kernel))
     return _autotuned[int8]
+
+
+def _tma_device(t: torch.Tensor) -> bool:
+    """Whether kernels on ``t``'s device load through tensor descriptors: Hopper and later (the tensor memory
+    accelerator), and the interpreter, which emulates them (so that CPU runs test that path)."""
+    if INTERPRETED:
+        return True
+    return t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+def _descriptor(t: torch.Tensor, shape: list[int], strides: list[int], block_rank: int) -> TensorDescriptor | None:
+    """A descriptor of ``t``'s memory as ``shape`` / ``strides`` (innermost unit stride), or None where the
+    accelerator cannot address it: a base or an outer stride not on 16 bytes. Its block shape is set per
+    launch (`_set_block_shapes`); ``block_rank`` placeholders until then."""
+    size = t.element_size()
+    if strides[-1] != 1 or t.data_ptr() % 16 or any(s * size % 16 for s in strides[:-1]):
+        return None
+    return TensorDescriptor(t, shape, strides, [1] * block_rank)
 
 
 def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_starts: torch.Tensor, *, out_dtype: torch.dtype,
@@ -150,6 +192,9 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_starts: torch.Tensor, *
     with ``b_scale`` [E], or float); group_starts: [E + 1] int32 row offsets of c, non-decreasing.
     R = len(a_rows) or R_a. Rows of c outside every group are left unwritten, or zero with
     ``zero_uncovered`` (capacity-dropped rows sorted after the last group).
+
+    int8 operands in the layouts the tensor cores read (K-major b, a's rows contiguous and not gathered)
+    are loaded through tensor descriptors where the device has the accelerator (`_tma_device`).
     """
     int8 = a.dtype == torch.int8
     if int8 != (b.dtype == torch.int8) or int8 != (a_scale is not None) or int8 != (b_scale is not None):
@@ -164,21 +209,29 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_starts: torch.Tensor, *
         return c
     if k_dim == 0:
         return c.zero_()
+    a_desc = b_desc = None
+    if int8 and _tma_device(a):
+        if a_rows is None:
+            a_desc = _descriptor(a, [a.shape[0], k_dim], [a.stride(0), a.stride(1)], 2)
+        b_desc = _descriptor(b, [experts, n_cols, k_dim], [b.stride(0), b.stride(2), b.stride(1)], 3)
     dummy = c  # pointer arguments a constexpr branch never reads
-    args = (a, a_scale if int8 else dummy, a_rows if a_rows is not None else dummy, b, b_scale if int8 else dummy,
+    args = (a if a_desc is None else a_desc, a_scale if int8 else dummy, a_rows if a_rows is not None else dummy,
+            b if b_desc is None else b_desc, b_scale if int8 else dummy,
             c, group_starts, n_cols, k_dim, experts, next_power_of_2(triton.cdiv(n_rows, experts)), a.stride(0),
             a.stride(1), *b.stride(), c.stride(0), c.stride(1))
-    flags = dict(INT8=int8, GATHER_A=a_rows is not None, E_BLOCK=max(2, next_power_of_2(experts)))
+    flags = dict(INT8=int8, GATHER_A=a_rows is not None, A_DESC=a_desc is not None, B_DESC=b_desc is not None,
+                 E_BLOCK=max(2, next_power_of_2(experts)))
     record_launch("grouped_gemm_int8" if int8 else "grouped_gemm_float")
-    if INTERPRETED:
-        tiles = _INTERPRETER_TILES
-        grid = (triton.cdiv(n_cols, tiles["BLOCK_N"]), triton.cdiv(n_rows, tiles["BLOCK_M"]) + experts)
-        _grouped_gemm_kernel[grid](*args, **flags, **tiles, EVEN_K=k_dim % tiles["BLOCK_K"] == 0)
-    elif n_rows * n_cols * k_dim < _AUTOTUNE_MIN_MACS:
-        tiles = _SMALL_CONFIG.kwargs
+    for operand, desc in (("a", a_desc), ("b", b_desc)):
+        if desc is not None:
+            record_launch(f"grouped_gemm_{operand}_descriptor")
+    if INTERPRETED or n_rows * n_cols * k_dim < _AUTOTUNE_MIN_MACS:
+        config = _INTERPRETER_CONFIG if INTERPRETED else _SMALL_CONFIG
+        tiles = config.kwargs
+        _set_block_shapes({"a_ptr": args[0], "b_ptr": args[3], **tiles})
         grid = (triton.cdiv(n_cols, tiles["BLOCK_N"]), triton.cdiv(n_rows, tiles["BLOCK_M"]) + experts)
         _grouped_gemm_kernel[grid](*args, **flags, **tiles, EVEN_K=k_dim % tiles["BLOCK_K"] == 0,
-                                   num_warps=_SMALL_CONFIG.num_warps, num_stages=_SMALL_CONFIG.num_stages)
+                                   num_warps=config.num_warps, num_stages=config.num_stages)
     else:
         def grid(meta):
             return (triton.cdiv(n_cols, meta["BLOCK_N"]), triton.cdiv(n_rows, meta["BLOCK_M"]) + experts)
