@@ -513,9 +513,10 @@ def _unflatten(leaves: Leaves, flat: list) -> Leaves:
     return out
 
 
-def router_gate_weights(spec: MoESpec, logits: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor
+def router_gate_weights(spec: MoESpec, logits: torch.Tensor, scores: torch.Tensor | None, ids: torch.Tensor
                         ) -> torch.Tensor:
-    """w = the selected scores, / their sum if ``renormalize``, * routed_scaling for sigmoid routers.
+    """w = the selected scores, / their sum if ``renormalize``, * routed_scaling for sigmoid routers
+    (``scores`` are read only without ``renormalize``; a caller may pass None then).
 
     The renormalized weights are a softmax over the selected log-scores (log p = logit + const,
     log s = logsigmoid(logit)): the same values, but a top-1 gate is exactly 1 with exactly zero
@@ -529,6 +530,8 @@ def router_gate_weights(spec: MoESpec, logits: torch.Tensor, scores: torch.Tenso
             selected = torch.nn.functional.logsigmoid(selected)
         gates = torch.softmax(selected, dim=-1)
     else:
+        if scores is None:
+            raise ValueError("router_gate_weights: scores are needed where the gates are not renormalized")
         gates = scores.gather(-1, ids)
     return gates * spec.routed_scaling if spec.router == "sigmoid_topk" else gates
 

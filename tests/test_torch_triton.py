@@ -767,3 +767,44 @@ def test_combine_backward_quantized_float16_overflow(triton_backend):
     d_rows, _, scale = _check_quantized_backward(rows, torch.tensor(dy, dtype=torch.float16), position, weight,
                                                  top_k, None)
     assert torch.isinf(d_rows).any() and torch.isinf(scale).sum() == 2, "the case overflows float16 in two rows"
+
+
+@pytest.mark.parametrize("drops", [False, True])
+def test_dispatch_plan_sorts_by_expert_stably(triton_backend, drops):
+    """`plan_dispatch` against NumPy: token order within an expert, empty experts (first, middle, last) as
+    empty ranges, capacity-dropped assignments after the last group, and the inverse permutation."""
+    import torch
+
+    from qmoe.implementations.torch_triton import layer
+
+    rng = np.random.default_rng(7)
+    experts, tokens, top_k = 6, 40, 2
+    ids = np.stack([rng.choice([1, 2, 4], size=2, replace=False) for _ in range(tokens)])  # 0, 3, 5 empty
+    kept = rng.random((tokens, top_k)) > 0.3 if drops else None
+    device = triton_backend.device
+    plan = layer.plan_dispatch(torch.tensor(ids, device=device),
+                               None if kept is None else torch.tensor(kept, device=device), experts)
+    key = np.where(kept.reshape(-1), ids.reshape(-1), experts) if drops else ids.reshape(-1)
+    order = np.argsort(key, kind="stable")
+    starts = np.searchsorted(key[order], np.arange(experts + 1))
+    assert plan.order.cpu().tolist() == order.tolist()
+    assert plan.group_starts.cpu().tolist() == starts.tolist() and plan.group_starts.dtype == torch.int32
+    assert plan.inverse.cpu().tolist() == np.argsort(order).tolist()
+    assert plan.row_token.cpu().tolist() == (order // top_k).tolist()
+    assert (plan.row_valid is None) == (not drops)
+
+
+def test_balance_loss_is_made_when_read(triton_backend):
+    """The layer's forward leaves the balance loss (and its probabilities) unmade until read: the output
+    needs neither, nor do the benchmark steps (the compiled peer computes none)."""
+    import torch
+
+    from qmoe.implementations.torch_triton import layer
+
+    data = CASES["balanced"].build("float32")
+    prepared = triton_backend.prepare(data.spec, data.params, "none", "float32")
+    out = layer.layer_forward(prepared.spec, prepared.scheme, prepared.weights,
+                              torch.tensor(data.x, dtype=torch.float32, device=prepared.device))
+    assert "balance_loss" not in vars(out.routing) and "balance_probs" not in vars(out.routing)
+    loss = out.routing.balance_loss
+    assert "balance_probs" in vars(out.routing) and loss is out.routing.balance_loss

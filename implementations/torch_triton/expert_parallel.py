@@ -41,7 +41,6 @@ import torch.distributed as dist
 from qmoe.reference.schemes import Scheme
 from qmoe.reference.spec import MoESpec, SpecError
 
-from ..torch_eager import sigmoid_balance_probs
 from . import layer
 from .kernels.quant import dequantize_rows, quantize_rows
 
@@ -242,12 +241,6 @@ def _used_weights(shard: ExpertShard, scheme: Scheme, weights: layer.LayerWeight
     return weights.map(used)
 
 
-def _balance_probs(spec: MoESpec, router: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The router probabilities of the balance loss, per token (as `layer.route` computes them)."""
-    logits = x.to(torch.float32) @ router.to(torch.float32)
-    return torch.softmax(logits, dim=-1) if spec.router == "softmax_topk" else sigmoid_balance_probs(logits)
-
-
 def rank_forward(shard: ExpertShard, spec: MoESpec, scheme: Scheme, weights: layer.LayerWeights, x: torch.Tensor,
                  total_tokens: int, prequantized: layer.Int8Experts | None, fake_quant: bool,
                  recorder: Any = None) -> RankOutput:
@@ -269,7 +262,7 @@ def rank_forward(shard: ExpertShard, spec: MoESpec, scheme: Scheme, weights: lay
         position = torch.cumsum(torch.nn.functional.one_hot(flat, spec.experts), dim=0).gather(1, flat[:, None])[:, 0]
         kept = ((position - 1 + before[flat]) < capacity).reshape(ids.shape)
     share = every.sum(dim=0).to(torch.float32) / (total_tokens * top_k)
-    balance_share = spec.experts * torch.sum(share * _balance_probs(spec, used.router, x).sum(dim=0)) / total_tokens
+    balance_share = spec.experts * torch.sum(share * routing.balance_probs.sum(dim=0)) / total_tokens
     rec.mark("route")
 
     # dispatch: kept assignments by destination rank, token order within each

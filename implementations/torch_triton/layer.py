@@ -26,6 +26,7 @@ Imports torch and triton: the backend module imports this lazily.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
@@ -159,14 +160,33 @@ def training_weight(w: torch.Tensor, rule: str, scheme: Scheme, fake_quant: bool
 
 @dataclass
 class Routing:
+    """The router's decisions, and its float32 logits for what only a loss reads (the balance loss is made
+    when first read: the layer's output does not need it, nor do its benchmark steps)."""
+
     expert_ids: torch.Tensor         # [T, k] int64, best first
     gate_weights: torch.Tensor       # [T, k] float32, differentiable
     kept: torch.Tensor | None        # [T, k] bool, None when dropless
-    balance_loss: torch.Tensor       # scalar, differentiable
+    logits: torch.Tensor             # [T, E] float32, differentiable
+    router: str                      # the spec's router family
+
+    @functools.cached_property
+    def balance_probs(self) -> torch.Tensor:
+        """P [T, E], differentiable: the softmax, or sigmoid scores normalized per token."""
+        if self.router == "softmax_topk":
+            return torch.softmax(self.logits, dim=-1)
+        return sigmoid_balance_probs(self.logits)
+
+    @functools.cached_property
+    def balance_loss(self) -> torch.Tensor:
+        """Switch balance loss E * sum_e share_e * mean_t P_te (scalar, differentiable through P)."""
+        experts = self.logits.shape[-1]
+        share = counts_per_expert(self.expert_ids.reshape(-1), experts).to(torch.float32) / self.expert_ids.numel()
+        return experts * torch.sum(share * self.balance_probs.mean(dim=0))
 
 
 def route(spec: MoESpec, router: torch.Tensor, router_bias: torch.Tensor | None, x: torch.Tensor) -> Routing:
-    """softmax/sigmoid top-k in float32 (never quantized), capacity mask and Switch balance loss.
+    """softmax/sigmoid top-k in float32 (never quantized) and the capacity mask; the Switch balance loss
+    on demand (`Routing.balance_loss`).
 
     Among equal scores the lower expert index wins, as in the reference (``torch.topk`` promises no
     order for ties): `top_k_lower_index_first`, a Triton kernel.
@@ -175,20 +195,18 @@ def route(spec: MoESpec, router: torch.Tensor, router_bias: torch.Tensor | None,
     # Select on the float32 logits (softmax) or float64 scores (sigmoid), never on float32 scores:
     # probabilities of a saturated router (an outlier token) underflow to 0 or round to 1 and tie
     # experts that the reference still orders; the softmax is monotonic, so its top-k is the logits'.
+    # The scores themselves only where the gate weights are not renormalized (then a softmax of the
+    # selected logits).
     if spec.router == "softmax_topk":
-        scores = torch.softmax(logits, dim=-1)
-        probs = scores
         ids = top_k_lower_index_first(logits.detach(), spec.top_k)
+        scores = None if spec.renormalize else torch.softmax(logits, dim=-1)
     else:
-        scores = torch.sigmoid(logits)
         bias = router_bias.detach().to(torch.float64) if router_bias is not None else 0.0
         selection = torch.sigmoid(logits.detach().to(torch.float64)) + bias
-        probs = sigmoid_balance_probs(logits)
         ids = top_k_lower_index_first(selection, spec.top_k)
+        scores = None if spec.renormalize else torch.sigmoid(logits)
     weights = router_gate_weights(spec, logits, scores, ids)
-    share = counts_per_expert(ids.reshape(-1), spec.experts).to(torch.float32) / ids.numel()
-    balance = spec.experts * torch.sum(share * probs.mean(dim=0))
-    return Routing(ids, weights, capacity_mask(spec, ids), balance)
+    return Routing(ids, weights, capacity_mask(spec, ids), logits, spec.router)
 
 
 class _RouterLogits(torch.autograd.Function):
@@ -289,12 +307,12 @@ def plan_dispatch(expert_ids: torch.Tensor, kept: torch.Tensor | None, experts: 
     kept_flat = None if kept is None else kept.reshape(-1)
     if kept_flat is not None:
         key = torch.where(kept_flat, key, experts)
-    order = torch.argsort(key, stable=True)
+    sorted_key, order = torch.sort(key, stable=True)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    counts = counts_per_expert(key, experts + 1)[:experts]
-    starts = torch.zeros(experts + 1, dtype=torch.int32, device=key.device)
-    starts[1:] = torch.cumsum(counts, dim=0)
+    # Group e begins at the first sorted key >= e (an empty group where the next begins); the last
+    # group ends where the dropped assignments' key E begins. No counts, no host synchronization.
+    starts = torch.searchsorted(sorted_key, torch.arange(experts + 1, device=key.device), out_int32=True)
     row_valid = None if kept_flat is None else kept_flat[order]
     return DispatchPlan(tokens, top_k, experts, order, inverse, order // top_k, starts, row_valid, kept_flat)
 
