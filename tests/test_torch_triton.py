@@ -81,11 +81,10 @@ def test_int8_schemes_launch_the_int8_kernel(triton_backend, kernels, scheme, fo
     both = _launches(kernels, lambda: triton_backend.backward(prepared, data.x, data.dy))
     assert both.get("grouped_gemm_int8") == forward_gemms + backward_gemms, both
     assert both.get("combine_gate_grads") == 1 and "combine_rows_backward" not in both, both
-    if backward_gemms:  # Q(g) fused into the combine's backward, Q(d_a) into the SwiGLU backward
-        assert both.get("combine_rows_grad_quantized") == 1, both
-        assert both.get("quantize_rows") == 1 and both.get("swiglu_backward_quantize_rows") == 1, both
+    assert both.get("combine_rows_grad") == 1 and "combine_rows_grad_quantized" not in both, both
+    if backward_gemms:  # Q(g) after d_w2 (x's and g's per-row int8), Q(d_a) fused into the SwiGLU backward
+        assert both.get("quantize_rows") == 2 and both.get("swiglu_backward_quantize_rows") == 1, both
     else:
-        assert both.get("combine_rows_grad") == 1, both
         assert both.get("quantize_rows") == 1 and both.get("swiglu_backward") == 1, both
 
 
@@ -239,7 +238,8 @@ def test_combine_kernels_match_the_gather_sum(triton_backend, kernels, tokens, t
 
 @pytest.mark.parametrize("scheme", ["int8_routed_prequant", "int8_routed"])
 def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backend, scheme, monkeypatch):
-    """When the rows' gradient g is made, the experts' output rows are gone; when the SwiGLU gradient runs
+    """When the rows' gradient g is made, the experts' output rows are gone; when g is quantized (prequant),
+    the hidden h is gone (Q(g) after d_w2: the peak holds a, h and g, not Q(g) too); when the SwiGLU gradient runs
     (with a, the largest [N, 2F] buffer), the forward's hidden h (prequant) or its codes (straight-through)
     and g are gone, and d_a is written over a (no second [N, 2F] buffer): the backward holds each
     activation only to its last use (issue 10: the int8 layer's forward+backward peak was 1.3x the compiled
@@ -258,7 +258,13 @@ def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backe
     rows_alive_at_g: list[bool] = []
     at_swiglu_grad: list[tuple[bool, bool, bool]] = []
     forward, backward = layer.swiglu_forward, layer.fused_swiglu_backward
-    down, rows_grad_of = layer.int8_down, layer.combine_rows_grad
+    down, rows_grad_of, quantize = layer.int8_down, layer.combine_rows_grad, layer.quantize_rows
+    hidden_alive_at_q_g: list[bool] = []
+
+    def recording_quantize(v):
+        if rows_grad and v is rows_grad[-1]():
+            hidden_alive_at_q_g.append(hidden[-1]() is not None)
+        return quantize(v)
 
     def recording_down(*args, **kwargs):
         out = down(*args, **kwargs)
@@ -286,10 +292,13 @@ def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backe
     monkeypatch.setattr(layer, "fused_swiglu_backward", checking_backward)
     monkeypatch.setattr(layer, "int8_down", recording_down)
     monkeypatch.setattr(layer, "combine_rows_grad", recording_rows_grad)
+    monkeypatch.setattr(layer, "quantize_rows", recording_quantize)
     x = torch.tensor(data.x, device=prepared.device, requires_grad=True)
     out = layer.layer_forward(prepared.spec, prepared.scheme, prepared.weights, x, prepared.int8_experts)
     out.y.sum().backward(retain_graph=True)
     assert rows_alive_at_g == [False], "the experts' output rows were alive when their gradient was made"
+    assert hidden_alive_at_q_g == ([False] if scheme == "int8_routed_prequant" else []), (
+        f"Q(g) made with the hidden alive (or made at all without the prequant VJP): {hidden_alive_at_q_g}")
     assert at_swiglu_grad == [(False, False, False)], (
         "at the SwiGLU gradient (hidden alive, rows' gradient alive, d_a a new buffer): " + str(at_swiglu_grad))
     with pytest.raises(RuntimeError, match="once per forward"):
