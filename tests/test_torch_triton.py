@@ -240,6 +240,7 @@ def test_combine_kernels_match_the_gather_sum(triton_backend, kernels, tokens, t
 def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backend, scheme, monkeypatch):
     """When the rows' gradient g is made, the experts' output rows are gone; when g is quantized (prequant),
     the hidden h is gone (Q(g) after d_w2: the peak holds a, h and g, not Q(g) too); when the SwiGLU gradient runs
+    the straight-through backward's float W2 is gone and its float W13 not yet made;
     (with a, the largest [N, 2F] buffer), the forward's hidden h (prequant) or its codes (straight-through)
     and g are gone, and d_a is written over a (no second [N, 2F] buffer): the backward holds each
     activation only to its last use (issue 10: the int8 layer's forward+backward peak was 1.3x the compiled
@@ -260,6 +261,13 @@ def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backe
     forward, backward = layer.swiglu_forward, layer.fused_swiglu_backward
     down, rows_grad_of, quantize = layer.int8_down, layer.combine_rows_grad, layer.quantize_rows
     hidden_alive_at_q_g: list[bool] = []
+    float_weights: list[weakref.ref] = []  # the straight-through backward's dequantized W2, W13
+    dequantize = layer.dequantize_experts
+
+    def recording_dequantize(*args, **kwargs):
+        out = dequantize(*args, **kwargs)
+        float_weights.append(weakref.ref(out))
+        return out
 
     def recording_quantize(v):
         if rows_grad and v is rows_grad[-1]():
@@ -286,6 +294,7 @@ def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backe
         out = backward(a, d_h, quantize=quantize, in_place=in_place)
         at_swiglu_grad.append((hidden[-1]() is not None, rows_grad[-1]() is not None,
                                out[0].data_ptr() != a.data_ptr()))
+        weights_at_swiglu_grad.append([w() is not None for w in float_weights])
         return out
 
     monkeypatch.setattr(layer, "swiglu_forward", recording_forward)
@@ -293,10 +302,14 @@ def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backe
     monkeypatch.setattr(layer, "int8_down", recording_down)
     monkeypatch.setattr(layer, "combine_rows_grad", recording_rows_grad)
     monkeypatch.setattr(layer, "quantize_rows", recording_quantize)
+    monkeypatch.setattr(layer, "dequantize_experts", recording_dequantize)
+    weights_at_swiglu_grad: list[list[bool]] = []
     x = torch.tensor(data.x, device=prepared.device, requires_grad=True)
     out = layer.layer_forward(prepared.spec, prepared.scheme, prepared.weights, x, prepared.int8_experts)
     out.y.sum().backward(retain_graph=True)
     assert rows_alive_at_g == [False], "the experts' output rows were alive when their gradient was made"
+    # straight-through: W2's float copy made for d_h and gone again, W13's not made yet
+    assert weights_at_swiglu_grad == ([[False]] if scheme == "int8_routed" else [[]]), weights_at_swiglu_grad
     assert hidden_alive_at_q_g == ([False] if scheme == "int8_routed_prequant" else []), (
         f"Q(g) made with the hidden alive (or made at all without the prequant VJP): {hidden_alive_at_q_g}")
     assert at_swiglu_grad == [(False, False, False)], (

@@ -521,15 +521,18 @@ def _int8_experts_backward(saved: _Int8Saved, rows_grad: list) -> tuple[torch.Te
     x_codes, x_scale, a, h_codes, h_scale = stash
     del stash
     dtype = a.dtype
-    w13_eff, w2_eff = experts.dequantized(dtype)
     h_eff = dequantize_rows(h_codes, h_scale, dtype)
     del h_codes, h_scale
     d_w2 = grouped_weight_grad(h_eff, g, plan)
     del h_eff
+    # Each projection's float weights exist only around the product that reads them (made together up
+    # front, both sat beside a, g and h at the d_w2 peak: 1.5 GiB at the logbook shape).
+    w2_eff = dequantize_experts(experts.w2_fwd, experts.w2_scale, dtype)
     d_h = grouped_mm(g, w2_eff.transpose(1, 2), plan)
     del g, w2_eff
     d_a = plan.mask_rows(fused_swiglu_backward(a, d_h, in_place=True)[0])
     del a, d_h
+    w13_eff = dequantize_experts(experts.w13_fwd, experts.w13_scale, dtype)
     d_x = plan.sum_per_token(grouped_mm(d_a, w13_eff.transpose(1, 2), plan))
     del w13_eff
     x_eff = dequantize_rows(x_codes, x_scale, dtype, rows=plan.row_token)
