@@ -344,15 +344,16 @@ def test_combine_backward_in_two_passes_equals_the_one_pass(triton_backend, kern
 
 
 def test_tuned_launches_equal_the_fixed_ones(triton_backend, monkeypatch):
-    """Large problems on a GPU run the SwiGLU and combine kernels autotuned over launch shapes; each shape
-    must give the fixed shape's values bit for bit (in-place SwiGLU gradient included: the tuner's trial
-    runs write over a, which it must put back), except the combine backward's d_w, a row sum whose order
-    follows the tile layout: float32 rounding apart (failed bit for bit on the H200, 2026-12-01). The
-    interpreter never tunes."""
+    """Large problems on a GPU run the SwiGLU, combine and per-expert quantization kernels autotuned over
+    launch shapes; each shape must give the fixed shape's values bit for bit (in-place SwiGLU gradient
+    included: the tuner's trial runs write over a, which it must put back), except the combine backward's
+    d_w, a row sum whose order follows the tile layout: float32 rounding apart (failed bit for bit on the
+    H200, 2026-12-01). The interpreter never tunes."""
     import torch
 
     from qmoe.implementations.torch_triton import common
     from qmoe.implementations.torch_triton.kernels import combine as _combine
+    from qmoe.implementations.torch_triton.kernels import quant as _quant
     from qmoe.implementations.torch_triton.kernels import swiglu as _swiglu
 
     if triton_backend.device == "cpu":
@@ -364,12 +365,15 @@ def test_tuned_launches_equal_the_fixed_ones(triton_backend, monkeypatch):
     position = torch.randperm(rows * 2, generator=generator).to("cuda")
     weight = torch.rand(rows, 2, generator=generator).to("cuda")
     expert_rows = torch.randn(rows * 2, ffn, generator=generator).to("cuda", torch.bfloat16)
+    experts_w = torch.randn(4, 1024, 1536, generator=generator).to("cuda", torch.bfloat16)  # 6 * 2^20 elements
 
     def run():
         return (*_swiglu.swiglu_forward(a, store_h=True, quantize=True),
                 *_swiglu.swiglu_backward(a.clone(), d_h, quantize=True, in_place=True),
                 _combine.combine_rows(expert_rows, position, 2, weight=weight),
-                *_combine.combine_rows_backward_quantized(expert_rows, d_h, position, weight, 2))
+                *_combine.combine_rows_backward_quantized(expert_rows, d_h, position, weight, 2),
+                *_quant.quantize_per_expert(experts_w, k_major=True),
+                *_quant.quantize_per_expert(experts_w, k_major=False))
 
     tuned = run()
     monkeypatch.setattr(common, "TUNE_MIN_ELEMENTS", 2**62)
