@@ -81,7 +81,7 @@ def test_int8_schemes_launch_the_int8_kernel(triton_backend, kernels, scheme, fo
     both = _launches(kernels, lambda: triton_backend.backward(prepared, data.x, data.dy))
     assert both.get("grouped_gemm_int8") == forward_gemms + backward_gemms, both
     assert both.get("combine_gate_grads") == 1 and "combine_rows_backward" not in both, both
-    assert both.get("combine_rows_grad") == 1 and "combine_rows_grad_quantized" not in both, both
+    assert both.get("combine_rows_grad") == 1, both
     if backward_gemms:  # Q(g) after d_w2 (x's and g's per-row int8), Q(d_a) fused into the SwiGLU backward
         assert both.get("quantize_rows") == 2 and both.get("swiglu_backward_quantize_rows") == 1, both
     else:
@@ -287,7 +287,7 @@ def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backe
     def recording_rows_grad(*args, **kwargs):
         rows_alive_at_g.append(expert_rows[-1]() is not None)
         out = rows_grad_of(*args, **kwargs)
-        rows_grad.append(weakref.ref(out[0]))
+        rows_grad.append(weakref.ref(out))
         return out
 
     def checking_backward(a, d_h, quantize=False, in_place=False):
@@ -318,10 +318,9 @@ def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backe
         out.y.sum().backward()
 
 
-@pytest.mark.parametrize("quantize", [False, True])
-def test_combine_backward_in_two_passes_equals_the_one_pass(triton_backend, kernels, quantize):
+def test_combine_backward_in_two_passes_equals_the_one_pass(triton_backend, kernels):
     """`combine_gate_grads` then `combine_rows_grad` (the int8 layer's order, which frees the rows between
-    them) give the one-pass backward's d_weight, d_rows and Q(d_rows) bit for bit, dropped slots too."""
+    them) give the one-pass backward's d_weight and d_rows bit for bit, dropped slots too."""
     import torch
 
     from qmoe.implementations.torch_triton.kernels import combine as _combine
@@ -330,17 +329,10 @@ def test_combine_backward_in_two_passes_equals_the_one_pass(triton_backend, kern
     device = triton_backend.device
     rows, position, weight, kept = (t.to(device) for t in (rows, position, weight, kept))
     dy = torch.tensor(np.random.default_rng(3).standard_normal((33, 70)), dtype=torch.float32, device=device)
-    if quantize:
-        d_rows, d_weight, codes, scale = _combine.combine_rows_backward_quantized(rows, dy, position, weight, 3, kept)
-    else:
-        d_rows, d_weight = _combine.combine_rows_backward(rows, dy, position, weight, 3, kept)
-        codes = scale = None
+    d_rows, d_weight = _combine.combine_rows_backward(rows, dy, position, weight, 3, kept)
     gates = _combine.combine_gate_grads(rows, dy, position, 3, kept)
-    got_rows, got_codes, got_scale = _combine.combine_rows_grad(dy, position, weight, 3, rows.shape[0], rows.dtype,
-                                                                kept, quantize=quantize)
+    got_rows = _combine.combine_rows_grad(dy, position, weight, 3, rows.shape[0], rows.dtype, kept)
     assert torch.equal(gates, d_weight) and torch.equal(got_rows, d_rows)
-    assert (codes is None and got_codes is None) or torch.equal(got_codes, codes)
-    assert (scale is None and got_scale is None) or torch.equal(got_scale, scale)
 
 
 def test_tuned_launches_equal_the_fixed_ones(triton_backend, monkeypatch):
@@ -371,7 +363,7 @@ def test_tuned_launches_equal_the_fixed_ones(triton_backend, monkeypatch):
         return (*_swiglu.swiglu_forward(a, store_h=True, quantize=True),
                 *_swiglu.swiglu_backward(a.clone(), d_h, quantize=True, in_place=True),
                 _combine.combine_rows(expert_rows, position, 2, weight=weight),
-                *_combine.combine_rows_backward_quantized(expert_rows, d_h, position, weight, 2),
+                *_combine.combine_rows_backward(expert_rows, d_h, position, weight, 2),
                 *_quant.quantize_per_expert(experts_w, k_major=True),
                 *_quant.quantize_per_expert(experts_w, k_major=False))
 
@@ -630,169 +622,6 @@ def test_finding_4_clip_rule_differs_in_training_is_caught(triton_backend, monke
 def test_quantized_twice_on_load_is_caught(triton_backend):
     with pytest.raises(ConformanceError, match="quantized again on load"):
         test_qat.check_round_trip_not_quantized_twice(_LoadQuantizesAgain(triton_backend.device))
-
-
-# -- the combine backward with Q(d_rows) fused ------------------------------------------------------
-
-def _bits(t):
-    """The tensor's storage as integers, so that equality is bit equality (-0.0 != 0.0, NaN == NaN)."""
-    import torch
-
-    return t.view({torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[t.dtype])
-
-
-def _check_quantized_backward(rows, dy, position, weight, top_k, kept):
-    """Runs `combine_rows_backward_quantized` and asserts bit equality with `combine_rows_backward` and
-    `quantize_rows` of its d_rows; returns (d_rows, codes, scale) for case-specific checks."""
-    import torch
-
-    from qmoe.implementations.torch_triton.kernels import combine as _combine
-    from qmoe.implementations.torch_triton.kernels import quant as _quant
-
-    d_rows, d_w, codes, scale = _combine.combine_rows_backward_quantized(rows, dy, position, weight, top_k, kept=kept)
-    ref_d_rows, ref_d_w = _combine.combine_rows_backward(rows, dy, position, weight, top_k, kept=kept)
-    ref_codes, ref_scale = _quant.quantize_rows(ref_d_rows)
-    assert d_rows.dtype == rows.dtype and codes.dtype == torch.int8 and scale.dtype == torch.float32
-    assert codes.shape == d_rows.shape and scale.shape == (d_rows.shape[0],)
-    assert torch.equal(_bits(d_rows), _bits(ref_d_rows)), "d_rows differ from combine_rows_backward"
-    assert torch.equal(_bits(d_w), _bits(ref_d_w)), "d_weight differs from combine_rows_backward"
-    assert torch.equal(_bits(scale), _bits(ref_scale)), \
-        f"scales differ from quantize_rows(d_rows) at rows {torch.nonzero(_bits(scale) != _bits(ref_scale)).flatten()}"
-    assert torch.equal(codes, ref_codes), \
-        f"codes differ from quantize_rows(d_rows) in rows {torch.nonzero((codes != ref_codes).any(1)).flatten()}"
-    return d_rows, codes, scale
-
-
-@pytest.fixture
-def small_combine_blocks(monkeypatch):
-    """Blocks of 8 tokens x 32 columns, so small shapes reach several programs and several column chunks
-    (the interpreter's own blocks would cover them in one): the amax pass must span the chunks."""
-    from qmoe.implementations.torch_triton.kernels import combine as _combine
-
-    monkeypatch.setattr(_combine, "_blocks", lambda hidden: (8, 32, 4))
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
-@pytest.mark.parametrize("tokens,top_k,hidden,drop_every,small_blocks", [
-    pytest.param(33, 1, 96, None, True, id="top1_three_chunks"),
-    pytest.param(33, 3, 70, 4, True, id="top3_drops_chunk_tail"),
-    pytest.param(9, 3, 40, 2, False, id="top3_drops_one_block"),
-])
-def test_combine_backward_quantized_is_quantize_rows_of_d_rows(triton_backend, request, dtype, tokens, top_k, hidden,
-                                                              drop_every, small_blocks):
-    """codes and scale are bit for bit quantize_rows(d_rows), d_rows and d_weight bit for bit the unfused
-    backward's: gate weights of both signs, dropped slots (rows NaN), a zero dy row, a row of tiny values
-    (float32: 1e-41, whose scale is a denormal; float16: subnormals) and, in float32, a row whose stored
-    amax / 127 underflows (scale 1). Small blocks: several programs and column chunks, a tail of each."""
-    import torch
-
-    if triton_backend.device != "cpu":
-        pytest.skip("kernel-level check on the interpreter")
-    if small_blocks:
-        request.getfixturevalue("small_combine_blocks")
-    torch_dtype = getattr(torch, dtype)
-    rows, position, _, kept = _combine_case(tokens, top_k, hidden, drop_every)
-    rng = np.random.default_rng([tokens, top_k, hidden, 2])
-    weight = torch.tensor(rng.uniform(0.1, 1.0, (tokens, top_k)) * rng.choice([-1.0, 1.0], (tokens, top_k)),
-                          dtype=torch.float32)
-    dy = rng.standard_normal((tokens, hidden)).astype(np.float32)
-    dy[1] = 0.0
-    smallest = float(torch.finfo(torch_dtype).smallest_normal)
-    if dtype == "float32":
-        dy[2] = 1e-41 * rng.uniform(-1.0, 1.0, hidden)
-        dy[3] = 2.0**-149 * rng.integers(-60, 61, hidden)  # |w| * amax / 127 < 2^-150: rounds to 0
-    elif dtype == "float16":
-        dy[2] = smallest * rng.uniform(-1.0, 1.0, hidden)  # subnormal in the storage dtype, most of them
-    else:
-        # Near bfloat16's smallest normal but products above it: the interpreter's float32 -> bfloat16
-        # cast mangles float32 subnormals (not monotone), a case the fused kernel does not claim there.
-        dy[2] = smallest * 2.0**6 * rng.uniform(0.5, 1.0, hidden) * rng.choice([-1.0, 1.0], hidden)
-    d_rows, codes, scale = _check_quantized_backward(rows.to(torch_dtype), torch.tensor(dy).to(torch_dtype),
-                                                     position, weight, top_k, kept)
-
-    slots_of = position.view(tokens, top_k)
-    assert torch.all(scale[slots_of[1]] == 1.0) and not codes[slots_of[1]].any(), "the zero dy row"
-    if dtype == "float32":
-        tiny = slots_of[2][kept[2]] if kept is not None else slots_of[2]
-        assert torch.all((scale[tiny] > 0) & (scale[tiny] < smallest)), "the 1e-41 row's scale is a denormal"
-        assert torch.all(scale[slots_of[3]] == 1.0), "the underflowing row's scale is 1"
-    if kept is not None:
-        dropped = position[~kept.flatten()]
-        assert len(dropped) and torch.all(scale[dropped] == 1.0) and not codes[dropped].any()
-        assert not _bits(d_rows[dropped]).any(), "a dropped slot's d_row is +0"
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_combine_backward_quantized_rounds_ties_to_even(triton_backend, small_combine_blocks, dtype):
-    """v / scale exactly k + 1/2: the fused codes round half to even, as quantize_rows does. Each token's
-    dy row holds 127 (its amax) and halves; gate weights 1, 1/2, 1/4 make every slot's stored row a
-    power-of-two multiple of dy, so the scale is that power of two and v / scale is exactly dy."""
-    import torch
-
-    if triton_backend.device != "cpu":
-        pytest.skip("kernel-level check on the interpreter")
-    tokens, top_k, hidden = 5, 3, 40
-    halves = np.array([127.0, 0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 3.5, -3.5, 126.5, -126.5, 4.0], np.float32)
-    dy = np.resize(halves, (tokens, hidden))
-    dy[:, 0] = 127.0
-    position = torch.tensor(np.random.default_rng(5).permutation(tokens * top_k))
-    weight = torch.tensor(np.tile([1.0, 0.5, -0.25], (tokens, 1)), dtype=torch.float32)
-    rows = torch.tensor(np.random.default_rng(6).standard_normal((tokens * top_k, hidden)), dtype=torch.float32)
-    kept = torch.ones((tokens, top_k), dtype=torch.bool)
-    kept[2, 1] = False
-    torch_dtype = getattr(torch, dtype)
-    _, codes, scale = _check_quantized_backward(rows.to(torch_dtype), torch.tensor(dy).to(torch_dtype), position,
-                                                weight, top_k, kept)
-    slots_of = position.view(tokens, top_k)
-    for j, w in enumerate([1.0, 0.5, -0.25]):
-        kept_tokens = kept[:, j]
-        assert torch.all(scale[slots_of[kept_tokens, j]] == abs(w))
-        expected = np.rint(np.sign(w) * dy[kept_tokens.numpy()])  # NumPy's rint: ties to even
-        np.testing.assert_array_equal(codes[slots_of[kept_tokens, j]].numpy(), expected)
-
-
-def test_combine_backward_quantized_scale_is_of_the_rounded_rows(triton_backend):
-    """bfloat16: the scale is amax of the stored (rounded) d_rows / 127, not of the float32 products
-    |w| * amax|dy|. With w = 0.3 the product 0.3 * 1.0 is no bfloat16, so the two scales differ on every
-    kept row (whatever the rounding, nearest or toward zero), and a kernel that skipped the rounding fails."""
-    import torch
-
-    if triton_backend.device != "cpu":
-        pytest.skip("kernel-level check on the interpreter")
-    tokens, top_k, hidden = 7, 2, 24
-    rng = np.random.default_rng(11)
-    dy = rng.uniform(-0.9, 0.9, (tokens, hidden)).astype(np.float32)
-    dy[np.arange(tokens), rng.integers(0, hidden, tokens)] = rng.choice([-1.0, 1.0], tokens)
-    weight = torch.tensor(np.tile([0.3, -0.7], (tokens, 1)), dtype=torch.float32)
-    position = torch.tensor(rng.permutation(tokens * top_k))
-    rows = torch.tensor(rng.standard_normal((tokens * top_k, hidden)), dtype=torch.bfloat16)
-    _, _, scale = _check_quantized_backward(rows, torch.tensor(dy, dtype=torch.bfloat16), position, weight, top_k,
-                                            None)
-    unrounded = (weight.abs() * torch.tensor(np.abs(dy).max(1))[:, None]) / 127.0
-    assert torch.all(scale[position.view(tokens, top_k)] != unrounded), "the case does not tell the two apart"
-
-
-# NumPy under the interpreter: the float16 cast overflows, inf / inf is NaN (what the kernels compute).
-@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning",
-                            "ignore:invalid value encountered:RuntimeWarning")
-def test_combine_backward_quantized_float16_overflow(triton_backend):
-    """float16: w * dy fits float32 but overflows float16 to inf in the stored d_rows. Rounding to inf is
-    monotone too, so the fused scale (inf) and codes (inf / inf is NaN before the int8 cast, the same op
-    on the same value in both kernels) stay those of quantize_rows(d_rows)."""
-    import torch
-
-    if triton_backend.device != "cpu":
-        pytest.skip("kernel-level check on the interpreter")
-    tokens, top_k, hidden = 4, 2, 24
-    rng = np.random.default_rng(13)
-    dy = rng.standard_normal((tokens, hidden)).astype(np.float32)
-    dy[0, 5], dy[2, 7] = 60000.0, -50000.0
-    weight = torch.tensor([[1.5, 0.5], [0.3, 0.9], [-2.0, 1.0], [0.7, 0.2]], dtype=torch.float32)
-    position = torch.tensor(rng.permutation(tokens * top_k))
-    rows = torch.tensor(rng.standard_normal((tokens * top_k, hidden)), dtype=torch.float16)
-    d_rows, _, scale = _check_quantized_backward(rows, torch.tensor(dy, dtype=torch.float16), position, weight,
-                                                 top_k, None)
-    assert torch.isinf(d_rows).any() and torch.isinf(scale).sum() == 2, "the case overflows float16 in two rows"
 
 
 @pytest.mark.parametrize("drops", [False, True])

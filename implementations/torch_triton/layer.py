@@ -161,7 +161,8 @@ def training_weight(w: torch.Tensor, rule: str, scheme: Scheme, fake_quant: bool
 @dataclass
 class Routing:
     """The router's decisions, and its float32 logits for what only a loss reads (the balance loss is made
-    when first read: the layer's output does not need it, nor do its benchmark steps)."""
+    when first read: the layer's output does not need it, nor do its benchmark steps). Read it under the
+    grad mode of the forward that made the routing: its graph is built at that first read."""
 
     expert_ids: torch.Tensor         # [T, k] int64, best first
     gate_weights: torch.Tensor       # [T, k] float32, differentiable
@@ -595,7 +596,7 @@ class _RoutedInt8Layer(torch.autograd.Function):
         # this pass: at the backward's peak (d_w2 = h^T g, with a, h and g alive) it would add N x H int8
         # (0.38 GiB at the logbook shape, top-8, measured on the H200; it costs one more read of g).
         rows_grad = [combine_rows_grad(dy, plan.inverse, ctx.gate_weights, plan.top_k, n_rows, dtype,
-                                       kept=plan.kept)[0]]
+                                       kept=plan.kept)]
         d_x, d_w13, d_w2 = _int8_experts_backward(saved, rows_grad)
         return d_x, d_w13, d_w2, d_gates.to(ctx.gate_weights.dtype).view_as(ctx.gate_weights), None, None, None
 

@@ -28,8 +28,7 @@ import triton
 import triton.language as tl
 
 from .. import common
-from ..common import is_interpreted_kernel, next_power_of_2, record_launch, round_half_even
-from .quant import _row_scale
+from ..common import is_interpreted_kernel, next_power_of_2, record_launch
 
 
 @triton.jit
@@ -58,35 +57,17 @@ def _combine_kernel(rows_ptr, position_ptr, kept_ptr, weight_ptr, out_ptr, n_tok
 
 @triton.jit
 def _combine_backward_kernel(rows_ptr, dy_ptr, position_ptr, kept_ptr, weight_ptr, d_rows_ptr, d_weight_ptr,
-                             codes_ptr, scale_ptr, n_tokens, hidden, stride_r, stride_dy, stride_dr, stride_c,
-                             TOP_K: tl.constexpr, HAS_KEPT: tl.constexpr, QUANTIZE: tl.constexpr,
+                             n_tokens, hidden, stride_r, stride_dy, stride_dr,
+                             TOP_K: tl.constexpr, HAS_KEPT: tl.constexpr,
                              WRITE_ROWS: tl.constexpr, WRITE_WEIGHT: tl.constexpr,
                              BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
     """One program per BLOCK_T tokens and all of H: each d_w[t, j] is a whole-row dot product.
 
     WRITE_ROWS / WRITE_WEIGHT: which of d_rows and d_w it makes (both, or one pass each: the gates'
-    pass is the only one that reads the rows, so a caller can free them before d_rows exists).
-
-    With ``QUANTIZE`` it also writes Q(d_rows) per row (codes and scale), bit for bit `quantize_rows`
-    of the stored d_rows, from one extra pass over dy (see `combine_rows_backward_quantized`)."""
+    pass is the only one that reads the rows, so a caller can free them before d_rows exists)."""
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_ok = tokens < n_tokens
     tokens64 = tokens.to(tl.int64)
-    if QUANTIZE:
-        # The stored d_row element is R(fl32(w * dy_i)), R the cast to d_rows' dtype; both roundings are
-        # monotone in |w * dy_i| and odd in sign (to nearest even compiled; the interpreter truncates to
-        # bfloat16, also monotone; an overflow to inf is monotone too). So a row's amax is
-        # R(fl32(|w| * max_i |dy_i|)): one max over the token's dy serves all its slots, exactly, with
-        # no pass over each stored row. Not covered: NaN or inf in dy or w (the max then depends on the
-        # max's NaN rule; the interpreter happens to agree), and float32 subnormal products in the
-        # interpreter's bfloat16 cast, which mangles them (not monotone): there, bf16 rows with a
-        # product below 2^-126 may get another scale than quantize_rows gives.
-        dy_amax = tl.zeros((BLOCK_T,), dtype=tl.float32)
-        for start in range(0, hidden, BLOCK_H):
-            cols = start + tl.arange(0, BLOCK_H)
-            mask = token_ok[:, None] & (cols < hidden)[None, :]
-            dy = tl.load(dy_ptr + tokens64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
-            dy_amax = tl.maximum(dy_amax, tl.max(tl.abs(dy.to(tl.float32)), axis=1))
     for j in range(TOP_K):
         slot = tokens64 * TOP_K + j
         use = token_ok
@@ -94,11 +75,6 @@ def _combine_backward_kernel(rows_ptr, dy_ptr, position_ptr, kept_ptr, weight_pt
             use = use & (tl.load(kept_ptr + slot, mask=token_ok, other=0) != 0)
         row = tl.load(position_ptr + slot, mask=token_ok, other=0).to(tl.int64)
         weight = tl.load(weight_ptr + slot, mask=use, other=0.0).to(tl.float32)
-        if QUANTIZE:
-            # A dropped slot's row is all zeros (amax 0, scale 1) whatever dy holds: 0 * inf would be NaN.
-            row_amax = tl.abs(weight) * dy_amax
-            row_amax = tl.where(use, row_amax.to(d_rows_ptr.dtype.element_ty).to(tl.float32), 0.0)
-            scale = _row_scale(row_amax)
         dot = tl.zeros((BLOCK_T,), dtype=tl.float32)
         for start in range(0, hidden, BLOCK_H):
             cols = start + tl.arange(0, BLOCK_H)
@@ -108,18 +84,11 @@ def _combine_backward_kernel(rows_ptr, dy_ptr, position_ptr, kept_ptr, weight_pt
             if WRITE_ROWS:
                 d_row = tl.where(use_mask, dy * weight[:, None], 0.0).to(d_rows_ptr.dtype.element_ty)
                 tl.store(d_rows_ptr + row[:, None] * stride_dr + cols[None, :], d_row, mask=mask)
-                if QUANTIZE:
-                    # Quantize the stored value (rounded to d_rows' dtype), as `quantize_rows` loads it.
-                    q = round_half_even(d_row.to(tl.float32) / scale[:, None])
-                    q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-                    tl.store(codes_ptr + row[:, None] * stride_c + cols[None, :], q.to(tl.int8), mask=mask)
             if WRITE_WEIGHT:
                 values = tl.load(rows_ptr + row[:, None] * stride_r + cols[None, :], mask=use_mask, other=0.0)
                 dot += tl.sum(values.to(tl.float32) * dy, axis=1)
         if WRITE_WEIGHT:
             tl.store(d_weight_ptr + slot, dot, mask=token_ok)
-        if QUANTIZE:
-            tl.store(scale_ptr + row, scale, mask=token_ok)
 
 
 INTERPRETED: bool = is_interpreted_kernel(_combine_kernel)
@@ -140,7 +109,7 @@ _tuned: dict[tuple, object] = {}
 def _launch(kernel, n_tokens: int, hidden: int, args: tuple, flags: dict, key: list[str], split_h: bool) -> None:
     """Launch ``kernel`` over ``n_tokens`` tokens (and H in blocks when ``split_h``, the forward's grid):
     tuned on a GPU for large problems over tokens per program and warps, and the forward's H block, else
-    `_blocks`' fixed shape. The forward and the backward's rows (and their codes) are the same bit for bit
+    `_blocks`' fixed shape. The forward and the backward's rows are the same bit for bit
     in every shape; the backward's d_w is a row sum whose reduction order follows the tile's layout, so
     its float32 rounding can differ between shapes (and so between processes whose tuner picked
     differently; the H200 run of 2026-12-01 showed it): deterministic for a given shape only. The
@@ -205,26 +174,7 @@ def combine_rows(rows: torch.Tensor, position: torch.Tensor, top_k: int, weight:
 def combine_rows_backward(rows: torch.Tensor, dy: torch.Tensor, position: torch.Tensor, weight: torch.Tensor,
                           top_k: int, kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(d_rows [N, H] in rows' dtype, d_weight [T, k] float32) of `combine_rows` for dy [T, H]."""
-    d_rows, d_weight, _, _ = _backward(rows, dy, position, weight, top_k, kept, quantize=False)
-    return d_rows, d_weight
-
-
-def combine_rows_backward_quantized(rows: torch.Tensor, dy: torch.Tensor, position: torch.Tensor,
-                                    weight: torch.Tensor, top_k: int, kept: torch.Tensor | None = None
-                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d_rows, d_weight, codes, scale): `combine_rows_backward`'s two outputs and Q(d_rows) per row,
-    codes int8 [N, H] and scale float32 [N], bit for bit what `quantize_rows(d_rows)` returns.
-
-    Fused so that the int8 backward does not read d_rows a second time: the kernel reads dy once
-    more per token for its amax, from which every slot's row scale follows exactly (the kernel's
-    comment says why). Exact wherever dy and the weights are finite, also where a product overflows
-    d_rows' dtype to inf. Not guaranteed: where dy or a kept weight holds NaN or inf, codes and scale
-    of the rows it reaches (d_rows and d_weight are unchanged); and under TRITON_INTERPRET, bfloat16
-    rows with products below 2^-126 (the interpreter's float32 -> bfloat16 cast of subnormals is not
-    a rounding; compiled kernels round them to nearest even)."""
-    d_rows, d_weight, codes, scale = _backward(rows, dy, position, weight, top_k, kept, quantize=True)
-    assert codes is not None and scale is not None
-    return d_rows, d_weight, codes, scale
+    return _backward(rows, dy, position, weight, top_k, kept)
 
 
 def combine_gate_grads(rows: torch.Tensor, dy: torch.Tensor, position: torch.Tensor, top_k: int,
@@ -234,56 +184,35 @@ def combine_gate_grads(rows: torch.Tensor, dy: torch.Tensor, position: torch.Ten
     With `combine_rows_grad` the two halves of `combine_rows_backward`, for a caller that frees the rows
     (read here only) before the rows' gradient exists."""
     ones = torch.ones(position.numel(), dtype=torch.float32, device=rows.device)
-    _, d_weight, _, _ = _backward(rows, dy, position, ones, top_k, kept, quantize=False, write_rows=False)
-    return d_weight
+    return _backward(rows, dy, position, ones, top_k, kept, write_rows=False)[1]
 
 
 def combine_rows_grad(dy: torch.Tensor, position: torch.Tensor, weight: torch.Tensor, top_k: int, n_rows: int,
-                      dtype: torch.dtype, kept: torch.Tensor | None = None, quantize: bool = False
-                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(d_rows [n_rows, H] in ``dtype``, and with ``quantize`` its per-row codes and scales): the rows'
-    half of `combine_rows_backward` (of `combine_rows_backward_quantized`), bit for bit; reads no rows."""
+                      dtype: torch.dtype, kept: torch.Tensor | None = None) -> torch.Tensor:
+    """d_rows [n_rows, H] in ``dtype``: the rows' half of `combine_rows_backward`, bit for bit; reads no rows."""
     d_rows = torch.empty((n_rows, dy.shape[1]), dtype=dtype, device=dy.device)
     # d_rows stands in for the rows, which a pass without WRITE_WEIGHT never reads.
-    _, _, codes, scale = _backward(d_rows, dy, position, weight, top_k, kept, quantize=quantize,
-                                   write_weight=False, out=d_rows)
-    return d_rows, codes, scale
+    return _backward(d_rows, dy, position, weight, top_k, kept, write_weight=False, out=d_rows)[0]
 
 
 def _backward(rows: torch.Tensor, dy: torch.Tensor, position: torch.Tensor, weight: torch.Tensor, top_k: int,
-              kept: torch.Tensor | None, quantize: bool, write_rows: bool = True, write_weight: bool = True,
-              out: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Every backward wrapper's launch: (d_rows, d_weight, codes, scale), the last two None unless
-    ``quantize``; d_rows (``out`` if given, else shaped like ``rows``, which are read only for d_weight)
-    is unwritten without ``write_rows``, d_weight zero without ``write_weight``. Degenerate shapes give
-    what `quantize_rows` gives for the d_rows returned (zero rows: codes 0, scale 1; no columns: scale 1)."""
+              kept: torch.Tensor | None, write_rows: bool = True, write_weight: bool = True,
+              out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every backward wrapper's launch: (d_rows, d_weight); d_rows (``out`` if given, else shaped like
+    ``rows``, which are read only for d_weight) is unwritten without ``write_rows``, d_weight zero without
+    ``write_weight``."""
     tokens, hidden = dy.shape
     rows, position, kept_u8 = _operands(rows, position, kept, tokens, top_k)
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     d_rows = rows if not write_rows else out if out is not None else torch.empty_like(rows)
     d_weight = torch.zeros((tokens, top_k), dtype=torch.float32, device=rows.device)
-    codes: torch.Tensor | None = None
-    scale: torch.Tensor | None = None
-    if quantize:
-        codes = torch.empty(d_rows.shape, dtype=torch.int8, device=rows.device)
-        scale = torch.empty((d_rows.shape[0],), dtype=torch.float32, device=rows.device)
     if tokens == 0 or top_k == 0 or hidden == 0:
-        if codes is not None and scale is not None:
-            codes.zero_()
-            scale.fill_(1.0)
-        return d_rows.zero_() if write_rows else d_rows, d_weight, codes, scale
-    if quantize:
-        record_launch("combine_rows_backward_quantized" if write_weight else "combine_rows_grad_quantized")
-    else:
-        record_launch("combine_rows_backward" if write_rows and write_weight else
-                      "combine_rows_grad" if write_rows else "combine_gate_grads")
+        return d_rows.zero_() if write_rows else d_rows, d_weight
+    record_launch("combine_rows_backward" if write_rows and write_weight else
+                  "combine_rows_grad" if write_rows else "combine_gate_grads")
     _launch(_combine_backward_kernel, tokens, hidden,
             (rows, dy, position, kept_u8 if kept_u8 is not None else position, weight.reshape(-1).contiguous(),
-             d_rows, d_weight, codes if codes is not None else d_rows, scale if scale is not None else d_weight,
-             tokens, hidden, rows.stride(0), dy.stride(0), d_rows.stride(0),
-             codes.stride(0) if codes is not None else 0),
-            dict(TOP_K=top_k, HAS_KEPT=kept_u8 is not None, QUANTIZE=quantize, WRITE_ROWS=write_rows,
-                 WRITE_WEIGHT=write_weight),
-            key=["TOP_K", "HAS_KEPT", "QUANTIZE", "WRITE_ROWS", "WRITE_WEIGHT"], split_h=False)
-    return d_rows, d_weight, codes, scale
+             d_rows, d_weight, tokens, hidden, rows.stride(0), dy.stride(0), d_rows.stride(0)),
+            dict(TOP_K=top_k, HAS_KEPT=kept_u8 is not None, WRITE_ROWS=write_rows, WRITE_WEIGHT=write_weight),
+            key=["TOP_K", "HAS_KEPT", "WRITE_ROWS", "WRITE_WEIGHT"], split_h=False)
+    return d_rows, d_weight
