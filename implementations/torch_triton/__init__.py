@@ -144,11 +144,15 @@ class TorchTritonBackend(Backend):
         except ImportError:
             return "torch is not installed"
         try:
-            import triton  # noqa: F401
+            import triton
         except ImportError:
             return "triton is not installed"
         if not hasattr(torch, "_grouped_mm"):
             return f"torch {torch.__version__} has no torch._grouped_mm (needs torch >= 2.8)"
+        try:
+            import triton.tools.tensor_descriptor  # noqa: F401
+        except ImportError:
+            return f"triton {triton.__version__} has no host-side tensor descriptors (needs triton >= 3.4)"
         return None
 
     @classmethod

@@ -18,6 +18,8 @@ where a float path must not depend on ``torch._grouped_mm``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -170,7 +172,14 @@ def _tma_device(t: torch.Tensor) -> bool:
     accelerator), and the interpreter, which emulates them (so that CPU runs test that path)."""
     if INTERPRETED:
         return True
-    return t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] >= 9
+    return t.device.type == "cuda" and _cuda_major(t.device.index if t.device.index is not None else
+                                                   torch.cuda.current_device()) >= 9
+
+
+@functools.cache
+def _cuda_major(index: int) -> int:
+    """The compute capability's major version of CUDA device ``index``, asked once (every launch wants it)."""
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def _descriptor(t: torch.Tensor, shape: list[int], strides: list[int], block_rank: int) -> TensorDescriptor | None:
