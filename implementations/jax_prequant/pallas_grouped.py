@@ -215,7 +215,7 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tr
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((rows, cols), jnp.dtype(out_dtype)),
-        grid=(schedule.group.shape[0], _cdiv(cols, tiles.cols)),
+        grid=(schedule.group.shape[0] * _cdiv(cols, tiles.cols),),
         interpret=interpret,
         compiler_params=None if interpret else _compiler_params(tiles),
         name="qmoe_grouped_matmul_int8" if integer else "qmoe_grouped_matmul",
@@ -225,12 +225,17 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tr
 def _grouped_matmul_kernel(tile_group_ref, tile_start_ref, tile_end_ref, lhs_ref, rhs_ref, *refs, tiles: Tiles,
                            depth: int, cols: int, groups: int, transpose_rhs: bool, scaled: bool, accumulate,
                            precision) -> None:
-    """One (row tile, column tile) block of `grouped_matmul`: its group's weight, a K loop, the epilogue."""
+    """One (row tile, column tile) block of `grouped_matmul`: its group's weight, a K loop, the epilogue.
+
+    One grid axis, column tiles fastest: the programs in flight share a row tile of lhs (read from memory
+    once) and sweep one group's weight, which stays in L2 across the group's row tiles. Row tiles fastest
+    re-read every lhs tile from memory once per column tile (32 times for the logbook's up projection)."""
     if scaled:
         row_scale_ref, col_scale_ref, out_ref = refs
     else:
         (out_ref,) = refs
-    tile, col_block = pl.program_id(0), pl.program_id(1)
+    col_blocks = _cdiv(cols, tiles.cols)
+    tile, col_block = pl.program_id(0) // col_blocks, pl.program_id(0) % col_blocks
     group = tile_group_ref[tile]
     start = tile_start_ref[tile]
     end = tile_end_ref[tile]
@@ -298,7 +303,7 @@ def grouped_weight_grad(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, 
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((groups, depth, cols), out_dtype),
-        grid=(groups, _cdiv(depth, tiles.depth), _cdiv(cols, tiles.cols)),
+        grid=(groups * _cdiv(depth, tiles.depth) * _cdiv(cols, tiles.cols),),
         interpret=interpret,
         compiler_params=None if interpret else _compiler_params(tiles),
         name="qmoe_grouped_weight_grad",
@@ -307,8 +312,14 @@ def grouped_weight_grad(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, 
 
 def _weight_grad_kernel(group_start_ref, group_end_ref, lhs_ref, rhs_ref, out_ref, *, tiles: Tiles, rows: int,
                         depth: int, cols: int, precision) -> None:
-    """One (group, K block, N block) of dW: a loop over the group's rows, ``tiles.rows`` at a time."""
-    group, k_block, n_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    """One (group, K block, N block) of dW: a loop over the group's rows, ``tiles.rows`` at a time.
+
+    One grid axis, N blocks fastest, then K blocks, then groups: the programs in flight read the same
+    group's rows (the K block's lhs columns once for all its N blocks) instead of one block of every
+    group, whose rows no other program in flight shares."""
+    n_blocks, k_blocks = _cdiv(cols, tiles.cols), _cdiv(depth, tiles.depth)
+    block = pl.program_id(0)
+    group, k_block, n_block = block // (k_blocks * n_blocks), (block // n_blocks) % k_blocks, block % n_blocks
     start = group_start_ref[group]
     end = jnp.minimum(group_end_ref[group], rows)
     k0, n0 = k_block * tiles.depth, n_block * tiles.cols
