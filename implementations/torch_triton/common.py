@@ -22,7 +22,7 @@ FALLBACKS: Counter[str] = Counter()
 
 INT8_MAX = 127
 
-#: Below this many elements (rows x columns) the memory-bound kernels (SwiGLU, combine) launch with their
+#: Below this many elements the memory-bound kernels (SwiGLU, combine, per-expert quantization) launch with their
 #: fixed shape, not an autotuned one: the correctness checks' small problems then cost one compile each,
 #: not a tuning sweep. Read at each launch (a test lowers it to compare the two).
 TUNE_MIN_ELEMENTS = 2**22

@@ -18,7 +18,7 @@ Per scheme (`qmoe.reference.schemes`):
   grouped matmuls, the SwiGLU gradient a Triton kernel).
 * ``int8_routed_prequant``: weights quantized once at prepare; the JAX logbook's custom VJP
   (MOE-I8-023/024): input gradients through the int8 kernel with the transposed weight codes and a
-  per-token-quantized output gradient (Q(g) fused into the combine's backward, Q(d_a) into the
+  per-token-quantized output gradient (Q(g) once d_w2 has read g, Q(d_a) fused into the
   SwiGLU-gradient kernel), weight gradients as float grouped matmuls of the float rows.
 
 Imports torch and triton: the backend module imports this lazily.
