@@ -96,9 +96,12 @@ class JaxPrequantBackend(Backend):
         expert_parallel=(2, 4, 8),
     )
 
-    def __init__(self, device: str | None = None, grouped: str | None = None, ep_dispatch: str = "float") -> None:
+    def __init__(self, device: str | None = None, grouped: str | None = None, ep_dispatch: str = "float",
+                 int8_gemm: str | None = None) -> None:
         """``grouped``: force the grouped-matmul formulation (``ragged``, ``padded`` or ``pallas``; default:
-        $QMOE_JAX_GROUPED, else the platform's, `env.select_formulation`). ``ep_dispatch``: how
+        $QMOE_JAX_GROUPED, else the platform's, `env.select_formulation`). ``int8_gemm``: the routed int8
+        products' kernel, ``xla`` or ``pallas`` (default: $QMOE_JAX_INT8_GEMM, else `env.select_int8_gemm`'s;
+        the ``pallas`` formulation always runs ``pallas``). ``ep_dispatch``: how
         expert parallelism sends token rows: ``float`` (the compute dtype, except that the int8 routed
         schemes send the int8 codes and scale their experts would make anyway) or ``int8`` (codes and
         scales for every scheme)."""
@@ -107,6 +110,7 @@ class JaxPrequantBackend(Backend):
         super().__init__(device)
         self.grouped = grouped
         self.ep_dispatch = ep_dispatch
+        self.int8_gemm = int8_gemm
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -153,9 +157,11 @@ class JaxPrequantBackend(Backend):
                 f"XLA_FLAGS=--xla_force_host_platform_device_count={max(ep_size, 8)} before jax is imported")
         experts = -(-spec.experts // ep_size) * ep_size
         mesh = _make_mesh(devices[:ep_size]) if ep_size > 1 else None
-        plan = LayerPlan(spec, scheme, dtype, env.select_formulation(devices[0].platform, self.grouped),
-                         experts, ep_size=ep_size, mesh=mesh, platform=devices[0].platform,
-                         dispatch=self.ep_dispatch)
+        platform = devices[0].platform
+        formulation = env.select_formulation(platform, self.grouped)
+        int8_gemm = env.select_int8_gemm(platform, formulation, self.int8_gemm)
+        plan = LayerPlan(spec, scheme, dtype, formulation, experts, ep_size=ep_size, mesh=mesh, platform=platform,
+                         dispatch=self.ep_dispatch, int8_gemm=int8_gemm)
         host_params, host_frozen = _host_arrays(spec, params, experts)
         put = _placer(devices[0], mesh)
         compute = {name: "float32" if name == "router" else dtype for name in host_params}
@@ -378,8 +384,26 @@ class JaxPrequantPallasBackend(JaxPrequantBackend):
 
     name = "jax_prequant_pallas"
 
-    def __init__(self, device: str | None = None, grouped: str | None = "pallas", ep_dispatch: str = "float") -> None:
-        super().__init__(device, grouped=grouped, ep_dispatch=ep_dispatch)
+    def __init__(self, device: str | None = None, grouped: str | None = "pallas", ep_dispatch: str = "float",
+                 int8_gemm: str | None = None) -> None:
+        super().__init__(device, grouped=grouped, ep_dispatch=ep_dispatch, int8_gemm=int8_gemm)
+
+
+class JaxPrequantInt8PallasBackend(JaxPrequantBackend):
+    """`JaxPrequantBackend` whose routed int8 products run the Pallas kernel (scales in its epilogue) under the
+    platform's formulation (``padded`` on GPUs: XLA's batched GEMMs for everything else). Not in the registry;
+    a GPU session compares it with the default in one benchmark run (issue 15)::
+
+        pytest -m benchmark --device cuda --bench-shape logbook-shared0 \
+            --backend-module qmoe.implementations.jax_prequant:JaxPrequantInt8PallasBackend \
+            --backend jax_prequant,jax_prequant_int8_pallas
+    """
+
+    name = "jax_prequant_int8_pallas"
+
+    def __init__(self, device: str | None = None, grouped: str | None = None, ep_dispatch: str = "float",
+                 int8_gemm: str | None = "pallas") -> None:
+        super().__init__(device, grouped=grouped, ep_dispatch=ep_dispatch, int8_gemm=int8_gemm)
 
 
 # -- module helpers (no framework at import) ---------------------------------------------------------------

@@ -78,6 +78,31 @@ def select_formulation(platform: str, override: str | None = None) -> str:
     return choice
 
 
+#: Environment override of the int8 x int8 grouped GEMM under the ``ragged`` and ``padded`` formulations:
+#: ``xla`` or ``pallas`` (`select_int8_gemm`).
+INT8_GEMM_ENV = "QMOE_JAX_INT8_GEMM"
+INT8_GEMMS: tuple[str, ...] = ("xla", "pallas")
+
+
+def select_int8_gemm(platform: str, formulation: str, override: str | None = None) -> str:
+    """Which kernel runs the routed int8 x int8 products: ``xla`` (XLA's int8 dot, cuBLAS on GPUs, whose
+    int32 result a separate elementwise pass scales into the compute dtype) or ``pallas`` (the grouped Pallas
+    kernel of `pallas_grouped`, the scales applied in its epilogue: the int32 products never reach memory).
+
+    The ``pallas`` formulation always runs ``pallas``. Elsewhere ``override``, else $QMOE_JAX_INT8_GEMM, else
+    ``xla``: under ``padded`` the kernel then runs over every group's full capacity (the padding rows are
+    zero), and the float GEMMs and weight gradients stay XLA's batched ones.
+    """
+    if formulation == "pallas":
+        return "pallas"
+    choice = override or os.environ.get(INT8_GEMM_ENV) or "xla"
+    if choice not in INT8_GEMMS:
+        raise ValueError(f"int8 GEMM {choice!r} is not one of {', '.join(INT8_GEMMS)}")
+    if choice == "pallas":
+        check_pallas(platform)
+    return choice
+
+
 def check_pallas(platform: str) -> None:
     """Raise, saying why, where the ``pallas`` formulation cannot run on ``platform``."""
     if platform not in PALLAS_PLATFORMS:

@@ -60,12 +60,13 @@ def _shard_map(fn, mesh, in_specs, out_specs, check_vma: bool = True):
 
 
 def _checks_vma(plan: LayerPlan) -> bool:
-    """Whether the shard_map running the experts keeps JAX's variance check: not around the ``pallas``
-    formulation's kernels, whose outputs carry no manual-axis variance and whose interpreter mixes varying
-    and invariant values (jax 0.10.2: "dynamic_slice requires varying manual axes to match"). Safe here:
-    every input of those shard_maps is sharded over ``ep`` (none replicated, so the check changes no
-    transpose), and the replicated ``needed`` output is made equal on every device by ``pmax``."""
-    return plan.formulation != "pallas"
+    """Whether the shard_map running the experts keeps JAX's variance check: not around Pallas kernels
+    (the ``pallas`` formulation's, or the int8 GEMM's: `LayerPlan.runs_pallas`), whose outputs carry no
+    manual-axis variance and whose interpreter mixes varying and invariant values (jax 0.10.2:
+    "dynamic_slice requires varying manual axes to match"). Safe here: every input of those shard_maps
+    is sharded over ``ep`` (none replicated, so the check changes no transpose), and the replicated
+    ``needed`` output is made equal on every device by ``pmax``."""
+    return not plan.runs_pallas
 
 
 def _exchange(values: jax.Array) -> jax.Array:
@@ -150,7 +151,8 @@ def _experts_on_received(plan: LayerPlan, incoming_expert, rows, codes, scale, w
     """The local experts over the received slots: (outputs in received slot order, needed expert capacity)."""
     local_experts = w13.shape[0]
     received = place_rows(incoming_expert, incoming_expert < local_experts, local_experts,
-                          plan.formulation, plan.expert_capacity, interpret=plan.interpret_kernels)
+                          plan.formulation, plan.expert_capacity, interpret=plan.interpret_kernels,
+                          int8_gemm=plan.int8_gemm)
     layout = received.layout
     rows = (permute_rows(rows, received.source, received.slot_of_row),
             *(None if value is None else take_rows(value, received.source) for value in (codes, scale)))

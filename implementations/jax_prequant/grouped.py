@@ -45,8 +45,10 @@ class GroupedLayout:
 
     ``group_sizes`` [G] int32: rows in each group. ``row_group`` [M] int32: the group of each row
     (padding rows carry some valid group; their rows are zero). Static: ``kind`` (ragged | padded |
-    pallas), ``groups`` (G), ``capacity`` (rows per group when padded, else 0), ``interpret`` (pallas
-    only: run the kernels in Pallas's interpreter, as on CPU, instead of lowering them through Triton).
+    pallas), ``groups`` (G), ``capacity`` (rows per group when padded, else 0), ``int8_gemm`` (``xla`` or
+    ``pallas``: the kernel of the int8 x int8 products, `env.select_int8_gemm`; always ``pallas`` for that
+    kind), ``interpret`` (where Pallas kernels run: in Pallas's interpreter, as on CPU, instead of
+    lowering them through Triton).
     """
 
     group_sizes: jax.Array
@@ -55,10 +57,18 @@ class GroupedLayout:
     groups: int
     capacity: int
     interpret: bool = False
+    int8_gemm: str = "xla"
+
+    def kernel_group_sizes(self) -> jax.Array:
+        """Rows per group as the Pallas kernels see them (contiguous groups): the padded layout's full
+        capacity, whose unused rows are zero and come out zero, else the groups' own sizes."""
+        if self.kind == "padded":
+            return jnp.full((self.groups,), self.capacity, jnp.int32)
+        return self.group_sizes
 
 
 jax.tree_util.register_dataclass(GroupedLayout, data_fields=["group_sizes", "row_group"],
-                                 meta_fields=["kind", "groups", "capacity", "interpret"])
+                                 meta_fields=["kind", "groups", "capacity", "interpret", "int8_gemm"])
 
 
 @jax.tree_util.register_dataclass
@@ -92,13 +102,15 @@ def bucket_capacity(rows: int, minimum: int = 16) -> int:
 
 
 def place_rows(row_group: jax.Array, valid: jax.Array, groups: int, kind: str, capacity: int = 0,
-               interpret: bool = False) -> Placement:
+               interpret: bool = False, int8_gemm: str = "xla") -> Placement:
     """Sort R source rows by group (stable: a group keeps its rows in source order) into a layout.
 
     Invalid rows are placed nowhere. ``padded`` needs ``capacity`` > 0; rows past it in their group
     are placed nowhere either, and ``needed_capacity`` tells the caller to retry with a larger one.
-    ``interpret``: for ``pallas``, whether its kernels run interpreted (CPU) or through Triton (GPU).
+    ``int8_gemm``: the int8 products' kernel (``pallas`` whatever is asked for the ``pallas`` kind).
+    ``interpret``: whether Pallas kernels run interpreted (CPU) or through Triton (GPU).
     """
+    int8_gemm = "pallas" if kind == "pallas" else int8_gemm
     rows = row_group.shape[0]
     key = jnp.where(valid, row_group, groups).astype(jnp.int32)
     order = jnp.argsort(key, stable=True).astype(jnp.int32)
@@ -125,7 +137,7 @@ def place_rows(row_group: jax.Array, valid: jax.Array, groups: int, kind: str, c
         raise ValueError(f"unknown grouped formulation {kind!r}")
     slot_of_row = jnp.zeros((rows,), jnp.int32).at[order].set(slot_sorted)
     layout = GroupedLayout(group_sizes, slot_group, kind, groups, capacity if kind == "padded" else 0,
-                           interpret=interpret and kind == "pallas")
+                           interpret=interpret and (kind == "pallas" or int8_gemm == "pallas"), int8_gemm=int8_gemm)
     needed = jnp.max(group_sizes) if groups else jnp.int32(0)
     return Placement(source, slot_of_row, layout, needed)
 
@@ -275,14 +287,14 @@ def _expert_scale(scale: jax.Array, layout: GroupedLayout) -> jax.Array:
 def int8_grouped_product(codes: jax.Array, scale: jax.Array, w_codes: jax.Array, w_scale: jax.Array,
                          layout: GroupedLayout, transpose_rhs: bool = False, out_dtype=jnp.float32) -> jax.Array:
     """(q_x q_w[g]) * s_x * s_w[g], computed in float32 and returned in ``out_dtype``: int8 x int8 with
-    int32 accumulation, dequantized once (``pallas``: in the kernel's epilogue, so the int32
-    accumulator never reaches memory)."""
-    if layout.kind == "pallas":
+    int32 accumulation, dequantized once (``int8_gemm`` ``pallas``: in the kernel's epilogue, so the int32
+    accumulator never reaches memory; ``xla``: by an elementwise pass over it)."""
+    if layout.int8_gemm == "pallas":
         from . import pallas_grouped
 
         cols = w_codes.shape[1] if transpose_rhs else w_codes.shape[2]
         per_column = jnp.broadcast_to(w_scale.reshape(-1, 1).astype(jnp.float32), (layout.groups, cols))
-        return pallas_grouped.grouped_matmul(codes, w_codes, layout.group_sizes, transpose_rhs=transpose_rhs,
+        return pallas_grouped.grouped_matmul(codes, w_codes, layout.kernel_group_sizes(), transpose_rhs=transpose_rhs,
                                              row_scale=scale.reshape(-1), col_scale=per_column,
                                              out_dtype=out_dtype, interpret=layout.interpret)
     acc = grouped_dot(codes, w_codes, layout, transpose_rhs=transpose_rhs, accumulate=jnp.int32)

@@ -66,6 +66,7 @@ class LayerPlan:
     mesh: Any = None
     platform: str = "cpu"
     dispatch: str = "float"
+    int8_gemm: str = "xla"
 
     @property
     def compute_dtype(self):
@@ -94,8 +95,14 @@ class LayerPlan:
 
     @property
     def interpret_kernels(self) -> bool:
-        """True where the ``pallas`` formulation's kernels run interpreted (CPU), not through Triton."""
-        return self.formulation == "pallas" and pallas_interpret(self.platform)
+        """True where the plan's Pallas kernels (the ``pallas`` formulation's, or ``int8_gemm`` ``pallas``) run
+        interpreted (CPU), not through Triton."""
+        return self.runs_pallas and pallas_interpret(self.platform)
+
+    @property
+    def runs_pallas(self) -> bool:
+        """True where the program holds Pallas kernels: the ``pallas`` formulation, or its int8 GEMM."""
+        return self.formulation == "pallas" or (self.int8_gemm == "pallas" and self.routed_int8)
 
     @property
     def routed_rule(self) -> str:
@@ -133,7 +140,7 @@ def pack_rows(plan: LayerPlan, x: jax.Array, expert_ids: jax.Array, valid: jax.A
     """Place the T*k assignments by expert and gather their rows (and pre-quantized codes/scales)."""
     top_k = expert_ids.shape[1]
     placement = place_rows(expert_ids.reshape(-1), valid.reshape(-1), groups, plan.formulation, capacity,
-                           interpret=plan.interpret_kernels)
+                           interpret=plan.interpret_kernels, int8_gemm=plan.int8_gemm)
     rows = gather_token_rows(x, placement.source, placement.slot_of_row, top_k)
     if not plan.routed_int8:
         return placement, rows, None, None
@@ -153,16 +160,16 @@ def step_codes(weight: jax.Array, layout: GroupedLayout) -> tuple[jax.Array, jax
     """(codes, scale, transposed codes or None) of expert weights quantized in the step (``int8_routed``,
     ``int8_all``).
 
-    The ``pallas`` kernels also get the codes transposed to [G, N, K], as prepare makes them for
-    ``int8_routed_prequant``: Hopper's int8 tensor-core GEMM contracts the minor axis of both operands. On
-    the H200 (2026-12-01, zipf, top-8 forward) ``int8_routed`` ran at 159 TF/s on [G, K, N] codes against
+    The Pallas int8 kernel (``int8_gemm`` ``pallas``) also gets the codes transposed to [G, N, K], as prepare
+    makes them for ``int8_routed_prequant``: Hopper's int8 tensor-core GEMM contracts the minor axis of both
+    operands. On the H200 (2026-12-01, zipf, top-8 forward) ``int8_routed`` ran at 159 TF/s on [G, K, N] codes against
     573 for ``int8_routed_prequant`` on [G, N, K] ones, the same kernel otherwise; quantizing the weights in
     the step reads and writes ~2.4 GB there, under a millisecond of the 30 ms gap, so the layout is the
     suspect. Not yet re-measured with this copy (weight-sized, once per step). XLA's own GEMMs (``ragged``,
     ``padded``) choose their layouts themselves.
     """
     codes, scale = quantize_per_expert(weight)
-    return codes, scale, jnp.swapaxes(codes, 1, 2) if layout.kind == "pallas" else None
+    return codes, scale, jnp.swapaxes(codes, 1, 2) if layout.int8_gemm == "pallas" else None
 
 
 def routed_projection(plan: LayerPlan, rows: jax.Array, rows_codes, rows_scale, weight: jax.Array,
@@ -289,7 +296,8 @@ def run_bypass(plan: LayerPlan, params: dict, frozen: dict, x: jax.Array) -> jax
     experts = jnp.repeat(jnp.arange(plan.experts, dtype=jnp.int32), tokens)
     rows_x = jnp.tile(x, (plan.experts, 1))
     plan_all = LayerPlan(plan.spec, plan.scheme, plan.dtype, plan.formulation, plan.experts,
-                         expert_capacity=tokens if plan.formulation == "padded" else 0, platform=plan.platform)
+                         expert_capacity=tokens if plan.formulation == "padded" else 0, platform=plan.platform,
+                         int8_gemm=plan.int8_gemm)
     placement, rows, codes, scale = pack_rows(plan_all, rows_x, experts[:, None], jnp.ones((experts.size, 1), bool),
                                               plan.experts, plan_all.expert_capacity)
     w13_q, w2_q = prequantized_weights(frozen)
