@@ -29,7 +29,7 @@ does. See `expert_parallel`.
 
 Static shapes: the padded formulation and the EP dispatch need per-expert / per-device-pair row
 capacities. They are sized from the routing of the input (one small routing program), bucketed
-(8 sizes per octave), cached per token count, and checked after every run; a run whose routing
+(32 sizes per octave), cached per token count, and checked after every run; a run whose routing
 outgrew them is rerun with larger ones, so results are always dropless.
 """
 

@@ -8,7 +8,7 @@
 matmul is one batched matmul ``[G, C, K] x [G, K, N]`` — a cuBLAS batched GEMM on GPU, where XLA
 lowers ``ragged_dot`` to a dense masked dot (H100, 2026-11-22: 12.8 TF/s bf16 for the seed shape,
 out of memory at top_k 8). ``capacity`` is a static shape: `bucket_capacity` rounds the largest group
-up to one of 8 sizes per octave, so a layer recompiles only when its routing moves between buckets.
+up to one of 32 sizes per octave, so a layer recompiles only when its routing moves between buckets.
 
 ``pallas``: the ``ragged`` layout (no capacity), computed by the Pallas kernels of `pallas_grouped`
 (Triton on GPU, interpreted on CPU): each row tile multiplies by its own expert's weight, int8
@@ -88,15 +88,22 @@ class Placement:
     needed_capacity: jax.Array
 
 
+#: Capacity buckets per octave of rows (`bucket_capacity`). 32: a bucket adds at most 3.1% rows to the
+#: fullest group. With 8 (12.5%), the H200's "balanced" logbook routing (fullest expert 4419 rows at top-8,
+#: mean 4096) got 4608 rows per expert, 12.5% more GEMM work than the rows routed; 4480 now. The price
+#: is a recompile for each bucket a drifting routing grows into (capacities never shrink).
+BUCKETS_PER_OCTAVE = 32
+
+
 def bucket_capacity(rows: int, minimum: int = 16) -> int:
-    """``rows`` rounded up to 8 sizes per octave (<= 12.5% padding), then to a multiple of 16.
+    """``rows`` rounded up to one of `BUCKETS_PER_OCTAVE` sizes per octave, then to a multiple of 16.
 
     Multiples of 16 keep int8 GEMM operands aligned for the tensor cores.
     """
     rows = max(int(rows), 1)
     if rows <= minimum:
         return minimum
-    step = 2 ** max(int(math.floor(math.log2(rows))) - 3, 0)
+    step = 2 ** max(int(math.floor(math.log2(rows))) - int(math.log2(BUCKETS_PER_OCTAVE)), 0)
     bucketed = -(-rows // step) * step
     return -(-bucketed // 16) * 16
 
