@@ -97,11 +97,12 @@ class JaxPrequantBackend(Backend):
     )
 
     def __init__(self, device: str | None = None, grouped: str | None = None, ep_dispatch: str = "float",
-                 int8_gemm: str | None = None) -> None:
+                 int8_gemm: str | None = None, swiglu: str | None = None) -> None:
         """``grouped``: force the grouped-matmul formulation (``ragged``, ``padded`` or ``pallas``; default:
         $QMOE_JAX_GROUPED, else the platform's, `env.select_formulation`). ``int8_gemm``: the routed int8
         products' kernel, ``xla`` or ``pallas`` (default: $QMOE_JAX_INT8_GEMM, else `env.select_int8_gemm`'s;
-        the ``pallas`` formulation always runs ``pallas``). ``ep_dispatch``: how
+        the ``pallas`` formulation always runs ``pallas``). ``swiglu``: the routed SwiGLU's kernels under int8
+        schemes, ``xla`` or ``pallas`` (default: $QMOE_JAX_SWIGLU, else `env.select_swiglu`'s). ``ep_dispatch``: how
         expert parallelism sends token rows: ``float`` (the compute dtype, except that the int8 routed
         schemes send the int8 codes and scale their experts would make anyway) or ``int8`` (codes and
         scales for every scheme)."""
@@ -111,6 +112,7 @@ class JaxPrequantBackend(Backend):
         self.grouped = grouped
         self.ep_dispatch = ep_dispatch
         self.int8_gemm = int8_gemm
+        self.swiglu = swiglu
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -161,7 +163,8 @@ class JaxPrequantBackend(Backend):
         formulation = env.select_formulation(platform, self.grouped)
         int8_gemm = env.select_int8_gemm(platform, formulation, self.int8_gemm)
         plan = LayerPlan(spec, scheme, dtype, formulation, experts, ep_size=ep_size, mesh=mesh, platform=platform,
-                         dispatch=self.ep_dispatch, int8_gemm=int8_gemm)
+                         dispatch=self.ep_dispatch, int8_gemm=int8_gemm,
+                         swiglu=env.select_swiglu(platform, self.swiglu))
         host_params, host_frozen = _host_arrays(spec, params, experts)
         put = _placer(devices[0], mesh)
         compute = {name: "float32" if name == "router" else dtype for name in host_params}

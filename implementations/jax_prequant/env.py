@@ -103,6 +103,23 @@ def select_int8_gemm(platform: str, formulation: str, override: str | None = Non
     return choice
 
 
+#: Environment override of the routed SwiGLU's kernels under int8 schemes: ``xla`` or ``pallas`` (`select_swiglu`).
+SWIGLU_ENV = "QMOE_JAX_SWIGLU"
+SWIGLUS: tuple[str, ...] = ("xla", "pallas")
+
+
+def select_swiglu(platform: str, override: str | None = None) -> str:
+    """Where the routed SwiGLU and its per-row int8 quantizers run under int8 schemes: ``pallas``
+    (`pallas_swiglu`: one kernel each way) or ``xla`` (`layer.swiglu` and `quant.quantize_rows`, fused by XLA).
+    ``override``, else $QMOE_JAX_SWIGLU, else ``xla``. On CPU ``pallas`` runs interpreted (slow; for tests)."""
+    choice = override or os.environ.get(SWIGLU_ENV) or "xla"
+    if choice not in SWIGLUS:
+        raise ValueError(f"swiglu {choice!r} is not one of {', '.join(SWIGLUS)}")
+    if choice == "pallas":
+        check_pallas(platform)
+    return choice
+
+
 def check_pallas(platform: str) -> None:
     """Raise, saying why, where the ``pallas`` formulation cannot run on ``platform``."""
     if platform not in PALLAS_PLATFORMS:

@@ -344,16 +344,66 @@ def int8_grouped_dot(rule: str, dtype_name: str):
 
     def backward(residuals, g):
         kept, w_codes, w_scale, layout = residuals
-        if rule == "prequant_vjp":
-            g_codes, g_scale = quantize_rows(g)
-            dx = int8_grouped_product(g_codes, g_scale, w_codes, w_scale, layout, transpose_rhs=True, out_dtype=dtype)
-            dw = grouped_weight_grad(kept, g.astype(dtype), layout, out_dtype=dtype)
-        else:
-            x_codes, x_scale = kept
-            dx = grouped_dot(g.astype(dtype), w_codes.astype(dtype), layout, transpose_rhs=True)
-            dx = dx * _expert_scale(w_scale, layout)
-            dw = grouped_weight_grad(dequantize(x_codes, x_scale, dtype), g.astype(dtype), layout, out_dtype=dtype)
-        return dx.astype(dtype), None, None, dw, None, None, None, None  # dw: already in dtype
+        dx, dw = _int8_gradients(rule, dtype, kept, g, None, w_codes, w_scale, layout)
+        return dx, None, None, dw, None, None, None, None
 
     dot.defvjp(forward, backward)
     return dot
+
+
+def _int8_gradients(rule: str, dtype, kept, g: jax.Array, g_quantized: tuple | None, w_codes: jax.Array,
+                    w_scale: jax.Array, layout: GroupedLayout) -> tuple[jax.Array, jax.Array]:
+    """(dx, dw) of a routed int8 projection under ``rule`` (`int8_grouped_dot`) for its output cotangent ``g``;
+    ``kept``: the float rows (``prequant_vjp``) or their (codes, scales) (``ste``); ``g_quantized``: Q(g) as
+    (codes, scales) where the caller made it already (``prequant_vjp``), else None."""
+    if rule == "prequant_vjp":
+        g_codes, g_scale = g_quantized if g_quantized is not None else quantize_rows(g)
+        dx = int8_grouped_product(g_codes, g_scale, w_codes, w_scale, layout, transpose_rhs=True, out_dtype=dtype)
+        return dx, grouped_weight_grad(kept, g.astype(dtype), layout, out_dtype=dtype)
+    x_codes, x_scale = kept
+    dx = grouped_dot(g.astype(dtype), w_codes.astype(dtype), layout, transpose_rhs=True)
+    dx = (dx * _expert_scale(w_scale, layout)).astype(dtype)
+    return dx, grouped_weight_grad(dequantize(x_codes, x_scale, dtype), g.astype(dtype), layout, out_dtype=dtype)
+
+
+@functools.cache
+def int8_swiglu_projection(rule: str, dtype_name: str, interpret: bool):
+    """The routed int8 up projection and its SwiGLU as one custom-VJP function, the SwiGLU and the per-row
+    quantization on each side of it in one Pallas kernel per direction (`pallas_swiglu`).
+
+    Arguments as `int8_grouped_dot`'s (the projection's); returns (h [M, F] in ``dtype_name``, Q(h) codes,
+    Q(h) scales [M, 1]) for the down projection. Backward: d_a = SwiGLU'(a) d_h and, for ``prequant_vjp``,
+    Q(d_a) from the same kernel, then the projection's gradients as `int8_grouped_dot` takes them. Q(h)'s
+    codes and scales are quantizers (identity in the backward): no gradient flows back through them.
+    ``interpret``: run the kernels in Pallas's interpreter (CPU) instead of through Triton.
+    """
+    if rule not in ("ste", "prequant_vjp"):
+        raise ValueError(f"unknown backward rule {rule!r}")
+    dtype = jnp.dtype(dtype_name)
+    from . import pallas_swiglu
+
+    def project(x_codes, x_scale, w_codes, w_scale, w_codes_t, layout):
+        if w_codes_t is None:
+            return int8_grouped_product(x_codes, x_scale, w_codes, w_scale, layout, out_dtype=dtype)
+        return int8_grouped_product(x_codes, x_scale, w_codes_t, w_scale, layout, transpose_rhs=True, out_dtype=dtype)
+
+    @jax.custom_vjp
+    def up(x, x_codes, x_scale, w, w_codes, w_scale, w_codes_t, layout):
+        a = project(x_codes, x_scale, w_codes, w_scale, w_codes_t, layout)
+        return pallas_swiglu.swiglu_quantize(a, interpret=interpret)
+
+    def forward(x, x_codes, x_scale, w, w_codes, w_scale, w_codes_t, layout):
+        a = project(x_codes, x_scale, w_codes, w_scale, w_codes_t, layout)
+        kept = x if rule == "prequant_vjp" else (x_codes, x_scale)
+        return pallas_swiglu.swiglu_quantize(a, interpret=interpret), (kept, a, w_codes, w_scale, layout)
+
+    def backward(residuals, cotangents):
+        kept, a, w_codes, w_scale, layout = residuals
+        quantize = rule == "prequant_vjp"
+        d_a, d_codes, d_scale = pallas_swiglu.swiglu_backward(a, cotangents[0], quantize, interpret=interpret)
+        dx, dw = _int8_gradients(rule, dtype, kept, d_a, (d_codes, d_scale) if quantize else None, w_codes,
+                                 w_scale, layout)
+        return dx, None, None, dw, None, None, None, None
+
+    up.defvjp(forward, backward)
+    return up

@@ -34,6 +34,7 @@ from .grouped import (
     float_grouped_dot,
     gather_token_rows,
     int8_grouped_dot,
+    int8_swiglu_projection,
     permute_rows,
     place_rows,
     take_rows,
@@ -67,6 +68,7 @@ class LayerPlan:
     platform: str = "cpu"
     dispatch: str = "float"
     int8_gemm: str = "xla"
+    swiglu: str = "xla"
 
     @property
     def compute_dtype(self):
@@ -101,8 +103,14 @@ class LayerPlan:
 
     @property
     def runs_pallas(self) -> bool:
-        """True where the program holds Pallas kernels: the ``pallas`` formulation, or its int8 GEMM."""
-        return self.formulation == "pallas" or (self.int8_gemm == "pallas" and self.routed_int8)
+        """True where the program holds Pallas kernels: the ``pallas`` formulation, its int8 GEMM or its SwiGLU."""
+        return self.formulation == "pallas" or (self.routed_int8 and "pallas" in (self.int8_gemm, self.swiglu))
+
+    @property
+    def fused_swiglu(self) -> bool:
+        """True where the routed SwiGLU and its quantizers run as `pallas_swiglu`'s kernels (int8 schemes
+        with ``swiglu`` ``pallas``, `env.select_swiglu`), else as XLA's fusions of `swiglu` and `quantize_rows`."""
+        return self.routed_int8 and self.swiglu == "pallas"
 
     @property
     def routed_rule(self) -> str:
@@ -189,16 +197,25 @@ def routed_projection(plan: LayerPlan, rows: jax.Array, rows_codes, rows_scale, 
 
 
 def stage_up(plan: LayerPlan, packed_rows: tuple, w13: jax.Array, w13_prequantized, layout: GroupedLayout
-             ) -> jax.Array:
-    """h = silu(x W1[e]) * (x W3[e]) for every packed row, from one fused w13 projection."""
+             ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """(h, Q(h) codes, Q(h) scales): h = silu(x W1[e]) * (x W3[e]) for every packed row, from one fused w13
+    projection; Q(h) where the SwiGLU kernels make it with h (`LayerPlan.fused_swiglu`), else None twice."""
     rows, codes, scale = packed_rows
-    return swiglu(routed_projection(plan, rows, codes, scale, w13, w13_prequantized, layout), plan.compute_dtype)
+    if plan.fused_swiglu:
+        if codes is None:
+            codes, scale = quantize_rows(rows)
+        w_codes, w_scale, w_codes_t = w13_prequantized if plan.prequantized else step_codes(w13, layout)
+        up = int8_swiglu_projection(plan.routed_rule, plan.dtype, plan.interpret_kernels)
+        return up(rows, codes, scale, w13, w_codes, w_scale, w_codes_t, layout)
+    return swiglu(routed_projection(plan, rows, codes, scale, w13, w13_prequantized, layout),
+                  plan.compute_dtype), None, None
 
 
-def stage_down(plan: LayerPlan, hidden: jax.Array, w2: jax.Array, w2_prequantized, layout: GroupedLayout
+def stage_down(plan: LayerPlan, hidden: tuple, w2: jax.Array, w2_prequantized, layout: GroupedLayout
                ) -> jax.Array:
-    """out = Q(h) W2[e] for every packed row (h quantized per row for int8 schemes)."""
-    return routed_projection(plan, hidden, None, None, w2, w2_prequantized, layout)
+    """out = Q(h) W2[e] for every packed row (h quantized per row for int8 schemes, unless `stage_up` did)."""
+    h, codes, scale = hidden
+    return routed_projection(plan, h, codes, scale, w2, w2_prequantized, layout)
 
 
 def weighted_sum(out_rows: jax.Array, placement: Placement, gates: jax.Array) -> jax.Array:
@@ -297,7 +314,7 @@ def run_bypass(plan: LayerPlan, params: dict, frozen: dict, x: jax.Array) -> jax
     rows_x = jnp.tile(x, (plan.experts, 1))
     plan_all = LayerPlan(plan.spec, plan.scheme, plan.dtype, plan.formulation, plan.experts,
                          expert_capacity=tokens if plan.formulation == "padded" else 0, platform=plan.platform,
-                         int8_gemm=plan.int8_gemm)
+                         int8_gemm=plan.int8_gemm, swiglu=plan.swiglu)
     placement, rows, codes, scale = pack_rows(plan_all, rows_x, experts[:, None], jnp.ones((experts.size, 1), bool),
                                               plan.experts, plan_all.expert_capacity)
     w13_q, w2_q = prequantized_weights(frozen)

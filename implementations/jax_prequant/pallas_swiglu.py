@@ -1,0 +1,210 @@
+"""The SwiGLU between the routed projections with its per-row int8 quantization, one pass each way, as Pallas
+kernels (Triton on GPU, interpreted on CPU).
+
+    forward:  h = silu(gate) * up (a = [gate | up] [M, 2F]), rounded to the layer's dtype; Q(h) per row
+    backward: d_a = [d_h * up * silu'(gate) | d_h * silu(gate)], rounded to the layer's dtype; Q(d_a) per row
+
+Why (issue 15, H200, logbook top-8, int8_routed_prequant forward+backward): XLA split these into several
+fusions, each a full pass over [M, 2F] or [M, F] rows, and materialized float32 intermediates the size of h
+(the forward's SwiGLU wrote a float32 copy of h for the quantizer's second pass; the backward's silu gradient
+a float32 [M, F] term): 7.2 ms of a 34 ms step, against 2.7 ms for torch_triton's fused Triton kernels.
+Here each direction reads its inputs and writes its outputs once (the row's values are recomputed from the
+inputs for the quantizer's second sweep, which finds them in L2).
+
+Semantics are those of `layer.swiglu` followed by `quant.quantize_rows`: the quantizer sees the values rounded
+to the layer's dtype, float32 arithmetic throughout, round half to even. Pallas's Triton lowering has no
+``round``: `_round_half_even` builds it from ``floor`` (exact for the |v| <= 127 the quantizer rounds).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from .quant import INT8_MAX
+
+#: Rows per program and columns per step. 4 rows x 1024 columns of float32 per operand keep a program's
+#: registers small (the backward holds six such tiles); its rows (4 x 2F x 2 bytes at the logbook's F = 2048)
+#: are still in L2 when the quantizer's second sweep reads them again.
+BLOCK_ROWS = 4
+BLOCK_COLS = 1024
+NUM_WARPS = 4
+
+
+def _round_half_even(v: jax.Array) -> jax.Array:
+    """rint(v) for |v| < 2^22, from floor: floor(v + 1/2), minus one where that was an odd tie."""
+    up = jnp.floor(v + 0.5)
+    odd = up - 2.0 * jnp.floor(up * 0.5) != 0.0
+    return jnp.where((up - v == 0.5) & odd, up - 1.0, up)
+
+
+def _codes(values: jax.Array, scale: jax.Array) -> jax.Array:
+    """int8 codes of float32 ``values`` [R, C] at per-row ``scale`` [R, 1] (`quant.quantize_symmetric`'s rule)."""
+    return jnp.clip(_round_half_even(values / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+
+
+def _scale(amax: jax.Array) -> jax.Array:
+    return jnp.where(amax > 0, amax / INT8_MAX, jnp.float32(1.0))
+
+
+def _silu(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(silu(x), sigmoid(x)) in float32."""
+    sig = 1.0 / (1.0 + jnp.exp(-x))
+    return x * sig, sig
+
+
+def _rounded(x: jax.Array, dtype, interpret: bool) -> tuple[jax.Array, jax.Array]:
+    """(float32 ``x`` rounded to ``dtype``, that value back in float32). Interpreted, the kernel is an XLA
+    program, and XLA (``xla_allow_excess_precision``, on by default) drops a float32 -> bfloat16 -> float32
+    round trip, so the quantizer would see unrounded values; ``reduce_precision`` it keeps. Triton keeps both."""
+    low = x.astype(dtype)
+    if not interpret or jnp.dtype(dtype) == jnp.float32:
+        return low, low.astype(jnp.float32)
+    info = jnp.finfo(dtype)
+    return low, jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
+def _tiles(ffn: int) -> tuple[int, int]:
+    """(rows, columns) per block: columns a power of two (Triton's tensors) no wider than needed."""
+    return BLOCK_ROWS, min(BLOCK_COLS, max(16, pl.next_power_of_2(ffn)))
+
+
+def _forward_kernel(a_ref, h_ref, codes_ref, scale_ref, *, rows: int, ffn: int, block_cols: int,
+                    interpret: bool) -> None:
+    """Rows r0 .. r0 + BLOCK_ROWS: h, then Q(h) (two sweeps over the columns: amax, then codes)."""
+    r0 = pl.program_id(0) * BLOCK_ROWS
+    row_ok = r0 + jnp.arange(BLOCK_ROWS, dtype=jnp.int32) < rows
+
+    def h_block(c0):
+        col_ok = c0 + jnp.arange(block_cols, dtype=jnp.int32) < ffn
+        mask = row_ok[:, None] & col_ok[None, :]
+        gate = plgpu.load(a_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(c0, block_cols)], mask=mask, other=0.0)
+        up = plgpu.load(a_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(ffn + c0, block_cols)], mask=mask, other=0.0)
+        h, h32 = _rounded(_silu(gate.astype(jnp.float32))[0] * up.astype(jnp.float32), h_ref.dtype, interpret)
+        return h, h32, mask
+
+    def amax_step(step, amax):
+        _, h32, _ = h_block(step * block_cols)
+        return jnp.maximum(amax, jnp.max(jnp.abs(h32), axis=1))
+
+    steps = pl.cdiv(ffn, block_cols)
+    amax = jax.lax.fori_loop(0, steps, amax_step, jnp.zeros((BLOCK_ROWS,), jnp.float32))
+    scale = _scale(amax)
+
+    def store_step(step, carry):
+        c0 = step * block_cols
+        h, h32, mask = h_block(c0)
+        plgpu.store(h_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(c0, block_cols)], h, mask=mask)
+        plgpu.store(codes_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(c0, block_cols)], _codes(h32, scale[:, None]),
+                    mask=mask)
+        return carry
+
+    jax.lax.fori_loop(0, steps, store_step, jnp.int32(0))
+    plgpu.store(scale_ref.at[pl.ds(r0, BLOCK_ROWS)], scale, mask=row_ok)
+
+
+def _backward_kernel(a_ref, d_h_ref, d_a_ref, *refs, rows: int, ffn: int, block_cols: int, quantize: bool,
+                     interpret: bool) -> None:
+    """Rows r0 .. r0 + BLOCK_ROWS: d_a, and with ``quantize`` Q(d_a) (amax over both halves first)."""
+    codes_ref, scale_ref = refs if quantize else (None, None)
+    r0 = pl.program_id(0) * BLOCK_ROWS
+    row_ok = r0 + jnp.arange(BLOCK_ROWS, dtype=jnp.int32) < rows
+    dtype = d_a_ref.dtype
+
+    def d_a_block(c0):
+        col_ok = c0 + jnp.arange(block_cols, dtype=jnp.int32) < ffn
+        mask = row_ok[:, None] & col_ok[None, :]
+        rows_ = pl.ds(r0, BLOCK_ROWS)
+        gate = plgpu.load(a_ref.at[rows_, pl.ds(c0, block_cols)], mask=mask, other=0.0).astype(jnp.float32)
+        up = plgpu.load(a_ref.at[rows_, pl.ds(ffn + c0, block_cols)], mask=mask, other=0.0).astype(jnp.float32)
+        d_h = plgpu.load(d_h_ref.at[rows_, pl.ds(c0, block_cols)], mask=mask, other=0.0).astype(jnp.float32)
+        silu, sig = _silu(gate)
+        d_gate = _rounded(d_h * up * (sig + silu * (1.0 - sig)), dtype, interpret)
+        d_up = _rounded(d_h * silu, dtype, interpret)
+        return d_gate, d_up, mask
+
+    steps = pl.cdiv(ffn, block_cols)
+    scale = None
+    if quantize:
+        def amax_step(step, amax):
+            (_, d_gate), (_, d_up), _ = d_a_block(step * block_cols)
+            both = jnp.maximum(jnp.abs(d_gate), jnp.abs(d_up))
+            return jnp.maximum(amax, jnp.max(both, axis=1))
+
+        scale = _scale(jax.lax.fori_loop(0, steps, amax_step, jnp.zeros((BLOCK_ROWS,), jnp.float32)))
+
+    def store_step(step, carry):
+        c0 = step * block_cols
+        d_gate, d_up, mask = d_a_block(c0)
+        rows_ = pl.ds(r0, BLOCK_ROWS)
+        plgpu.store(d_a_ref.at[rows_, pl.ds(c0, block_cols)], d_gate[0], mask=mask)
+        plgpu.store(d_a_ref.at[rows_, pl.ds(ffn + c0, block_cols)], d_up[0], mask=mask)
+        if quantize:
+            plgpu.store(codes_ref.at[rows_, pl.ds(c0, block_cols)], _codes(d_gate[1], scale[:, None]), mask=mask)
+            plgpu.store(codes_ref.at[rows_, pl.ds(ffn + c0, block_cols)], _codes(d_up[1], scale[:, None]),
+                        mask=mask)
+        return carry
+
+    jax.lax.fori_loop(0, steps, store_step, jnp.int32(0))
+    if quantize:
+        plgpu.store(scale_ref.at[pl.ds(r0, BLOCK_ROWS)], scale, mask=row_ok)
+
+
+def _check(a: jax.Array) -> int:
+    if a.ndim != 2 or a.shape[1] % 2:
+        raise ValueError(f"SwiGLU pre-activations must be [M, 2F], got shape {a.shape}")
+    return a.shape[1] // 2
+
+
+def _params(interpret: bool):
+    return None if interpret else plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def swiglu_quantize(a: jax.Array, interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(h [M, F] in a's dtype, Q(h) codes [M, F] int8, scales [M, 1] float32) of a = [gate | up] [M, 2F]."""
+    ffn = _check(a)
+    rows = a.shape[0]
+    block_rows, block_cols = _tiles(ffn)
+    h, codes, scale = pl.pallas_call(
+        functools.partial(_forward_kernel, rows=rows, ffn=ffn, block_cols=block_cols, interpret=interpret),
+        out_shape=(jax.ShapeDtypeStruct((rows, ffn), a.dtype), jax.ShapeDtypeStruct((rows, ffn), jnp.int8),
+                   jax.ShapeDtypeStruct((rows,), jnp.float32)),
+        grid=(pl.cdiv(rows, block_rows),),
+        interpret=interpret,
+        compiler_params=_params(interpret),
+        name="qmoe_swiglu_quantize",
+    )(a)
+    return h, codes, scale[:, None]
+
+
+@functools.partial(jax.jit, static_argnames=("quantize", "interpret"))
+def swiglu_backward(a: jax.Array, d_h: jax.Array, quantize: bool, interpret: bool = False
+                    ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """(d_a [M, 2F] in a's dtype, and with ``quantize`` Q(d_a) codes [M, 2F] int8 and scales [M, 1] float32,
+    else None twice) for the cotangent ``d_h`` [M, F] of h = silu(gate) * up."""
+    ffn = _check(a)
+    rows = a.shape[0]
+    if d_h.shape != (rows, ffn):
+        raise ValueError(f"d_h has shape {d_h.shape}, expected {(rows, ffn)}")
+    block_rows, block_cols = _tiles(ffn)
+    out_shape = [jax.ShapeDtypeStruct((rows, 2 * ffn), a.dtype)]
+    if quantize:
+        out_shape += [jax.ShapeDtypeStruct((rows, 2 * ffn), jnp.int8), jax.ShapeDtypeStruct((rows,), jnp.float32)]
+    outs = pl.pallas_call(
+        functools.partial(_backward_kernel, rows=rows, ffn=ffn, block_cols=block_cols, quantize=quantize,
+                          interpret=interpret),
+        out_shape=tuple(out_shape),
+        grid=(pl.cdiv(rows, block_rows),),
+        interpret=interpret,
+        compiler_params=_params(interpret),
+        name="qmoe_swiglu_backward",
+    )(a, d_h.astype(a.dtype))
+    if not quantize:
+        return outs[0], None, None
+    d_a, codes, scale = outs
+    return d_a, codes, scale[:, None]
