@@ -201,8 +201,9 @@ def test_formulation_by_platform(monkeypatch):
 
 
 def test_pallas_formulation_only_when_asked_for(monkeypatch):
-    """``pallas`` is never a default (not yet measured against ``padded`` at balanced routing); asked for,
-    it runs on GPUs and, interpreted, on CPU; on a TPU it raises instead of falling back to another formulation."""
+    """``pallas`` is never the platform's formulation (a padded plan becomes pallas only for a skewed
+    routing: `test_skewed_routing_takes_the_padded_default_to_pallas`); asked for, it runs on GPUs and,
+    interpreted, on CPU; on a TPU it raises instead of falling back to another formulation."""
     monkeypatch.delenv(_jax_env.GROUPED_ENV, raising=False)
     assert "pallas" not in {_jax_env.select_formulation(p) for p in ("cpu", "gpu", "cuda", "rocm", "tpu")}
     assert _jax_env.select_formulation("gpu", "pallas") == _jax_env.select_formulation("cpu", "pallas") == "pallas"
@@ -348,6 +349,44 @@ def test_padded_capacity_grows_when_outgrown():
     prepared.sizes[data.x.shape[0]] = (16, 0)  # every token goes to one expert: 33 rows needed
     _check_against_reference(backend, prepared, data, "int8_routed_prequant")
     assert prepared.sizes[data.x.shape[0]][0] >= data.x.shape[0]
+
+
+def _evenly_routed():
+    """256 tokens over 4 experts at top-1, 64 each (token t peaks at feature t mod 4, which only expert
+    t mod 4's router column reads): the capacity bucket is exactly the rows routed."""
+    spec = MoESpec(hidden=32, ffn=16, experts=4, top_k=1)
+    params = MoEParams.random(spec, 3)
+    params.router = np.zeros_like(params.router)
+    params.router[np.arange(4), np.arange(4)] = 1.0
+    rng = np.random.default_rng(4)
+    x = 0.1 * rng.standard_normal((256, 32))
+    x[np.arange(256), np.arange(256) % 4] += 4.0
+    data = dataclasses.make_dataclass("Data", ["spec", "params", "x", "dy"])
+    return data(spec, params, x, rng.standard_normal((256, 32)))
+
+
+def test_skewed_routing_takes_the_padded_default_to_pallas(monkeypatch):
+    """Where padded is the platform's default (GPUs; simulated here), a token count whose routing would pad
+    more than PADDING_LIMIT runs the pallas formulation instead (every token on one expert: capacity x experts
+    is experts / top_k times the rows routed), still matching the reference; a routing that pads little stays
+    padded; a formulation somebody asked for is never replaced."""
+    from qmoe.implementations import jax_prequant as jp
+
+    monkeypatch.delenv(_jax_env.GROUPED_ENV, raising=False)
+    monkeypatch.setattr(_jax_env, "select_formulation", lambda platform, override=None: override or "padded")
+    backend = JaxPrequantBackend("cpu")
+    for data, expected in ((CASES["all_on_one_top2"].build("float32"), "pallas"), (_evenly_routed(), "padded")):
+        prepared = backend.prepare(data.spec, data.params, "int8_routed_prequant", "float32")
+        assert prepared.plan.formulation == "padded" and prepared.skewed_formulation == "pallas"
+        plan = backend._plan_for(prepared, backend._put_tokens(prepared, data.x))
+        capacity = prepared.sizes[data.x.shape[0]][0]
+        padding = capacity * plan.experts / (data.x.shape[0] * data.spec.top_k)
+        assert plan.formulation == expected, padding
+        assert (padding > jp.PADDING_LIMIT) == (expected == "pallas")
+        _check_against_reference(backend, prepared, data, "int8_routed_prequant")
+    data = CASES["all_on_one_top2"].build("float32")
+    asked = JaxPrequantBackend("cpu", grouped="padded").prepare(data.spec, data.params, "none", "float32")
+    assert asked.skewed_formulation is None
 
 
 def _need_devices(n: int) -> None:

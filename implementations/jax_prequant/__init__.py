@@ -59,6 +59,13 @@ FORWARD_BACKWARD = ("backward", "forward_backward")
 #: How expert parallelism sends token rows (`expert_parallel.sends_int8`).
 EP_DISPATCHES = ("float", "int8")
 
+#: The most rows the platform's ``padded`` default may compute per routed row (capacity x experts over
+#: tokens x top_k) before a token count's plan becomes ``pallas`` (no padding). H200, logbook shape, top-8
+#: int8_routed_prequant forward+backward (2026-12-01): at the "balanced" routing (1.09 after bucketing) padded
+#: beat pallas by ~3%; at zipf routing padded asked for 49-63 GiB and ran out of memory, pallas ran within
+#: 6% of balanced.
+PADDING_LIMIT = 1.15
+
 
 @dataclass
 class JaxPrepared:
@@ -68,6 +75,8 @@ class JaxPrepared:
     multiple of ``ep_size``). ``frozen``: the rest (router bias; pre-quantized expert codes/scales).
     ``sizes``: token count -> (expert_capacity, dispatch_capacity) found so far. ``effective``: the
     dequantized float64 weights, made on first request (at benchmark shapes they are gigabytes).
+    ``skewed_formulation``: what a ``padded`` plan becomes for a token count whose routing would pad more than
+    `PADDING_LIMIT` (`JaxPrequantBackend._plan_for`), or None where the formulation was asked for.
     """
 
     spec: MoESpec
@@ -79,6 +88,7 @@ class JaxPrepared:
     devices: list
     sizes: dict[int, tuple[int, int]] = field(default_factory=dict)
     effective: dict[str, np.ndarray] | None = None
+    skewed_formulation: str | None = None
 
 
 class JaxPrequantBackend(Backend):
@@ -180,7 +190,12 @@ class JaxPrequantBackend(Backend):
             frozen.update({name: put(value, True) for name, value in
                            (("w13_codes", w13_codes), ("w13_scale", w13_scale), ("w13_codes_t", w13_codes_t),
                             ("w2_codes", w2_codes), ("w2_scale", w2_scale), ("w2_codes_t", w2_codes_t))})
-        return JaxPrepared(spec, scheme, dtype, plan, device_params, frozen, devices[:ep_size])
+        # The platform's padded default gives way to pallas where a routing would pad too much; a formulation
+        # somebody asked for (argument or environment) is kept whatever the routing.
+        chosen = self.grouped or os.environ.get(env.GROUPED_ENV)
+        skewed = "pallas" if formulation == "padded" and ep_size == 1 and not chosen else None
+        return JaxPrepared(spec, scheme, dtype, plan, device_params, frozen, devices[:ep_size],
+                           skewed_formulation=skewed)
 
     def effective_weights(self, prepared: JaxPrepared) -> dict[str, np.ndarray]:
         if prepared.effective is None:
@@ -356,6 +371,9 @@ class JaxPrequantBackend(Backend):
             ids, kept = (np.asarray(a) for a in routing)
             prepared.sizes[tokens] = _bucketed(plan, tokens, *_needed_sizes(plan, ids, kept))
         capacity, dispatch = prepared.sizes[tokens]
+        skewed = prepared.skewed_formulation
+        if skewed and capacity * plan.experts > PADDING_LIMIT * tokens * plan.spec.top_k:
+            return _noted(replace(plan, formulation=skewed, expert_capacity=0, int8_gemm="pallas"))
         return _noted(replace(plan, expert_capacity=capacity, dispatch_capacity=dispatch))
 
     def _run_sized(self, prepared: JaxPrepared, x_dev, run: Callable[[Any], tuple]) -> tuple:

@@ -389,8 +389,13 @@ def int8_swiglu_projection(rule: str, dtype_name: str, interpret: bool):
 
     @jax.custom_vjp
     def up(x, x_codes, x_scale, w, w_codes, w_scale, w_codes_t, layout):
-        a = project(x_codes, x_scale, w_codes, w_scale, w_codes_t, layout)
-        return pallas_swiglu.swiglu_quantize(a, interpret=interpret)
+        # Not differentiated (a forward-only program): XLA's fusions, which read the int8 GEMM's int32 result
+        # straight into the SwiGLU; the kernel would need a materialized first (H200, logbook top-8 forward:
+        # 11.0 ms with the kernel against 10.0). The same values: `pallas_swiglu`'s semantics are these.
+        from .layer import swiglu
+
+        h = swiglu(project(x_codes, x_scale, w_codes, w_scale, w_codes_t, layout), dtype)
+        return (h, *quantize_rows(h))
 
     def forward(x, x_codes, x_scale, w, w_codes, w_scale, w_codes_t, layout):
         a = project(x_codes, x_scale, w_codes, w_scale, w_codes_t, layout)
