@@ -3,7 +3,8 @@
 float32 and bfloat16, on rows that do not fill the kernel's row block, widths that do not fill its column
 block or span several, and a zero row (scale 1, zero codes). With ``--device cuda`` they run through Triton
 on the GPU, else in Pallas's interpreter; their lowering for CUDA is checked without a GPU too. Then the
-layer: ``swiglu="pallas"`` against ``swiglu="xla"`` through the backend, forward and backward.
+layer: ``swiglu="pallas"`` against ``swiglu="xla"`` through the backend, forward and backward, for both int8
+schemes (both kernels) and ``none`` (the backward's kernel alone).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def test_kernels_lower_through_triton_for_cuda(dtype, monkeypatch):
     assert len(verified) == 2 and all(verified), "a Triton module does not verify"
 
 
-@pytest.mark.parametrize("scheme", ["int8_routed_prequant", "int8_routed"])
+@pytest.mark.parametrize("scheme", ["int8_routed_prequant", "int8_routed", "none"])
 @pytest.mark.parametrize("grouped", ["padded", "ragged"])
 def test_layer_with_pallas_swiglu_equals_xla_swiglu(scheme, grouped, request):
     """The backend with the fused kernels gives the XLA formulation's output and gradients (bfloat16 on CPU:
@@ -143,7 +144,8 @@ def test_layer_with_pallas_swiglu_equals_xla_swiglu(scheme, grouped, request):
         for kernels in ("xla", "pallas"):
             backend = JaxPrequantBackend(device, grouped=grouped, swiglu=kernels)
             prepared = backend.prepare(spec, params, scheme, dtype)
-            assert prepared.plan.fused_swiglu == (kernels == "pallas")
+            assert prepared.plan.swiglu == kernels
+            assert prepared.plan.fused_swiglu == (kernels == "pallas" and scheme != "none")
             results.append((backend.forward(prepared, x).y, backend.backward(prepared, x, dy)))
         (y0, g0), (y1, g1) = results
         tol = 1e-5 if dtype == "float32" else (0 if device == "cpu" else 2.0**-6)

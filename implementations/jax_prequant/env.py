@@ -103,14 +103,15 @@ def select_int8_gemm(platform: str, formulation: str, override: str | None = Non
     return choice
 
 
-#: Environment override of the routed SwiGLU's kernels under int8 schemes: ``xla`` or ``pallas`` (`select_swiglu`).
+#: Environment override of the routed SwiGLU's kernels: ``xla`` or ``pallas`` (`select_swiglu`).
 SWIGLU_ENV = "QMOE_JAX_SWIGLU"
 SWIGLUS: tuple[str, ...] = ("xla", "pallas")
 
 
 def select_swiglu(platform: str, override: str | None = None) -> str:
-    """Where the routed SwiGLU and its per-row int8 quantizers run under int8 schemes: ``pallas``
-    (`pallas_swiglu`: one kernel each way) or ``xla`` (`layer.swiglu` and `quant.quantize_rows`, fused by XLA).
+    """Where the routed SwiGLU and its per-row int8 quantizers run: ``pallas`` (`pallas_swiglu`: one kernel each
+    way under int8 schemes, the backward's kernel under float ones) or ``xla`` (`layer.swiglu` and
+    `quant.quantize_rows`, fused by XLA).
     ``override``, else $QMOE_JAX_SWIGLU, else ``pallas`` on GPUs and ``xla`` elsewhere (on CPU ``pallas`` runs
     interpreted: slow, for tests). H200, logbook top-8, int8_routed_prequant forward+backward: 34.9 ms with
     XLA's fusions, 32.9 with the kernels (2026-12-01, one run with both)."""

@@ -18,6 +18,7 @@ device inside `expert_parallel.run_layer_ep`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,14 +98,15 @@ class LayerPlan:
 
     @property
     def interpret_kernels(self) -> bool:
-        """True where the plan's Pallas kernels (the ``pallas`` formulation's, or ``int8_gemm`` ``pallas``) run
-        interpreted (CPU), not through Triton."""
+        """True where the plan's Pallas kernels (the ``pallas`` formulation's, ``int8_gemm`` or ``swiglu``
+        ``pallas``) run interpreted (CPU), not through Triton."""
         return self.runs_pallas and pallas_interpret(self.platform)
 
     @property
     def runs_pallas(self) -> bool:
         """True where the program holds Pallas kernels: the ``pallas`` formulation, its int8 GEMM or its SwiGLU."""
-        return self.formulation == "pallas" or (self.routed_int8 and "pallas" in (self.int8_gemm, self.swiglu))
+        return self.formulation == "pallas" or self.swiglu == "pallas" or (self.routed_int8
+                                                                           and self.int8_gemm == "pallas")
 
     @property
     def fused_swiglu(self) -> bool:
@@ -135,6 +137,27 @@ def swiglu(a: jax.Array, dtype) -> jax.Array:
     a = a.astype(jnp.float32)
     ffn = a.shape[-1] // 2
     return (jax.nn.silu(a[:, :ffn]) * a[:, ffn:]).astype(dtype)
+
+
+@functools.cache
+def swiglu_with_kernel_backward(dtype_name: str, interpret: bool):
+    """`swiglu` whose backward is `pallas_swiglu.swiglu_backward` (d_a in one pass, unquantized): the float
+    experts' SwiGLU where ``swiglu`` is ``pallas``. XLA's own backward stores the silu gradient's float32
+    sum the size of h before d_a (H200, logbook top-8: 1.4 ms of such a pass in the int8 step's profile)."""
+    from . import pallas_swiglu
+
+    @jax.custom_vjp
+    def fn(a):
+        return swiglu(a, dtype_name)
+
+    def forward(a):
+        return swiglu(a, dtype_name), a
+
+    def backward(a, d_h):
+        return (pallas_swiglu.swiglu_backward(a, d_h, False, interpret=interpret)[0],)
+
+    fn.defvjp(forward, backward)
+    return fn
 
 
 def gather_tokens(values: jax.Array, source: jax.Array, top_k: int) -> jax.Array:
@@ -207,8 +230,10 @@ def stage_up(plan: LayerPlan, packed_rows: tuple, w13: jax.Array, w13_prequantiz
         w_codes, w_scale, w_codes_t = w13_prequantized if plan.prequantized else step_codes(w13, layout)
         up = int8_swiglu_projection(plan.routed_rule, plan.dtype, plan.interpret_kernels)
         return up(rows, codes, scale, w13, w_codes, w_scale, w_codes_t, layout)
-    return swiglu(routed_projection(plan, rows, codes, scale, w13, w13_prequantized, layout),
-                  plan.compute_dtype), None, None
+    a = routed_projection(plan, rows, codes, scale, w13, w13_prequantized, layout)
+    if plan.swiglu == "pallas":
+        return swiglu_with_kernel_backward(plan.dtype, pallas_interpret(plan.platform))(a), None, None
+    return swiglu(a, plan.compute_dtype), None, None
 
 
 def stage_down(plan: LayerPlan, hidden: tuple, w2: jax.Array, w2_prequantized, layout: GroupedLayout
