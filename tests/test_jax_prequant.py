@@ -367,14 +367,19 @@ def _evenly_routed():
 
 def test_skewed_routing_takes_the_padded_default_to_pallas(monkeypatch):
     """Where padded is the platform's default (GPUs; simulated here), a token count whose routing would pad
-    more than PADDING_LIMIT runs the pallas formulation instead (every token on one expert: capacity x experts
-    is experts / top_k times the rows routed), still matching the reference; a routing that pads little stays
-    padded; a formulation somebody asked for is never replaced."""
+    more than PADDING_LIMIT and PADDING_MIN_ROWS runs the pallas formulation instead (every token on one
+    expert: capacity x experts is experts / top_k times the rows routed), still matching the reference; a
+    routing that pads little stays padded; so does one whose padding is under PADDING_MIN_ROWS (the
+    conformance cases'); a formulation somebody asked for is never replaced."""
     from qmoe.implementations import jax_prequant as jp
 
     monkeypatch.delenv(_jax_env.GROUPED_ENV, raising=False)
     monkeypatch.setattr(_jax_env, "select_formulation", lambda platform, override=None: override or "padded")
     backend = JaxPrequantBackend("cpu")
+    small = CASES["all_on_one_top2"].build("float32")
+    prepared = backend.prepare(small.spec, small.params, "none", "float32")
+    assert backend._plan_for(prepared, backend._put_tokens(prepared, small.x)).formulation == "padded"
+    monkeypatch.setattr(jp, "PADDING_MIN_ROWS", 0)  # the cases below are small
     for data, expected in ((CASES["all_on_one_top2"].build("float32"), "pallas"), (_evenly_routed(), "padded")):
         prepared = backend.prepare(data.spec, data.params, "int8_routed_prequant", "float32")
         assert prepared.plan.formulation == "padded" and prepared.skewed_formulation == "pallas"

@@ -65,6 +65,11 @@ EP_DISPATCHES = ("float", "int8")
 #: beat pallas by ~3%; at zipf routing padded asked for 49-63 GiB and ran out of memory, pallas ran within
 #: 6% of balanced.
 PADDING_LIMIT = 1.15
+#: ... and only where the padding is at least this many rows: below it (32 MiB of bfloat16 rows at H = 2048) it
+#: costs little next to a pallas plan's Triton compilations, one per shape. The conformance cases (at most 65
+#: tokens) pad far more than PADDING_LIMIT; turned pallas, jax_prequant's GPU conformance did not finish in 230 s
+#: (a5cd770), against 143 s on padded (0016e98). The logbook's top-2 "balanced" routing pads 10,240 rows (1.156).
+PADDING_MIN_ROWS = 8192
 
 
 @dataclass
@@ -76,7 +81,8 @@ class JaxPrepared:
     ``sizes``: token count -> (expert_capacity, dispatch_capacity) found so far. ``effective``: the
     dequantized float64 weights, made on first request (at benchmark shapes they are gigabytes).
     ``skewed_formulation``: what a ``padded`` plan becomes for a token count whose routing would pad more than
-    `PADDING_LIMIT` (`JaxPrequantBackend._plan_for`), or None where the formulation was asked for.
+    `PADDING_LIMIT` and `PADDING_MIN_ROWS` (`JaxPrequantBackend._plan_for`), or None where the formulation was
+    asked for.
     """
 
     spec: MoESpec
@@ -372,7 +378,8 @@ class JaxPrequantBackend(Backend):
             prepared.sizes[tokens] = _bucketed(plan, tokens, *_needed_sizes(plan, ids, kept))
         capacity, dispatch = prepared.sizes[tokens]
         skewed = prepared.skewed_formulation
-        if skewed and capacity * plan.experts > PADDING_LIMIT * tokens * plan.spec.top_k:
+        rows, routed = capacity * plan.experts, tokens * plan.spec.top_k
+        if skewed and rows > PADDING_LIMIT * routed and rows - routed >= PADDING_MIN_ROWS:
             return _noted(replace(plan, formulation=skewed, expert_capacity=0, int8_gemm="pallas"))
         return _noted(replace(plan, expert_capacity=capacity, dispatch_capacity=dispatch))
 
