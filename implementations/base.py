@@ -195,6 +195,9 @@ class Backend(abc.ABC):
         program one call runs (``jitted.lower(*args).compile().memory_analysis()``, or None where XLA gives
         none), which `suite.benchmarks.memory` reports as the call's device footprint: XLA's runtime peak
         is process-wide with no reset, so it rarely belongs to one call. `async_step` attaches it.
+
+        Optional for any step: ``step.extra_info``, a dict of what the step says of itself (the variant or
+        formulation that runs), which the benchmarks add to the case's record (pytest-benchmark's extra_info).
         """
         raise NotImplementedError(f"{self.name} does not offer benchmark_step")
 

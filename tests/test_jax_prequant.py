@@ -394,6 +394,17 @@ def test_skewed_routing_takes_the_padded_default_to_pallas(monkeypatch):
     assert asked.skewed_formulation is None
 
 
+def test_benchmark_step_says_which_plan_runs(monkeypatch):
+    """The benchmark's record names the formulation that ran, which a skewed routing changes (padded -> pallas)."""
+    monkeypatch.delenv(_jax_env.GROUPED_ENV, raising=False)
+    data = CASES["all_on_one_top2"].build("float32")
+    backend = JaxPrequantBackend("cpu", grouped="padded")
+    prepared = backend.prepare(data.spec, data.params, "int8_routed_prequant", "float32")
+    plan = backend.benchmark_step(prepared, data.x, "forward").extra_info["jax_plan"]
+    assert plan == {"formulation": "padded", "expert_capacity": prepared.sizes[data.x.shape[0]][0], "swiglu": "xla",
+                    "int8_gemm": "xla"}
+
+
 def _need_devices(n: int) -> None:
     if len(jax.devices("cpu")) < n:
         pytest.skip(f"needs {n} CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=8 before jax is "

@@ -266,7 +266,8 @@ class JaxPrequantBackend(Backend):
         ``step.async_body`` and ``block_until_ready`` as ``step.wait`` (`base.async_step`): JAX dispatches
         the calls asynchronously and runs them in order, so several may be timed with one wait, and
         ``step.memory_analysis`` gives XLA's memory analysis of the compiled program (the benchmarks' peak
-        memory, `suite.benchmarks.memory`; per device on an expert-parallel plan).
+        memory, `suite.benchmarks.memory`; per device on an expert-parallel plan). ``step.extra_info``
+        (``jax_plan``: formulation, capacity, SwiGLU and int8 GEMM kernels) goes into the benchmark's record.
 
         The static capacities are sized here from this x's routing (outside the timed call) and the
         first run's needed sizes are checked, so the timed call never overflows; a training loop with
@@ -302,7 +303,13 @@ class JaxPrequantBackend(Backend):
         if _outgrown(plan, needed):
             raise RuntimeError(f"benchmark sizing failed: plan {plan} but the routing needs {needed}")
 
-        return async_step(run, jax.block_until_ready, memory_analysis)
+        step = async_step(run, jax.block_until_ready, memory_analysis)
+        # What ran, in the benchmark's record: the formulation can differ from the platform's default (a skewed
+        # routing's padded plan runs pallas, `_plan_for`), and the kernels are options.
+        step.extra_info = {"jax_plan": {  # type: ignore[attr-defined]
+            "formulation": plan.formulation, "expert_capacity": plan.expert_capacity, "swiglu": plan.swiglu,
+            "int8_gemm": plan.int8_gemm}}
+        return step
 
     def all_to_all_operands(self, prepared: JaxPrepared, x: np.ndarray, pass_: str = "forward",
                             dy: np.ndarray | None = None) -> list[tuple[str, tuple[int, ...]]]:
