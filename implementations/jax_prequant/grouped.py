@@ -333,9 +333,7 @@ def int8_grouped_dot(rule: str, dtype_name: str):
 
     @jax.custom_vjp
     def dot(x, x_codes, x_scale, w, w_codes, w_scale, w_codes_t, layout):
-        if w_codes_t is None:
-            return int8_grouped_product(x_codes, x_scale, w_codes, w_scale, layout, out_dtype=dtype)
-        return int8_grouped_product(x_codes, x_scale, w_codes_t, w_scale, layout, transpose_rhs=True, out_dtype=dtype)
+        return _int8_projection(x_codes, x_scale, w_codes, w_scale, w_codes_t, layout, dtype)
 
     def forward(x, x_codes, x_scale, w, w_codes, w_scale, w_codes_t, layout):
         y = dot(x, x_codes, x_scale, w, w_codes, w_scale, w_codes_t, layout)
@@ -349,6 +347,15 @@ def int8_grouped_dot(rule: str, dtype_name: str):
 
     dot.defvjp(forward, backward)
     return dot
+
+
+def _int8_projection(x_codes: jax.Array, x_scale: jax.Array, w_codes: jax.Array, w_scale: jax.Array,
+                     w_codes_t: jax.Array | None, layout: GroupedLayout, dtype) -> jax.Array:
+    """The forward product of `int8_grouped_dot` (and `int8_swiglu_projection`): from the transposed codes
+    [G, N, K] where given (both operands contract their minor axis), else from the codes [G, K, N]."""
+    if w_codes_t is None:
+        return int8_grouped_product(x_codes, x_scale, w_codes, w_scale, layout, out_dtype=dtype)
+    return int8_grouped_product(x_codes, x_scale, w_codes_t, w_scale, layout, transpose_rhs=True, out_dtype=dtype)
 
 
 def _int8_gradients(rule: str, dtype, kept, g: jax.Array, g_quantized: tuple | None, w_codes: jax.Array,
@@ -382,11 +389,6 @@ def int8_swiglu_projection(rule: str, dtype_name: str, interpret: bool):
     dtype = jnp.dtype(dtype_name)
     from . import pallas_swiglu
 
-    def project(x_codes, x_scale, w_codes, w_scale, w_codes_t, layout):
-        if w_codes_t is None:
-            return int8_grouped_product(x_codes, x_scale, w_codes, w_scale, layout, out_dtype=dtype)
-        return int8_grouped_product(x_codes, x_scale, w_codes_t, w_scale, layout, transpose_rhs=True, out_dtype=dtype)
-
     @jax.custom_vjp
     def up(x, x_codes, x_scale, w, w_codes, w_scale, w_codes_t, layout):
         # Not differentiated (a forward-only program): XLA's fusions, which read the int8 GEMM's int32 result
@@ -394,11 +396,11 @@ def int8_swiglu_projection(rule: str, dtype_name: str, interpret: bool):
         # 11.0 ms with the kernel against 10.0). The same values: `pallas_swiglu`'s semantics are these.
         from .layer import swiglu
 
-        h = swiglu(project(x_codes, x_scale, w_codes, w_scale, w_codes_t, layout), dtype)
+        h = swiglu(_int8_projection(x_codes, x_scale, w_codes, w_scale, w_codes_t, layout, dtype), dtype)
         return (h, *quantize_rows(h))
 
     def forward(x, x_codes, x_scale, w, w_codes, w_scale, w_codes_t, layout):
-        a = project(x_codes, x_scale, w_codes, w_scale, w_codes_t, layout)
+        a = _int8_projection(x_codes, x_scale, w_codes, w_scale, w_codes_t, layout, dtype)
         kept = x if rule == "prequant_vjp" else (x_codes, x_scale)
         return pallas_swiglu.swiglu_quantize(a, interpret=interpret), (kept, a, w_codes, w_scale, layout)
 

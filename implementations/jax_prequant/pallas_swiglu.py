@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .quant import INT8_MAX
+from .quant import codes_at, scale_from_amax
 
 #: Rows per program and columns per step. 4 rows x 1024 columns of float32 per operand keep a program's
 #: registers small (the backward holds six such tiles); its rows (4 x 2F x 2 bytes at the logbook's F = 2048)
@@ -44,11 +44,7 @@ def _round_half_even(v: jax.Array) -> jax.Array:
 
 def _codes(values: jax.Array, scale: jax.Array) -> jax.Array:
     """int8 codes of float32 ``values`` [R, C] at per-row ``scale`` [R, 1] (`quant.quantize_symmetric`'s rule)."""
-    return jnp.clip(_round_half_even(values / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
-
-
-def _scale(amax: jax.Array) -> jax.Array:
-    return jnp.where(amax > 0, amax / INT8_MAX, jnp.float32(1.0))
+    return codes_at(values, scale, rint=_round_half_even)
 
 
 def _silu(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -93,7 +89,7 @@ def _forward_kernel(a_ref, h_ref, codes_ref, scale_ref, *, rows: int, ffn: int, 
 
     steps = pl.cdiv(ffn, block_cols)
     amax = jax.lax.fori_loop(0, steps, amax_step, jnp.zeros((BLOCK_ROWS,), jnp.float32))
-    scale = _scale(amax)
+    scale = scale_from_amax(amax)
 
     def store_step(step, carry):
         c0 = step * block_cols
@@ -135,7 +131,7 @@ def _backward_kernel(a_ref, d_h_ref, d_a_ref, *refs, rows: int, ffn: int, block_
             both = jnp.maximum(jnp.abs(d_gate), jnp.abs(d_up))
             return jnp.maximum(amax, jnp.max(both, axis=1))
 
-        scale = _scale(jax.lax.fori_loop(0, steps, amax_step, jnp.zeros((BLOCK_ROWS,), jnp.float32)))
+        scale = scale_from_amax(jax.lax.fori_loop(0, steps, amax_step, jnp.zeros((BLOCK_ROWS,), jnp.float32)))
 
     def store_step(step, carry):
         c0 = step * block_cols

@@ -17,13 +17,22 @@ from .env import precision_for
 INT8_MAX = 127
 
 
+def scale_from_amax(amax: jax.Array) -> jax.Array:
+    """The symmetric scale of float32 ``amax``: amax / 127, or 1 where amax = 0."""
+    return jnp.where(amax > 0, amax / INT8_MAX, jnp.float32(1.0))
+
+
+def codes_at(values: jax.Array, scale: jax.Array, rint=jnp.round) -> jax.Array:
+    """int8 codes of float32 ``values`` at ``scale``: clip(rint(v / s), -127, 127). ``rint`` rounds half to
+    even (a Pallas kernel passes its own: Triton's lowering has no ``round``)."""
+    return jnp.clip(rint(values / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+
+
 def quantize_symmetric(values: jax.Array, axis: int | tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     """(codes int8, scale float32 with kept dims): q = clip(rint(v / s), -127, 127), s = amax / 127 or 1."""
     v = values.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(v), axis=axis, keepdims=True)
-    scale = jnp.where(amax > 0, amax / INT8_MAX, jnp.float32(1.0))
-    codes = jnp.clip(jnp.round(v / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
-    return codes, scale
+    scale = scale_from_amax(jnp.max(jnp.abs(v), axis=axis, keepdims=True))
+    return codes_at(v, scale), scale
 
 
 def quantize_rows(values: jax.Array) -> tuple[jax.Array, jax.Array]:
