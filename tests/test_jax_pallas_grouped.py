@@ -21,6 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 from qmoe.implementations.jax_prequant import env as _jax_env  # noqa: E402, F401  (pins x64 off before any array)
 from qmoe.implementations.jax_prequant import pallas_grouped as pg  # noqa: E402
 from qmoe.suite.checks import assert_close, assert_exactly_zero  # noqa: E402
+from tests.pallas_lowering import verified_cuda_lowerings  # noqa: E402
 
 #: Group sizes that stress a grouped kernel: empty groups (first, middle, last), a one-row group, groups
 #: above and below the tile, and rows past every group (the tail, which must come out zero).
@@ -207,28 +208,12 @@ LOWERED = {
 
 
 @pytest.mark.parametrize("kernel", list(LOWERED))
-def test_kernels_lower_through_triton_for_cuda(kernel, monkeypatch):
+def test_kernels_lower_through_triton_for_cuda(kernel):
     """Pallas's Triton lowering accepts each kernel (its ops, its masked loads and stores, its loops with
     run-time trip counts) and emits the Triton custom call, for CUDA, on a machine without a GPU; and the
     Triton module it emits verifies, as XLA's parser will verify it on a GPU (a K loop whose run-time bound
     was lowered as i1 against an i32 start passed the first check and failed only on the H200).
     Compiling the module to PTX and running it need a GPU: that is not checked here."""
-    from jax import export
-    from jax._src.pallas.triton import pallas_call_registration as registration
-
-    lower = registration.lowering.lower_jaxpr_to_triton_module
-    verified: list[bool] = []
-
-    def lower_and_verify(*args, **kwargs):
-        lowered = lower(*args, **kwargs)
-        verified.append(lowered.module.operation.verify())
-        return lowered
-
-    monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
     fn, shapes = LOWERED[kernel]()
-    args = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
-    triton_call = "__gpu$xla.gpu.triton"
-    exported = export.export(jax.jit(fn), platforms=["cuda"],
-                             disabled_checks=[export.DisabledSafetyCheck.custom_call(triton_call)])(*args)
-    assert triton_call in exported.mlir_module(), "no Triton kernel in the CUDA program"
+    verified = verified_cuda_lowerings(fn, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes])
     assert verified and all(verified), "the Triton module does not verify"

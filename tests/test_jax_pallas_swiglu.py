@@ -24,6 +24,7 @@ from qmoe.implementations.jax_prequant import pallas_swiglu as ps  # noqa: E402
 from qmoe.implementations.jax_prequant.layer import swiglu  # noqa: E402
 from qmoe.implementations.jax_prequant.quant import quantize_rows  # noqa: E402
 from qmoe.reference import MoEParams, MoESpec  # noqa: E402
+from tests.pallas_lowering import verified_cuda_lowerings  # noqa: E402
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 #: (rows, ffn): rows not a multiple of the 4-row block; ffn below one column block, between blocks, and two.
@@ -100,27 +101,12 @@ def test_shape_errors_say_what_is_wrong():
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_kernels_lower_through_triton_for_cuda(dtype, monkeypatch):
+def test_kernels_lower_through_triton_for_cuda(dtype):
     """Pallas's Triton lowering accepts both kernels (floor-built rounding, masked column blocks, two sweeps)
     for CUDA and the modules verify, on a machine without a GPU (as `test_jax_pallas_grouped` checks its own)."""
-    from jax import export
-    from jax._src.pallas.triton import pallas_call_registration as registration
-
-    lower = registration.lowering.lower_jaxpr_to_triton_module
-    verified: list[bool] = []
-
-    def lower_and_verify(*args, **kwargs):
-        lowered = lower(*args, **kwargs)
-        verified.append(lowered.module.operation.verify())
-        return lowered
-
-    monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
     a, d_h = jax.ShapeDtypeStruct((1000, 4096), DTYPES[dtype]), jax.ShapeDtypeStruct((1000, 2048), DTYPES[dtype])
-    triton_call = "__gpu$xla.gpu.triton"
-    checks = [export.DisabledSafetyCheck.custom_call(triton_call)]
-    for fn, args in ((lambda v: ps.swiglu_quantize(v), (a,)), (lambda v, d: ps.swiglu_backward(v, d, True), (a, d_h))):
-        exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
-        assert triton_call in exported.mlir_module(), "no Triton kernel in the CUDA program"
+    verified = verified_cuda_lowerings(ps.swiglu_quantize, [a])
+    verified += verified_cuda_lowerings(lambda v, d: ps.swiglu_backward(v, d, True), [a, d_h])
     assert len(verified) == 2 and all(verified), "a Triton module does not verify"
 
 
