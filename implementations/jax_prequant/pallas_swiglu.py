@@ -33,6 +33,7 @@ from .quant import codes_at, scale_from_amax
 BLOCK_ROWS = 4
 BLOCK_COLS = 1024
 NUM_WARPS = 4
+NUM_STAGES = 1
 
 
 def _round_half_even(v: jax.Array) -> jax.Array:
@@ -64,6 +65,12 @@ def _rounded(x: jax.Array, dtype, interpret: bool) -> tuple[jax.Array, jax.Array
     return low, jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
+def _once(body) -> None:
+    """``body(0, carry)`` as a loop of one trip: its column offset is then traced, and a tile wider than F,
+    which reaches past the array's end (masked), is not refused by the interpreter's static slice check."""
+    jax.lax.fori_loop(0, 1, body, jnp.int32(0))
+
+
 def _tiles(ffn: int) -> tuple[int, int]:
     """(rows, columns) per block: columns a power of two (Triton's tensors) no wider than needed."""
     return BLOCK_ROWS, min(BLOCK_COLS, max(16, pl.next_power_of_2(ffn)))
@@ -88,6 +95,18 @@ def _forward_kernel(a_ref, h_ref, codes_ref, scale_ref, *, rows: int, ffn: int, 
         return jnp.maximum(amax, jnp.max(jnp.abs(h32), axis=1))
 
     steps = pl.cdiv(ffn, block_cols)
+    if steps == 1:  # the whole row in one tile: computed once, no second sweep
+        def whole_row(c0, carry):
+            h, h32, mask = h_block(c0)
+            scale = scale_from_amax(jnp.max(jnp.abs(h32), axis=1))
+            plgpu.store(h_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(c0, block_cols)], h, mask=mask)
+            plgpu.store(codes_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(c0, block_cols)], _codes(h32, scale[:, None]),
+                        mask=mask)
+            plgpu.store(scale_ref.at[pl.ds(r0, BLOCK_ROWS)], scale, mask=row_ok)
+            return carry
+
+        _once(whole_row)
+        return
     amax = jax.lax.fori_loop(0, steps, amax_step, jnp.zeros((BLOCK_ROWS,), jnp.float32))
     scale = scale_from_amax(amax)
 
@@ -123,8 +142,29 @@ def _backward_kernel(a_ref, d_h_ref, d_a_ref, *refs, rows: int, ffn: int, block_
         d_up = _rounded(d_h * silu, dtype, interpret)
         return d_gate, d_up, mask
 
+    def _store_d_a(d_gate, d_up, c0, mask, scale):
+        rows_ = pl.ds(r0, BLOCK_ROWS)
+        plgpu.store(d_a_ref.at[rows_, pl.ds(c0, block_cols)], d_gate[0], mask=mask)
+        plgpu.store(d_a_ref.at[rows_, pl.ds(ffn + c0, block_cols)], d_up[0], mask=mask)
+        if quantize:
+            plgpu.store(codes_ref.at[rows_, pl.ds(c0, block_cols)], _codes(d_gate[1], scale[:, None]), mask=mask)
+            plgpu.store(codes_ref.at[rows_, pl.ds(ffn + c0, block_cols)], _codes(d_up[1], scale[:, None]),
+                        mask=mask)
+
     steps = pl.cdiv(ffn, block_cols)
     scale = None
+    if steps == 1:  # the whole row in one tile: computed once, no second sweep
+        def whole_row(c0, carry):
+            d_gate, d_up, mask = d_a_block(c0)
+            row_scale = None
+            if quantize:
+                row_scale = scale_from_amax(jnp.max(jnp.maximum(jnp.abs(d_gate[1]), jnp.abs(d_up[1])), axis=1))
+                plgpu.store(scale_ref.at[pl.ds(r0, BLOCK_ROWS)], row_scale, mask=row_ok)
+            _store_d_a(d_gate, d_up, c0, mask, row_scale)
+            return carry
+
+        _once(whole_row)
+        return
     if quantize:
         def amax_step(step, amax):
             (_, d_gate), (_, d_up), _ = d_a_block(step * block_cols)
@@ -136,13 +176,7 @@ def _backward_kernel(a_ref, d_h_ref, d_a_ref, *refs, rows: int, ffn: int, block_
     def store_step(step, carry):
         c0 = step * block_cols
         d_gate, d_up, mask = d_a_block(c0)
-        rows_ = pl.ds(r0, BLOCK_ROWS)
-        plgpu.store(d_a_ref.at[rows_, pl.ds(c0, block_cols)], d_gate[0], mask=mask)
-        plgpu.store(d_a_ref.at[rows_, pl.ds(ffn + c0, block_cols)], d_up[0], mask=mask)
-        if quantize:
-            plgpu.store(codes_ref.at[rows_, pl.ds(c0, block_cols)], _codes(d_gate[1], scale[:, None]), mask=mask)
-            plgpu.store(codes_ref.at[rows_, pl.ds(ffn + c0, block_cols)], _codes(d_up[1], scale[:, None]),
-                        mask=mask)
+        _store_d_a(d_gate, d_up, c0, mask, scale)
         return carry
 
     jax.lax.fori_loop(0, steps, store_step, jnp.int32(0))
@@ -157,7 +191,7 @@ def _check(a: jax.Array) -> int:
 
 
 def _params(interpret: bool):
-    return None if interpret else plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
+    return None if interpret else plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
