@@ -27,8 +27,9 @@ from qmoe.reference import MoEParams, MoESpec  # noqa: E402
 from tests.pallas_lowering import verified_cuda_lowerings  # noqa: E402
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-#: (rows, ffn): rows not a multiple of the 4-row block; ffn below one column block, between blocks, and two.
-SHAPES = [(37, 24), (9, 1100), (6, 2048)]
+#: (rows, ffn): ffn below one column block (a tile wider than the row), exactly one (one sweep), and past one
+#: (two sweeps, the second block partly masked); 37 rows for row blocks above one row.
+SHAPES = [(37, 24), (6, 2048), (3, 2100)]
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,19 @@ def interpret(request) -> bool:
     if device in _jax_env.GPU_PLATFORMS and not on_gpu:
         pytest.skip(f"--device {device}: jax sees no GPU")
     return not on_gpu
+
+
+@pytest.fixture(params=[None, (4, 512)], ids=["tuned_blocks", "rows4_cols512"])
+def blocks(request, monkeypatch):
+    """The tuned block shape, and one of several rows (masked row blocks) and narrow columns (several sweeps per
+    row at every width here). The kernels read the shape when traced, so jit's caches are cleared around it."""
+    if request.param is not None:
+        monkeypatch.setattr(ps, "BLOCK_ROWS", request.param[0])
+        monkeypatch.setattr(ps, "BLOCK_COLS", request.param[1])
+    jax.clear_caches()
+    yield request.param
+    monkeypatch.undo()
+    jax.clear_caches()
 
 
 def _pre_activations(rows: int, ffn: int, dtype) -> jax.Array:
@@ -52,7 +66,7 @@ def _f32(v) -> np.ndarray:
 
 @pytest.mark.parametrize("rows,ffn", SHAPES)
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_forward_equals_swiglu_then_quantize_rows(rows, ffn, dtype, interpret):
+def test_forward_equals_swiglu_then_quantize_rows(rows, ffn, dtype, interpret, blocks):
     """h bit for bit, and Q(h) of the values rounded to the layer's dtype (codes and scales exactly): a kernel
     quantizing h before that rounding (what XLA's excess precision does to an interpreted kernel, 184 of
     16,384 codes one apart at bfloat16) fails here."""
@@ -69,7 +83,7 @@ def test_forward_equals_swiglu_then_quantize_rows(rows, ffn, dtype, interpret):
 
 @pytest.mark.parametrize("rows,ffn", SHAPES)
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_backward_equals_autodiff_then_quantize_rows(rows, ffn, dtype, interpret):
+def test_backward_equals_autodiff_then_quantize_rows(rows, ffn, dtype, interpret, blocks):
     """d_a within one rounding of autodiff's (the kernel writes silu' in another order of float32 operations),
     Q(d_a) exactly the quantizer of the d_a it returns, and the unquantized variant the same d_a."""
     a = _pre_activations(rows, ffn, DTYPES[dtype])
@@ -90,7 +104,7 @@ def test_backward_equals_autodiff_then_quantize_rows(rows, ffn, dtype, interpret
 def test_round_half_even_at_ties():
     """The quantizer's rounding built from floor: ties to even, both signs, and off-tie values as rint."""
     values = jnp.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 2.4999, 126.5, -126.5, 3.0, 0.0, 0.49999997], jnp.float32)
-    np.testing.assert_array_equal(np.asarray(ps._round_half_even(values)), np.rint(np.asarray(values)))
+    np.testing.assert_array_equal(np.asarray(ps.round_half_even(values)), np.rint(np.asarray(values)))
 
 
 def test_shape_errors_say_what_is_wrong():
@@ -114,7 +128,8 @@ def test_kernels_lower_through_triton_for_cuda(dtype):
 @pytest.mark.parametrize("grouped", ["padded", "ragged"])
 def test_layer_with_pallas_swiglu_equals_xla_swiglu(scheme, grouped, request):
     """The backend with the fused kernels gives the XLA formulation's output and gradients (bfloat16 on CPU:
-    the same roundings in the same places; float32: within float32 summation-order noise). On a GPU XLA may
+    the same roundings in the same places, but for float32 summation-order noise where the gates' gradient
+    reaches; float32: within float32 summation-order noise). On a GPU XLA may
     skip a bfloat16 rounding inside its fusions (``xla_allow_excess_precision``), so its Q(h) can sit one code
     from the kernels' at some elements: there bfloat16 is held to a few codes' effect (2^-6 of the largest
     value), and the conformance suite holds both formulations to the reference."""
@@ -138,4 +153,9 @@ def test_layer_with_pallas_swiglu_equals_xla_swiglu(scheme, grouped, request):
         np.testing.assert_allclose(y1, y0, rtol=tol, atol=tol * float(np.abs(y0).max()))
         for name in g0:
             scale = float(np.abs(g0[name]).max())
-            np.testing.assert_allclose(g1[name], g0[name], rtol=tol, atol=tol * scale, err_msg=f"{dtype} d{name}")
+            # The combine's kernel (int8 schemes) sums the gates' float32 gradient in another order, which
+            # reaches x and the router through the routing's backward: float32 noise there, not bfloat16's.
+            reached = name in ("x", "router") and scheme != "none"
+            grad_tol = max(tol, 1e-5) if reached else tol
+            np.testing.assert_allclose(g1[name], g0[name], rtol=grad_tol, atol=grad_tol * scale,
+                                       err_msg=f"{dtype} d{name}")

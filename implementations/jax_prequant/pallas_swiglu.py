@@ -8,12 +8,13 @@ Why (issue 15, H200, logbook top-8, int8_routed_prequant forward+backward): XLA 
 fusions, each a full pass over [M, 2F] or [M, F] rows, and materialized float32 intermediates the size of h
 (the forward's SwiGLU wrote a float32 copy of h for the quantizer's second pass; the backward's silu gradient
 a float32 [M, F] term): 7.2 ms of a 34 ms step, against 2.7 ms for torch_triton's fused Triton kernels.
-Here each direction reads its inputs and writes its outputs once (the row's values are recomputed from the
-inputs for the quantizer's second sweep, which finds them in L2).
+Here each direction reads its inputs and writes its outputs once: a row up to BLOCK_COLS wide is one tile,
+computed once; a wider one is swept twice (amax, then values and codes), the second sweep recomputing from
+inputs it finds in L2.
 
 Semantics are those of `layer.swiglu` followed by `quant.quantize_rows`: the quantizer sees the values rounded
 to the layer's dtype, float32 arithmetic throughout, round half to even. Pallas's Triton lowering has no
-``round``: `_round_half_even` builds it from ``floor`` (exact for the |v| <= 127 the quantizer rounds).
+``round``: `round_half_even` builds it from ``floor`` (exact for the |v| <= 127 the quantizer rounds).
 """
 
 from __future__ import annotations
@@ -27,25 +28,27 @@ from jax.experimental.pallas import triton as plgpu
 
 from .quant import codes_at, scale_from_amax
 
-#: Rows per program and columns per step. 4 rows x 1024 columns of float32 per operand keep a program's
-#: registers small (the backward holds six such tiles); its rows (4 x 2F x 2 bytes at the logbook's F = 2048)
-#: are still in L2 when the quantizer's second sweep reads them again.
-BLOCK_ROWS = 4
-BLOCK_COLS = 1024
+#: Rows per program, columns per step, warps, pipeline stages: swept on the H200 at the logbook's top-8 shape
+#: (M = 262144, F = 2048, bfloat16; results/h200/NEXT_RUN.md). One row of 2048 columns per program, 4 warps:
+#: forward 1.03 ms (3.6 TB/s), backward with Q(d_a) 1.73 ms (3.7 TB/s), against 1.60 / 2.87 ms at the former
+#: 4 rows x 1024 columns, whose two sweeps per row read the inputs twice. More rows per program or more warps
+#: were slower (2 rows: 1.05 / 1.95 ms; 4 rows of 2048 on 8 warps: 1.17 / 3.55 ms, registers spilled).
+BLOCK_ROWS = 1
+BLOCK_COLS = 2048
 NUM_WARPS = 4
 NUM_STAGES = 1
 
 
-def _round_half_even(v: jax.Array) -> jax.Array:
+def round_half_even(v: jax.Array) -> jax.Array:
     """rint(v) for |v| < 2^22, from floor: floor(v + 1/2), minus one where that was an odd tie."""
     up = jnp.floor(v + 0.5)
     odd = up - 2.0 * jnp.floor(up * 0.5) != 0.0
     return jnp.where((up - v == 0.5) & odd, up - 1.0, up)
 
 
-def _codes(values: jax.Array, scale: jax.Array) -> jax.Array:
+def row_codes(values: jax.Array, scale: jax.Array) -> jax.Array:
     """int8 codes of float32 ``values`` [R, C] at per-row ``scale`` [R, 1] (`quant.quantize_symmetric`'s rule)."""
-    return codes_at(values, scale, rint=_round_half_even)
+    return codes_at(values, scale, rint=round_half_even)
 
 
 def _silu(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -54,7 +57,7 @@ def _silu(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return x * sig, sig
 
 
-def _rounded(x: jax.Array, dtype, interpret: bool) -> tuple[jax.Array, jax.Array]:
+def rounded(x: jax.Array, dtype, interpret: bool) -> tuple[jax.Array, jax.Array]:
     """(float32 ``x`` rounded to ``dtype``, that value back in float32). Interpreted, the kernel is an XLA
     program, and XLA (``xla_allow_excess_precision``, on by default) drops a float32 -> bfloat16 -> float32
     round trip, so the quantizer would see unrounded values; ``reduce_precision`` it keeps. Triton keeps both."""
@@ -65,7 +68,7 @@ def _rounded(x: jax.Array, dtype, interpret: bool) -> tuple[jax.Array, jax.Array
     return low, jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
-def _once(body) -> None:
+def once(body) -> None:
     """``body(0, carry)`` as a loop of one trip: its column offset is then traced, and a tile wider than F,
     which reaches past the array's end (masked), is not refused by the interpreter's static slice check."""
     jax.lax.fori_loop(0, 1, body, jnp.int32(0))
@@ -87,7 +90,7 @@ def _forward_kernel(a_ref, h_ref, codes_ref, scale_ref, *, rows: int, ffn: int, 
         mask = row_ok[:, None] & col_ok[None, :]
         gate = plgpu.load(a_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(c0, block_cols)], mask=mask, other=0.0)
         up = plgpu.load(a_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(ffn + c0, block_cols)], mask=mask, other=0.0)
-        h, h32 = _rounded(_silu(gate.astype(jnp.float32))[0] * up.astype(jnp.float32), h_ref.dtype, interpret)
+        h, h32 = rounded(_silu(gate.astype(jnp.float32))[0] * up.astype(jnp.float32), h_ref.dtype, interpret)
         return h, h32, mask
 
     def amax_step(step, amax):
@@ -100,12 +103,12 @@ def _forward_kernel(a_ref, h_ref, codes_ref, scale_ref, *, rows: int, ffn: int, 
             h, h32, mask = h_block(c0)
             scale = scale_from_amax(jnp.max(jnp.abs(h32), axis=1))
             plgpu.store(h_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(c0, block_cols)], h, mask=mask)
-            plgpu.store(codes_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(c0, block_cols)], _codes(h32, scale[:, None]),
+            plgpu.store(codes_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(c0, block_cols)], row_codes(h32, scale[:, None]),
                         mask=mask)
             plgpu.store(scale_ref.at[pl.ds(r0, BLOCK_ROWS)], scale, mask=row_ok)
             return carry
 
-        _once(whole_row)
+        once(whole_row)
         return
     amax = jax.lax.fori_loop(0, steps, amax_step, jnp.zeros((BLOCK_ROWS,), jnp.float32))
     scale = scale_from_amax(amax)
@@ -114,7 +117,7 @@ def _forward_kernel(a_ref, h_ref, codes_ref, scale_ref, *, rows: int, ffn: int, 
         c0 = step * block_cols
         h, h32, mask = h_block(c0)
         plgpu.store(h_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(c0, block_cols)], h, mask=mask)
-        plgpu.store(codes_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(c0, block_cols)], _codes(h32, scale[:, None]),
+        plgpu.store(codes_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(c0, block_cols)], row_codes(h32, scale[:, None]),
                     mask=mask)
         return carry
 
@@ -138,8 +141,8 @@ def _backward_kernel(a_ref, d_h_ref, d_a_ref, *refs, rows: int, ffn: int, block_
         up = plgpu.load(a_ref.at[rows_, pl.ds(ffn + c0, block_cols)], mask=mask, other=0.0).astype(jnp.float32)
         d_h = plgpu.load(d_h_ref.at[rows_, pl.ds(c0, block_cols)], mask=mask, other=0.0).astype(jnp.float32)
         silu, sig = _silu(gate)
-        d_gate = _rounded(d_h * up * (sig + silu * (1.0 - sig)), dtype, interpret)
-        d_up = _rounded(d_h * silu, dtype, interpret)
+        d_gate = rounded(d_h * up * (sig + silu * (1.0 - sig)), dtype, interpret)
+        d_up = rounded(d_h * silu, dtype, interpret)
         return d_gate, d_up, mask
 
     def _store_d_a(d_gate, d_up, c0, mask, scale):
@@ -147,8 +150,8 @@ def _backward_kernel(a_ref, d_h_ref, d_a_ref, *refs, rows: int, ffn: int, block_
         plgpu.store(d_a_ref.at[rows_, pl.ds(c0, block_cols)], d_gate[0], mask=mask)
         plgpu.store(d_a_ref.at[rows_, pl.ds(ffn + c0, block_cols)], d_up[0], mask=mask)
         if quantize:
-            plgpu.store(codes_ref.at[rows_, pl.ds(c0, block_cols)], _codes(d_gate[1], scale[:, None]), mask=mask)
-            plgpu.store(codes_ref.at[rows_, pl.ds(ffn + c0, block_cols)], _codes(d_up[1], scale[:, None]),
+            plgpu.store(codes_ref.at[rows_, pl.ds(c0, block_cols)], row_codes(d_gate[1], scale[:, None]), mask=mask)
+            plgpu.store(codes_ref.at[rows_, pl.ds(ffn + c0, block_cols)], row_codes(d_up[1], scale[:, None]),
                         mask=mask)
 
     steps = pl.cdiv(ffn, block_cols)
@@ -163,7 +166,7 @@ def _backward_kernel(a_ref, d_h_ref, d_a_ref, *refs, rows: int, ffn: int, block_
             _store_d_a(d_gate, d_up, c0, mask, row_scale)
             return carry
 
-        _once(whole_row)
+        once(whole_row)
         return
     if quantize:
         def amax_step(step, amax):
