@@ -201,6 +201,14 @@ def _gather_token_rows_backward(top_k, residuals, g):
 gather_token_rows.defvjp(_gather_token_rows_forward, _gather_token_rows_backward)
 
 
+def weighted_sum(out_rows: jax.Array, placement: Placement, gates: jax.Array) -> jax.Array:
+    """y[t] = sum_k gate[t, k] * out[slot(t, k)] in float32; unplaced assignments contribute zero."""
+    tokens, top_k = gates.shape
+    per_assignment = permute_rows(out_rows, placement.slot_of_row, placement.source).reshape(tokens, top_k, -1)
+    # an elementwise product and a k-sum (fused), not a [1, k] x [k, H] dot per token
+    return jnp.sum(gates[:, :, None] * per_assignment.astype(jnp.float32), axis=1)
+
+
 def _dot_numbers(transpose_rhs: bool) -> tuple:
     return (([1], [2 if transpose_rhs else 1]), ([], []))
 
@@ -414,3 +422,45 @@ def int8_swiglu_projection(rule: str, dtype_name: str, interpret: bool):
 
     up.defvjp(forward, backward)
     return up
+
+
+@functools.cache
+def int8_down_combine(rule: str, dtype_name: str, interpret: bool):
+    """The routed int8 down projection and the gate-weighted combine as one custom-VJP function, so that the
+    combine's backward makes the down projection's Q(g) in the same kernel (`pallas_combine`).
+
+    Arguments: the down projection's, as `int8_grouped_dot` takes them (``h``, its codes and scales, the
+    weights, their codes, scales and transposed codes, the layout), then the combine's (``placement``, the
+    gate weights [T, k]). Returns y [T, H] float32 = `weighted_sum` of the projection's rows. Backward: g,
+    Q(g) (``prequant_vjp``) and the gates' gradient from `pallas_combine.combine_backward`, then the
+    projection's gradients as `int8_grouped_dot` takes them.
+    """
+    if rule not in ("ste", "prequant_vjp"):
+        raise ValueError(f"unknown backward rule {rule!r}")
+    dtype = jnp.dtype(dtype_name)
+    from . import pallas_combine
+
+    @jax.custom_vjp
+    def down_combine(h, h_codes, h_scale, w, w_codes, w_scale, w_codes_t, layout, placement, gates):
+        out = _int8_projection(h_codes, h_scale, w_codes, w_scale, w_codes_t, layout, dtype)
+        return weighted_sum(out, placement, gates)
+
+    def forward(h, h_codes, h_scale, w, w_codes, w_scale, w_codes_t, layout, placement, gates):
+        out = _int8_projection(h_codes, h_scale, w_codes, w_scale, w_codes_t, layout, dtype)
+        kept = h if rule == "prequant_vjp" else (h_codes, h_scale)
+        return weighted_sum(out, placement, gates), (kept, out, w_codes, w_scale, layout, placement, gates)
+
+    def backward(residuals, dy):
+        kept, out, w_codes, w_scale, layout, placement, gates = residuals
+        tokens, top_k = gates.shape
+        quantize = rule == "prequant_vjp"
+        g, g_codes, g_scale, d_gate = pallas_combine.combine_backward(
+            dy, out, token_of_slot(placement.source, tokens, top_k), take_rows(gates.reshape(-1), placement.source),
+            dtype=dtype, quantize=quantize, interpret=interpret)
+        d_gates = take_rows(d_gate, placement.slot_of_row).reshape(tokens, top_k).astype(gates.dtype)
+        dh, dw = _int8_gradients(rule, dtype, kept, g, (g_codes, g_scale) if quantize else None, w_codes, w_scale,
+                                 layout)
+        return dh, None, None, dw, None, None, None, None, None, d_gates
+
+    down_combine.defvjp(forward, backward)
+    return down_combine

@@ -34,12 +34,13 @@ from .grouped import (
     Placement,
     float_grouped_dot,
     gather_token_rows,
+    int8_down_combine,
     int8_grouped_dot,
     int8_swiglu_projection,
-    permute_rows,
     place_rows,
     take_rows,
     token_of_slot,
+    weighted_sum,
 )
 from .quant import int8_dense_dot, quantize_columns, quantize_per_expert, quantize_rows
 from .routing import RoutingOut, route
@@ -243,12 +244,16 @@ def stage_down(plan: LayerPlan, hidden: tuple, w2: jax.Array, w2_prequantized, l
     return routed_projection(plan, h, codes, scale, w2, w2_prequantized, layout)
 
 
-def weighted_sum(out_rows: jax.Array, placement: Placement, gates: jax.Array) -> jax.Array:
-    """y[t] = sum_k gate[t, k] * out[slot(t, k)] in float32; unplaced assignments contribute zero."""
-    tokens, top_k = gates.shape
-    per_assignment = permute_rows(out_rows, placement.slot_of_row, placement.source).reshape(tokens, top_k, -1)
-    # an elementwise product and a k-sum (fused), not a [1, k] x [k, H] dot per token
-    return jnp.sum(gates[:, :, None] * per_assignment.astype(jnp.float32), axis=1)
+def stage_down_combine(plan: LayerPlan, hidden: tuple, w2: jax.Array, w2_prequantized, packed: Packed) -> jax.Array:
+    """`stage_down` then `stage_combine` as one custom VJP where the plan runs the SwiGLU kernels
+    (`LayerPlan.fused_swiglu`): the combine's backward kernel then makes the down projection's Q(g)
+    (`grouped.int8_down_combine`). The same values as the two stages."""
+    h, codes, scale = hidden
+    layout = packed.placement.layout
+    w_codes, w_scale, w_codes_t = w2_prequantized if plan.prequantized else step_codes(w2, layout)
+    down_combine = int8_down_combine(plan.routed_rule, plan.dtype, plan.interpret_kernels)
+    return down_combine(h, codes, scale, w2, w_codes, w_scale, w_codes_t, layout, packed.placement,
+                        packed.routing.gate_weights)
 
 
 def stage_combine(out_rows: jax.Array, packed: Packed) -> jax.Array:
@@ -325,8 +330,11 @@ def run_layer(plan: LayerPlan, params: dict, frozen: dict, x: jax.Array) -> tupl
     packed = stage_pack(plan, params, frozen, x)
     layout = packed.placement.layout
     hidden = stage_up(plan, (packed.rows, packed.rows_codes, packed.rows_scale), params["w13"], w13_q, layout)
-    out_rows = stage_down(plan, hidden, params["w2"], w2_q, layout)
-    y = finish(plan, stage_combine(out_rows, packed), shared_expert(plan, params, x))
+    if plan.fused_swiglu:
+        routed = stage_down_combine(plan, hidden, params["w2"], w2_q, packed)
+    else:
+        routed = stage_combine(stage_down(plan, hidden, params["w2"], w2_q, layout), packed)
+    y = finish(plan, routed, shared_expert(plan, params, x))
     needed = {"expert_capacity": packed.placement.needed_capacity, "dispatch_capacity": jnp.int32(0)}
     return y, packed.routing, needed
 
