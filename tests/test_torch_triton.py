@@ -5,6 +5,8 @@
   goes through the int8 kernel twice more, the straight-through backward does not).
 * The grouped int8 GEMM on ragged groups: experts with zero rows (first, middle, last, all), groups on
   tile boundaries (31, 32, 33 rows against 32-row tiles), the fused gather, capacity-dropped rows.
+* The persistent grouped GEMM (few programs, each looping over work items) gives the one-tile kernel's
+  output bit for bit on the same ragged groups, and runs (and is recorded) when asked for or tuned in.
 * Each finding of the QAT review, planted as a bug in this backend, fails its check in
   suite/test_qat.py (the checks have teeth).
 """
@@ -181,6 +183,119 @@ def test_grouped_int8_gemm_every_group_empty(triton_backend, kernels):
     out = kernels[1].grouped_gemm(a_codes, b_codes, starts, out_dtype=torch.float32, a_scale=a_scale,
                                   b_scale=b_scale, a_rows=a_rows, zero_uncovered=True)
     assert out.shape == (5, 8) and not torch.any(out)
+
+
+def _both_variants(kernels, device, a, b, starts, **kwargs):
+    """grouped_gemm's output with the one-tile kernel and with the persistent one (same arguments)."""
+    import torch
+
+    a, b, starts = a.to(device), b.to(device), starts.to(device)
+    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    return tuple(kernels[1].grouped_gemm(a, b, starts, persistent=p, **moved).cpu() for p in (False, True))
+
+
+@pytest.mark.parametrize("k_dim", [40, 64])  # 40: not a multiple of the 32-wide K step (and no descriptors)
+@pytest.mark.parametrize("gather", [True, False])
+@pytest.mark.parametrize("sizes", [
+    pytest.param([0, 5, 0, 0, 3, 0], id="empty_and_smaller_than_a_tile"),
+    pytest.param([31, 32, 33, 1, 0, 70], id="straddling_tiles"),
+])
+def test_persistent_grouped_gemm_equals_the_one_tile_kernel(triton_backend, kernels, sizes, gather, k_dim):
+    """The persistent kernel loops each program over several work items (4 programs in the interpreter), its
+    epilogue recomputing the item it stores; int32 sums are exact, so its int8 output is the one-tile
+    kernel's bit for bit, on every row of every group (and the reference's to rounding)."""
+    import torch
+
+    a_codes, a_scale, a_rows, b_codes, b_scale, starts = _grouped_case(sizes, k_dim=k_dim, n_cols=36)
+    expected = _expected(a_codes, a_scale, a_rows, b_codes, b_scale, sizes)
+    if not gather:
+        a_codes, a_scale, a_rows = a_codes[a_rows].contiguous(), a_scale[a_rows].contiguous(), None
+    one_tile, persistent = _both_variants(kernels, triton_backend.device, a_codes, b_codes, starts,
+                                          out_dtype=torch.float32, a_scale=a_scale, b_scale=b_scale, a_rows=a_rows)
+    assert torch.equal(one_tile, persistent)
+    np.testing.assert_allclose(persistent.numpy(), expected, rtol=2e-6, atol=1e-6)
+
+
+def test_persistent_grouped_gemm_zero_uncovered(triton_backend, kernels):
+    """Rows after the last group (capacity-dropped) stay zero: the persistent loop counts only real tiles."""
+    import torch
+
+    a_codes, a_scale, a_rows, b_codes, b_scale, starts = _grouped_case([3, 0, 30, 7], k_dim=48, n_cols=40)
+    starts[-1] = starts[-2]  # the last group's 7 rows dropped
+    one_tile, persistent = _both_variants(kernels, triton_backend.device, a_codes, b_codes, starts,
+                                          out_dtype=torch.float32, a_scale=a_scale, b_scale=b_scale, a_rows=a_rows,
+                                          zero_uncovered=True)
+    assert torch.equal(one_tile, persistent)
+    assert not torch.any(persistent[33:]) and torch.all(persistent[:33].abs().sum(1) > 0)
+
+
+def test_persistent_grouped_gemm_float_mode(triton_backend, kernels):
+    """Float operands (float32 sums over the same K steps in the same order): the same bits either way."""
+    import torch
+
+    sizes = [0, 17, 40, 0, 2]
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(sum(sizes), 40, generator=gen)
+    b = torch.randn(len(sizes), 40, 24, generator=gen)
+    starts = torch.tensor(np.concatenate([[0], np.cumsum(sizes)]), dtype=torch.int32)
+    one_tile, persistent = _both_variants(kernels, triton_backend.device, a, b, starts, out_dtype=torch.float32)
+    assert torch.equal(one_tile, persistent)
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    expected = np.concatenate([a[s:e].double().numpy() @ b[g].double().numpy()
+                               for g, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))])
+    np.testing.assert_allclose(persistent.numpy(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_persistent_true_launches_the_persistent_kernel(triton_backend, kernels):
+    """``persistent=True`` runs (and records) the persistent kernel; False never does, nor does the default on
+    the interpreter's or a small problem's fixed tiles."""
+    import torch
+
+    a_codes, a_scale, a_rows, b_codes, b_scale, starts = _grouped_case([5, 0, 9], k_dim=32, n_cols=16)
+    device = triton_backend.device
+    a_codes, a_scale, a_rows, b_codes, b_scale, starts = (
+        t.to(device) for t in (a_codes, a_scale, a_rows, b_codes, b_scale, starts))
+
+    def run(persistent):
+        return lambda: kernels[1].grouped_gemm(a_codes, b_codes, starts, out_dtype=torch.float32, a_scale=a_scale,
+                                               b_scale=b_scale, a_rows=a_rows, persistent=persistent)
+
+    assert _launches(kernels, run(True)).get("grouped_gemm_persistent") == 1
+    for choice in (False, None):
+        launches = _launches(kernels, run(choice))
+        assert "grouped_gemm_persistent" not in launches and launches.get("grouped_gemm_int8") == 1, launches
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_the_tuned_launch_follows_the_configs_persistent_flag(triton_backend, kernels, monkeypatch, persistent):
+    """The GPU path (autotuner, grid from the config, launch record from its pick), run by the interpreter with
+    one config per tuner (one config is never benchmarked): CI has no GPU, and this path is otherwise GPU-only."""
+    import torch
+
+    if triton_backend.device != "cpu":
+        pytest.skip("the GPU runs this path for real")
+    gemm = kernels[1]
+    monkeypatch.setattr(gemm, "INTERPRETED", False)
+    monkeypatch.setattr(gemm, "_AUTOTUNE_MIN_MACS", 0)
+    monkeypatch.setattr(gemm, "_tma_device", lambda t: True)
+    monkeypatch.setattr(gemm, "_persistent_programs", lambda t: 3)
+    monkeypatch.setattr(gemm, "_GPU_CONFIGS", [gemm._tiles(32, 32, 32, 4, 3, persistent)])
+    monkeypatch.setattr(gemm, "_autotuned", {})
+    sizes = [0, 5, 0, 31, 33, 1, 0]
+    a_codes, a_scale, a_rows, b_codes, b_scale, starts = _grouped_case(sizes, k_dim=48, n_cols=36)
+    expected = _expected(a_codes, a_scale, a_rows, b_codes, b_scale, sizes)
+
+    def run(choice, out):
+        return lambda: out.append(gemm.grouped_gemm(a_codes, b_codes, starts, out_dtype=torch.float32,
+                                                    a_scale=a_scale, b_scale=b_scale, a_rows=a_rows,
+                                                    persistent=choice))
+
+    for choice in (None, persistent):
+        out: list = []
+        launches = _launches(kernels, run(choice, out))
+        assert launches.get("grouped_gemm_persistent") == (1 if persistent else None), launches
+        assert gemm._autotuned[True, choice].best_config.kwargs["PERSISTENT"] == persistent
+        np.testing.assert_allclose(out[0].numpy(), expected, rtol=2e-6, atol=1e-6)
 
 
 def _combine_case(tokens: int, top_k: int, hidden: int, drop_every: int | None):

@@ -12,6 +12,14 @@ program finds its expert from the group offsets (a cumulative sum of per-expert 
 spare programs of the bound, like a group with zero rows, own no tile and do nothing (the nanochat
 devlog's FP8 failure was ``amax`` over such an empty expert: here an empty group is just zero tiles).
 
+The persistent variant (``PERSISTENT``) launches about one program per multiprocessor instead, each
+looping over the (M-tile, N-tile) work items with a stride of the program count, in one flattened loop
+(Triton's persistent matmul tutorial): the software pipeline then runs across tiles, so one tile's
+epilogue overlaps the next tile's first loads, which the one-tile programs leave to the hardware's block
+scheduler (the int8 GEMM at ~1140 of cuBLAS's ~1470 TOP/s on the H200, issue 10). The loop counts the real
+tiles from the group offsets on the device, so the spare work items of the bound are never visited. The
+autotuner chooses between the two (`_GPU_CONFIGS`); ``grouped_gemm(persistent=...)`` forces one.
+
 The same kernel with ``INT8=False`` is a float grouped GEMM (float32 accumulation, no TF32), used
 where a float path must not depend on ``torch._grouped_mm``.
 """
@@ -19,6 +27,7 @@ where a float path must not depend on ``torch._grouped_mm``.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import triton
@@ -29,40 +38,55 @@ from ..common import is_interpreted_kernel, next_power_of_2, record_launch
 
 
 @triton.jit
-def _grouped_gemm_kernel(a_ptr, a_scale_ptr, a_rows_ptr, b_ptr, b_scale_ptr, c_ptr, group_starts_ptr,
-                         n_cols, k_dim, n_experts, rows_per_expert,
-                         stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
-                         INT8: tl.constexpr, GATHER_A: tl.constexpr, A_DESC: tl.constexpr, B_DESC: tl.constexpr,
-                         E_BLOCK: tl.constexpr, EVEN_K: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # N-tiles vary fastest: the programs in flight share one A tile and sweep one expert's B, which
-    # stays in L2 across that expert's M-tiles (A is read from memory once).
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-
-    # Which expert owns M-tile pid_m: tiles_e = cdiv(rows_e, BLOCK_M), an empty group owns none.
+def _expert_tiles(group_starts_ptr, n_experts, E_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Each expert's first row, end row, M-tile count (an empty group owns none) and cumulative tile end.
+    They do not depend on the tile, so a persistent program reads them once for all its tiles."""
     ids = tl.arange(0, E_BLOCK)
     in_range = ids < n_experts
     starts = tl.load(group_starts_ptr + ids, mask=in_range, other=0)
     ends = tl.load(group_starts_ptr + ids + 1, mask=in_range, other=0)
     tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
-    tile_end = tl.cumsum(tiles, axis=0)
+    return starts, ends, tiles, tl.cumsum(tiles, axis=0)
+
+
+@triton.jit
+def _tile_rows(pid_m, starts, ends, tiles, tile_end, n_experts, E_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The expert owning M-tile ``pid_m`` (clamped to a valid index) and the tile's rows ``row_begin ..
+    row_end`` of c: none for a tile past every group's (the bound's spare tiles)."""
+    ids = tl.arange(0, E_BLOCK)
     expert = tl.sum((tile_end <= pid_m).to(tl.int32), axis=0)
-    mine = ids == expert  # no id matches for a spare program (expert == n_experts): no rows below
+    mine = ids == expert  # no id matches for a spare tile (expert == n_experts): no rows below
     first_tile = tl.sum(tl.where(mine, tile_end - tiles, 0), axis=0)
     row_begin = tl.sum(tl.where(mine, starts, 0), axis=0) + (pid_m - first_tile) * BLOCK_M
     row_end = tl.sum(tl.where(mine, ends, 0), axis=0)
+    return tl.minimum(expert, n_experts - 1), row_begin, row_end
 
+
+@triton.jit
+def _tile_sources(a_rows_ptr, row_begin, row_end, GATHER_A: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The tile's rows of c, which of them are in its group, and the rows of a (and a_scale) they read."""
     rows = row_begin + tl.arange(0, BLOCK_M)
     row_ok = rows < row_end
     if GATHER_A:
         src = tl.load(a_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     else:
         src = rows.to(tl.int64)
+    return rows, row_ok, src
+
+
+@triton.jit
+def _tile_cols(pid_n, n_cols, BLOCK_N: tl.constexpr):
+    """N-tile ``pid_n``'s columns of b and c, and which of them exist."""
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < n_cols
-    expert32 = tl.minimum(expert, n_experts - 1)
-    expert64 = expert32.to(tl.int64)
+    return cols, cols < n_cols
+
+
+@triton.jit
+def _tile_dot(a_ptr, b_ptr, src, row_ok, row_begin, expert, pid_n, cols, col_ok, k_dim, k_steps,
+              stride_am, stride_ak, stride_be, stride_bk, stride_bn,
+              INT8: tl.constexpr, A_DESC: tl.constexpr, B_DESC: tl.constexpr, EVEN_K: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One tile's sum over ``k_steps`` K-blocks: int32 (``INT8``) or float32."""
     ks = tl.arange(0, BLOCK_K)
     # Tensor-memory-accelerator loads (``*_DESC``: a_ptr / b_ptr are tensor descriptors, out-of-bounds
     # zero-filled): B's [BLOCK_N, BLOCK_K] tile of expert e from its K-major [E, N, K] codes; A's rows
@@ -70,9 +94,7 @@ def _grouped_gemm_kernel(a_ptr, a_scale_ptr, a_rows_ptr, b_ptr, b_scale_ptr, c_p
     if not A_DESC:
         a_ptrs = a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak
     if not B_DESC:
-        b_ptrs = b_ptr + expert64 * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
-
-    k_steps = tl.where(row_begin < row_end, tl.cdiv(k_dim, BLOCK_K), 0)
+        b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
     if INT8:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
@@ -87,7 +109,7 @@ def _grouped_gemm_kernel(a_ptr, a_scale_ptr, a_rows_ptr, b_ptr, b_scale_ptr, c_p
         else:
             a = tl.load(a_ptrs, mask=row_ok[:, None] & (ks < k_dim - step * BLOCK_K)[None, :], other=0)
         if B_DESC:
-            b = b_ptr.load([expert32, pid_n * BLOCK_N, step * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
+            b = b_ptr.load([expert, pid_n * BLOCK_N, step * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
         elif EVEN_K:
             b = tl.load(b_ptrs, mask=col_ok[None, :], other=0)
         else:
@@ -100,16 +122,76 @@ def _grouped_gemm_kernel(a_ptr, a_scale_ptr, a_rows_ptr, b_ptr, b_scale_ptr, c_p
             a_ptrs += BLOCK_K * stride_ak
         if not B_DESC:
             b_ptrs += BLOCK_K * stride_bk
+    return acc
 
+
+@triton.jit
+def _tile_store(c_ptr, acc, a_scale_ptr, b_scale_ptr, rows, row_ok, src, expert, cols, col_ok,
+                stride_cm, stride_cn, INT8: tl.constexpr):
+    """The epilogue: the tile's rows of its group into c, dequantized for ``INT8``."""
     if INT8:
         # Dequantize at the output: the int32 sum times the token's scale times the expert's scale.
         a_scale = tl.load(a_scale_ptr + src, mask=row_ok, other=0.0)
-        b_scale = tl.load(b_scale_ptr + expert64)
+        b_scale = tl.load(b_scale_ptr + expert.to(tl.int64))
         out = acc.to(tl.float32) * a_scale[:, None] * b_scale
     else:
         out = acc
     c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :] * stride_cn
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _grouped_gemm_kernel(a_ptr, a_scale_ptr, a_rows_ptr, b_ptr, b_scale_ptr, c_ptr, group_starts_ptr,
+                         n_cols, k_dim, n_experts, rows_per_expert,
+                         stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
+                         INT8: tl.constexpr, GATHER_A: tl.constexpr, A_DESC: tl.constexpr, B_DESC: tl.constexpr,
+                         E_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, PERSISTENT: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    if PERSISTENT:
+        starts, ends, tiles, tile_end = _expert_tiles(group_starts_ptr, n_experts, E_BLOCK, BLOCK_M)
+        # N-tiles vary fastest in the work order too: the ~NUM_SMS items in flight are a few consecutive
+        # M-tiles of one expert, whose B stays in L2. Only real tiles are work items (the bound's spare
+        # tiles and the empty groups' none), so every item runs all K steps: the inner loop's trip count
+        # must not depend on the item for the compiler to flatten the two loops into one pipeline.
+        n_tiles = tl.cdiv(n_cols, BLOCK_N)
+        work_items = tl.sum(tiles, axis=0) * n_tiles
+        k_steps = tl.cdiv(k_dim, BLOCK_K)
+        programs = tl.num_programs(0)
+        # The epilogue recomputes its tile from its own counter instead of reusing the prologue's values
+        # (the tutorial's tile_id_c): in the flattened, pipelined loop the next tile's prologue runs before
+        # this tile's epilogue, and the tutorial keeps the two free of shared values (its workaround for a
+        # pipeliner bug); the recomputation is a few scalar ops on the expert table already in registers.
+        stored = tl.program_id(0) - programs
+        for item in tl.range(tl.program_id(0), work_items, programs, flatten=True):
+            expert, row_begin, row_end = _tile_rows(item // n_tiles, starts, ends, tiles, tile_end, n_experts,
+                                                    E_BLOCK, BLOCK_M)
+            rows, row_ok, src = _tile_sources(a_rows_ptr, row_begin, row_end, GATHER_A, BLOCK_M)
+            cols, col_ok = _tile_cols(item % n_tiles, n_cols, BLOCK_N)
+            acc = _tile_dot(a_ptr, b_ptr, src, row_ok, row_begin, expert, item % n_tiles, cols, col_ok, k_dim,
+                            k_steps, stride_am, stride_ak, stride_be, stride_bk, stride_bn,
+                            INT8, A_DESC, B_DESC, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
+            stored += programs
+            expert, row_begin, row_end = _tile_rows(stored // n_tiles, starts, ends, tiles, tile_end, n_experts,
+                                                    E_BLOCK, BLOCK_M)
+            rows, row_ok, src = _tile_sources(a_rows_ptr, row_begin, row_end, GATHER_A, BLOCK_M)
+            cols, col_ok = _tile_cols(stored % n_tiles, n_cols, BLOCK_N)
+            _tile_store(c_ptr, acc, a_scale_ptr, b_scale_ptr, rows, row_ok, src, expert, cols, col_ok,
+                        stride_cm, stride_cn, INT8)
+    else:
+        # N-tiles vary fastest: the programs in flight share one A tile and sweep one expert's B, which
+        # stays in L2 across that expert's M-tiles (A is read from memory once).
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        starts, ends, tiles, tile_end = _expert_tiles(group_starts_ptr, n_experts, E_BLOCK, BLOCK_M)
+        expert, row_begin, row_end = _tile_rows(pid_m, starts, ends, tiles, tile_end, n_experts, E_BLOCK, BLOCK_M)
+        rows, row_ok, src = _tile_sources(a_rows_ptr, row_begin, row_end, GATHER_A, BLOCK_M)
+        cols, col_ok = _tile_cols(pid_n, n_cols, BLOCK_N)
+        k_steps = tl.where(row_begin < row_end, tl.cdiv(k_dim, BLOCK_K), 0)
+        acc = _tile_dot(a_ptr, b_ptr, src, row_ok, row_begin, expert, pid_n, cols, col_ok, k_dim, k_steps,
+                        stride_am, stride_ak, stride_be, stride_bk, stride_bn,
+                        INT8, A_DESC, B_DESC, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
+        _tile_store(c_ptr, acc, a_scale_ptr, b_scale_ptr, rows, row_ok, src, expert, cols, col_ok,
+                    stride_cm, stride_cn, INT8)
 
 
 #: True when the kernel runs in Triton's interpreter (fixed at this module's import).
@@ -119,23 +201,41 @@ INTERPRETED: bool = is_interpreted_kernel(_grouped_gemm_kernel)
 #: behaviour visible at the suite's sizes (T = 31, 33, 63, 65).
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})
 
+#: Persistent programs in the interpreter: few, so that each loops over several work items (the CPU tests
+#: then see one program store tiles of several experts and N-tiles).
+_INTERPRETER_PROGRAMS = 4
+
+
+def _tiles(block_m: int, block_n: int, block_k: int, warps: int, stages: int, persistent: bool) -> triton.Config:
+    """One autotuner config: the tile, the warps, the pipeline depth, and which kernel (``PERSISTENT``)."""
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "PERSISTENT": persistent},
+                         num_warps=warps, num_stages=stages)
+
+
 #: Hopper tiles for the int8 tensor cores (wgmma wants K-major operands: callers pass B that way).
 #: The deeper pipelines and K = 256 steps were added after the H200 profile (issue 10: the int8 GEMMs
-#: at 58% of the int8 peak); an out-of-shared-memory config is skipped by the autotuner.
+#: at 58% of the int8 peak); an out-of-shared-memory config is skipped by the autotuner. The persistent
+#: ones are the tiles that won on that profile, each with the pipeline run across its tiles.
 _GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 256}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=5),
-    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=5),
+    _tiles(128, 128, 128, 8, 3, False),
+    _tiles(128, 256, 128, 8, 3, False),
+    _tiles(128, 256, 128, 8, 4, False),
+    _tiles(128, 128, 256, 8, 3, False),
+    _tiles(256, 128, 128, 8, 3, False),
+    _tiles(64, 128, 128, 4, 4, False),
+    _tiles(128, 128, 64, 4, 4, False),
+    _tiles(128, 256, 64, 8, 5, False),
+    _tiles(256, 128, 64, 8, 5, False),
+    _tiles(128, 128, 128, 8, 3, True),
+    _tiles(128, 256, 128, 8, 3, True),
+    _tiles(128, 256, 128, 8, 4, True),
+    _tiles(128, 128, 64, 4, 4, True),
 ]
+#: One persistent float config, so that ``persistent=True`` has a float kernel to run.
 _FLOAT_GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    _tiles(128, 128, 64, 8, 3, False),
+    _tiles(64, 128, 32, 4, 4, False),
+    _tiles(128, 128, 64, 8, 3, True),
 ]
 
 #: One fixed config below this many multiply-adds: small problems (the correctness checks) then cost
@@ -143,7 +243,8 @@ _FLOAT_GPU_CONFIGS = [
 _AUTOTUNE_MIN_MACS = 2**30
 _SMALL_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3)
 
-_autotuned: dict[bool, object] = {}
+#: The autotuned kernels by (int8, persistent choice): None tunes over both variants.
+_autotuned: dict[tuple[bool, bool | None], Any] = {}
 
 
 def _set_block_shapes(nargs: dict) -> None:
@@ -154,17 +255,20 @@ def _set_block_shapes(nargs: dict) -> None:
         nargs["b_ptr"].block_shape = [1, nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
 
-def _gpu_kernel(int8: bool):
-    """The kernel wrapped in an autotuner (built on first GPU use; the interpreter never tunes)."""
-    if int8 not in _autotuned:
+def _gpu_kernel(int8: bool, persistent: bool | None) -> Any:
+    """The kernel wrapped in an autotuner over the configs of the ``persistent`` choice (all for None),
+    built on first GPU use; the interpreter never tunes. A forced choice gets its own autotuner, so an A/B
+    measurement of one variant never reads the other's cached pick."""
+    if (int8, persistent) not in _autotuned:
         configs = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_set_block_shapes)
-                   for c in (_GPU_CONFIGS if int8 else _FLOAT_GPU_CONFIGS)]
+                   for c in (_GPU_CONFIGS if int8 else _FLOAT_GPU_CONFIGS)
+                   if persistent is None or c.kwargs["PERSISTENT"] == persistent]
         even_k = triton.heuristics({"EVEN_K": lambda args: args["k_dim"] % args["BLOCK_K"] == 0})
         # rows_per_expert (a power of two at or above the mean group size): the best tile differs between
         # top-2 and top-8 groups of the same matrices, which would otherwise share the first one's pick.
         key = ["n_cols", "k_dim", "stride_bk", "rows_per_expert", "GATHER_A", "A_DESC", "B_DESC"]
-        _autotuned[int8] = triton.autotune(configs=configs, key=key)(even_k(_grouped_gemm_kernel))
-    return _autotuned[int8]
+        _autotuned[int8, persistent] = triton.autotune(configs=configs, key=key)(even_k(_grouped_gemm_kernel))
+    return _autotuned[int8, persistent]
 
 
 def _tma_device(t: torch.Tensor) -> bool:
@@ -172,14 +276,38 @@ def _tma_device(t: torch.Tensor) -> bool:
     accelerator), and the interpreter, which emulates them (so that CPU runs test that path)."""
     if INTERPRETED:
         return True
-    return t.device.type == "cuda" and _cuda_major(t.device.index if t.device.index is not None else
-                                                   torch.cuda.current_device()) >= 9
+    return t.device.type == "cuda" and _cuda_major(_device_index(t)) >= 9
+
+
+def _device_index(t: torch.Tensor) -> int:
+    """``t``'s CUDA device index (the current device for a bare ``cuda``)."""
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
 
 @functools.cache
 def _cuda_major(index: int) -> int:
     """The compute capability's major version of CUDA device ``index``, asked once (every launch wants it)."""
     return torch.cuda.get_device_capability(index)[0]
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    """CUDA device ``index``'s multiprocessor count, asked once: one persistent program each."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _persistent_programs(t: torch.Tensor) -> int:
+    """How many programs a persistent launch on ``t``'s device runs (at most; never more than work items)."""
+    return _INTERPRETER_PROGRAMS if INTERPRETED else _multiprocessors(_device_index(t))
+
+
+def _grid(n_rows: int, n_cols: int, experts: int, block_m: int, block_n: int, persistent: bool,
+          programs: int) -> tuple[int, ...]:
+    """(N-tiles, M-tiles of the bound) programs, or for the persistent variant ``programs`` of them in one
+    dimension, fewer where the bound has fewer work items."""
+    n_tiles = triton.cdiv(n_cols, block_n)
+    m_tiles = triton.cdiv(n_rows, block_m) + experts
+    return (min(programs, n_tiles * m_tiles),) if persistent else (n_tiles, m_tiles)
 
 
 def _descriptor(t: torch.Tensor, shape: list[int], strides: list[int], block_rank: int) -> TensorDescriptor | None:
@@ -194,7 +322,8 @@ def _descriptor(t: torch.Tensor, shape: list[int], strides: list[int], block_ran
 
 def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_starts: torch.Tensor, *, out_dtype: torch.dtype,
                  a_scale: torch.Tensor | None = None, b_scale: torch.Tensor | None = None,
-                 a_rows: torch.Tensor | None = None, zero_uncovered: bool = False) -> torch.Tensor:
+                 a_rows: torch.Tensor | None = None, zero_uncovered: bool = False,
+                 persistent: bool | None = None) -> torch.Tensor:
     """c [R, N] with rows of group e = a's rows (or ``a[a_rows]``) of that group times b[e].
 
     a: [R_a, K] int8 (with ``a_scale`` [R_a] float32) or float; b: [E, K, N] of any strides (int8
@@ -204,6 +333,10 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_starts: torch.Tensor, *
 
     int8 operands in the layouts the tensor cores read (K-major b, a's rows contiguous and not gathered)
     are loaded through tensor descriptors where the device has the accelerator (`_tma_device`).
+
+    ``persistent``: None lets the autotuner pick the one-tile or the persistent kernel (the interpreter and
+    small problems run the one-tile kernel); True or False runs only that variant, to measure one against
+    the other (True in the interpreter or on a small problem: the persistent kernel with the fixed tiles).
     """
     int8 = a.dtype == torch.int8
     if int8 != (b.dtype == torch.int8) or int8 != (a_scale is not None) or int8 != (b_scale is not None):
@@ -237,13 +370,22 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_starts: torch.Tensor, *
     if INTERPRETED or n_rows * n_cols * k_dim < _AUTOTUNE_MIN_MACS:
         config = _INTERPRETER_CONFIG if INTERPRETED else _SMALL_CONFIG
         tiles = config.kwargs
+        ran_persistent = bool(persistent)
         _set_block_shapes({"a_ptr": args[0], "b_ptr": args[3], **tiles})
-        grid = (triton.cdiv(n_cols, tiles["BLOCK_N"]), triton.cdiv(n_rows, tiles["BLOCK_M"]) + experts)
+        programs = _persistent_programs(a) if ran_persistent else 0
+        grid = _grid(n_rows, n_cols, experts, tiles["BLOCK_M"], tiles["BLOCK_N"], ran_persistent, programs)
         _grouped_gemm_kernel[grid](*args, **flags, **tiles, EVEN_K=k_dim % tiles["BLOCK_K"] == 0,
-                                   num_warps=config.num_warps, num_stages=config.num_stages)
+                                   PERSISTENT=ran_persistent, num_warps=config.num_warps,
+                                   num_stages=config.num_stages)
     else:
-        def grid(meta):
-            return (triton.cdiv(n_cols, meta["BLOCK_N"]), triton.cdiv(n_rows, meta["BLOCK_M"]) + experts)
+        programs = _persistent_programs(a)
 
-        _gpu_kernel(int8)[grid](*args, **flags)
+        def tuned_grid(meta: dict) -> tuple[int, ...]:
+            return _grid(n_rows, n_cols, experts, meta["BLOCK_M"], meta["BLOCK_N"], meta["PERSISTENT"], programs)
+
+        kernel = _gpu_kernel(int8, persistent)
+        kernel[tuned_grid](*args, **flags)
+        ran_persistent = bool(kernel.best_config.kwargs["PERSISTENT"])
+    if ran_persistent:
+        record_launch("grouped_gemm_persistent")
     return c
