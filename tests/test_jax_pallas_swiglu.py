@@ -147,15 +147,16 @@ def test_layer_with_pallas_swiglu_equals_xla_swiglu(scheme, grouped, request):
             prepared = backend.prepare(spec, params, scheme, dtype)
             assert prepared.plan.swiglu == kernels
             assert prepared.plan.fused_swiglu == (kernels == "pallas" and scheme != "none")
+            assert prepared.plan.fused_combine == (kernels == "pallas")
             results.append((backend.forward(prepared, x).y, backend.backward(prepared, x, dy)))
         (y0, g0), (y1, g1) = results
         tol = 1e-5 if dtype == "float32" else (0 if device == "cpu" else 2.0**-6)
         np.testing.assert_allclose(y1, y0, rtol=tol, atol=tol * float(np.abs(y0).max()))
         for name in g0:
             scale = float(np.abs(g0[name]).max())
-            # The combine's kernel (int8 schemes) sums the gates' float32 gradient in another order, which
-            # reaches x and the router through the routing's backward: float32 noise there, not bfloat16's.
-            reached = name in ("x", "router") and scheme != "none"
+            # The combine's kernel sums the gates' float32 gradient in another order, which reaches x and the
+            # router through the routing's backward: float32 noise there, not bfloat16's.
+            reached = name in ("x", "router")
             grad_tol = max(tol, 1e-5) if reached else tol
             np.testing.assert_allclose(g1[name], g0[name], rtol=grad_tol, atol=grad_tol * scale,
                                        err_msg=f"{dtype} d{name}")

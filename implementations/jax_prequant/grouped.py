@@ -425,42 +425,54 @@ def int8_swiglu_projection(rule: str, dtype_name: str, interpret: bool):
 
 
 @functools.cache
-def int8_down_combine(rule: str, dtype_name: str, interpret: bool):
-    """The routed int8 down projection and the gate-weighted combine as one custom-VJP function, so that the
-    combine's backward makes the down projection's Q(g) in the same kernel (`pallas_combine`).
+def down_combine(rule: str, dtype_name: str, interpret: bool):
+    """The routed down projection and the gate-weighted combine as one custom-VJP function, so that the
+    combine's backward makes g (and for ``prequant_vjp`` the down projection's Q(g)) and the gates' gradient in
+    one kernel (`pallas_combine`) instead of XLA's passes over [M, H].
 
-    Arguments: the down projection's, as `int8_grouped_dot` takes them (``h``, its codes and scales, the
-    weights, their codes, scales and transposed codes, the layout), then the combine's (``placement``, the
-    gate weights [T, k]). Returns y [T, H] float32 = `weighted_sum` of the projection's rows. Backward: g,
-    Q(g) (``prequant_vjp``) and the gates' gradient from `pallas_combine.combine_backward`, then the
-    projection's gradients as `int8_grouped_dot` takes them.
+    ``rule``: ``float`` (the projection is `float_grouped_dot`'s; codes, scales and transposed codes None), or
+    an int8 backward rule of `int8_grouped_dot`. Arguments: the projection's, as `int8_grouped_dot` takes them
+    (``h``, its codes and scales, the weights, their codes, scales and transposed codes, the layout), then the
+    combine's (``placement``, the gate weights [T, k]). Returns y [T, H] float32 = `weighted_sum` of the
+    projection's rows. Backward: the kernel's g, Q(g) and gates' gradient, then the projection's gradients as
+    `float_grouped_dot` or `int8_grouped_dot` take them.
     """
-    if rule not in ("ste", "prequant_vjp"):
+    if rule not in ("float", "ste", "prequant_vjp"):
         raise ValueError(f"unknown backward rule {rule!r}")
     dtype = jnp.dtype(dtype_name)
     from . import pallas_combine
 
+    def project(h, h_codes, h_scale, w_codes, w_scale, w_codes_t, w, layout):
+        if rule == "float":
+            return grouped_dot(h, w, layout, out_dtype=h.dtype)
+        return _int8_projection(h_codes, h_scale, w_codes, w_scale, w_codes_t, layout, dtype)
+
     @jax.custom_vjp
-    def down_combine(h, h_codes, h_scale, w, w_codes, w_scale, w_codes_t, layout, placement, gates):
-        out = _int8_projection(h_codes, h_scale, w_codes, w_scale, w_codes_t, layout, dtype)
-        return weighted_sum(out, placement, gates)
+    def fn(h, h_codes, h_scale, w, w_codes, w_scale, w_codes_t, layout, placement, gates):
+        return weighted_sum(project(h, h_codes, h_scale, w_codes, w_scale, w_codes_t, w, layout), placement, gates)
 
     def forward(h, h_codes, h_scale, w, w_codes, w_scale, w_codes_t, layout, placement, gates):
-        out = _int8_projection(h_codes, h_scale, w_codes, w_scale, w_codes_t, layout, dtype)
-        kept = h if rule == "prequant_vjp" else (h_codes, h_scale)
-        return weighted_sum(out, placement, gates), (kept, out, w_codes, w_scale, layout, placement, gates)
+        out = project(h, h_codes, h_scale, w_codes, w_scale, w_codes_t, w, layout)
+        kept = (h, w) if rule == "float" else (h if rule == "prequant_vjp" else (h_codes, h_scale), w_codes, w_scale)
+        return weighted_sum(out, placement, gates), (kept, out, layout, placement, gates)
 
     def backward(residuals, dy):
-        kept, out, w_codes, w_scale, layout, placement, gates = residuals
+        kept, out, layout, placement, gates = residuals
         tokens, top_k = gates.shape
         quantize = rule == "prequant_vjp"
         g, g_codes, g_scale, d_gate = pallas_combine.combine_backward(
             dy, out, token_of_slot(placement.source, tokens, top_k), take_rows(gates.reshape(-1), placement.source),
             dtype=dtype, quantize=quantize, interpret=interpret)
         d_gates = take_rows(d_gate, placement.slot_of_row).reshape(tokens, top_k).astype(gates.dtype)
-        dh, dw = _int8_gradients(rule, dtype, kept, g, (g_codes, g_scale) if quantize else None, w_codes, w_scale,
-                                 layout)
+        if rule == "float":
+            h, w = kept
+            dh = grouped_dot(g, w, layout, transpose_rhs=True, out_dtype=h.dtype)
+            dw = grouped_weight_grad(h, g, layout, out_dtype=w.dtype)
+        else:
+            h_kept, w_codes, w_scale = kept
+            dh, dw = _int8_gradients(rule, dtype, h_kept, g, (g_codes, g_scale) if quantize else None, w_codes,
+                                     w_scale, layout)
         return dh, None, None, dw, None, None, None, None, None, d_gates
 
-    down_combine.defvjp(forward, backward)
-    return down_combine
+    fn.defvjp(forward, backward)
+    return fn

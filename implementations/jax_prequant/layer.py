@@ -32,9 +32,9 @@ from .env import GPU_PLATFORMS, pallas_interpret, precision_for
 from .grouped import (
     GroupedLayout,
     Placement,
+    down_combine,
     float_grouped_dot,
     gather_token_rows,
-    int8_down_combine,
     int8_grouped_dot,
     int8_swiglu_projection,
     place_rows,
@@ -114,6 +114,13 @@ class LayerPlan:
         """True where the routed SwiGLU and its quantizers run as `pallas_swiglu`'s kernels (int8 schemes
         with ``swiglu`` ``pallas``, `env.select_swiglu`), else as XLA's fusions of `swiglu` and `quantize_rows`."""
         return self.routed_int8 and self.swiglu == "pallas"
+
+    @property
+    def fused_combine(self) -> bool:
+        """True where the down projection and the combine run as one custom VJP whose backward is
+        `pallas_combine`'s kernel (`stage_down_combine`): wherever the SwiGLU kernels run (``swiglu``
+        ``pallas``, `env.select_swiglu`), every scheme."""
+        return self.swiglu == "pallas"
 
     @property
     def routed_rule(self) -> str:
@@ -245,15 +252,20 @@ def stage_down(plan: LayerPlan, hidden: tuple, w2: jax.Array, w2_prequantized, l
 
 
 def stage_down_combine(plan: LayerPlan, hidden: tuple, w2: jax.Array, w2_prequantized, packed: Packed) -> jax.Array:
-    """`stage_down` then `stage_combine` as one custom VJP where the plan runs the SwiGLU kernels
-    (`LayerPlan.fused_swiglu`): the combine's backward kernel then makes the down projection's Q(g)
-    (`grouped.int8_down_combine`). The same values as the two stages."""
+    """`stage_down` then `stage_combine` as one custom VJP (`grouped.down_combine`) where the plan runs the
+    kernels (`LayerPlan.fused_combine`): the combine's backward kernel makes g, the gates' gradient and for
+    ``int8_routed_prequant`` the down projection's Q(g) in one pass. The same values as the two stages."""
     h, codes, scale = hidden
     layout = packed.placement.layout
-    w_codes, w_scale, w_codes_t = w2_prequantized if plan.prequantized else step_codes(w2, layout)
-    down_combine = int8_down_combine(plan.routed_rule, plan.dtype, plan.interpret_kernels)
-    return down_combine(h, codes, scale, w2, w_codes, w_scale, w_codes_t, layout, packed.placement,
-                        packed.routing.gate_weights)
+    if not plan.routed_int8:
+        w_codes = w_scale = w_codes_t = None
+    else:
+        if codes is None:
+            codes, scale = quantize_rows(h)
+        w_codes, w_scale, w_codes_t = w2_prequantized if plan.prequantized else step_codes(w2, layout)
+    rule = plan.routed_rule if plan.routed_int8 else "float"
+    fn = down_combine(rule, plan.dtype, pallas_interpret(plan.platform))
+    return fn(h, codes, scale, w2, w_codes, w_scale, w_codes_t, layout, packed.placement, packed.routing.gate_weights)
 
 
 def stage_combine(out_rows: jax.Array, packed: Packed) -> jax.Array:
@@ -330,7 +342,7 @@ def run_layer(plan: LayerPlan, params: dict, frozen: dict, x: jax.Array) -> tupl
     packed = stage_pack(plan, params, frozen, x)
     layout = packed.placement.layout
     hidden = stage_up(plan, (packed.rows, packed.rows_codes, packed.rows_scale), params["w13"], w13_q, layout)
-    if plan.fused_swiglu:
+    if plan.fused_combine:
         routed = stage_down_combine(plan, hidden, params["w2"], w2_q, packed)
     else:
         routed = stage_combine(stage_down(plan, hidden, params["w2"], w2_q, layout), packed)

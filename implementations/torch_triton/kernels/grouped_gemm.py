@@ -19,6 +19,11 @@ epilogue overlaps the next tile's first loads, which the one-tile programs leave
 scheduler (the int8 GEMM at ~1140 of cuBLAS's ~1470 TOP/s on the H200, issue 10). The loop counts the real
 tiles from the group offsets on the device, so the spare work items of the bound are never visited. The
 autotuner chooses between the two (`_GPU_CONFIGS`); ``grouped_gemm(persistent=...)`` forces one.
+Measured on the H200 (2026-12-01, Triton 3.6, 64 experts, K 2048): no gain. Top-8 up (262,144 rows, N 4096)
+3.92 ms one-tile against 4.01 persistent; down 2.00 / 2.14; top-2 up 1.09 / 1.07, down 0.52 / 0.52. The likely
+reason: Triton's Hopper pipeliner issues a wgmma asynchronously only with a float32 accumulator, so every int8
+K step waits for its product (seen in the sm_90 PTX: a full wgmma wait after each int8 dot, one pending for
+fp16), and overlapping the epilogue does not reach that wait. Kept for the autotuner and for later Triton.
 
 The same kernel with ``INT8=False`` is a float grouped GEMM (float32 accumulation, no TF32), used
 where a float path must not depend on ``torch._grouped_mm``.
