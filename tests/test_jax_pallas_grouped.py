@@ -1,5 +1,5 @@
 """The Pallas grouped-GEMM kernels of `jax_prequant.pallas_grouped` (the ``pallas`` formulation, issue 15),
-run in Pallas's interpreter on CPU against NumPy: the row-tile schedule, the int8 and float grouped GEMM
+run in Pallas's interpreter on CPU (through Triton with ``--device cuda``) against NumPy: the row-tile schedule, the int8 and float grouped GEMM
 (both weight layouts, the epilogue scales) and the grouped weight gradient, on skewed group sizes with
 empty groups, a one-row group, groups that are not a multiple of the tile and rows past every group.
 Each kernel also runs with 16-row/column/depth tiles so that small arrays span several row tiles per
@@ -31,6 +31,18 @@ SIZES = {
     "all_empty": ([0, 0, 0], 9),
 }
 #: Tiles small enough that the arrays below span several row tiles per group, column blocks and K steps.
+@pytest.fixture(scope="module")
+def interpret(request) -> bool:
+    """Run the kernels through Triton where the run's device is a GPU, else interpreted. Interpreted on a GPU,
+    the kernel is an XLA program run there, which is not what the layer runs (and on the H200, jax 0.11,
+    XLA's int8 dots of the interpreted [K, N]-rhs kernel at 128-row tiles summed every product twice)."""
+    device = request.config.getoption("--device") or "cpu"
+    on_gpu = device in _jax_env.GPU_PLATFORMS and jax.default_backend() == "gpu"
+    if device in _jax_env.GPU_PLATFORMS and not on_gpu:
+        pytest.skip(f"--device {device}: jax sees no GPU")
+    return not on_gpu
+
+
 SMALL_TILES = pg.Tiles(rows=16, cols=16, depth=16, num_warps=4, num_stages=2)
 TILES = {"default": None, "small": SMALL_TILES}
 #: float32 operands: the kernel and NumPy sum the same products in another order (K <= 72 terms).
@@ -80,7 +92,7 @@ def test_row_tile_schedule(case, block_rows):
 @pytest.mark.parametrize("tiles", list(TILES))
 @pytest.mark.parametrize("transpose_rhs", [False, True], ids=["rhs_gkn", "rhs_gnk"])
 @pytest.mark.parametrize("case", list(SIZES))
-def test_int8_grouped_matmul(case, transpose_rhs, tiles):
+def test_int8_grouped_matmul(case, transpose_rhs, tiles, interpret):
     """int8 x int8 -> int32 exactly (no scales), and the epilogue's per-row x per-(expert, column)
     dequantization; the tail rows come out zero."""
     sizes, tail = SIZES[case]
@@ -95,7 +107,7 @@ def test_int8_grouped_matmul(case, transpose_rhs, tiles):
 
     @jax.jit
     def run(lhs, rhs, sizes, row_scale, col_scale):
-        options = dict(transpose_rhs=transpose_rhs, interpret=True, tiles=TILES[tiles])
+        options = dict(transpose_rhs=transpose_rhs, interpret=interpret, tiles=TILES[tiles])
         return (pg.grouped_matmul(lhs, rhs, sizes, **options),
                 pg.grouped_matmul(lhs, rhs, sizes, row_scale=row_scale, col_scale=col_scale, **options))
 
@@ -111,7 +123,7 @@ def test_int8_grouped_matmul(case, transpose_rhs, tiles):
 @pytest.mark.parametrize("tiles", list(TILES))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("transpose_rhs", [False, True], ids=["rhs_gkn", "rhs_gnk"])
-def test_float_grouped_matmul(transpose_rhs, dtype, tiles):
+def test_float_grouped_matmul(transpose_rhs, dtype, tiles, interpret):
     """Float operands (scheme ``none``, the straight-through backward): float32 accumulation, stored in
     the operands' dtype."""
     sizes, tail = SIZES["skewed"]
@@ -120,7 +132,7 @@ def test_float_grouped_matmul(transpose_rhs, dtype, tiles):
     depth, cols, groups = 72, 40, len(sizes)
     lhs = jnp.asarray(rng.standard_normal((group.size, depth)), dtype)
     rhs = jnp.asarray(rng.standard_normal((groups, cols, depth) if transpose_rhs else (groups, depth, cols)), dtype)
-    out = pg.grouped_matmul(lhs, rhs, jnp.asarray(group_sizes), transpose_rhs=transpose_rhs, interpret=True,
+    out = pg.grouped_matmul(lhs, rhs, jnp.asarray(group_sizes), transpose_rhs=transpose_rhs, interpret=interpret,
                             tiles=TILES[tiles])
     assert out.dtype == jnp.dtype(dtype)
     expected = _expected_matmul(np.asarray(lhs, np.float64), np.asarray(rhs, np.float64), group, transpose_rhs)
@@ -129,7 +141,7 @@ def test_float_grouped_matmul(transpose_rhs, dtype, tiles):
     assert_close(out, expected, FLOAT32_RTOL if dtype == "float32" else BFLOAT16_RTOL, f"{dtype} grouped matmul")
 
 
-def test_grouped_weight_grad_rounds_once_at_its_store():
+def test_grouped_weight_grad_rounds_once_at_its_store(interpret):
     """With ``out_dtype`` bfloat16 the kernel stores its float32 accumulator rounded: bit for bit the float32
     result cast afterwards, without that float32 result (weight-sized) ever existing."""
     sizes, tail = SIZES["skewed"]
@@ -138,8 +150,8 @@ def test_grouped_weight_grad_rounds_once_at_its_store():
     rows = int(sum(sizes)) + tail
     lhs = jnp.asarray(rng.standard_normal((rows, 40)), jnp.bfloat16)
     rhs = jnp.asarray(rng.standard_normal((rows, 24)), jnp.bfloat16)
-    wide = pg.grouped_weight_grad(lhs, rhs, jnp.asarray(group_sizes), interpret=True)
-    narrow = pg.grouped_weight_grad(lhs, rhs, jnp.asarray(group_sizes), interpret=True, out_dtype=jnp.bfloat16)
+    wide = pg.grouped_weight_grad(lhs, rhs, jnp.asarray(group_sizes), interpret=interpret)
+    narrow = pg.grouped_weight_grad(lhs, rhs, jnp.asarray(group_sizes), interpret=interpret, out_dtype=jnp.bfloat16)
     assert narrow.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(narrow).view(np.uint16),
                                   np.asarray(wide.astype(jnp.bfloat16)).view(np.uint16))
@@ -147,7 +159,7 @@ def test_grouped_weight_grad_rounds_once_at_its_store():
 
 @pytest.mark.parametrize("tiles", list(TILES))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_grouped_weight_grad(dtype, tiles):
+def test_grouped_weight_grad(dtype, tiles, interpret):
     """dW[g] = x_g^T dy_g over each group's rows; empty groups exactly zero; tail rows ignored."""
     sizes, tail = SIZES["skewed"]
     group, group_sizes = _rows_of(sizes, tail)
@@ -155,7 +167,7 @@ def test_grouped_weight_grad(dtype, tiles):
     depth, cols = 40, 24
     lhs = jnp.asarray(rng.standard_normal((group.size, depth)), dtype)
     rhs = jnp.asarray(rng.standard_normal((group.size, cols)), dtype)
-    dw = pg.grouped_weight_grad(lhs, rhs, jnp.asarray(group_sizes), interpret=True, tiles=TILES[tiles])
+    dw = pg.grouped_weight_grad(lhs, rhs, jnp.asarray(group_sizes), interpret=interpret, tiles=TILES[tiles])
     assert dw.dtype == jnp.float32 and dw.shape == (len(sizes), depth, cols)
     dw = np.asarray(dw, np.float64)
     x64, g64 = np.asarray(lhs, np.float64), np.asarray(rhs, np.float64)

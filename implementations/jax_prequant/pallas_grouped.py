@@ -192,11 +192,6 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tr
     default int32 for unscaled int8, else the float32 accumulator's type cast to lhs's float dtype.
     """
     _check_operands(lhs, rhs, group_sizes, transpose_rhs)
-    if lhs.dtype == jnp.int8 and not transpose_rhs and not interpret:
-        # On the H200 (Triton 3.6 under jax 0.11), int8 x [K, N] rhs tiles with full 128-row lhs tiles summed
-        # every product twice (tests/test_jax_pallas_grouped.py, rhs_gkn cases with a group of more than one
-        # row tile); the [G, N, K] layout, which the layer always passes, is exact. One copy of the codes here.
-        rhs, transpose_rhs = jnp.swapaxes(rhs, 1, 2), True
     if (row_scale is None) != (col_scale is None):
         raise ValueError("row_scale and col_scale come together (the epilogue multiplies by both)")
     rows, depth = lhs.shape
