@@ -1,10 +1,10 @@
 """The Pallas grouped-GEMM kernels of `jax_prequant.pallas_grouped` (the ``pallas`` formulation, issue 15),
-run in Pallas's interpreter on CPU (through Triton with ``--device cuda``) against NumPy: the row-tile schedule, the int8 and float grouped GEMM
-(both weight layouts, the epilogue scales) and the grouped weight gradient, on skewed group sizes with
-empty groups, a one-row group, groups that are not a multiple of the tile and rows past every group.
-Each kernel also runs with 16-row/column/depth tiles so that small arrays span several row tiles per
-group, several column blocks and several K steps. Finally the kernels go through Pallas's Triton lowering
-for CUDA (no GPU needed to lower; compiling and running them needs one).
+run in Pallas's interpreter on CPU (through Triton with ``--device cuda``) against NumPy: the row-tile
+schedule, the int8 and float grouped GEMM (both weight layouts, the epilogue scales) and the grouped weight
+gradient, on skewed group sizes with empty groups, a one-row group, groups that are not a multiple of the
+tile and rows past every group. Each kernel also runs with 16-row/column, 32-deep tiles so that small arrays
+span several row tiles per group, several column blocks and several K steps. Finally the kernels go through
+Pallas's Triton lowering for CUDA (no GPU needed to lower; compiling and running them needs one).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ SIZES = {
     "one_group": ([0, 0, 44, 0], 0),
     "all_empty": ([0, 0, 0], 9),
 }
-#: Tiles small enough that the arrays below span several row tiles per group, column blocks and K steps.
 @pytest.fixture(scope="module")
 def interpret(request) -> bool:
     """Run the kernels through Triton where the run's device is a GPU, else interpreted. Interpreted on a GPU,
@@ -43,7 +42,9 @@ def interpret(request) -> bool:
     return not on_gpu
 
 
-SMALL_TILES = pg.Tiles(rows=16, cols=16, depth=16, num_warps=4, num_stages=2)
+#: Tiles small enough that the arrays below span several row tiles per group, column blocks and K steps (72 of
+#: K in three steps: 32 is the smallest int8 contraction tile on a GPU, `pallas_grouped.INT8_MIN_DEPTH`).
+SMALL_TILES = pg.Tiles(rows=16, cols=16, depth=32, num_warps=4, num_stages=2)
 TILES = {"default": None, "small": SMALL_TILES}
 #: float32 operands: the kernel and NumPy sum the same products in another order (K <= 72 terms).
 FLOAT32_RTOL = 1e-6
@@ -184,6 +185,16 @@ def test_tiles_must_be_powers_of_two():
     with pytest.raises(ValueError, match="powers of two"):
         pg.Tiles(rows=48, cols=128, depth=64, num_warps=4, num_stages=3)
     assert all(t.rows & (t.rows - 1) == 0 for t in (pg.INT8_TILES, pg.HALF_TILES, pg.FLOAT32_TILES))
+
+
+def test_int8_tiles_shallower_than_an_int8_mma_are_refused_on_gpus():
+    """16-deep int8 tiles gave wrong sums through Triton on the H200: refused there, not run; interpreted they
+    are exact (the interpreter does not lower to tensor cores)."""
+    lhs, rhs, sizes = jnp.zeros((4, 64), jnp.int8), jnp.zeros((2, 8, 64), jnp.int8), jnp.asarray([2, 2], jnp.int32)
+    shallow = pg.Tiles(rows=16, cols=16, depth=16, num_warps=4, num_stages=2)
+    with pytest.raises(ValueError, match="contraction tile of at least 32"):
+        pg.grouped_matmul(lhs, rhs, sizes, transpose_rhs=True, tiles=shallow)
+    assert not np.any(np.asarray(pg.grouped_matmul(lhs, rhs, sizes, transpose_rhs=True, tiles=shallow, interpret=True)))
 
 
 def test_operand_errors_say_what_is_wrong():

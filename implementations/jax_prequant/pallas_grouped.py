@@ -73,6 +73,10 @@ class Tiles:
                 raise ValueError(f"tile {name}={value}: Triton tiles must be powers of two >= 16")
 
 
+#: The smallest contraction tile of an int8 product through Triton: an int8 tensor-core MMA takes 32 of K, and
+#: on the H200 (Triton 3.6) 16-deep int8 tiles gave wrong sums (tests/test_jax_pallas_grouped.py, 2026-12-01).
+INT8_MIN_DEPTH = 32
+
 #: int8 operands: 128 x 128 output tiles with a 128-deep contraction. int8 tensor-core MMAs take 32
 #: of K per instruction, and a 128-byte K row is one full cache line per operand row; two 16 KiB
 #: operand blocks per stage leave room for 3 stages in an H100/H200 SM's 228 KiB of shared memory.
@@ -207,6 +211,9 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tr
     if out_dtype is None:
         out_dtype = jnp.float32 if scaled else (jnp.int32 if integer else lhs.dtype)
     tiles = tiles or matmul_tiles(lhs.dtype)
+    if integer and not interpret and tiles.depth < INT8_MIN_DEPTH:
+        raise ValueError(f"int8 tiles of depth {tiles.depth}: the GPU's int8 products need a contraction tile of "
+                         f"at least {INT8_MIN_DEPTH}")
     schedule = row_tile_schedule(group_sizes, rows, tiles.rows)
     kernel = functools.partial(
         _grouped_matmul_kernel, tiles=tiles, depth=depth, cols=cols, groups=groups, transpose_rhs=transpose_rhs,
