@@ -1,5 +1,6 @@
-"""Pallas kernels lowered through Triton for CUDA on a machine without a GPU: the check that
-`test_jax_pallas_grouped` and `test_jax_pallas_swiglu` run on their kernels."""
+"""Pallas kernels lowered through Triton for CUDA on a machine without a GPU: the check that the Pallas kernels'
+tests (`test_jax_pallas_grouped`, `test_jax_pallas_swiglu`, `test_jax_pallas_combine`) run on their kernels. Where
+those tests run the kernels is the ``interpret`` fixture of `tests/conftest.py`."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ pytest.importorskip("jax.experimental.pallas.triton", reason="the combine kernel
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from qmoe.implementations.jax_prequant import env as _jax_env  # noqa: E402  (pins x64 off first)
+from qmoe.implementations.jax_prequant import env as _jax_env  # noqa: E402, F401  (pins x64 off first)
 from qmoe.implementations.jax_prequant import pallas_combine as pc  # noqa: E402
 from qmoe.implementations.jax_prequant.grouped import place_rows, take_rows, token_of_slot, weighted_sum  # noqa: E402
 from qmoe.implementations.jax_prequant.quant import quantize_rows  # noqa: E402
@@ -27,15 +27,6 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 #: (tokens, top_k, hidden): hidden below one column block, exactly one, and past one (two sweeps).
 SHAPES = [(13, 2, 24), (9, 3, 2048), (5, 2, 2100)]
 GROUPS, CAPACITY = 4, 6
-
-
-@pytest.fixture(scope="module")
-def interpret(request) -> bool:
-    device = request.config.getoption("--device") or "cpu"
-    on_gpu = device in _jax_env.GPU_PLATFORMS and jax.default_backend() == "gpu"
-    if device in _jax_env.GPU_PLATFORMS and not on_gpu:
-        pytest.skip(f"--device {device}: jax sees no GPU")
-    return not on_gpu
 
 
 def _case(tokens: int, top_k: int, hidden: int, dtype):

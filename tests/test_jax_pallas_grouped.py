@@ -30,16 +30,6 @@ SIZES = {
     "one_group": ([0, 0, 44, 0], 0),
     "all_empty": ([0, 0, 0], 9),
 }
-@pytest.fixture(scope="module")
-def interpret(request) -> bool:
-    """Run the kernels through Triton where the run's device is a GPU, else interpreted. Interpreted on a GPU,
-    the kernel is an XLA program run there, which is not what the layer runs (and on the H200, jax 0.11,
-    XLA's int8 dots of the interpreted [K, N]-rhs kernel at 128-row tiles summed every product twice)."""
-    device = request.config.getoption("--device") or "cpu"
-    on_gpu = device in _jax_env.GPU_PLATFORMS and jax.default_backend() == "gpu"
-    if device in _jax_env.GPU_PLATFORMS and not on_gpu:
-        pytest.skip(f"--device {device}: jax sees no GPU")
-    return not on_gpu
 
 
 #: Tiles small enough that the arrays below span several row tiles per group, column blocks and K steps (72 of

@@ -32,16 +32,6 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SHAPES = [(37, 24), (6, 2048), (3, 2100)]
 
 
-@pytest.fixture(scope="module")
-def interpret(request) -> bool:
-    """Run the kernels through Triton where the run's device is a GPU, else interpreted."""
-    device = request.config.getoption("--device") or "cpu"
-    on_gpu = device in _jax_env.GPU_PLATFORMS and jax.default_backend() == "gpu"
-    if device in _jax_env.GPU_PLATFORMS and not on_gpu:
-        pytest.skip(f"--device {device}: jax sees no GPU")
-    return not on_gpu
-
-
 @pytest.fixture(params=[None, (4, 512)], ids=["tuned_blocks", "rows4_cols512"])
 def blocks(request, monkeypatch):
     """The tuned block shape, and one of several rows (masked row blocks) and narrow columns (several sweeps per
