@@ -394,6 +394,30 @@ def test_skewed_routing_takes_the_padded_default_to_pallas(monkeypatch):
     assert asked.skewed_formulation is None
 
 
+def test_small_problems_run_xla_fusions_where_the_kernels_are_the_default(monkeypatch):
+    """Where the SwiGLU and combine kernels are the platform's default (GPUs; simulated here), a token count
+    whose routed h has fewer than KERNEL_MIN_ELEMENTS elements runs XLA's fusions (the kernels' Triton compiles
+    are all they cost there: the GPU conformance cases), one at or above it the kernels, still matching the
+    reference; kernels somebody asked for run at every size."""
+    from qmoe.implementations import jax_prequant as jp
+
+    monkeypatch.delenv(_jax_env.SWIGLU_ENV, raising=False)
+    monkeypatch.setattr(_jax_env, "select_swiglu", lambda platform, override=None: override or "pallas")
+    data = CASES["capacity_drop"].build("float32")
+    backend = JaxPrequantBackend("cpu")
+    prepared = backend.prepare(data.spec, data.params, "int8_routed_prequant", "float32")
+    assert prepared.plan.swiglu == "pallas" and prepared.small_swiglu == "xla"
+    x = backend._put_tokens(prepared, data.x)
+    assert backend._plan_for(prepared, x).swiglu == "xla"
+    asked = JaxPrequantBackend("cpu", swiglu="pallas").prepare(data.spec, data.params, "int8_routed_prequant",
+                                                               "float32")
+    assert asked.small_swiglu is None and backend._plan_for(asked, x).swiglu == "pallas"
+    monkeypatch.setattr(jp, "KERNEL_MIN_ELEMENTS", data.x.shape[0] * data.spec.top_k * data.spec.ffn)
+    plan = backend._plan_for(prepared, x)
+    assert plan.swiglu == "pallas" and plan.fused_swiglu and plan.fused_combine
+    _check_against_reference(backend, prepared, data, "int8_routed_prequant")
+
+
 def test_benchmark_step_says_which_plan_runs(monkeypatch):
     """The benchmark's record names the formulation that ran, which a skewed routing changes (padded -> pallas)."""
     monkeypatch.delenv(_jax_env.GROUPED_ENV, raising=False)

@@ -71,6 +71,13 @@ PADDING_LIMIT = 1.15
 #: (a5cd770), against 143 s on padded (0016e98). The logbook's top-2 "balanced" routing pads 10,240 rows (1.156).
 PADDING_MIN_ROWS = 8192
 
+#: The fewest routed elements of h (tokens x top_k x F) for which the platform's default runs the SwiGLU and
+#: combine kernels (`env.select_swiglu`: ``pallas`` on GPUs); below, XLA's fusions. Each kernel is compiled through
+#: Triton once per shape, and at small sizes the compiles are all it costs: jax_prequant's GPU conformance (at
+#: most 65 tokens) ran 281 s with the SwiGLU kernels (e1b6131) and did not finish in 295 s with the combine kernel
+#: too (f33cfcb), against 143 s without kernels (0016e98). The logbook's smallest routed h is 2^27 elements.
+KERNEL_MIN_ELEMENTS = 2**22
+
 
 @dataclass
 class JaxPrepared:
@@ -82,7 +89,8 @@ class JaxPrepared:
     dequantized float64 weights, made on first request (at benchmark shapes they are gigabytes).
     ``skewed_formulation``: what a ``padded`` plan becomes for a token count whose routing would pad more than
     `PADDING_LIMIT` and `PADDING_MIN_ROWS` (`JaxPrequantBackend._plan_for`), or None where the formulation was
-    asked for.
+    asked for. ``small_swiglu``: what the plan's ``swiglu`` becomes below `KERNEL_MIN_ELEMENTS`, or None where the
+    kernels were asked for (argument or environment) or are not the platform's default.
     """
 
     spec: MoESpec
@@ -95,6 +103,7 @@ class JaxPrepared:
     sizes: dict[int, tuple[int, int]] = field(default_factory=dict)
     effective: dict[str, np.ndarray] | None = None
     skewed_formulation: str | None = None
+    small_swiglu: str | None = None
 
 
 class JaxPrequantBackend(Backend):
@@ -200,8 +209,10 @@ class JaxPrequantBackend(Backend):
         # somebody asked for (argument or environment) is kept whatever the routing.
         chosen = self.grouped or os.environ.get(env.GROUPED_ENV)
         skewed = "pallas" if formulation == "padded" and ep_size == 1 and not chosen else None
+        kernels_asked = self.swiglu or os.environ.get(env.SWIGLU_ENV)
+        small = "xla" if plan.swiglu == "pallas" and not kernels_asked else None
         return JaxPrepared(spec, scheme, dtype, plan, device_params, frozen, devices[:ep_size],
-                           skewed_formulation=skewed)
+                           skewed_formulation=skewed, small_swiglu=small)
 
     def effective_weights(self, prepared: JaxPrepared) -> dict[str, np.ndarray]:
         if prepared.effective is None:
@@ -372,10 +383,12 @@ class JaxPrequantBackend(Backend):
 
     def _plan_for(self, prepared: JaxPrepared, x_dev) -> Any:
         """The plan with static capacities for this token count (sized from the routing if new)."""
+        tokens = x_dev.shape[0]
         plan = prepared.plan
+        if prepared.small_swiglu and tokens * plan.spec.top_k * plan.spec.ffn < KERNEL_MIN_ELEMENTS:
+            plan = replace(plan, swiglu=prepared.small_swiglu)
         if plan.formulation != "padded" and plan.ep_size == 1:  # no static capacity to size
             return _noted(plan)
-        tokens = x_dev.shape[0]
         if tokens not in prepared.sizes:
             from . import programs
 

@@ -110,12 +110,14 @@ SWIGLUS: tuple[str, ...] = ("xla", "pallas")
 
 
 def select_swiglu(platform: str, override: str | None = None) -> str:
-    """Where the routed SwiGLU and its per-row int8 quantizers run: ``pallas`` (`pallas_swiglu`: one kernel each
-    way under int8 schemes, the backward's kernel under float ones) or ``xla`` (`layer.swiglu` and
-    `quant.quantize_rows`, fused by XLA).
+    """Where the routed SwiGLU and its per-row int8 quantizers run, and with them the combine's backward:
+    ``pallas`` (`pallas_swiglu`: one kernel each way under int8 schemes, the backward's kernel under float ones;
+    `pallas_combine`) or ``xla`` (`layer.swiglu`, `quant.quantize_rows` and autodiff of the combine, fused by XLA).
     ``override``, else $QMOE_JAX_SWIGLU, else ``pallas`` on GPUs and ``xla`` elsewhere (on CPU ``pallas`` runs
-    interpreted: slow, for tests). H200, logbook top-8, int8_routed_prequant forward+backward: 34.9 ms with
-    XLA's fusions, 32.9 with the kernels (2026-12-01, one run with both)."""
+    interpreted: slow, for tests). The GPU default gives way to ``xla`` for token counts below
+    `KERNEL_MIN_ELEMENTS` (`JaxPrequantBackend._plan_for`); a choice made here by argument or environment is
+    kept at every size. H200, logbook top-8, int8_routed_prequant forward+backward: 34.9 ms with XLA's fusions,
+    32.9 with the SwiGLU kernels (2026-12-01, one run with both), 31.4 with the combine's kernel too."""
     default = "pallas" if platform in GPU_PLATFORMS else "xla"
     return _chosen("swiglu", override or os.environ.get(SWIGLU_ENV) or default, SWIGLUS, platform)
 
