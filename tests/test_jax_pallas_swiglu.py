@@ -73,6 +73,23 @@ def test_forward_equals_swiglu_then_quantize_rows(rows, ffn, dtype, interpret, b
 
 @pytest.mark.parametrize("rows,ffn", SHAPES)
 @pytest.mark.parametrize("dtype", list(DTYPES))
+def test_forward_from_int32_sums_equals_dequantize_then_swiglu(rows, ffn, dtype, interpret, blocks):
+    """From the up projection's int32 sums and each row's scale: a as XLA's dequantization makes it (the float32
+    product rounded once to the dtype), bit for bit, then h and Q(h) of that a, as from a itself."""
+    rng = np.random.default_rng(rows + ffn)
+    acc = jnp.asarray(rng.integers(-(2**20), 2**20, (rows, 2 * ffn)), jnp.int32).at[1].set(0)
+    row_scale = jnp.asarray(rng.uniform(1e-6, 1e-5, rows), jnp.float32)
+    h, codes, scale, a = ps.swiglu_quantize(acc, interpret=interpret, row_scale=row_scale, dtype=DTYPES[dtype])
+    expected_a = (acc.astype(jnp.float32) * row_scale[:, None]).astype(DTYPES[dtype])
+    np.testing.assert_array_equal(_f32(a), _f32(expected_a))
+    assert a.dtype == h.dtype == DTYPES[dtype]
+    for got, expected in zip((h, codes, scale), ps.swiglu_quantize(expected_a, interpret=interpret)):
+        np.testing.assert_array_equal(_f32(got), _f32(expected))
+    assert float(scale[1, 0]) == 1.0 and not np.any(np.asarray(codes[1]))
+
+
+@pytest.mark.parametrize("rows,ffn", SHAPES)
+@pytest.mark.parametrize("dtype", list(DTYPES))
 def test_backward_equals_autodiff_then_quantize_rows(rows, ffn, dtype, interpret, blocks):
     """d_a within one rounding of autodiff's (the kernel writes silu' in another order of float32 operations),
     Q(d_a) exactly the quantizer of the d_a it returns, and the unquantized variant the same d_a."""
@@ -100,18 +117,26 @@ def test_round_half_even_at_ties():
 def test_shape_errors_say_what_is_wrong():
     with pytest.raises(ValueError, match=r"\[M, 2F\]"):
         ps.swiglu_quantize(jnp.zeros((4, 7), jnp.float32), interpret=True)
+    with pytest.raises(ValueError, match="int32 sums come with row_scale and dtype"):
+        ps.swiglu_quantize(jnp.zeros((4, 8), jnp.int32), interpret=True)
+    with pytest.raises(ValueError, match="row_scale has shape"):
+        ps.swiglu_quantize(jnp.zeros((4, 8), jnp.int32), interpret=True, row_scale=jnp.ones(3), dtype=jnp.float32)
     with pytest.raises(ValueError, match="d_h has shape"):
         ps.swiglu_backward(jnp.zeros((4, 8), jnp.float32), jnp.zeros((4, 3), jnp.float32), True, interpret=True)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_kernels_lower_through_triton_for_cuda(dtype):
-    """Pallas's Triton lowering accepts both kernels (floor-built rounding, masked column blocks, two sweeps)
-    for CUDA and the modules verify, on a machine without a GPU (as `test_jax_pallas_grouped` checks its own)."""
+    """Pallas's Triton lowering accepts both kernels (floor-built rounding, masked column blocks, two sweeps; the
+    forward from int32 sums too) for CUDA and the modules verify, on a machine without a GPU (as
+    `test_jax_pallas_grouped` checks its own)."""
     a, d_h = jax.ShapeDtypeStruct((1000, 4096), DTYPES[dtype]), jax.ShapeDtypeStruct((1000, 2048), DTYPES[dtype])
     verified = verified_cuda_lowerings(ps.swiglu_quantize, [a])
     verified += verified_cuda_lowerings(lambda v, d: ps.swiglu_backward(v, d, True), [a, d_h])
-    assert len(verified) == 2 and all(verified), "a Triton module does not verify"
+    acc, row_scale = jax.ShapeDtypeStruct((1000, 4096), jnp.int32), jax.ShapeDtypeStruct((1000,), jnp.float32)
+    verified += verified_cuda_lowerings(
+        lambda v, s: ps.swiglu_quantize(v, row_scale=s, dtype=DTYPES[dtype]), [acc, row_scale])
+    assert len(verified) == 3 and all(verified), "a Triton module does not verify"
 
 
 @pytest.mark.parametrize("scheme", ["int8_routed_prequant", "int8_routed", "none"])

@@ -79,46 +79,61 @@ def _tiles(ffn: int) -> tuple[int, int]:
     return BLOCK_ROWS, min(BLOCK_COLS, max(16, pl.next_power_of_2(ffn)))
 
 
-def _forward_kernel(a_ref, h_ref, codes_ref, scale_ref, *, rows: int, ffn: int, block_cols: int,
-                    interpret: bool) -> None:
-    """Rows r0 .. r0 + BLOCK_ROWS: h, then Q(h) (two sweeps over the columns: amax, then codes)."""
+def _forward_kernel(a_ref, *refs, rows: int, ffn: int, block_cols: int, dequantize: bool, interpret: bool) -> None:
+    """Rows r0 .. r0 + BLOCK_ROWS: h, then Q(h) (a row wider than one tile in two sweeps: amax, then codes).
+    With ``dequantize``, ``a_ref`` holds the up projection's int32 sums, which the kernel scales by its row's
+    ``row_scale`` and rounds to the layer's dtype (the a it also stores) before the SwiGLU."""
+    if dequantize:
+        row_scale_ref, h_ref, codes_ref, scale_ref, a_out_ref = refs
+    else:
+        h_ref, codes_ref, scale_ref = refs
     r0 = pl.program_id(0) * BLOCK_ROWS
     row_ok = r0 + jnp.arange(BLOCK_ROWS, dtype=jnp.int32) < rows
+    if dequantize:
+        row_scale = plgpu.load(row_scale_ref.at[pl.ds(r0, BLOCK_ROWS)], mask=row_ok, other=0.0)[:, None]
+
+    def half(c0, mask):
+        """a's columns c0 .. of one half: (in the layer's dtype or None, in float32)."""
+        value = plgpu.load(a_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(c0, block_cols)], mask=mask, other=0)
+        if dequantize:
+            return rounded(value.astype(jnp.float32) * row_scale, h_ref.dtype, interpret)
+        return None, value.astype(jnp.float32)
 
     def h_block(c0):
         col_ok = c0 + jnp.arange(block_cols, dtype=jnp.int32) < ffn
         mask = row_ok[:, None] & col_ok[None, :]
-        gate = plgpu.load(a_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(c0, block_cols)], mask=mask, other=0.0)
-        up = plgpu.load(a_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(ffn + c0, block_cols)], mask=mask, other=0.0)
-        h, h32 = rounded(_silu(gate.astype(jnp.float32))[0] * up.astype(jnp.float32), h_ref.dtype, interpret)
-        return h, h32, mask
+        gate, up = half(c0, mask), half(ffn + c0, mask)
+        h, h32 = rounded(_silu(gate[1])[0] * up[1], h_ref.dtype, interpret)
+        return h, h32, mask, (gate[0], up[0])
+
+    def store(c0, block, scale):
+        h, h32, mask, (gate, up) = block
+        plgpu.store(h_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(c0, block_cols)], h, mask=mask)
+        plgpu.store(codes_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(c0, block_cols)], row_codes(h32, scale[:, None]),
+                    mask=mask)
+        if dequantize:
+            plgpu.store(a_out_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(c0, block_cols)], gate, mask=mask)
+            plgpu.store(a_out_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(ffn + c0, block_cols)], up, mask=mask)
 
     def amax_step(step, amax):
-        _, h32, _ = h_block(step * block_cols)
+        h32 = h_block(step * block_cols)[1]
         return jnp.maximum(amax, jnp.max(jnp.abs(h32), axis=1))
 
     steps = pl.cdiv(ffn, block_cols)
     if steps == 1:  # the whole row in one tile: computed once, no second sweep
         def whole_row(c0, carry):
-            h, h32, mask = h_block(c0)
-            scale = scale_from_amax(jnp.max(jnp.abs(h32), axis=1))
-            plgpu.store(h_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(c0, block_cols)], h, mask=mask)
-            plgpu.store(codes_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(c0, block_cols)], row_codes(h32, scale[:, None]),
-                        mask=mask)
+            block = h_block(c0)
+            scale = scale_from_amax(jnp.max(jnp.abs(block[1]), axis=1))
+            store(c0, block, scale)
             plgpu.store(scale_ref.at[pl.ds(r0, BLOCK_ROWS)], scale, mask=row_ok)
             return carry
 
         once(whole_row)
         return
-    amax = jax.lax.fori_loop(0, steps, amax_step, jnp.zeros((BLOCK_ROWS,), jnp.float32))
-    scale = scale_from_amax(amax)
+    scale = scale_from_amax(jax.lax.fori_loop(0, steps, amax_step, jnp.zeros((BLOCK_ROWS,), jnp.float32)))
 
     def store_step(step, carry):
-        c0 = step * block_cols
-        h, h32, mask = h_block(c0)
-        plgpu.store(h_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(c0, block_cols)], h, mask=mask)
-        plgpu.store(codes_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(c0, block_cols)], row_codes(h32, scale[:, None]),
-                    mask=mask)
+        store(step * block_cols, h_block(step * block_cols), scale)
         return carry
 
     jax.lax.fori_loop(0, steps, store_step, jnp.int32(0))
@@ -197,22 +212,39 @@ def _params(interpret: bool):
     return None if interpret else plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def swiglu_quantize(a: jax.Array, interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(h [M, F] in a's dtype, Q(h) codes [M, F] int8, scales [M, 1] float32) of a = [gate | up] [M, 2F]."""
+@functools.partial(jax.jit, static_argnames=("interpret", "dtype"))
+def swiglu_quantize(a: jax.Array, interpret: bool = False, row_scale: jax.Array | None = None, dtype=None
+                    ) -> tuple[jax.Array, ...]:
+    """(h [M, F] in a's dtype, Q(h) codes [M, F] int8, scales [M, 1] float32) of a = [gate | up] [M, 2F].
+
+    With ``row_scale`` [M] float32, ``a`` is the up projection's int32 sums, dequantized here as XLA would:
+    a = (float32(acc) * row_scale) rounded to ``dtype``; then a [M, 2F] in ``dtype`` comes back fourth (the
+    backward's residual), and the int32 sums never pass through a separate scaling pass."""
     ffn = _check(a)
     rows = a.shape[0]
+    dequantize = row_scale is not None
+    if dequantize != (a.dtype == jnp.int32) or dequantize != (dtype is not None):
+        raise ValueError(f"swiglu_quantize: int32 sums come with row_scale and dtype, float pre-activations with "
+                         f"neither (got {a.dtype}, row_scale {'given' if dequantize else 'None'}, dtype {dtype})")
+    if dequantize and row_scale.shape != (rows,):
+        raise ValueError(f"row_scale has shape {row_scale.shape}, expected {(rows,)}")
+    out_dtype = jnp.dtype(dtype) if dequantize else a.dtype
     block_rows, block_cols = _tiles(ffn)
-    h, codes, scale = pl.pallas_call(
-        functools.partial(_forward_kernel, rows=rows, ffn=ffn, block_cols=block_cols, interpret=interpret),
-        out_shape=(jax.ShapeDtypeStruct((rows, ffn), a.dtype), jax.ShapeDtypeStruct((rows, ffn), jnp.int8),
-                   jax.ShapeDtypeStruct((rows,), jnp.float32)),
+    out_shape = [jax.ShapeDtypeStruct((rows, ffn), out_dtype), jax.ShapeDtypeStruct((rows, ffn), jnp.int8),
+                 jax.ShapeDtypeStruct((rows,), jnp.float32)]
+    if dequantize:
+        out_shape.append(jax.ShapeDtypeStruct((rows, 2 * ffn), out_dtype))
+    outs = pl.pallas_call(
+        functools.partial(_forward_kernel, rows=rows, ffn=ffn, block_cols=block_cols, dequantize=dequantize,
+                          interpret=interpret),
+        out_shape=tuple(out_shape),
         grid=(pl.cdiv(rows, block_rows),),
         interpret=interpret,
         compiler_params=_params(interpret),
         name="qmoe_swiglu_quantize",
-    )(a)
-    return h, codes, scale[:, None]
+    )(a, *((row_scale.astype(jnp.float32),) if dequantize else ()))
+    h, codes, scale = outs[:3]
+    return (h, codes, scale[:, None]) + tuple(outs[3:])
 
 
 @functools.partial(jax.jit, static_argnames=("quantize", "interpret"))
