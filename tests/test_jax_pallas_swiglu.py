@@ -108,6 +108,24 @@ def test_backward_equals_autodiff_then_quantize_rows(rows, ffn, dtype, interpret
     np.testing.assert_array_equal(_f32(plain), _f32(d_a))
 
 
+@pytest.mark.parametrize("rows,ffn", SHAPES)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_backward_from_int32_sums_equals_dequantize_then_backward(rows, ffn, dtype, interpret, blocks):
+    """d_h from the int32 sums of the product that makes it and each row's scale: bit for bit the backward of
+    the d_h XLA's dequantization makes (the float32 product rounded once to the dtype)."""
+    a = _pre_activations(rows, ffn, DTYPES[dtype])
+    rng = np.random.default_rng(rows * ffn)
+    acc = jnp.asarray(rng.integers(-(2**20), 2**20, (rows, ffn)), jnp.int32)
+    row_scale = jnp.asarray(rng.uniform(1e-6, 1e-5, rows), jnp.float32)
+    d_h = (acc.astype(jnp.float32) * row_scale[:, None]).astype(DTYPES[dtype])
+    for quantize in (True, False):
+        got = ps.swiglu_backward(a, acc, quantize, interpret=interpret, row_scale=row_scale)
+        expected = ps.swiglu_backward(a, d_h, quantize, interpret=interpret)
+        for value, reference in zip(got, expected):
+            np.testing.assert_array_equal(_f32(value) if value is not None else value,
+                                          _f32(reference) if reference is not None else reference)
+
+
 def test_round_half_even_at_ties():
     """The quantizer's rounding built from floor: ties to even, both signs, and off-tie values as rint."""
     values = jnp.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 2.4999, 126.5, -126.5, 3.0, 0.0, 0.49999997], jnp.float32)
@@ -121,14 +139,16 @@ def test_shape_errors_say_what_is_wrong():
         ps.swiglu_quantize(jnp.zeros((4, 8), jnp.int32), interpret=True)
     with pytest.raises(ValueError, match="row_scale has shape"):
         ps.swiglu_quantize(jnp.zeros((4, 8), jnp.int32), interpret=True, row_scale=jnp.ones(3), dtype=jnp.float32)
+    with pytest.raises(ValueError, match="int32 d_h comes with row_scale"):
+        ps.swiglu_backward(jnp.zeros((4, 8), jnp.float32), jnp.zeros((4, 4), jnp.int32), True, interpret=True)
     with pytest.raises(ValueError, match="d_h has shape"):
         ps.swiglu_backward(jnp.zeros((4, 8), jnp.float32), jnp.zeros((4, 3), jnp.float32), True, interpret=True)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_kernels_lower_through_triton_for_cuda(dtype):
-    """Pallas's Triton lowering accepts both kernels (floor-built rounding, masked column blocks, two sweeps; the
-    forward from int32 sums too) for CUDA and the modules verify, on a machine without a GPU (as
+    """Pallas's Triton lowering accepts both kernels (floor-built rounding, masked column blocks, two sweeps; both
+    from int32 sums too) for CUDA and the modules verify, on a machine without a GPU (as
     `test_jax_pallas_grouped` checks its own)."""
     a, d_h = jax.ShapeDtypeStruct((1000, 4096), DTYPES[dtype]), jax.ShapeDtypeStruct((1000, 2048), DTYPES[dtype])
     verified = verified_cuda_lowerings(ps.swiglu_quantize, [a])
@@ -136,7 +156,10 @@ def test_kernels_lower_through_triton_for_cuda(dtype):
     acc, row_scale = jax.ShapeDtypeStruct((1000, 4096), jnp.int32), jax.ShapeDtypeStruct((1000,), jnp.float32)
     verified += verified_cuda_lowerings(
         lambda v, s: ps.swiglu_quantize(v, row_scale=s, dtype=DTYPES[dtype]), [acc, row_scale])
-    assert len(verified) == 3 and all(verified), "a Triton module does not verify"
+    d_h_acc = jax.ShapeDtypeStruct((1000, 2048), jnp.int32)
+    verified += verified_cuda_lowerings(
+        lambda v, d, s: ps.swiglu_backward(v, d, True, row_scale=s), [a, d_h_acc, row_scale])
+    assert len(verified) == 4 and all(verified), "a Triton module does not verify"
 
 
 @pytest.mark.parametrize("scheme", ["int8_routed_prequant", "int8_routed", "none"])

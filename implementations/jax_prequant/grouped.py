@@ -325,6 +325,12 @@ def int8_accumulator(codes: jax.Array, scale: jax.Array, w_codes: jax.Array, w_s
     return acc, (scale * _expert_scale(w_scale, layout)).reshape(-1)
 
 
+def _check_rule(rule: str) -> None:
+    """Refuse an int8 backward rule other than ``ste`` and ``prequant_vjp``."""
+    if rule not in ("ste", "prequant_vjp"):
+        raise ValueError(f"unknown backward rule {rule!r}")
+
+
 @functools.cache
 def int8_grouped_dot(rule: str, dtype_name: str):
     """The routed int8 projection with its backward rule, as a custom-VJP function.
@@ -344,8 +350,7 @@ def int8_grouped_dot(rule: str, dtype_name: str):
       cotangent against the transposed pre-quantized weights, int32 accumulation — and the float
       surrogate ``dw = x^T g`` from the un-quantized rows.
     """
-    if rule not in ("ste", "prequant_vjp"):
-        raise ValueError(f"unknown backward rule {rule!r}")
+    _check_rule(rule)
     dtype = jnp.dtype(dtype_name)
 
     @jax.custom_vjp
@@ -390,10 +395,39 @@ def _int8_gradients(rule: str, dtype, kept, g: jax.Array, g_quantized: tuple | N
     return dx, grouped_weight_grad(dequantize(x_codes, x_scale, dtype), g.astype(dtype), layout, out_dtype=dtype)
 
 
+def _xla_swiglu_forward(x_codes, x_scale, w_codes, w_scale, w_codes_t, layout: GroupedLayout, dtype) -> tuple:
+    """(h, Q(h) codes, Q(h) scales) of the up projection by XLA's fusions: what a forward-only program runs (the
+    custom VJPs' primal), where XLA reads the int8 GEMM's int32 result straight into the SwiGLU and a kernel would
+    need a materialized first (H200, logbook top-8 forward: 11.0 ms with the kernel against 10.0). The same values:
+    `pallas_swiglu`'s semantics are these."""
+    from .layer import swiglu
+
+    h = swiglu(_int8_projection(x_codes, x_scale, w_codes, w_scale, w_codes_t, layout, dtype), dtype)
+    return (h, *quantize_rows(h))
+
+
+def _kernel_swiglu_forward(x_codes, x_scale, w_codes, w_scale, w_codes_t, layout: GroupedLayout, dtype,
+                           interpret: bool) -> tuple[tuple, jax.Array]:
+    """((h, Q(h) codes, Q(h) scales), a) of the up projection through `pallas_swiglu.swiglu_quantize`. Under XLA's
+    int8 GEMM the kernel reads the int32 sums and dequantizes them as it reads, where a separate pass read them and
+    wrote a (H200 profile, logbook top-8 prequant: 1.72 ms); the Pallas GEMM's epilogue dequantizes a itself."""
+    from . import pallas_swiglu
+
+    if layout.int8_gemm == "pallas":
+        a = _int8_projection(x_codes, x_scale, w_codes, w_scale, w_codes_t, layout, dtype)
+        return pallas_swiglu.swiglu_quantize(a, interpret=interpret), a
+    transposed = w_codes_t is not None
+    acc, row_scale = int8_accumulator(x_codes, x_scale, w_codes_t if transposed else w_codes, w_scale, layout,
+                                      transpose_rhs=transposed)
+    h, h_codes, h_scale, a = pallas_swiglu.swiglu_quantize(acc, interpret=interpret, row_scale=row_scale, dtype=dtype)
+    return (h, h_codes, h_scale), a
+
+
 @functools.cache
 def int8_swiglu_projection(rule: str, dtype_name: str, interpret: bool):
     """The routed int8 up projection and its SwiGLU as one custom-VJP function, the SwiGLU and the per-row
-    quantization on each side of it in one Pallas kernel per direction (`pallas_swiglu`).
+    quantization on each side of it in one Pallas kernel per direction (`pallas_swiglu`): the layer's where the
+    combine is not in the same VJP (expert parallelism, the stage-time programs, the bypass).
 
     Arguments as `int8_grouped_dot`'s (the projection's); returns (h [M, F] in ``dtype_name``, Q(h) codes,
     Q(h) scales [M, 1]) for the down projection. Backward: d_a = SwiGLU'(a) d_h and, for ``prequant_vjp``,
@@ -401,34 +435,18 @@ def int8_swiglu_projection(rule: str, dtype_name: str, interpret: bool):
     codes and scales are quantizers (identity in the backward): no gradient flows back through them.
     ``interpret``: run the kernels in Pallas's interpreter (CPU) instead of through Triton.
     """
-    if rule not in ("ste", "prequant_vjp"):
-        raise ValueError(f"unknown backward rule {rule!r}")
+    _check_rule(rule)
     dtype = jnp.dtype(dtype_name)
     from . import pallas_swiglu
 
     @jax.custom_vjp
     def up(x, x_codes, x_scale, w, w_codes, w_scale, w_codes_t, layout):
-        # Not differentiated (a forward-only program): XLA's fusions, which read the int8 GEMM's int32 result
-        # straight into the SwiGLU; the kernel would need a materialized first (H200, logbook top-8 forward:
-        # 11.0 ms with the kernel against 10.0). The same values: `pallas_swiglu`'s semantics are these.
-        from .layer import swiglu
-
-        h = swiglu(_int8_projection(x_codes, x_scale, w_codes, w_scale, w_codes_t, layout, dtype), dtype)
-        return (h, *quantize_rows(h))
+        return _xla_swiglu_forward(x_codes, x_scale, w_codes, w_scale, w_codes_t, layout, dtype)
 
     def forward(x, x_codes, x_scale, w, w_codes, w_scale, w_codes_t, layout):
         kept = x if rule == "prequant_vjp" else (x_codes, x_scale)
-        if layout.int8_gemm == "pallas":  # the kernel's epilogue dequantized a
-            a = _int8_projection(x_codes, x_scale, w_codes, w_scale, w_codes_t, layout, dtype)
-            return pallas_swiglu.swiglu_quantize(a, interpret=interpret), (kept, a, w_codes, w_scale, layout)
-        # XLA's int32 sums go to the SwiGLU kernel, which dequantizes them as it reads: a separate scaling
-        # pass read them and wrote a (H200, logbook top-8 prequant: 1.72 ms for this projection's).
-        transposed = w_codes_t is not None
-        acc, row_scale = int8_accumulator(x_codes, x_scale, w_codes_t if transposed else w_codes, w_scale, layout,
-                                          transpose_rhs=transposed)
-        h, h_codes, h_scale, a = pallas_swiglu.swiglu_quantize(acc, interpret=interpret, row_scale=row_scale,
-                                                               dtype=dtype)
-        return (h, h_codes, h_scale), (kept, a, w_codes, w_scale, layout)
+        hidden, a = _kernel_swiglu_forward(x_codes, x_scale, w_codes, w_scale, w_codes_t, layout, dtype, interpret)
+        return hidden, (kept, a, w_codes, w_scale, layout)
 
     def backward(residuals, cotangents):
         kept, a, w_codes, w_scale, layout = residuals
@@ -442,55 +460,93 @@ def int8_swiglu_projection(rule: str, dtype_name: str, interpret: bool):
     return up
 
 
-@functools.cache
-def down_combine(rule: str, dtype_name: str, interpret: bool):
-    """The routed down projection and the gate-weighted combine as one custom-VJP function, so that the
-    combine's backward makes g (and for ``prequant_vjp`` the down projection's Q(g)) and the gates' gradient in
-    one kernel (`pallas_combine`) instead of XLA's passes over [M, H].
-
-    ``rule``: ``float`` (the projection is `float_grouped_dot`'s; codes, scales and transposed codes None), or
-    an int8 backward rule of `int8_grouped_dot`. Arguments: the projection's, as `int8_grouped_dot` takes them
-    (``h``, its codes and scales, the weights, their codes, scales and transposed codes, the layout), then the
-    combine's (``placement``, the gate weights [T, k]). Returns y [T, H] float32 = `weighted_sum` of the
-    projection's rows. Backward: the kernel's g, Q(g) and gates' gradient, then the projection's gradients as
-    `float_grouped_dot` or `int8_grouped_dot` take them.
-    """
-    if rule not in ("float", "ste", "prequant_vjp"):
-        raise ValueError(f"unknown backward rule {rule!r}")
-    dtype = jnp.dtype(dtype_name)
+def _combine_backward(dy: jax.Array, out: jax.Array, placement: Placement, gates: jax.Array, dtype, quantize: bool,
+                      interpret: bool) -> tuple:
+    """(g, Q(g) codes or None, Q(g) scales or None, the gates' gradient [T, k]) of `weighted_sum` for its
+    cotangent ``dy``, from `pallas_combine.combine_backward` (one pass per slot)."""
     from . import pallas_combine
 
-    def project(h, h_codes, h_scale, w_codes, w_scale, w_codes_t, w, layout):
-        if rule == "float":
-            return grouped_dot(h, w, layout, out_dtype=h.dtype)
-        return _int8_projection(h_codes, h_scale, w_codes, w_scale, w_codes_t, layout, dtype)
+    tokens, top_k = gates.shape
+    g, g_codes, g_scale, d_gate = pallas_combine.combine_backward(
+        dy, out, token_of_slot(placement.source, tokens, top_k), take_rows(gates.reshape(-1), placement.source),
+        dtype=dtype, quantize=quantize, interpret=interpret)
+    return g, g_codes, g_scale, take_rows(d_gate, placement.slot_of_row).reshape(tokens, top_k).astype(gates.dtype)
+
+
+@functools.cache
+def float_down_combine(interpret: bool):
+    """The float down projection (`float_grouped_dot`'s) and the gate-weighted combine as one custom-VJP function
+    (scheme ``none`` where the kernels run), so that the combine's backward makes g and the gates' gradient in one
+    kernel (`pallas_combine`) instead of XLA's passes over [M, H]. Arguments: ``h``, the weights [G, F, H], the
+    layout, the placement and the gate weights [T, k]; returns y [T, H] float32 = `weighted_sum` of the rows."""
 
     @jax.custom_vjp
-    def fn(h, h_codes, h_scale, w, w_codes, w_scale, w_codes_t, layout, placement, gates):
-        return weighted_sum(project(h, h_codes, h_scale, w_codes, w_scale, w_codes_t, w, layout), placement, gates)
+    def fn(h, w, layout, placement, gates):
+        return weighted_sum(grouped_dot(h, w, layout, out_dtype=h.dtype), placement, gates)
 
-    def forward(h, h_codes, h_scale, w, w_codes, w_scale, w_codes_t, layout, placement, gates):
-        out = project(h, h_codes, h_scale, w_codes, w_scale, w_codes_t, w, layout)
-        kept = (h, w) if rule == "float" else (h if rule == "prequant_vjp" else (h_codes, h_scale), w_codes, w_scale)
-        return weighted_sum(out, placement, gates), (kept, out, layout, placement, gates)
+    def forward(h, w, layout, placement, gates):
+        out = grouped_dot(h, w, layout, out_dtype=h.dtype)
+        return weighted_sum(out, placement, gates), (h, w, out, layout, placement, gates)
 
     def backward(residuals, dy):
-        kept, out, layout, placement, gates = residuals
-        tokens, top_k = gates.shape
-        quantize = rule == "prequant_vjp"
-        g, g_codes, g_scale, d_gate = pallas_combine.combine_backward(
-            dy, out, token_of_slot(placement.source, tokens, top_k), take_rows(gates.reshape(-1), placement.source),
-            dtype=dtype, quantize=quantize, interpret=interpret)
-        d_gates = take_rows(d_gate, placement.slot_of_row).reshape(tokens, top_k).astype(gates.dtype)
-        if rule == "float":
-            h, w = kept
-            dh = grouped_dot(g, w, layout, transpose_rhs=True, out_dtype=h.dtype)
-            dw = grouped_weight_grad(h, g, layout, out_dtype=w.dtype)
+        h, w, out, layout, placement, gates = residuals
+        g, _, _, d_gates = _combine_backward(dy, out, placement, gates, h.dtype, False, interpret)
+        dh = grouped_dot(g, w, layout, transpose_rhs=True, out_dtype=h.dtype)
+        return dh, grouped_weight_grad(h, g, layout, out_dtype=w.dtype), None, None, d_gates
+
+    fn.defvjp(forward, backward)
+    return fn
+
+
+@functools.cache
+def int8_experts_combine(rule: str, dtype_name: str, interpret: bool):
+    """The routed int8 experts (up projection, SwiGLU, down projection) and the gate-weighted combine as one
+    custom-VJP function, each elementwise step a Pallas kernel (`pallas_swiglu`, `pallas_combine`), as
+    torch_triton's `_RoutedInt8Layer` is one autograd node.
+
+    One function, so that the backward hands the SwiGLU's kernel the down projection's int32 input-gradient sums
+    and their row scales (``prequant_vjp`` under XLA's int8 GEMM), which it dequantizes as it reads, where d_h
+    went between two custom VJPs in the layer's dtype through a pass of its own (H200 profile, logbook top-8
+    prequant: ~0.86 ms).
+
+    Arguments: the rows ``x`` [M, H] with their codes and scales, ``w13`` and its (codes, scales, transposed codes
+    or None), ``w2`` and its own, the layout, the placement and the gate weights [T, k]; returns y [T, H] float32.
+    Backward: the combine's kernel (g, the gates' gradient and for ``prequant_vjp`` Q(g)), the down projection's
+    gradients, the SwiGLU's kernel (d_a and for ``prequant_vjp`` Q(d_a)), the up projection's gradients, each
+    projection's as `int8_grouped_dot` takes them.
+    """
+    _check_rule(rule)
+    dtype = jnp.dtype(dtype_name)
+    prequant = rule == "prequant_vjp"
+    from . import pallas_swiglu
+
+    @jax.custom_vjp
+    def fn(x, x_codes, x_scale, w13, w13_quantized, w2, w2_quantized, layout, placement, gates):
+        h_codes, h_scale = _xla_swiglu_forward(x_codes, x_scale, *w13_quantized, layout, dtype)[1:]
+        return weighted_sum(_int8_projection(h_codes, h_scale, *w2_quantized, layout, dtype), placement, gates)
+
+    def forward(x, x_codes, x_scale, w13, w13_quantized, w2, w2_quantized, layout, placement, gates):
+        (h, h_codes, h_scale), a = _kernel_swiglu_forward(x_codes, x_scale, *w13_quantized, layout, dtype, interpret)
+        out = _int8_projection(h_codes, h_scale, *w2_quantized, layout, dtype)
+        x_kept, h_kept = (x, h) if prequant else ((x_codes, x_scale), (h_codes, h_scale))
+        residuals = (x_kept, a, h_kept, out, w13_quantized[:2], w2_quantized[:2], layout, placement, gates)
+        return weighted_sum(out, placement, gates), residuals
+
+    def backward(residuals, dy):
+        x_kept, a, h_kept, out, (w13_codes, w13_scale), (w2_codes, w2_scale), layout, placement, gates = residuals
+        g, g_codes, g_scale, d_gates = _combine_backward(dy, out, placement, gates, dtype, prequant, interpret)
+        if prequant and layout.int8_gemm == "xla":
+            d_h, d_h_scale = int8_accumulator(g_codes, g_scale, w2_codes, w2_scale, layout, transpose_rhs=True)
+            dw2 = grouped_weight_grad(h_kept, g.astype(dtype), layout, out_dtype=dtype)
         else:
-            h_kept, w_codes, w_scale = kept
-            dh, dw = _int8_gradients(rule, dtype, h_kept, g, (g_codes, g_scale) if quantize else None, w_codes,
-                                     w_scale, layout)
-        return dh, None, None, dw, None, None, None, None, None, d_gates
+            d_h, dw2 = _int8_gradients(rule, dtype, h_kept, g, (g_codes, g_scale) if prequant else None, w2_codes,
+                                       w2_scale, layout)
+            d_h_scale = None
+        d_a, d_codes, d_scale = pallas_swiglu.swiglu_backward(a, d_h, prequant, interpret=interpret,
+                                                              row_scale=d_h_scale)
+        dx, dw13 = _int8_gradients(rule, dtype, x_kept, d_a, (d_codes, d_scale) if prequant else None, w13_codes,
+                                   w13_scale, layout)
+        return dx, None, None, dw13, None, dw2, None, None, None, d_gates
 
     fn.defvjp(forward, backward)
     return fn

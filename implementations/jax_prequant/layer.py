@@ -32,9 +32,10 @@ from .env import GPU_PLATFORMS, pallas_interpret, precision_for
 from .grouped import (
     GroupedLayout,
     Placement,
-    down_combine,
+    float_down_combine,
     float_grouped_dot,
     gather_token_rows,
+    int8_experts_combine,
     int8_grouped_dot,
     int8_swiglu_projection,
     place_rows,
@@ -117,9 +118,9 @@ class LayerPlan:
 
     @property
     def fused_combine(self) -> bool:
-        """True where the down projection and the combine run as one custom VJP whose backward is
-        `pallas_combine`'s kernel (`stage_down_combine`): wherever the SwiGLU kernels run (``swiglu``
-        ``pallas``, `env.select_swiglu`), every scheme."""
+        """True where the combine's backward is `pallas_combine`'s kernel, in one custom VJP with the experts
+        (`stage_experts_combine`, int8 schemes) or with the float down projection (`stage_down_combine`,
+        ``none``): wherever the SwiGLU kernels run (``swiglu`` ``pallas``, `env.select_swiglu`)."""
         return self.swiglu == "pallas"
 
     @property
@@ -251,21 +252,25 @@ def stage_down(plan: LayerPlan, hidden: tuple, w2: jax.Array, w2_prequantized, l
     return routed_projection(plan, h, codes, scale, w2, w2_prequantized, layout)
 
 
-def stage_down_combine(plan: LayerPlan, hidden: tuple, w2: jax.Array, w2_prequantized, packed: Packed) -> jax.Array:
-    """`stage_down` then `stage_combine` as one custom VJP (`grouped.down_combine`) where the plan runs the
-    kernels (`LayerPlan.fused_combine`): the combine's backward kernel makes g, the gates' gradient and for
-    ``int8_routed_prequant`` the down projection's Q(g) in one pass. The same values as the two stages."""
-    h, codes, scale = hidden
+def stage_experts_combine(plan: LayerPlan, packed: Packed, w13: jax.Array, w13_prequantized, w2: jax.Array,
+                          w2_prequantized) -> jax.Array:
+    """`stage_up`, `stage_down` and `stage_combine` as one custom VJP where the plan runs the kernels of an int8
+    scheme (`LayerPlan.fused_swiglu`; `grouped.int8_experts_combine`). The same values as the three stages."""
     layout = packed.placement.layout
-    if not plan.routed_int8:
-        w_codes = w_scale = w_codes_t = None
-    else:
-        if codes is None:
-            codes, scale = quantize_rows(h)
-        w_codes, w_scale, w_codes_t = w2_prequantized if plan.prequantized else step_codes(w2, layout)
-    rule = plan.routed_rule if plan.routed_int8 else "float"
-    fn = down_combine(rule, plan.dtype, pallas_interpret(plan.platform))
-    return fn(h, codes, scale, w2, w_codes, w_scale, w_codes_t, layout, packed.placement, packed.routing.gate_weights)
+    codes, scale = packed.rows_codes, packed.rows_scale
+    if codes is None:
+        codes, scale = quantize_rows(packed.rows)
+    w13_q = w13_prequantized if plan.prequantized else step_codes(w13, layout)
+    w2_q = w2_prequantized if plan.prequantized else step_codes(w2, layout)
+    fn = int8_experts_combine(plan.routed_rule, plan.dtype, plan.interpret_kernels)
+    return fn(packed.rows, codes, scale, w13, w13_q, w2, w2_q, layout, packed.placement, packed.routing.gate_weights)
+
+
+def stage_down_combine(plan: LayerPlan, h: jax.Array, w2: jax.Array, packed: Packed) -> jax.Array:
+    """`stage_down` then `stage_combine` of the float experts as one custom VJP where the plan runs the kernels
+    (`LayerPlan.fused_combine`; `grouped.float_down_combine`). The same values as the two stages."""
+    fn = float_down_combine(pallas_interpret(plan.platform))
+    return fn(h, w2, packed.placement.layout, packed.placement, packed.routing.gate_weights)
 
 
 def stage_combine(out_rows: jax.Array, packed: Packed) -> jax.Array:
@@ -341,11 +346,14 @@ def run_layer(plan: LayerPlan, params: dict, frozen: dict, x: jax.Array) -> tupl
     w13_q, w2_q = prequantized_weights(frozen)
     packed = stage_pack(plan, params, frozen, x)
     layout = packed.placement.layout
-    hidden = stage_up(plan, (packed.rows, packed.rows_codes, packed.rows_scale), params["w13"], w13_q, layout)
-    if plan.fused_combine:
-        routed = stage_down_combine(plan, hidden, params["w2"], w2_q, packed)
+    if plan.fused_swiglu:
+        routed = stage_experts_combine(plan, packed, params["w13"], w13_q, params["w2"], w2_q)
     else:
-        routed = stage_combine(stage_down(plan, hidden, params["w2"], w2_q, layout), packed)
+        hidden = stage_up(plan, (packed.rows, packed.rows_codes, packed.rows_scale), params["w13"], w13_q, layout)
+        if plan.fused_combine:  # float experts with the kernels
+            routed = stage_down_combine(plan, hidden[0], params["w2"], packed)
+        else:
+            routed = stage_combine(stage_down(plan, hidden, params["w2"], w2_q, layout), packed)
     y = finish(plan, routed, shared_expert(plan, params, x))
     needed = {"expert_capacity": packed.placement.needed_capacity, "dispatch_capacity": jnp.int32(0)}
     return y, packed.routing, needed

@@ -140,13 +140,18 @@ def _forward_kernel(a_ref, *refs, rows: int, ffn: int, block_cols: int, dequanti
     plgpu.store(scale_ref.at[pl.ds(r0, BLOCK_ROWS)], scale, mask=row_ok)
 
 
-def _backward_kernel(a_ref, d_h_ref, d_a_ref, *refs, rows: int, ffn: int, block_cols: int, quantize: bool,
+def _backward_kernel(a_ref, d_h_ref, *refs, rows: int, ffn: int, block_cols: int, quantize: bool, dequantize: bool,
                      interpret: bool) -> None:
-    """Rows r0 .. r0 + BLOCK_ROWS: d_a, and with ``quantize`` Q(d_a) (amax over both halves first)."""
-    codes_ref, scale_ref = refs if quantize else (None, None)
+    """Rows r0 .. r0 + BLOCK_ROWS: d_a, and with ``quantize`` Q(d_a) (amax over both halves first). With
+    ``dequantize``, ``d_h_ref`` holds int32 sums, scaled by the row's ``row_scale`` and rounded to the layer's
+    dtype as they are read."""
+    row_scale_ref, refs = (refs[0], refs[1:]) if dequantize else (None, refs)
+    d_a_ref, codes_ref, scale_ref = refs if quantize else (refs[0], None, None)
     r0 = pl.program_id(0) * BLOCK_ROWS
     row_ok = r0 + jnp.arange(BLOCK_ROWS, dtype=jnp.int32) < rows
     dtype = d_a_ref.dtype
+    if dequantize:
+        d_h_scale = plgpu.load(row_scale_ref.at[pl.ds(r0, BLOCK_ROWS)], mask=row_ok, other=0.0)[:, None]
 
     def d_a_block(c0):
         col_ok = c0 + jnp.arange(block_cols, dtype=jnp.int32) < ffn
@@ -154,7 +159,9 @@ def _backward_kernel(a_ref, d_h_ref, d_a_ref, *refs, rows: int, ffn: int, block_
         rows_ = pl.ds(r0, BLOCK_ROWS)
         gate = plgpu.load(a_ref.at[rows_, pl.ds(c0, block_cols)], mask=mask, other=0.0).astype(jnp.float32)
         up = plgpu.load(a_ref.at[rows_, pl.ds(ffn + c0, block_cols)], mask=mask, other=0.0).astype(jnp.float32)
-        d_h = plgpu.load(d_h_ref.at[rows_, pl.ds(c0, block_cols)], mask=mask, other=0.0).astype(jnp.float32)
+        d_h = plgpu.load(d_h_ref.at[rows_, pl.ds(c0, block_cols)], mask=mask, other=0).astype(jnp.float32)
+        if dequantize:
+            d_h = rounded(d_h * d_h_scale, dtype, interpret)[1]
         silu, sig = _silu(gate)
         d_gate = rounded(d_h * up * (sig + silu * (1.0 - sig)), dtype, interpret)
         d_up = rounded(d_h * silu, dtype, interpret)
@@ -248,27 +255,37 @@ def swiglu_quantize(a: jax.Array, interpret: bool = False, row_scale: jax.Array 
 
 
 @functools.partial(jax.jit, static_argnames=("quantize", "interpret"))
-def swiglu_backward(a: jax.Array, d_h: jax.Array, quantize: bool, interpret: bool = False
-                    ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+def swiglu_backward(a: jax.Array, d_h: jax.Array, quantize: bool, interpret: bool = False,
+                    row_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """(d_a [M, 2F] in a's dtype, and with ``quantize`` Q(d_a) codes [M, 2F] int8 and scales [M, 1] float32,
-    else None twice) for the cotangent ``d_h`` [M, F] of h = silu(gate) * up."""
+    else None twice) for the cotangent ``d_h`` [M, F] of h = silu(gate) * up.
+
+    With ``row_scale`` [M] float32, ``d_h`` is the int32 sums of the product that makes it, dequantized here as
+    XLA would (float32(acc) * row_scale rounded to a's dtype), so no separate pass writes d_h."""
     ffn = _check(a)
     rows = a.shape[0]
     if d_h.shape != (rows, ffn):
         raise ValueError(f"d_h has shape {d_h.shape}, expected {(rows, ffn)}")
+    dequantize = row_scale is not None
+    if dequantize != (d_h.dtype == jnp.int32):
+        raise ValueError(f"swiglu_backward: int32 d_h comes with row_scale, a float one without (got {d_h.dtype}, "
+                         f"row_scale {'given' if dequantize else 'None'})")
+    if dequantize and row_scale.shape != (rows,):
+        raise ValueError(f"row_scale has shape {row_scale.shape}, expected {(rows,)}")
     block_rows, block_cols = _tiles(ffn)
     out_shape = [jax.ShapeDtypeStruct((rows, 2 * ffn), a.dtype)]
     if quantize:
         out_shape += [jax.ShapeDtypeStruct((rows, 2 * ffn), jnp.int8), jax.ShapeDtypeStruct((rows,), jnp.float32)]
+    inputs = (a, d_h, row_scale.astype(jnp.float32)) if dequantize else (a, d_h.astype(a.dtype))
     outs = pl.pallas_call(
         functools.partial(_backward_kernel, rows=rows, ffn=ffn, block_cols=block_cols, quantize=quantize,
-                          interpret=interpret),
+                          dequantize=dequantize, interpret=interpret),
         out_shape=tuple(out_shape),
         grid=(pl.cdiv(rows, block_rows),),
         interpret=interpret,
         compiler_params=_params(interpret),
         name="qmoe_swiglu_backward",
-    )(a, d_h.astype(a.dtype))
+    )(*inputs)
     if not quantize:
         return outs[0], None, None
     d_a, codes, scale = outs
