@@ -90,7 +90,7 @@ INT8_GEMMS: tuple[str, ...] = ("xla", "pallas")
 
 def select_int8_gemm(platform: str, formulation: str, override: str | None = None) -> str:
     """Which kernel runs the routed int8 x int8 products: ``xla`` (XLA's int8 dot, cuBLAS on GPUs, whose
-    int32 result XLA scales in the fusion that reads it: with the SwiGLU kernels, a pass of its own) or
+    int32 result XLA scales in the fusion that reads it, or the SwiGLU kernels as they read it) or
     ``pallas`` (the grouped Pallas kernel of `pallas_grouped`, the scales applied in its epilogue: the int32
     products never reach memory, but the GEMM is slower than cuBLAS's; on the H200, logbook top-8
     int8_routed_prequant forward+backward, 31.19 against 31.42 ms, within the runs' spread, 2026-12-01).

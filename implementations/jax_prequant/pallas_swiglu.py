@@ -12,6 +12,10 @@ Here each direction reads its inputs and writes its outputs once: a row up to BL
 computed once; a wider one is swept twice (amax, then values and codes), the second sweep recomputing from
 inputs it finds in L2.
 
+Under XLA's int8 GEMM each kernel also takes the int32 sums of the product feeding it (a's in the forward,
+d_h's in the backward) with each row's scale, and dequantizes them as it reads, as XLA would (the float32
+product rounded once to the layer's dtype): no separate pass writes a or d_h (`grouped.int8_experts_combine`).
+
 Semantics are those of `layer.swiglu` followed by `quant.quantize_rows`: the quantizer sees the values rounded
 to the layer's dtype, float32 arithmetic throughout, round half to even. Pallas's Triton lowering has no
 ``round``: `round_half_even` builds it from ``floor`` (exact for the |v| <= 127 the quantizer rounds).
