@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .pallas_swiglu import once, rounded, row_codes
+from .pallas_swiglu import rounded, row_codes
 from .quant import scale_from_amax
 
 #: Columns per step and warps: one slot per program, a whole logbook row (H = 2048) per step, the block the
@@ -61,7 +61,7 @@ def _kernel(token_ref, gate_ref, dy_ref, out_ref, g_ref, *refs, tokens: int, hid
                         mask=cols_ok)
 
     steps = pl.cdiv(hidden, block_cols)
-    if steps == 1 or not quantize:
+    if steps == 1 or not quantize:  # one sweep: a row in one tile is quantized as it is made
         def step(i, d_gate):
             g, part, cols_ok = block(i * block_cols)
             scale = scale_from_amax(jnp.max(jnp.abs(g[1]), axis=1)) if quantize else None
@@ -70,17 +70,8 @@ def _kernel(token_ref, gate_ref, dy_ref, out_ref, g_ref, *refs, tokens: int, hid
                 plgpu.store(scale_ref.at[pl.ds(slot, 1)], scale)
             return d_gate + part
 
-        if steps == 1:
-            d_gate = jnp.zeros((1,), jnp.float32)
-
-            def whole_row(i, carry):
-                plgpu.store(d_gate_ref.at[pl.ds(slot, 1)], step(i, d_gate))
-                return carry
-
-            once(whole_row)
-            return
-        d_gate = jax.lax.fori_loop(0, steps, step, jnp.zeros((1,), jnp.float32))
-        plgpu.store(d_gate_ref.at[pl.ds(slot, 1)], d_gate)
+        # a loop even for one step: its column offset is then traced (see `pallas_swiglu.once`)
+        plgpu.store(d_gate_ref.at[pl.ds(slot, 1)], jax.lax.fori_loop(0, steps, step, jnp.zeros((1,), jnp.float32)))
         return
 
     def amax_step(i, carry):
