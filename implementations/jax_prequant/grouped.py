@@ -375,9 +375,19 @@ def _int8_projection(x_codes: jax.Array, x_scale: jax.Array, w_codes: jax.Array,
                      w_codes_t: jax.Array | None, layout: GroupedLayout, dtype) -> jax.Array:
     """The forward product of `int8_grouped_dot` (and `int8_swiglu_projection`): from the transposed codes
     [G, N, K] where given (both operands contract their minor axis), else from the codes [G, K, N]."""
-    if w_codes_t is None:
-        return int8_grouped_product(x_codes, x_scale, w_codes, w_scale, layout, out_dtype=dtype)
-    return int8_grouped_product(x_codes, x_scale, w_codes_t, w_scale, layout, transpose_rhs=True, out_dtype=dtype)
+    codes, transposed = _forward_codes(w_codes, w_codes_t)
+    return int8_grouped_product(x_codes, x_scale, codes, w_scale, layout, transpose_rhs=transposed, out_dtype=dtype)
+
+
+def _forward_codes(w_codes: jax.Array, w_codes_t: jax.Array | None) -> tuple[jax.Array, bool]:
+    """The weight codes a forward int8 product reads, and whether they are the transposed [G, N, K] ones (which,
+    where given, make both operands contract their minor axis)."""
+    return (w_codes, False) if w_codes_t is None else (w_codes_t, True)
+
+
+def _float_surrogate_grad(kept: jax.Array, g: jax.Array, layout: GroupedLayout, dtype) -> jax.Array:
+    """``prequant_vjp``'s weight gradient: the float surrogate x^T g from the un-quantized rows."""
+    return grouped_weight_grad(kept, g.astype(dtype), layout, out_dtype=dtype)
 
 
 def _int8_gradients(rule: str, dtype, kept, g: jax.Array, g_quantized: tuple | None, w_codes: jax.Array,
@@ -388,7 +398,7 @@ def _int8_gradients(rule: str, dtype, kept, g: jax.Array, g_quantized: tuple | N
     if rule == "prequant_vjp":
         g_codes, g_scale = g_quantized if g_quantized is not None else quantize_rows(g)
         dx = int8_grouped_product(g_codes, g_scale, w_codes, w_scale, layout, transpose_rhs=True, out_dtype=dtype)
-        return dx, grouped_weight_grad(kept, g.astype(dtype), layout, out_dtype=dtype)
+        return dx, _float_surrogate_grad(kept, g, layout, dtype)
     x_codes, x_scale = kept
     dx = grouped_dot(g.astype(dtype), w_codes.astype(dtype), layout, transpose_rhs=True)
     dx = (dx * _expert_scale(w_scale, layout)).astype(dtype)
@@ -416,9 +426,8 @@ def _kernel_swiglu_forward(x_codes, x_scale, w_codes, w_scale, w_codes_t, layout
     if layout.int8_gemm == "pallas":
         a = _int8_projection(x_codes, x_scale, w_codes, w_scale, w_codes_t, layout, dtype)
         return pallas_swiglu.swiglu_quantize(a, interpret=interpret), a
-    transposed = w_codes_t is not None
-    acc, row_scale = int8_accumulator(x_codes, x_scale, w_codes_t if transposed else w_codes, w_scale, layout,
-                                      transpose_rhs=transposed)
+    codes, transposed = _forward_codes(w_codes, w_codes_t)
+    acc, row_scale = int8_accumulator(x_codes, x_scale, codes, w_scale, layout, transpose_rhs=transposed)
     h, h_codes, h_scale, a = pallas_swiglu.swiglu_quantize(acc, interpret=interpret, row_scale=row_scale, dtype=dtype)
     return (h, h_codes, h_scale), a
 
@@ -537,7 +546,7 @@ def int8_experts_combine(rule: str, dtype_name: str, interpret: bool):
         g, g_codes, g_scale, d_gates = _combine_backward(dy, out, placement, gates, dtype, prequant, interpret)
         if prequant and layout.int8_gemm == "xla":
             d_h, d_h_scale = int8_accumulator(g_codes, g_scale, w2_codes, w2_scale, layout, transpose_rhs=True)
-            dw2 = grouped_weight_grad(h_kept, g.astype(dtype), layout, out_dtype=dtype)
+            dw2 = _float_surrogate_grad(h_kept, g, layout, dtype)
         else:
             d_h, dw2 = _int8_gradients(rule, dtype, h_kept, g, (g_codes, g_scale) if prequant else None, w2_codes,
                                        w2_scale, layout)

@@ -212,6 +212,18 @@ def step_codes(weight: jax.Array, layout: GroupedLayout) -> tuple[jax.Array, jax
     return codes, scale, jnp.swapaxes(codes, 1, 2) if layout.int8_gemm == "pallas" else None
 
 
+def routed_weight_codes(plan: LayerPlan, weight: jax.Array, prequantized: tuple | None, layout: GroupedLayout
+                        ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """(codes, scale, transposed codes or None) of a routed projection's weights: made once at prepare for
+    ``int8_routed_prequant`` (``prequantized``), else quantized here, in the step (`step_codes`)."""
+    return prequantized if plan.prequantized else step_codes(weight, layout)
+
+
+def quantized_rows(rows: jax.Array, codes: jax.Array | None, scale: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """(codes, scales) of ``rows`` per row: those given (quantized once per token at the pack), else made here."""
+    return (codes, scale) if codes is not None else quantize_rows(rows)
+
+
 def routed_projection(plan: LayerPlan, rows: jax.Array, rows_codes, rows_scale, weight: jax.Array,
                       prequantized: tuple | None, layout: GroupedLayout) -> jax.Array:
     """rows @ weight[expert] per row, float or int8 as the scheme says.
@@ -221,11 +233,9 @@ def routed_projection(plan: LayerPlan, rows: jax.Array, rows_codes, rows_scale, 
     """
     if not plan.routed_int8:
         return float_grouped_dot(rows, weight, layout)
-    if rows_codes is None:
-        rows_codes, rows_scale = quantize_rows(rows)
-    w_codes, w_scale, w_codes_t = prequantized if plan.prequantized else step_codes(weight, layout)
     dot = int8_grouped_dot(plan.routed_rule, plan.dtype)
-    return dot(rows, rows_codes, rows_scale, weight, w_codes, w_scale, w_codes_t, layout)
+    return dot(rows, *quantized_rows(rows, rows_codes, rows_scale), weight,
+               *routed_weight_codes(plan, weight, prequantized, layout), layout)
 
 
 def stage_up(plan: LayerPlan, packed_rows: tuple, w13: jax.Array, w13_prequantized, layout: GroupedLayout
@@ -234,14 +244,12 @@ def stage_up(plan: LayerPlan, packed_rows: tuple, w13: jax.Array, w13_prequantiz
     projection; Q(h) where the SwiGLU kernels make it with h (`LayerPlan.fused_swiglu`), else None twice."""
     rows, codes, scale = packed_rows
     if plan.fused_swiglu:
-        if codes is None:
-            codes, scale = quantize_rows(rows)
-        w_codes, w_scale, w_codes_t = w13_prequantized if plan.prequantized else step_codes(w13, layout)
         up = int8_swiglu_projection(plan.routed_rule, plan.dtype, plan.interpret_kernels)
-        return up(rows, codes, scale, w13, w_codes, w_scale, w_codes_t, layout)
+        return up(rows, *quantized_rows(rows, codes, scale), w13,
+                  *routed_weight_codes(plan, w13, w13_prequantized, layout), layout)
     a = routed_projection(plan, rows, codes, scale, w13, w13_prequantized, layout)
     if plan.swiglu == "pallas":
-        return swiglu_with_kernel_backward(plan.dtype, pallas_interpret(plan.platform))(a), None, None
+        return swiglu_with_kernel_backward(plan.dtype, plan.interpret_kernels)(a), None, None
     return swiglu(a, plan.compute_dtype), None, None
 
 
@@ -257,19 +265,17 @@ def stage_experts_combine(plan: LayerPlan, packed: Packed, w13: jax.Array, w13_p
     """`stage_up`, `stage_down` and `stage_combine` as one custom VJP where the plan runs the kernels of an int8
     scheme (`LayerPlan.fused_swiglu`; `grouped.int8_experts_combine`). The same values as the three stages."""
     layout = packed.placement.layout
-    codes, scale = packed.rows_codes, packed.rows_scale
-    if codes is None:
-        codes, scale = quantize_rows(packed.rows)
-    w13_q = w13_prequantized if plan.prequantized else step_codes(w13, layout)
-    w2_q = w2_prequantized if plan.prequantized else step_codes(w2, layout)
     fn = int8_experts_combine(plan.routed_rule, plan.dtype, plan.interpret_kernels)
-    return fn(packed.rows, codes, scale, w13, w13_q, w2, w2_q, layout, packed.placement, packed.routing.gate_weights)
+    return fn(packed.rows, *quantized_rows(packed.rows, packed.rows_codes, packed.rows_scale),
+              w13, routed_weight_codes(plan, w13, w13_prequantized, layout),
+              w2, routed_weight_codes(plan, w2, w2_prequantized, layout),
+              layout, packed.placement, packed.routing.gate_weights)
 
 
 def stage_down_combine(plan: LayerPlan, h: jax.Array, w2: jax.Array, packed: Packed) -> jax.Array:
     """`stage_down` then `stage_combine` of the float experts as one custom VJP where the plan runs the kernels
     (`LayerPlan.fused_combine`; `grouped.float_down_combine`). The same values as the two stages."""
-    fn = float_down_combine(pallas_interpret(plan.platform))
+    fn = float_down_combine(plan.interpret_kernels)
     return fn(h, w2, packed.placement.layout, packed.placement, packed.routing.gate_weights)
 
 
