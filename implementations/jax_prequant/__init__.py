@@ -265,7 +265,7 @@ class JaxPrequantBackend(Backend):
         from . import programs
 
         validate_input(prepared.spec, x)
-        plan = _noted(replace(prepared.plan, ep_size=1, mesh=None))
+        plan = _noted(replace(_sized_kernels(prepared, prepared.plan, x.shape[0]), ep_size=1, mesh=None))
         out = programs.bypass(prepared.params, prepared.frozen, self._put_tokens(prepared, x), plan)
         return np.asarray(out, dtype=np.float64)[: prepared.spec.experts]
 
@@ -384,9 +384,7 @@ class JaxPrequantBackend(Backend):
     def _plan_for(self, prepared: JaxPrepared, x_dev) -> Any:
         """The plan with static capacities for this token count (sized from the routing if new)."""
         tokens = x_dev.shape[0]
-        plan = prepared.plan
-        if prepared.small_swiglu and tokens * plan.spec.top_k * plan.spec.ffn < KERNEL_MIN_ELEMENTS:
-            plan = replace(plan, swiglu=prepared.small_swiglu)
+        plan = _sized_kernels(prepared, prepared.plan, tokens)
         if plan.formulation != "padded" and plan.ep_size == 1:  # no static capacity to size
             return _noted(plan)
         if tokens not in prepared.sizes:
@@ -577,6 +575,14 @@ def _needed_sizes(plan, expert_ids: np.ndarray, kept: np.ndarray) -> tuple[int, 
     destination = flat[keep] // (plan.experts // plan.ep_size)
     pairs = np.bincount(source * plan.ep_size + destination, minlength=plan.ep_size**2)
     return int(per_expert.max(initial=0)), int(pairs.max(initial=0))
+
+
+def _sized_kernels(prepared: JaxPrepared, plan: Any, tokens: int) -> Any:
+    """``plan`` with XLA's fusions instead of the GPU-default kernels for a problem below `KERNEL_MIN_ELEMENTS`
+    (``prepared.small_swiglu``), whatever program runs it."""
+    if prepared.small_swiglu and tokens * plan.spec.top_k * plan.spec.ffn < KERNEL_MIN_ELEMENTS:
+        return replace(plan, swiglu=prepared.small_swiglu)
+    return plan
 
 
 def _bucketed(plan, tokens: int, expert_rows: int, pair_rows: int) -> tuple[int, int]:

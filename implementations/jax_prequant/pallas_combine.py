@@ -29,10 +29,12 @@ from jax.experimental.pallas import triton as plgpu
 from .pallas_swiglu import rounded, row_codes
 from .quant import scale_from_amax
 
-#: Columns per step and warps: one slot per program, a whole logbook row (H = 2048) per step, the block the
-#: SwiGLU kernels' sweep found fastest on the H200 (`pallas_swiglu.BLOCK_COLS`).
+#: Columns per step, warps and pipeline stages: one slot per program, a whole logbook row (H = 2048) per step.
+#: Swept on the H200 at the logbook's balanced top-8 layout (286,720 slots, 262,144 filled): 1.03 ms, 3.8 TB/s;
+#: 2 or 8 warps, 1024 columns or 2 stages were no faster (1.03-1.06 ms).
 BLOCK_COLS = 2048
 NUM_WARPS = 4
+NUM_STAGES = 1
 
 
 def _kernel(token_ref, gate_ref, dy_ref, out_ref, g_ref, *refs, tokens: int, hidden: int, block_cols: int,
@@ -118,7 +120,7 @@ def combine_backward(dy: jax.Array, out_rows: jax.Array, slot_token: jax.Array, 
         out_shape=tuple(out_shape),
         grid=(slots,),
         interpret=interpret,
-        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
         name="qmoe_combine_backward",
     )(slot_token.astype(jnp.int32), slot_gate.astype(jnp.float32), dy, out_rows)
     if not quantize:
