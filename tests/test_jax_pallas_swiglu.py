@@ -126,37 +126,6 @@ def test_backward_from_int32_sums_equals_dequantize_then_backward(rows, ffn, dty
                                           _f32(reference) if reference is not None else reference)
 
 
-@pytest.mark.parametrize("rows,ffn", SHAPES)
-def test_padding_rows_are_not_read(rows, ffn, interpret, blocks):
-    """With ``row_valid`` a row marked unused is not read: NaN planted in its inputs stays out of every result,
-    which are those of the same call with that row zero (a padded layout's unused rows are). Without the mask
-    the NaN comes through, so the check can fail."""
-    dtype = jnp.bfloat16
-    valid = jnp.ones((rows,), jnp.int32).at[2].set(0)
-    a = _pre_activations(rows, ffn, dtype)
-    d_h = jax.random.normal(jax.random.key(3), (rows, ffn)).astype(dtype)
-    rng = np.random.default_rng(rows)
-    acc = jnp.asarray(rng.integers(-(2**20), 2**20, (rows, 2 * ffn)), jnp.int32)
-    d_h_acc = jnp.asarray(rng.integers(-(2**20), 2**20, (rows, ffn)), jnp.int32)
-    row_scale = jnp.asarray(rng.uniform(1e-6, 1e-5, rows), jnp.float32)
-    nan = jnp.float32(np.nan).astype(dtype)
-    planted = {"a": a.at[2].set(nan), "d_h": d_h.at[2].set(nan), "acc": acc.at[2].set(2**30),
-               "d_h_acc": d_h_acc.at[2].set(2**30)}
-    zeroed = {"a": a.at[2].set(0), "d_h": d_h.at[2].set(0), "acc": acc.at[2].set(0), "d_h_acc": d_h_acc.at[2].set(0)}
-    calls = [
-        lambda v, m: ps.swiglu_quantize(v["a"], interpret=interpret, row_valid=m),
-        lambda v, m: ps.swiglu_quantize(v["acc"], interpret=interpret, row_scale=row_scale, dtype=dtype, row_valid=m),
-        lambda v, m: ps.swiglu_backward(v["a"], v["d_h"], True, interpret=interpret, row_valid=m),
-        lambda v, m: ps.swiglu_backward(zeroed["a"], v["d_h_acc"], False, interpret=interpret, row_scale=row_scale,
-                                        row_valid=m),
-    ]
-    for call in calls:
-        for got, expected in zip(call(planted, valid), call(zeroed, None)):
-            np.testing.assert_array_equal(_f32(got) if got is not None else got,
-                                          _f32(expected) if expected is not None else expected)
-    assert np.isnan(_f32(ps.swiglu_quantize(planted["a"], interpret=interpret)[0][2])).all()
-
-
 def test_round_half_even_at_ties():
     """The quantizer's rounding built from floor: ties to even, both signs, and off-tie values as rint."""
     values = jnp.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 2.4999, 126.5, -126.5, 3.0, 0.0, 0.49999997], jnp.float32)
@@ -174,14 +143,12 @@ def test_shape_errors_say_what_is_wrong():
         ps.swiglu_backward(jnp.zeros((4, 8), jnp.float32), jnp.zeros((4, 4), jnp.int32), True, interpret=True)
     with pytest.raises(ValueError, match="d_h has shape"):
         ps.swiglu_backward(jnp.zeros((4, 8), jnp.float32), jnp.zeros((4, 3), jnp.float32), True, interpret=True)
-    with pytest.raises(ValueError, match="row_valid has shape"):
-        ps.swiglu_quantize(jnp.zeros((4, 8), jnp.float32), interpret=True, row_valid=jnp.ones(5))
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_kernels_lower_through_triton_for_cuda(dtype):
     """Pallas's Triton lowering accepts both kernels (floor-built rounding, masked column blocks, two sweeps; both
-    from int32 sums too, and with padding rows masked) for CUDA and the modules verify, on a machine without a GPU (as
+    from int32 sums too) for CUDA and the modules verify, on a machine without a GPU (as
     `test_jax_pallas_grouped` checks its own)."""
     a, d_h = jax.ShapeDtypeStruct((1000, 4096), DTYPES[dtype]), jax.ShapeDtypeStruct((1000, 2048), DTYPES[dtype])
     verified = verified_cuda_lowerings(ps.swiglu_quantize, [a])
@@ -192,12 +159,7 @@ def test_kernels_lower_through_triton_for_cuda(dtype):
     d_h_acc = jax.ShapeDtypeStruct((1000, 2048), jnp.int32)
     verified += verified_cuda_lowerings(
         lambda v, d, s: ps.swiglu_backward(v, d, True, row_scale=s), [a, d_h_acc, row_scale])
-    valid = jax.ShapeDtypeStruct((1000,), jnp.int32)  # padding rows masked out of the loads
-    verified += verified_cuda_lowerings(
-        lambda v, s, m: ps.swiglu_quantize(v, row_scale=s, dtype=DTYPES[dtype], row_valid=m), [acc, row_scale, valid])
-    verified += verified_cuda_lowerings(
-        lambda v, d, s, m: ps.swiglu_backward(v, d, True, row_scale=s, row_valid=m), [a, d_h_acc, row_scale, valid])
-    assert len(verified) == 6 and all(verified), "a Triton module does not verify"
+    assert len(verified) == 4 and all(verified), "a Triton module does not verify"
 
 
 @pytest.mark.parametrize("scheme", ["int8_routed_prequant", "int8_routed", "none"])

@@ -66,14 +66,6 @@ class GroupedLayout:
             return jnp.full((self.groups,), self.capacity, jnp.int32)
         return self.group_sizes
 
-    def row_valid(self) -> jax.Array | None:
-        """[M] int32, 1 for a row in use and 0 for a padding row (whose values are zero), so that the SwiGLU
-        kernels read only the rows in use (`pallas_swiglu`); None for the contiguous layouts, which have none."""
-        if self.kind != "padded":
-            return None
-        rows = jnp.arange(self.groups * self.capacity, dtype=jnp.int32)
-        return (rows % self.capacity < self.group_sizes[rows // self.capacity]).astype(jnp.int32)
-
 
 jax.tree_util.register_dataclass(GroupedLayout, data_fields=["group_sizes", "row_group"],
                                  meta_fields=["kind", "groups", "capacity", "interpret", "int8_gemm"])
@@ -433,11 +425,10 @@ def _kernel_swiglu_forward(x_codes, x_scale, w_codes, w_scale, w_codes_t, layout
 
     if layout.int8_gemm == "pallas":
         a = _int8_projection(x_codes, x_scale, w_codes, w_scale, w_codes_t, layout, dtype)
-        return pallas_swiglu.swiglu_quantize(a, interpret=interpret, row_valid=layout.row_valid()), a
+        return pallas_swiglu.swiglu_quantize(a, interpret=interpret), a
     codes, transposed = _forward_codes(w_codes, w_codes_t)
     acc, row_scale = int8_accumulator(x_codes, x_scale, codes, w_scale, layout, transpose_rhs=transposed)
-    h, h_codes, h_scale, a = pallas_swiglu.swiglu_quantize(acc, interpret=interpret, row_scale=row_scale, dtype=dtype,
-                                                           row_valid=layout.row_valid())
+    h, h_codes, h_scale, a = pallas_swiglu.swiglu_quantize(acc, interpret=interpret, row_scale=row_scale, dtype=dtype)
     return (h, h_codes, h_scale), a
 
 
@@ -469,8 +460,7 @@ def int8_swiglu_projection(rule: str, dtype_name: str, interpret: bool):
     def backward(residuals, cotangents):
         kept, a, w_codes, w_scale, layout = residuals
         quantize = rule == "prequant_vjp"
-        d_a, d_codes, d_scale = pallas_swiglu.swiglu_backward(a, cotangents[0], quantize, interpret=interpret,
-                                                              row_valid=layout.row_valid())
+        d_a, d_codes, d_scale = pallas_swiglu.swiglu_backward(a, cotangents[0], quantize, interpret=interpret)
         dx, dw = _int8_gradients(rule, dtype, kept, d_a, (d_codes, d_scale) if quantize else None, w_codes,
                                  w_scale, layout)
         return dx, None, None, dw, None, None, None, None
@@ -562,7 +552,7 @@ def int8_experts_combine(rule: str, dtype_name: str, interpret: bool):
                                        w2_scale, layout)
             d_h_scale = None
         d_a, d_codes, d_scale = pallas_swiglu.swiglu_backward(a, d_h, prequant, interpret=interpret,
-                                                              row_scale=d_h_scale, row_valid=layout.row_valid())
+                                                              row_scale=d_h_scale)
         dx, dw13 = _int8_gradients(rule, dtype, x_kept, d_a, (d_codes, d_scale) if prequant else None, w13_codes,
                                    w13_scale, layout)
         return dx, None, None, dw13, None, dw2, None, None, None, d_gates

@@ -16,11 +16,6 @@ Under XLA's int8 GEMM each kernel also takes the int32 sums of the product feedi
 d_h's in the backward) with each row's scale, and dequantizes them as it reads, as XLA would (the float32
 product rounded once to the layer's dtype): no separate pass writes a or d_h (`grouped.int8_experts_combine`).
 
-A padded layout's unused rows hold zeros and come out zero: with ``row_valid`` a kernel reads no input of such a
-row (its masked loads give the zeros it holds) and still writes its zero outputs, so the results are the same
-and the GEMMs that read them see no garbage; at the logbook's balanced top-8 (4480 rows per expert for 4096
-routed on average) that is ~9% of each kernel's reads.
-
 Semantics are those of `layer.swiglu` followed by `quant.quantize_rows`: the quantizer sees the values rounded
 to the layer's dtype, float32 arithmetic throughout, round half to even. Pallas's Triton lowering has no
 ``round``: `round_half_even` builds it from ``floor`` (exact for the |v| <= 127 the quantizer rounds).
@@ -83,34 +78,21 @@ def once(body) -> None:
     jax.lax.fori_loop(0, 1, body, jnp.int32(0))
 
 
-def _live_rows(row_valid_ref, r0, row_ok: jax.Array) -> jax.Array:
-    """Rows r0 .. r0 + BLOCK_ROWS in range and, with ``row_valid_ref`` ([M] int32, 0 for a padding row), in use:
-    the rows whose inputs the kernel loads."""
-    if row_valid_ref is None:
-        return row_ok
-    return row_ok & (plgpu.load(row_valid_ref.at[pl.ds(r0, BLOCK_ROWS)], mask=row_ok, other=0) != 0)
-
-
 def _tiles(ffn: int) -> tuple[int, int]:
     """(rows, columns) per block: columns a power of two (Triton's tensors) no wider than needed."""
     return BLOCK_ROWS, min(BLOCK_COLS, max(16, pl.next_power_of_2(ffn)))
 
 
-def _forward_kernel(a_ref, *refs, rows: int, ffn: int, block_cols: int, dequantize: bool, masked: bool,
-                    interpret: bool) -> None:
+def _forward_kernel(a_ref, *refs, rows: int, ffn: int, block_cols: int, dequantize: bool, interpret: bool) -> None:
     """Rows r0 .. r0 + BLOCK_ROWS: h, then Q(h) (a row wider than one tile in two sweeps: amax, then codes).
     With ``dequantize``, ``a_ref`` holds the up projection's int32 sums, which the kernel scales by its row's
-    ``row_scale`` and rounds to the layer's dtype (the a it also stores) before the SwiGLU. With ``masked``, the
-    first input after them is ``row_valid`` (`_live_rows`)."""
-    row_scale_ref, refs = (refs[0], refs[1:]) if dequantize else (None, refs)
-    row_valid_ref, refs = (refs[0], refs[1:]) if masked else (None, refs)
+    ``row_scale`` and rounds to the layer's dtype (the a it also stores) before the SwiGLU."""
     if dequantize:
-        h_ref, codes_ref, scale_ref, a_out_ref = refs
+        row_scale_ref, h_ref, codes_ref, scale_ref, a_out_ref = refs
     else:
         h_ref, codes_ref, scale_ref = refs
     r0 = pl.program_id(0) * BLOCK_ROWS
     row_ok = r0 + jnp.arange(BLOCK_ROWS, dtype=jnp.int32) < rows
-    live = _live_rows(row_valid_ref, r0, row_ok)
     if dequantize:
         row_scale = plgpu.load(row_scale_ref.at[pl.ds(r0, BLOCK_ROWS)], mask=row_ok, other=0.0)[:, None]
 
@@ -124,8 +106,7 @@ def _forward_kernel(a_ref, *refs, rows: int, ffn: int, block_cols: int, dequanti
     def h_block(c0):
         col_ok = c0 + jnp.arange(block_cols, dtype=jnp.int32) < ffn
         mask = row_ok[:, None] & col_ok[None, :]
-        load_mask = live[:, None] & col_ok[None, :]
-        gate, up = half(c0, load_mask), half(ffn + c0, load_mask)
+        gate, up = half(c0, mask), half(ffn + c0, mask)
         h, h32 = rounded(_silu(gate[1])[0] * up[1], h_ref.dtype, interpret)
         return h, h32, mask, (gate[0], up[0])
 
@@ -164,16 +145,14 @@ def _forward_kernel(a_ref, *refs, rows: int, ffn: int, block_cols: int, dequanti
 
 
 def _backward_kernel(a_ref, d_h_ref, *refs, rows: int, ffn: int, block_cols: int, quantize: bool, dequantize: bool,
-                     masked: bool, interpret: bool) -> None:
+                     interpret: bool) -> None:
     """Rows r0 .. r0 + BLOCK_ROWS: d_a, and with ``quantize`` Q(d_a) (amax over both halves first). With
     ``dequantize``, ``d_h_ref`` holds int32 sums, scaled by the row's ``row_scale`` and rounded to the layer's
-    dtype as they are read. With ``masked``, the next input is ``row_valid`` (`_live_rows`)."""
+    dtype as they are read."""
     row_scale_ref, refs = (refs[0], refs[1:]) if dequantize else (None, refs)
-    row_valid_ref, refs = (refs[0], refs[1:]) if masked else (None, refs)
     d_a_ref, codes_ref, scale_ref = refs if quantize else (refs[0], None, None)
     r0 = pl.program_id(0) * BLOCK_ROWS
     row_ok = r0 + jnp.arange(BLOCK_ROWS, dtype=jnp.int32) < rows
-    live = _live_rows(row_valid_ref, r0, row_ok)
     dtype = d_a_ref.dtype
     if dequantize:
         d_h_scale = plgpu.load(row_scale_ref.at[pl.ds(r0, BLOCK_ROWS)], mask=row_ok, other=0.0)[:, None]
@@ -181,11 +160,10 @@ def _backward_kernel(a_ref, d_h_ref, *refs, rows: int, ffn: int, block_cols: int
     def d_a_block(c0):
         col_ok = c0 + jnp.arange(block_cols, dtype=jnp.int32) < ffn
         mask = row_ok[:, None] & col_ok[None, :]
-        load_mask = live[:, None] & col_ok[None, :]
         rows_ = pl.ds(r0, BLOCK_ROWS)
-        gate = plgpu.load(a_ref.at[rows_, pl.ds(c0, block_cols)], mask=load_mask, other=0.0).astype(jnp.float32)
-        up = plgpu.load(a_ref.at[rows_, pl.ds(ffn + c0, block_cols)], mask=load_mask, other=0.0).astype(jnp.float32)
-        d_h = plgpu.load(d_h_ref.at[rows_, pl.ds(c0, block_cols)], mask=load_mask, other=0).astype(jnp.float32)
+        gate = plgpu.load(a_ref.at[rows_, pl.ds(c0, block_cols)], mask=mask, other=0.0).astype(jnp.float32)
+        up = plgpu.load(a_ref.at[rows_, pl.ds(ffn + c0, block_cols)], mask=mask, other=0.0).astype(jnp.float32)
+        d_h = plgpu.load(d_h_ref.at[rows_, pl.ds(c0, block_cols)], mask=mask, other=0).astype(jnp.float32)
         if dequantize:
             d_h = rounded(d_h * d_h_scale, dtype, interpret)[1]
         silu, sig = _silu(gate)
@@ -241,26 +219,14 @@ def _check(a: jax.Array) -> int:
     return a.shape[1] // 2
 
 
-def _check_row_valid(row_valid: jax.Array | None, rows: int) -> tuple[jax.Array, ...]:
-    """``row_valid`` as the kernel's extra input (none where not given)."""
-    if row_valid is None:
-        return ()
-    if row_valid.shape != (rows,):
-        raise ValueError(f"row_valid has shape {row_valid.shape}, expected {(rows,)}")
-    return (row_valid.astype(jnp.int32),)
-
-
 def _params(interpret: bool):
     return None if interpret else plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "dtype"))
-def swiglu_quantize(a: jax.Array, interpret: bool = False, row_scale: jax.Array | None = None, dtype=None,
-                    row_valid: jax.Array | None = None) -> tuple[jax.Array, ...]:
+def swiglu_quantize(a: jax.Array, interpret: bool = False, row_scale: jax.Array | None = None, dtype=None
+                    ) -> tuple[jax.Array, ...]:
     """(h [M, F] in a's dtype, Q(h) codes [M, F] int8, scales [M, 1] float32) of a = [gate | up] [M, 2F].
-
-    ``row_valid`` [M] (0 for a padding row, whose a is zero): such rows' inputs are not read; the results are
-    the same (`GroupedLayout.row_valid`).
 
     With ``row_scale`` [M] float32, ``a`` is the up projection's int32 sums, dequantized here as XLA would:
     a = (float32(acc) * row_scale) rounded to ``dtype``; then a [M, 2F] in ``dtype`` comes back fourth (the
@@ -273,7 +239,6 @@ def swiglu_quantize(a: jax.Array, interpret: bool = False, row_scale: jax.Array 
                          f"neither (got {a.dtype}, row_scale {'given' if dequantize else 'None'}, dtype {dtype})")
     if dequantize and row_scale.shape != (rows,):
         raise ValueError(f"row_scale has shape {row_scale.shape}, expected {(rows,)}")
-    masks = _check_row_valid(row_valid, rows)
     out_dtype = jnp.dtype(dtype) if dequantize else a.dtype
     block_rows, block_cols = _tiles(ffn)
     out_shape = [jax.ShapeDtypeStruct((rows, ffn), out_dtype), jax.ShapeDtypeStruct((rows, ffn), jnp.int8),
@@ -282,27 +247,25 @@ def swiglu_quantize(a: jax.Array, interpret: bool = False, row_scale: jax.Array 
         out_shape.append(jax.ShapeDtypeStruct((rows, 2 * ffn), out_dtype))
     outs = pl.pallas_call(
         functools.partial(_forward_kernel, rows=rows, ffn=ffn, block_cols=block_cols, dequantize=dequantize,
-                          masked=bool(masks), interpret=interpret),
+                          interpret=interpret),
         out_shape=tuple(out_shape),
         grid=(pl.cdiv(rows, block_rows),),
         interpret=interpret,
         compiler_params=_params(interpret),
         name="qmoe_swiglu_quantize",
-    )(a, *((row_scale.astype(jnp.float32),) if dequantize else ()), *masks)
+    )(a, *((row_scale.astype(jnp.float32),) if dequantize else ()))
     h, codes, scale = outs[:3]
     return (h, codes, scale[:, None]) + tuple(outs[3:])
 
 
 @functools.partial(jax.jit, static_argnames=("quantize", "interpret"))
 def swiglu_backward(a: jax.Array, d_h: jax.Array, quantize: bool, interpret: bool = False,
-                    row_scale: jax.Array | None = None, row_valid: jax.Array | None = None
-                    ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+                    row_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """(d_a [M, 2F] in a's dtype, and with ``quantize`` Q(d_a) codes [M, 2F] int8 and scales [M, 1] float32,
     else None twice) for the cotangent ``d_h`` [M, F] of h = silu(gate) * up.
 
     With ``row_scale`` [M] float32, ``d_h`` is the int32 sums of the product that makes it, dequantized here as
-    XLA would (float32(acc) * row_scale rounded to a's dtype), so no separate pass writes d_h. ``row_valid``: as
-    `swiglu_quantize`'s (a padding row's a and d_h are zero, and so are its results)."""
+    XLA would (float32(acc) * row_scale rounded to a's dtype), so no separate pass writes d_h."""
     ffn = _check(a)
     rows = a.shape[0]
     if d_h.shape != (rows, ffn):
@@ -317,11 +280,10 @@ def swiglu_backward(a: jax.Array, d_h: jax.Array, quantize: bool, interpret: boo
     out_shape = [jax.ShapeDtypeStruct((rows, 2 * ffn), a.dtype)]
     if quantize:
         out_shape += [jax.ShapeDtypeStruct((rows, 2 * ffn), jnp.int8), jax.ShapeDtypeStruct((rows,), jnp.float32)]
-    masks = _check_row_valid(row_valid, rows)
-    inputs = ((a, d_h, row_scale.astype(jnp.float32)) if dequantize else (a, d_h.astype(a.dtype))) + masks
+    inputs = (a, d_h, row_scale.astype(jnp.float32)) if dequantize else (a, d_h.astype(a.dtype))
     outs = pl.pallas_call(
         functools.partial(_backward_kernel, rows=rows, ffn=ffn, block_cols=block_cols, quantize=quantize,
-                          dequantize=dequantize, masked=bool(masks), interpret=interpret),
+                          dequantize=dequantize, interpret=interpret),
         out_shape=tuple(out_shape),
         grid=(pl.cdiv(rows, block_rows),),
         interpret=interpret,
