@@ -121,6 +121,8 @@ MARKERS = (
     "benchmark: throughput measurements (pytest-benchmark); deselected unless benchmarks are asked for",
     "gpu: needs a CUDA/Metal device",
     "slow: long-running; excluded from the default CI run",
+    "backend(name): a test of that backend's own code; left out of a run whose --backend / --backend-module "
+    "selection does not include it",
 )
 #: Options whose use activates the plugin (a default value does not).
 _QMOE_OPTIONS = ("--backend", "--backend-module", "--device", "--conformance-json", "--qmoe-grid")
@@ -416,12 +418,19 @@ def covering_dtype(targets: list[Target], scheme: str, case_name: str) -> Target
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Leave out (as not applicable, counted in the summary) the qmoe tests whose module's
     ``applies_to(capabilities, test_name, params)`` gives a reason: combinations that depend on more
-    than the grid (a fidelity floor, an expert-parallel configuration)."""
+    than the grid (a fidelity floor, an expert-parallel configuration); and the tests marked
+    ``backend(name)`` where the run does not select that backend (``-m conformance --backend jax_prequant``
+    on a GPU ran torch_triton's own kernel tests, ~75 of its 288 s on the H200)."""
     if _SELECTION not in config.stash:
         return
     entries = {entry.name: entry for entry in config.stash[_SELECTION].backends}
     kept, dropped = [], []
     for item in items:
+        owner = item.get_closest_marker("backend")
+        if owner is not None and owner.args[0] not in entries:  # another backend's own test
+            config.stash[_NOT_APPLICABLE][owner.args[0]]["its own tests, backend not selected"] += 1
+            dropped.append(item)
+            continue
         params = getattr(getattr(item, "callspec", None), "params", {})
         if not is_qmoe_path(item.path) or not ({"target", "backend"} & set(params)):
             kept.append(item)
@@ -460,7 +469,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     counts = config.stash.get(_NOT_APPLICABLE, {})
     if not counts:
         return
-    terminalreporter.section("qmoe: combinations not generated (not declared by the backend, or left to the full grid)")
+    terminalreporter.section("qmoe: not generated (not declared by the backend, left to the full grid, or another "
+                             "backend's own tests)")
     for backend, reasons in counts.items():
         total = sum(reasons.values())
         detail = "; ".join(f"{reason} ({n})" for reason, n in reasons.most_common())

@@ -20,6 +20,8 @@ from qmoe.implementations.jax_prequant import JaxPrequantBackend  # noqa: E402
 from qmoe.implementations.jax_prequant import programs as _jax_programs  # noqa: E402
 from qmoe.suite.cases import CASES  # noqa: E402
 
+pytestmark = pytest.mark.backend("jax_prequant")
+
 INT8_ROUTED = ("int8_routed", "int8_all", "int8_routed_prequant")
 FLOAT_NAMES = ("float32", "bfloat16")
 

@@ -16,6 +16,8 @@ import jax  # noqa: E402
 from qmoe.implementations.jax_prequant import JaxPrequantBackend, programs  # noqa: E402
 from qmoe.suite.cases import CASES  # noqa: E402
 
+pytestmark = pytest.mark.backend("jax_prequant")
+
 
 def _stages(case: str, scheme: str, dtype: str, ep_dispatch: str, ep_size: int):
     if len(jax.devices("cpu")) < ep_size:

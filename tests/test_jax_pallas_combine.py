@@ -23,6 +23,8 @@ from qmoe.implementations.jax_prequant.grouped import place_rows, take_rows, tok
 from qmoe.implementations.jax_prequant.quant import quantize_rows  # noqa: E402
 from tests.pallas_lowering import verified_cuda_lowerings  # noqa: E402
 
+pytestmark = pytest.mark.backend("jax_prequant")
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 #: (tokens, top_k, hidden): hidden below one column block, exactly one, and past one (two sweeps).
 SHAPES = [(13, 2, 24), (9, 3, 2048), (5, 2, 2100)]

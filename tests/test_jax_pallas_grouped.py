@@ -23,6 +23,8 @@ from qmoe.implementations.jax_prequant import pallas_grouped as pg  # noqa: E402
 from qmoe.suite.checks import assert_close, assert_exactly_zero  # noqa: E402
 from tests.pallas_lowering import verified_cuda_lowerings  # noqa: E402
 
+pytestmark = pytest.mark.backend("jax_prequant")
+
 #: Group sizes that stress a grouped kernel: empty groups (first, middle, last), a one-row group, groups
 #: above and below the tile, and rows past every group (the tail, which must come out zero).
 SIZES = {

@@ -26,6 +26,8 @@ from qmoe.implementations.jax_prequant.quant import quantize_rows  # noqa: E402
 from qmoe.reference import MoEParams, MoESpec  # noqa: E402
 from tests.pallas_lowering import verified_cuda_lowerings  # noqa: E402
 
+pytestmark = pytest.mark.backend("jax_prequant")
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 #: (rows, ffn): ffn below one column block (a tile wider than the row), exactly one (one sweep), and past one
 #: (two sweeps, the second block partly masked); 37 rows for row blocks above one row.

@@ -35,6 +35,8 @@ from qmoe.suite.cases import CASES  # noqa: E402
 from qmoe.suite.checks import ConformanceError, assert_close, assert_exactly_zero  # noqa: E402
 from qmoe.suite.tolerances import tolerance  # noqa: E402
 
+pytestmark = pytest.mark.backend("jax_prequant")
+
 SCHEMES = JaxPrequantBackend.capabilities.schemes
 # Weight shapes chosen so that no activation tensor of the step has as many elements:
 # w13 [4, 24, 80] (7680 elements), w2 [4, 40, 24] (3840).

@@ -31,6 +31,8 @@ from qmoe.implementations.mlx_layerwise.sweep import SweepRow, choose_group_size
 from qmoe.implementations.mlx_layerwise.training import layer_gradients  # noqa: E402
 from qmoe.reference import MoEParams, MoESpec  # noqa: E402
 
+pytestmark = pytest.mark.backend("mlx_layerwise")
+
 STOCK_VJP_ERROR = "[GatherQMM::vjp] no gradient wrt the quantized weights"
 
 

@@ -44,3 +44,26 @@ def test_device_names_reach_each_backend_in_its_spelling_and_undeclared_ones_fai
     assert TorchEagerBackend("cpu").device == "cpu"
     with pytest.raises(SpecError, match="runs on cpu, cuda, not 'metal'"):
         TorchEagerBackend("metal")
+
+
+def test_a_backends_own_tests_follow_the_backend_selection(tmp_path):
+    """Tests marked ``backend(name)`` run where the run selects that backend (or names none) and are left out,
+    counted as not applicable, where it selects others: ``-m conformance --backend jax_prequant`` does not run
+    torch_triton's own kernel tests."""
+    import subprocess
+    import sys
+
+    (tmp_path / "test_owned.py").write_text(
+        "import pytest\n\n\n@pytest.mark.backend('torch_eager')\ndef test_eager_own():\n    pass\n\n\n"
+        "def test_anyones():\n    pass\n")
+
+    def collected(*args: str) -> tuple[list[str], str]:
+        result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q",
+                                 "test_owned.py", *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        return sorted(line.split("::")[-1] for line in result.stdout.splitlines() if "::" in line), result.stdout
+
+    assert collected("--backend", "torch_eager")[0] == ["test_anyones", "test_eager_own"]
+    assert collected()[0] == ["test_anyones", "test_eager_own"]
+    names, output = collected("--backend", "mlx_layerwise")
+    assert names == ["test_anyones"], output
+    assert "torch_eager: 1 not applicable: its own tests, backend not selected" in output, output

@@ -26,7 +26,7 @@ from qmoe.suite import test_qat  # noqa: E402
 from qmoe.suite.cases import CASES  # noqa: E402
 from qmoe.suite.checks import ConformanceError  # noqa: E402
 
-pytestmark = pytest.mark.conformance
+pytestmark = [pytest.mark.conformance, pytest.mark.backend("torch_triton")]
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from qmoe.implementations.torch_triton import TorchTritonBackend  # noqa: E402
 
-pytestmark = pytest.mark.conformance
+pytestmark = [pytest.mark.conformance, pytest.mark.backend("torch_triton")]
 
 #: float32's unit roundoff. A float32 dot of n terms errs by at most n u sum|terms| and, its roundings
 #: being independent, typically by ~sqrt(n) u sum|terms|: `dot_error` allows 4 sqrt(n) u (observed under the
