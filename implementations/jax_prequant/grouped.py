@@ -224,7 +224,19 @@ def grouped_dot(lhs: jax.Array, rhs: jax.Array, layout: GroupedLayout, *, transp
 
         return pallas_grouped.grouped_matmul(lhs, rhs, layout.group_sizes, transpose_rhs=transpose_rhs,
                                              out_dtype=out_dtype, interpret=layout.interpret)
+    if _rounds_in_epilogue(lhs.dtype, accumulate, out_dtype):
+        return _xla_grouped_dot(lhs, rhs, layout, transpose_rhs, out_dtype)
     return _xla_grouped_dot(lhs, rhs, layout, transpose_rhs, accumulate).astype(out_dtype)
+
+
+def _rounds_in_epilogue(operand_dtype, accumulate, out_dtype) -> bool:
+    """True where a float GEMM asked for a narrower float result is better asked for that result directly: XLA's
+    GPU GEMMs (cuBLAS, its Triton emitter) accumulate 16-bit float operands in float32 and round once as they store,
+    the value a float32 result converted afterwards has (up to summation order), where the float32 result took a
+    pass of its own to convert (H200, logbook top-8, scheme ``none``: a 1.66 ms ``wrapped_convert`` of a GEMM's
+    float32 result in the step's kernel table); CPU computes such a dot in float32 and converts as well."""
+    return (jnp.dtype(accumulate) == jnp.float32 and jnp.issubdtype(operand_dtype, jnp.floating)
+            and jnp.issubdtype(out_dtype, jnp.floating) and jnp.dtype(out_dtype).itemsize < 4)
 
 
 def _xla_grouped_dot(lhs: jax.Array, rhs: jax.Array, layout: GroupedLayout, transpose_rhs: bool,
