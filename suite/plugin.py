@@ -121,8 +121,7 @@ MARKERS = (
     "benchmark: throughput measurements (pytest-benchmark); deselected unless benchmarks are asked for",
     "gpu: needs a CUDA/Metal device",
     "slow: long-running; excluded from the default CI run",
-    "backend(name): a test of that backend's own code; left out of a run whose --backend / --backend-module "
-    "selection does not include it",
+    "backend(name): a test of that backend's own code; left out of runs whose --backend selection lacks it",
 )
 #: Options whose use activates the plugin (a default value does not).
 _QMOE_OPTIONS = ("--backend", "--backend-module", "--device", "--conformance-json", "--qmoe-grid")
