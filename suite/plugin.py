@@ -425,9 +425,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     entries = {entry.name: entry for entry in config.stash[_SELECTION].backends}
     kept, dropped = [], []
     for item in items:
-        owner = item.get_closest_marker("backend")
-        if owner is not None and owner.args[0] not in entries:  # another backend's own test
-            config.stash[_NOT_APPLICABLE][owner.args[0]]["its own tests, backend not selected"] += 1
+        owner = _marked_backend(item)
+        if owner is not None and owner not in entries:  # another backend's own test
+            config.stash[_NOT_APPLICABLE][owner]["its own tests, backend not selected"] += 1
             dropped.append(item)
             continue
         params = getattr(getattr(item, "callspec", None), "params", {})
@@ -452,6 +452,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if dropped:
         items[:] = kept
         config.hook.pytest_deselected(items=dropped)
+
+
+def _marked_backend(item: pytest.Item) -> str | None:
+    """The backend named by the item's ``backend(name)`` marker, or None where it has none."""
+    mark = item.get_closest_marker("backend")
+    if mark is None:
+        return None
+    name = mark.args[0] if mark.args else mark.kwargs.get("name")
+    if not isinstance(name, str):
+        raise pytest.UsageError(f"{item.nodeid}: pytest.mark.backend needs the backend's name, "
+                                f"e.g. @pytest.mark.backend('torch_triton')")
+    return name
 
 
 @pytest.hookimpl(optionalhook=True)

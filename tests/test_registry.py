@@ -67,3 +67,8 @@ def test_a_backends_own_tests_follow_the_backend_selection(tmp_path):
     names, output = collected("--backend", "mlx_layerwise")
     assert names == ["test_anyones"], output
     assert "torch_eager: 1 not applicable: its own tests, backend not selected" in output, output
+    (tmp_path / "test_owned.py").write_text("import pytest\n\n\n@pytest.mark.backend\ndef test_nameless():\n    pass\n")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q",
+                             "test_owned.py", "--backend", "torch_eager"], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)
+    assert result.returncode != 0 and "pytest.mark.backend needs the backend's name" in result.stderr + result.stdout
