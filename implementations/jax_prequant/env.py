@@ -115,9 +115,10 @@ def select_swiglu(platform: str, override: str | None = None) -> str:
     `pallas_combine`) or ``xla`` (`layer.swiglu`, `quant.quantize_rows` and autodiff of the combine, fused by XLA).
     ``override``, else $QMOE_JAX_SWIGLU, else ``pallas`` on GPUs and ``xla`` elsewhere (on CPU ``pallas`` runs
     interpreted: slow, for tests). The GPU default gives way to ``xla`` for token counts below
-    `KERNEL_MIN_ELEMENTS` (`JaxPrequantBackend._plan_for`); a choice made here by argument or environment is
-    kept at every size. H200, logbook top-8, int8_routed_prequant forward+backward: 34.9 ms with XLA's fusions,
-    32.9 with the SwiGLU kernels (2026-12-01, one run with both), 31.4 with the combine's kernel too."""
+    `KERNEL_MIN_ELEMENTS` (`_sized_kernels`, in every program the backend runs); a choice made here by argument
+    or environment is kept at every size. H200, logbook top-8, int8_routed_prequant forward+backward: 34.9 ms with
+    XLA's fusions, 32.9 with the SwiGLU kernels (2026-12-01, one run with both), 31.4 with the combine's kernel
+    too."""
     default = "pallas" if platform in GPU_PLATFORMS else "xla"
     return _chosen("swiglu", override or os.environ.get(SWIGLU_ENV) or default, SWIGLUS, platform)
 

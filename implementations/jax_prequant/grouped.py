@@ -512,8 +512,8 @@ def float_down_combine(interpret: bool):
     def backward(residuals, dy):
         h, w, out, layout, placement, gates = residuals
         g, _, _, d_gates = _combine_backward(dy, out, placement, gates, h.dtype, False, interpret)
-        dh = grouped_dot(g, w, layout, transpose_rhs=True, out_dtype=h.dtype)
-        return dh, grouped_weight_grad(h, g, layout, out_dtype=w.dtype), None, None, d_gates
+        dh, dw, _ = _float_grouped_dot_backward((h, w, layout), g)  # the down projection's own VJP
+        return dh, dw, None, None, d_gates
 
     fn.defvjp(forward, backward)
     return fn

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .pallas_swiglu import rounded, row_codes
+from .pallas_swiglu import block_columns, launch_params, rounded, row_codes
 from .quant import scale_from_amax
 
 #: Columns per step, warps and pipeline stages: one slot per program, a whole logbook row (H = 2048) per step.
@@ -109,7 +109,7 @@ def combine_backward(dy: jax.Array, out_rows: jax.Array, slot_token: jax.Array, 
     if out_rows.shape != (slots, hidden) or slot_token.shape != (slots,) or slot_gate.shape != (slots,):
         raise ValueError(f"combine_backward: dy {dy.shape}, out_rows {out_rows.shape}, slot_token "
                          f"{slot_token.shape}, slot_gate {slot_gate.shape}: expected [T, H], [M, H], [M], [M]")
-    block_cols = min(BLOCK_COLS, max(16, pl.next_power_of_2(hidden)))
+    block_cols = block_columns(hidden, BLOCK_COLS)
     out_shape = [jax.ShapeDtypeStruct((slots, hidden), jnp.dtype(dtype))]
     if quantize:
         out_shape += [jax.ShapeDtypeStruct((slots, hidden), jnp.int8), jax.ShapeDtypeStruct((slots,), jnp.float32)]
@@ -120,7 +120,7 @@ def combine_backward(dy: jax.Array, out_rows: jax.Array, slot_token: jax.Array, 
         out_shape=tuple(out_shape),
         grid=(slots,),
         interpret=interpret,
-        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
+        compiler_params=launch_params(interpret, NUM_WARPS, NUM_STAGES),
         name="qmoe_combine_backward",
     )(slot_token.astype(jnp.int32), slot_gate.astype(jnp.float32), dy, out_rows)
     if not quantize:

@@ -78,9 +78,20 @@ def once(body) -> None:
     jax.lax.fori_loop(0, 1, body, jnp.int32(0))
 
 
+def block_columns(width: int, widest: int) -> int:
+    """Columns per step over rows ``width`` wide: a power of two (Triton's tensors), at most ``widest``, no wider
+    than needed."""
+    return min(widest, max(16, pl.next_power_of_2(width)))
+
+
+def launch_params(interpret: bool, num_warps: int, num_stages: int):
+    """Triton launch options, or None for the interpreter."""
+    return None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
 def _tiles(ffn: int) -> tuple[int, int]:
-    """(rows, columns) per block: columns a power of two (Triton's tensors) no wider than needed."""
-    return BLOCK_ROWS, min(BLOCK_COLS, max(16, pl.next_power_of_2(ffn)))
+    """(rows, columns) per block."""
+    return BLOCK_ROWS, block_columns(ffn, BLOCK_COLS)
 
 
 def _forward_kernel(a_ref, *refs, rows: int, ffn: int, block_cols: int, dequantize: bool, interpret: bool) -> None:
@@ -219,10 +230,6 @@ def _check(a: jax.Array) -> int:
     return a.shape[1] // 2
 
 
-def _params(interpret: bool):
-    return None if interpret else plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-
-
 @functools.partial(jax.jit, static_argnames=("interpret", "dtype"))
 def swiglu_quantize(a: jax.Array, interpret: bool = False, row_scale: jax.Array | None = None, dtype=None
                     ) -> tuple[jax.Array, ...]:
@@ -251,7 +258,7 @@ def swiglu_quantize(a: jax.Array, interpret: bool = False, row_scale: jax.Array 
         out_shape=tuple(out_shape),
         grid=(pl.cdiv(rows, block_rows),),
         interpret=interpret,
-        compiler_params=_params(interpret),
+        compiler_params=launch_params(interpret, NUM_WARPS, NUM_STAGES),
         name="qmoe_swiglu_quantize",
     )(a, *((row_scale.astype(jnp.float32),) if dequantize else ()))
     h, codes, scale = outs[:3]
@@ -287,7 +294,7 @@ def swiglu_backward(a: jax.Array, d_h: jax.Array, quantize: bool, interpret: boo
         out_shape=tuple(out_shape),
         grid=(pl.cdiv(rows, block_rows),),
         interpret=interpret,
-        compiler_params=_params(interpret),
+        compiler_params=launch_params(interpret, NUM_WARPS, NUM_STAGES),
         name="qmoe_swiglu_backward",
     )(*inputs)
     if not quantize:
