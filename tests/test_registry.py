@@ -57,9 +57,12 @@ def test_a_backends_own_tests_follow_the_backend_selection(tmp_path):
         "import pytest\n\n\n@pytest.mark.backend('torch_eager')\ndef test_eager_own():\n    pass\n\n\n"
         "def test_anyones():\n    pass\n")
 
+    def collect(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q",
+                               "test_owned.py", *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
     def collected(*args: str) -> tuple[list[str], str]:
-        result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q",
-                                 "test_owned.py", *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        result = collect(*args)
         return sorted(line.split("::")[-1] for line in result.stdout.splitlines() if "::" in line), result.stdout
 
     assert collected("--backend", "torch_eager")[0] == ["test_anyones", "test_eager_own"]
@@ -68,7 +71,5 @@ def test_a_backends_own_tests_follow_the_backend_selection(tmp_path):
     assert names == ["test_anyones"], output
     assert "torch_eager: 1 not applicable: its own tests, backend not selected" in output, output
     (tmp_path / "test_owned.py").write_text("import pytest\n\n\n@pytest.mark.backend\ndef test_nameless():\n    pass\n")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q",
-                             "test_owned.py", "--backend", "torch_eager"], capture_output=True, text=True, timeout=120,
-                            cwd=tmp_path)
+    result = collect("--backend", "torch_eager")
     assert result.returncode != 0 and "pytest.mark.backend needs the backend's name" in result.stderr + result.stdout
