@@ -178,7 +178,11 @@ class Backend(abc.ABC):
                        ) -> Callable[[], Any]:
         """A zero-argument callable running one ``pass_`` on device-resident copies of ``x``/``dy``.
 
-        It returns only after the device finished. Host-device copies happen here, outside it.
+        It returns only after the device finished. Host-device copies happen here, outside it. A ``backward``
+        (forward+backward) call computes the layer's output y as well as every gradient, as a training step
+        whose loss reads y does, and keeps y live (returns it, or waits on it): a lazy or dead-code-eliminating
+        framework otherwise skips the forward's combine, which no gradient needs, and times less work than a
+        torch layer's forward+backward (jax_prequant's and the JAX and MLX peers' steps did until 2026-12-01).
         Optional: a CUDA step whose device work all goes to torch's current stream may carry
         ``step.stream_body``, the same work without the final synchronization (`synchronized_step` makes
         both); the benchmarks then time it between two CUDA events on that stream, with no host round trip

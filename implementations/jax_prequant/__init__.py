@@ -243,7 +243,7 @@ class JaxPrequantBackend(Backend):
             raise SpecError(f"dy has shape {dy.shape}, expected the output's shape {x.shape}")
         x_dev = self._put_tokens(prepared, x)
         dy_dev = self._put_tokens(prepared, dy)
-        d_params, d_x, _ = self._run_sized(prepared, x_dev, lambda plan: programs.forward_backward(
+        d_params, d_x, _, _ = self._run_sized(prepared, x_dev, lambda plan: programs.forward_backward(
             prepared.params, prepared.frozen, x_dev, dy_dev, np.float32(balance_coeff), plan))
         experts = prepared.spec.experts
         grads = {"x": np.asarray(d_x, dtype=np.float64)}

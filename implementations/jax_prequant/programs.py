@@ -1,6 +1,6 @@
 """The jit-compiled programs of the `jax_prequant` backend, each keyed by its static `LayerPlan`.
 
-``forward``: y, routing and the sizes the routing needs. ``forward_backward``: the VJP of
+``forward``: y, routing and the sizes the routing needs. ``forward_backward``: y and the VJP of
 (y, balance_loss) for cotangents (dy, balance_coeff) — the gradient of
 ``sum(y * dy) + balance_coeff * balance_loss`` — with respect to x and the float parameters.
 The stage programs (pack, up, down, combine, shared) time the forward's parts separately; on an
@@ -87,7 +87,10 @@ def forward(params: dict, frozen: dict, x: jax.Array, plan: LayerPlan):
 @_jit
 def forward_backward(params: dict, frozen: dict, x: jax.Array, dy: jax.Array, balance_coeff: jax.Array,
                      plan: LayerPlan):
-    """(d params, d x, needed sizes) of L = sum(y * dy) + balance_coeff * balance_loss."""
+    """(d params, d x, y, needed sizes) of L = sum(y * dy) + balance_coeff * balance_loss.
+
+    y is an output as in a training step, whose loss reads it: without it XLA drops the forward's combine, which
+    no gradient needs, and the step would time less work than a torch layer's forward+backward does."""
 
     def objective(params, x):
         y, routing, needed = _run_layer(plan, params, frozen, x, differentiated=True)
@@ -95,7 +98,7 @@ def forward_backward(params: dict, frozen: dict, x: jax.Array, dy: jax.Array, ba
 
     (y, _), pullback, needed = jax.vjp(objective, params, x, has_aux=True)
     d_params, d_x = pullback((dy.astype(y.dtype), jnp.asarray(balance_coeff, jnp.float32)))
-    return d_params, d_x, needed
+    return d_params, d_x, y, needed
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))

@@ -468,7 +468,7 @@ def _jax_forward_backward(params: dict, x, dy, spec: MoESpec):
     fixed = {k: v for k, v in params.items() if k == "router_bias"}
     y, vjp = jax.vjp(lambda p, x_: _jax_layer({**p, **fixed}, x_, spec)[0], trainable, x)
     d_params, d_x = vjp(dy)
-    return d_x, d_params  # dx first
+    return d_x, d_params, y  # dx first; y kept (`Backend.benchmark_step`: a training step computes it)
 
 
 class JaxRaggedDotPeer(PeerBackend):
@@ -705,7 +705,8 @@ def _mlx_forward_backward(arrays: dict, x, dy, spec: MoESpec, trainable: tuple[s
     def layer_of(x_, *leaves):
         return _mlx_layer({**arrays, **dict(zip(trainable, leaves))}, x_, spec)[0]
 
-    return mx.vjp(layer_of, [x, *(arrays[n] for n in trainable)], [dy])[1]  # dx first
+    outputs, grads = mx.vjp(layer_of, [x, *(arrays[n] for n in trainable)], [dy])
+    return [*grads, *outputs]  # dx first; y evaluated too (`Backend.benchmark_step`: a training step computes it)
 
 
 class MlxGatherMMCompiledPeer(MlxGatherMMPeer):
