@@ -615,3 +615,31 @@ def test_float_dense_dot_gradient_is_the_dot_gradient_in_float32():
     plain = jax.vjp(lambda a, b: jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST), x, w)[1](g)
     for got, want in zip(ours, plain):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("swiglu", ["pallas", "xla"])
+@pytest.mark.parametrize("scheme", ["int8_routed_prequant", "int8_routed"])
+def test_split_int8_gemm_runs_the_down_projection_alone_through_the_pallas_kernel(scheme, swiglu):
+    """``int8_gemm="split"`` (`grouped.projection_layout`): the down projection's int8 products (forward, and the
+    input gradient where the rule makes it int8: ``prequant_vjp``, not the straight-through ``int8_routed``) are
+    the Pallas kernel's, the up projection's XLA's, and the layer's values are those of ``xla`` (both sum int8
+    products exactly in int32; bfloat16 held to one rounding of the largest value)."""
+    params, x, dy = _layer(HLO_SPEC, tokens=12)
+    results, kernels = {}, {}
+    for int8_gemm in ("xla", "split"):
+        backend = JaxPrequantBackend("cpu", grouped="padded", int8_gemm=int8_gemm, swiglu=swiglu)
+        prepared = backend.prepare(HLO_SPEC, params, scheme, "bfloat16")
+        x_dev = backend._put_tokens(prepared, x)
+        plan = backend._plan_for(prepared, x_dev)
+        jaxpr = str(jax.make_jaxpr(lambda *a, plan=plan: _jax_programs.forward_backward(*a, plan=plan))(
+            prepared.params, prepared.frozen, x_dev, backend._put_tokens(prepared, dy), np.float32(0.0)))
+        kernels[int8_gemm] = len(re.findall(r"name=qmoe_grouped_matmul_int8\b", jaxpr))
+        results[int8_gemm] = (backend.forward(prepared, x).y, backend.backward(prepared, x, dy))
+    down_products = 2 if scheme == "int8_routed_prequant" else 1
+    assert kernels == {"xla": 0, "split": down_products}, f"int8 Pallas GEMMs per step: {kernels}"
+    (y0, g0), (y1, g1) = results["xla"], results["split"]
+    tol = 2.0**-8
+    np.testing.assert_allclose(y1, y0, rtol=0, atol=tol * float(np.abs(y0).max()))
+    for name in g0:
+        np.testing.assert_allclose(g1[name], g0[name], rtol=0, atol=tol * float(np.abs(g0[name]).max()),
+                                   err_msg=f"d{name}")

@@ -125,12 +125,12 @@ class JaxPrequantBackend(Backend):
                  int8_gemm: str | None = None, swiglu: str | None = None) -> None:
         """``grouped``: force the grouped-matmul formulation (``ragged``, ``padded`` or ``pallas``; default:
         $QMOE_JAX_GROUPED, else the platform's, `env.select_formulation`). ``int8_gemm``: the routed int8
-        products' kernel, ``xla`` or ``pallas`` (default: $QMOE_JAX_INT8_GEMM, else `env.select_int8_gemm`'s;
-        the ``pallas`` formulation always runs ``pallas``). ``swiglu``: the routed SwiGLU's kernels under int8
-        schemes, ``xla`` or ``pallas`` (default: $QMOE_JAX_SWIGLU, else `env.select_swiglu`'s). ``ep_dispatch``: how
-        expert parallelism sends token rows: ``float`` (the compute dtype, except that the int8 routed
-        schemes send the int8 codes and scale their experts would make anyway) or ``int8`` (codes and
-        scales for every scheme)."""
+        products' kernel, ``xla``, ``pallas`` or ``split`` (per projection; default: $QMOE_JAX_INT8_GEMM, else
+        `env.select_int8_gemm`'s; the ``pallas`` formulation always runs ``pallas``). ``swiglu``: the routed
+        SwiGLU's kernels under int8 schemes, ``xla`` or ``pallas`` (default: $QMOE_JAX_SWIGLU, else
+        `env.select_swiglu`'s). ``ep_dispatch``: how expert parallelism sends token rows: ``float`` (the compute
+        dtype, except that the int8 routed schemes send the int8 codes and scale their experts would make anyway)
+        or ``int8`` (codes and scales for every scheme)."""
         if ep_dispatch not in EP_DISPATCHES:
             raise ValueError(f"ep_dispatch {ep_dispatch!r}: use one of {', '.join(EP_DISPATCHES)}")
         super().__init__(device)
@@ -449,6 +449,23 @@ class JaxPrequantInt8PallasBackend(JaxPrequantBackend):
 
     def __init__(self, device: str | None = None, grouped: str | None = None, ep_dispatch: str = "float",
                  int8_gemm: str | None = "pallas") -> None:
+        super().__init__(device, grouped=grouped, ep_dispatch=ep_dispatch, int8_gemm=int8_gemm)
+
+
+class JaxPrequantInt8SplitBackend(JaxPrequantBackend):
+    """`JaxPrequantBackend` with ``int8_gemm`` ``split`` (`grouped.projection_layout`: XLA's int8 dot for the up
+    projection, the Pallas kernel with its scale epilogue for the down projection). Not in the registry; a GPU
+    session compares it with the default in one benchmark run (issue 15)::
+
+        pytest -m benchmark --device cuda --bench-shape logbook-shared0 \
+            --backend-module qmoe.implementations.jax_prequant:JaxPrequantInt8SplitBackend \
+            --backend jax_prequant,jax_prequant_int8_split
+    """
+
+    name = "jax_prequant_int8_split"
+
+    def __init__(self, device: str | None = None, grouped: str | None = None, ep_dispatch: str = "float",
+                 int8_gemm: str | None = "split") -> None:
         super().__init__(device, grouped=grouped, ep_dispatch=ep_dispatch, int8_gemm=int8_gemm)
 
 

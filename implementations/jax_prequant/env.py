@@ -83,9 +83,9 @@ def _chosen(what: str, choice: str, choices: tuple[str, ...], platform: str) -> 
 
 
 #: Environment override of the int8 x int8 grouped GEMM under the ``ragged`` and ``padded`` formulations:
-#: ``xla`` or ``pallas`` (`select_int8_gemm`).
+#: ``xla``, ``pallas`` or ``split`` (`select_int8_gemm`).
 INT8_GEMM_ENV = "QMOE_JAX_INT8_GEMM"
-INT8_GEMMS: tuple[str, ...] = ("xla", "pallas")
+INT8_GEMMS: tuple[str, ...] = ("xla", "pallas", "split")
 
 
 def select_int8_gemm(platform: str, formulation: str, override: str | None = None) -> str:
@@ -93,10 +93,13 @@ def select_int8_gemm(platform: str, formulation: str, override: str | None = Non
     int32 result XLA scales in the fusion that reads it, or the SwiGLU kernels as they read it) or
     ``pallas`` (the grouped Pallas kernel of `pallas_grouped`, the scales applied in its epilogue: the int32
     products never reach memory, but the GEMM is slower than cuBLAS's; on the H200, logbook top-8
-    int8_routed_prequant forward+backward, 31.19 against 31.42 ms, within the runs' spread, 2026-12-01).
+    int8_routed_prequant forward+backward, 31.19 against 31.42 ms, within the runs' spread, 2026-12-01), or
+    ``split``: the up projection's products (forward and input gradient) by XLA, whose int32 sums the SwiGLU kernels
+    dequantize as they read them, and the down projection's by the Pallas kernel, whose epilogue writes the scaled
+    result that the combine and the SwiGLU's backward read (`grouped.projection_layout`).
 
     The ``pallas`` formulation always runs ``pallas``. Elsewhere ``override``, else $QMOE_JAX_INT8_GEMM, else
-    ``xla``: under ``padded`` the kernel then runs over every group's full capacity (the padding rows are
+    ``xla``: under ``padded`` the Pallas kernel then runs over every group's full capacity (the padding rows are
     zero), and the float GEMMs and weight gradients stay XLA's batched ones.
     """
     if formulation == "pallas":

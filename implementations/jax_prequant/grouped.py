@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
@@ -45,10 +45,10 @@ class GroupedLayout:
 
     ``group_sizes`` [G] int32: rows in each group. ``row_group`` [M] int32: the group of each row
     (padding rows carry some valid group; their rows are zero). Static: ``kind`` (ragged | padded |
-    pallas), ``groups`` (G), ``capacity`` (rows per group when padded, else 0), ``int8_gemm`` (``xla`` or
-    ``pallas``: the kernel of the int8 x int8 products, `env.select_int8_gemm`; always ``pallas`` for that
-    kind), ``interpret`` (where Pallas kernels run: in Pallas's interpreter, as on CPU, instead of
-    lowering them through Triton).
+    pallas), ``groups`` (G), ``capacity`` (rows per group when padded, else 0), ``int8_gemm`` (``xla``,
+    ``pallas`` or ``split``: the kernel of the int8 x int8 products, `env.select_int8_gemm`, per projection
+    `projection_layout`; always ``pallas`` for that kind), ``interpret`` (where Pallas kernels run: in Pallas's
+    interpreter, as on CPU, instead of lowering them through Triton).
     """
 
     group_sizes: jax.Array
@@ -144,9 +144,31 @@ def place_rows(row_group: jax.Array, valid: jax.Array, groups: int, kind: str, c
         raise ValueError(f"unknown grouped formulation {kind!r}")
     slot_of_row = jnp.zeros((rows,), jnp.int32).at[order].set(slot_sorted)
     layout = GroupedLayout(group_sizes, slot_group, kind, groups, capacity if kind == "padded" else 0,
-                           interpret=interpret and (kind == "pallas" or int8_gemm == "pallas"), int8_gemm=int8_gemm)
+                           interpret=interpret and (kind == "pallas" or int8_gemm != "xla"), int8_gemm=int8_gemm)
     needed = jnp.max(group_sizes) if groups else jnp.int32(0)
     return Placement(source, slot_of_row, layout, needed)
+
+
+#: The routed projections, as `projection_layout` names them.
+PROJECTIONS: tuple[str, ...] = ("up", "down")
+
+
+def projection_layout(layout: GroupedLayout, projection: str) -> GroupedLayout:
+    """The layout whose ``int8_gemm`` runs ``projection``'s int8 products (``up``: w13, ``down``: w2; forward and
+    input gradient alike): ``split`` gives the up projection XLA's int8 dot and the down projection the Pallas
+    kernel, any other choice is every projection's.
+
+    Why ``split`` (issue 15, H200, logbook top-8 int8_routed_prequant): XLA's int8 dot is the faster GEMM (~1400
+    TOP/s against ~1300), but it stores int32 sums, twice the bytes of the layer's dtype. The up projection's go
+    straight into the SwiGLU kernel, which dequantizes as it reads; the down projection's were scaled by a pass of
+    their own (0.87 ms: 2.35 GB read, 1.17 GB written) before the combine read them, and its input gradient's read
+    as int32 by the SwiGLU's backward. The Pallas kernel's epilogue writes those results scaled, in the layer's
+    dtype."""
+    if projection not in PROJECTIONS:
+        raise ValueError(f"unknown projection {projection!r}: one of {', '.join(PROJECTIONS)}")
+    if layout.int8_gemm != "split":
+        return layout
+    return replace(layout, int8_gemm="pallas" if projection == "down" else "xla")
 
 
 def take_rows(values: jax.Array, index: jax.Array) -> jax.Array:
@@ -543,30 +565,33 @@ def int8_experts_combine(rule: str, dtype_name: str, interpret: bool):
 
     @jax.custom_vjp
     def fn(x, x_codes, x_scale, w13, w13_quantized, w2, w2_quantized, layout, placement, gates):
-        h_codes, h_scale = _xla_swiglu_forward(x_codes, x_scale, *w13_quantized, layout, dtype)[1:]
-        return weighted_sum(_int8_projection(h_codes, h_scale, *w2_quantized, layout, dtype), placement, gates)
+        up, down = (projection_layout(layout, p) for p in PROJECTIONS)
+        h_codes, h_scale = _xla_swiglu_forward(x_codes, x_scale, *w13_quantized, up, dtype)[1:]
+        return weighted_sum(_int8_projection(h_codes, h_scale, *w2_quantized, down, dtype), placement, gates)
 
     def forward(x, x_codes, x_scale, w13, w13_quantized, w2, w2_quantized, layout, placement, gates):
-        (h, h_codes, h_scale), a = _kernel_swiglu_forward(x_codes, x_scale, *w13_quantized, layout, dtype, interpret)
-        out = _int8_projection(h_codes, h_scale, *w2_quantized, layout, dtype)
+        up, down = (projection_layout(layout, p) for p in PROJECTIONS)
+        (h, h_codes, h_scale), a = _kernel_swiglu_forward(x_codes, x_scale, *w13_quantized, up, dtype, interpret)
+        out = _int8_projection(h_codes, h_scale, *w2_quantized, down, dtype)
         x_kept, h_kept = (x, h) if prequant else ((x_codes, x_scale), (h_codes, h_scale))
         residuals = (x_kept, a, h_kept, out, w13_quantized[:2], w2_quantized[:2], layout, placement, gates)
         return weighted_sum(out, placement, gates), residuals
 
     def backward(residuals, dy):
         x_kept, a, h_kept, out, (w13_codes, w13_scale), (w2_codes, w2_scale), layout, placement, gates = residuals
+        up, down = (projection_layout(layout, p) for p in PROJECTIONS)
         g, g_codes, g_scale, d_gates = _combine_backward(dy, out, placement, gates, dtype, prequant, interpret)
-        if prequant and layout.int8_gemm == "xla":
-            d_h, d_h_scale = int8_accumulator(g_codes, g_scale, w2_codes, w2_scale, layout, transpose_rhs=True)
-            dw2 = _float_surrogate_grad(h_kept, g, layout, dtype)
+        if prequant and down.int8_gemm == "xla":
+            d_h, d_h_scale = int8_accumulator(g_codes, g_scale, w2_codes, w2_scale, down, transpose_rhs=True)
+            dw2 = _float_surrogate_grad(h_kept, g, down, dtype)
         else:
             d_h, dw2 = _int8_gradients(rule, dtype, h_kept, g, (g_codes, g_scale) if prequant else None, w2_codes,
-                                       w2_scale, layout)
+                                       w2_scale, down)
             d_h_scale = None
         d_a, d_codes, d_scale = pallas_swiglu.swiglu_backward(a, d_h, prequant, interpret=interpret,
                                                               row_scale=d_h_scale)
         dx, dw13 = _int8_gradients(rule, dtype, x_kept, d_a, (d_codes, d_scale) if prequant else None, w13_codes,
-                                   w13_scale, layout)
+                                   w13_scale, up)
         return dx, None, None, dw13, None, dw2, None, None, None, d_gates
 
     fn.defvjp(forward, backward)

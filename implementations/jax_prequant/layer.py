@@ -39,6 +39,7 @@ from .grouped import (
     int8_grouped_dot,
     int8_swiglu_projection,
     place_rows,
+    projection_layout,
     take_rows,
     token_of_slot,
     weighted_sum,
@@ -101,14 +102,14 @@ class LayerPlan:
     @property
     def interpret_kernels(self) -> bool:
         """True where the plan's Pallas kernels (the ``pallas`` formulation's, ``int8_gemm`` or ``swiglu``
-        ``pallas``) run interpreted (CPU), not through Triton."""
+        ``pallas``; ``int8_gemm`` ``split`` holds it too) run interpreted (CPU), not through Triton."""
         return self.runs_pallas and pallas_interpret(self.platform)
 
     @property
     def runs_pallas(self) -> bool:
         """True where the program holds Pallas kernels: the ``pallas`` formulation, its int8 GEMM or its SwiGLU."""
         return self.formulation == "pallas" or self.swiglu == "pallas" or (self.routed_int8
-                                                                           and self.int8_gemm == "pallas")
+                                                                           and self.int8_gemm != "xla")
 
     @property
     def fused_swiglu(self) -> bool:
@@ -243,6 +244,7 @@ def stage_up(plan: LayerPlan, packed_rows: tuple, w13: jax.Array, w13_prequantiz
     """(h, Q(h) codes, Q(h) scales): h = silu(x W1[e]) * (x W3[e]) for every packed row, from one fused w13
     projection; Q(h) where the SwiGLU kernels make it with h (`LayerPlan.fused_swiglu`), else None twice."""
     rows, codes, scale = packed_rows
+    layout = projection_layout(layout, "up")
     if plan.fused_swiglu:
         up = int8_swiglu_projection(plan.routed_rule, plan.dtype, plan.interpret_kernels)
         return up(rows, *quantized_rows(rows, codes, scale), w13,
@@ -257,7 +259,7 @@ def stage_down(plan: LayerPlan, hidden: tuple, w2: jax.Array, w2_prequantized, l
                ) -> jax.Array:
     """out = Q(h) W2[e] for every packed row (h quantized per row for int8 schemes, unless `stage_up` did)."""
     h, codes, scale = hidden
-    return routed_projection(plan, h, codes, scale, w2, w2_prequantized, layout)
+    return routed_projection(plan, h, codes, scale, w2, w2_prequantized, projection_layout(layout, "down"))
 
 
 def stage_experts_combine(plan: LayerPlan, packed: Packed, w13: jax.Array, w13_prequantized, w2: jax.Array,
@@ -267,8 +269,8 @@ def stage_experts_combine(plan: LayerPlan, packed: Packed, w13: jax.Array, w13_p
     layout = packed.placement.layout
     fn = int8_experts_combine(plan.routed_rule, plan.dtype, plan.interpret_kernels)
     return fn(packed.rows, *quantized_rows(packed.rows, packed.rows_codes, packed.rows_scale),
-              w13, routed_weight_codes(plan, w13, w13_prequantized, layout),
-              w2, routed_weight_codes(plan, w2, w2_prequantized, layout),
+              w13, routed_weight_codes(plan, w13, w13_prequantized, projection_layout(layout, "up")),
+              w2, routed_weight_codes(plan, w2, w2_prequantized, projection_layout(layout, "down")),
               layout, packed.placement, packed.routing.gate_weights)
 
 
