@@ -298,8 +298,9 @@ class JaxPrequantBackend(Backend):
             if dy is None:
                 dy = np.random.default_rng(0).standard_normal(x.shape)
             dy_dev = self._put_tokens(prepared, dy)
+            # balance_coeff on the devices already: a host scalar would be copied in every timed call
             program, args = programs.forward_backward, (prepared.params, prepared.frozen, x_dev, dy_dev,
-                                                        np.float32(0.0))
+                                                        programs.zero_like_scalar(x_dev))
         else:
             raise ValueError(f"unknown pass {pass_!r}: use 'forward' or one of {FORWARD_BACKWARD}")
 

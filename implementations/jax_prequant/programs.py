@@ -101,6 +101,14 @@ def forward_backward(params: dict, frozen: dict, x: jax.Array, dy: jax.Array, ba
     return d_params, d_x, y, needed
 
 
+def zero_like_scalar(like: jax.Array) -> jax.Array:
+    """A float32 zero committed to ``like``'s devices (replicated where ``like`` is sharded over a mesh)."""
+    sharding = like.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.device_put(jnp.float32(0.0), sharding)
+
+
 @functools.partial(jax.jit, static_argnames=("spec",))
 def routing_only(router: jax.Array, router_bias: jax.Array | None, x: jax.Array, spec):
     """(expert_ids, kept): what sizing the static capacities needs. Keyed by the spec alone (not the

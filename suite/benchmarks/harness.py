@@ -81,6 +81,7 @@ class BenchOptions:
     threads: int | None = None
     deadline: float | None = None  # time.monotonic() after which cases are skipped (session budget)
     cuda_graph: bool = False  # capture every capturable step in a CUDA graph (--bench-cuda-graph)
+    round_s: float = timing.TARGET_ROUND_S  # a synchronized round's target length (`timing.calls_per_round`)
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,7 @@ class CallsPerRound:
     repeat: bool
     calls: int = 1
     warm_call_s: list[float] = field(default_factory=list)
+    round_s: float = timing.TARGET_ROUND_S
 
     def before_round(self, index: int, last_call_s: float | None) -> int:
         """The calls of round ``index`` (0-based, warm-up first); ``last_call_s``: the previous round's call."""
@@ -255,7 +257,7 @@ class CallsPerRound:
         if last_call_s is not None:
             self.warm_call_s.append(last_call_s)
         if index == self.warmup and self.warm_call_s:
-            self.calls = timing.calls_per_round(min(self.warm_call_s))
+            self.calls = timing.calls_per_round(min(self.warm_call_s), self.round_s)
         return self.calls
 
 
@@ -319,12 +321,14 @@ def time_rounds(benchmark, steps: list[Callable[[], Any]], options: BenchOptions
     calls = bodies if stream_ordered else steps
     warmup = max(options.warmup, len(steps))
     repeats = CallsPerRound(warmup, repeat=clock is not None and not stream_ordered and may_repeat
-                            and all(getattr(step, "async_body", None) is not None for step in steps))
+                            and all(getattr(step, "async_body", None) is not None for step in steps),
+                            round_s=options.round_s)
     results: list = [NOT_RUN] * len(steps)
     turn = itertools.count()
     warmup_calls, call_s = (0, None) if getattr(benchmark, "disabled", False) else warm_up(steps, flush,
                                                                                           options.warmup_s)
-    expected_calls = timing.calls_per_round(call_s) if repeats.repeat and call_s is not None else 1
+    expected_calls = (timing.calls_per_round(call_s, options.round_s) if repeats.repeat and call_s is not None
+                      else 1)
     rounds = rounds_for(options, None if call_s is None else call_s * expected_calls)
 
     def setup():
@@ -597,6 +601,7 @@ def describe(case: BenchCase, backend_cls: type, spec, options: BenchOptions, ti
         "inputs": options.inputs, "rounds": timed.rounds or options.rounds,
         "warmup_rounds": max(options.warmup, options.inputs),
         "warmup_calls": timed.warmup_calls, "warmup_s": options.warmup_s, "min_time_s": options.min_time_s,
+        "round_s": options.round_s,
         "threads": options.threads, "cuda_graph_option": options.cuda_graph,
     }
     bound_operand = getattr(backend_cls, "bound_operand", None)

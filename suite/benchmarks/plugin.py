@@ -41,7 +41,7 @@ import time
 
 import pytest
 
-from . import harness, shapes, workload
+from . import harness, shapes, timing, workload
 from .metrics import PASSES
 
 _REFUSALS = pytest.StashKey[list]()
@@ -72,6 +72,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="warm-up rounds (default 1; at least one per distinct input is always run)")
     group.addoption("--bench-warmup-s", type=float, default=0.05, metavar="SECONDS",
                     help="untimed calls for at least this long before the warm-up rounds (default 0.05)")
+    group.addoption("--bench-round-s", type=float, default=timing.TARGET_ROUND_S, metavar="SECONDS",
+                    help="target length of a synchronized round: a step that can enqueue calls without waiting "
+                         "(JAX's) runs ceil(this / call) of them per round and waits once (default %(default)s)")
     group.addoption("--bench-min-time-s", type=float, default=0.1, metavar="SECONDS",
                     help="more timed rounds for short calls, until they add up to this (default 0.1; at most "
                          f"{harness.MAX_ROUNDS} rounds; --bench-rounds stays the least)")
@@ -287,7 +290,7 @@ def bench_options(config: pytest.Config) -> harness.BenchOptions:
         inputs=config.getoption("--bench-inputs"), check_rows=config.getoption("--bench-check-rows"),
         stage_times=config.getoption("--bench-stage-times"), max_call_s=budget or None,
         threads=config.getoption("--bench-threads"), deadline=_state.get("deadline"),
-        cuda_graph=config.getoption("--bench-cuda-graph"))
+        cuda_graph=config.getoption("--bench-cuda-graph"), round_s=config.getoption("--bench-round-s"))
 
 
 def _devices_match(declared: tuple[str, ...], device: str | None) -> bool:

@@ -37,13 +37,13 @@ TARGET_ROUND_S = 20e-3
 MAX_CALLS_PER_ROUND = 100
 
 
-def calls_per_round(call_s: float) -> int:
-    """Calls per synchronized round so that it lasts `TARGET_ROUND_S`: ceil(target / call), from 1 to
-    `MAX_CALLS_PER_ROUND`. ``call_s`` is one synchronized call, its round trip included, so the estimate
-    errs towards fewer calls (a shorter round), never towards hiding the round trip."""
+def calls_per_round(call_s: float, target_s: float = TARGET_ROUND_S) -> int:
+    """Calls per synchronized round so that it lasts ``target_s`` (`TARGET_ROUND_S`, ``--bench-round-s``):
+    ceil(target / call), from 1 to `MAX_CALLS_PER_ROUND`. ``call_s`` is one synchronized call, its round trip
+    included, so the estimate errs towards fewer calls (a shorter round), never towards hiding the round trip."""
     if call_s <= 0.0:
         return MAX_CALLS_PER_ROUND
-    return max(1, min(MAX_CALLS_PER_ROUND, math.ceil(TARGET_ROUND_S / call_s)))
+    return max(1, min(MAX_CALLS_PER_ROUND, math.ceil(target_s / call_s)))
 
 
 def overhead_share(noop_s: float, noop_calls: int, row_s: float, row_calls: int) -> float:
