@@ -96,7 +96,9 @@ def select_int8_gemm(platform: str, formulation: str, override: str | None = Non
     int8_routed_prequant forward+backward, 31.19 against 31.42 ms, within the runs' spread, 2026-12-01), or
     ``split``: the up projection's products (forward and input gradient) by XLA, whose int32 sums the SwiGLU kernels
     dequantize as they read them, and the down projection's by the Pallas kernel, whose epilogue writes the scaled
-    result that the combine and the SwiGLU's backward read (`grouped.projection_layout`).
+    result that the combine and the SwiGLU's backward read (`grouped.projection_layout`; H200, logbook
+    int8_routed_prequant forward+backward, three runs beside ``xla``: +0.3 to +1.2% at top-8, -0.9 to +3.1% at top-2,
+    within the runs' spread, 2026-12-01).
 
     The ``pallas`` formulation always runs ``pallas``. Elsewhere ``override``, else $QMOE_JAX_INT8_GEMM, else
     ``xla``: under ``padded`` the Pallas kernel then runs over every group's full capacity (the padding rows are
