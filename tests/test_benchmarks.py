@@ -731,13 +731,15 @@ class _FakeJaxStep:
         return out
 
 
-def _time_on_fake_device(monkeypatch, steps, rounds: int = 4, may_repeat: bool = True):
+def _time_on_fake_device(monkeypatch, steps, rounds: int = 4, may_repeat: bool = True,
+                         round_s: float = timing.TARGET_ROUND_S):
     """`harness.time_rounds` over ``steps`` with a `timing.CudaEventClock` on the fake timeline as the timer."""
     clock = timing.CudaEventClock(event=lambda: _FakeEvent([]))
     monkeypatch.setattr(timing, "clock_for", lambda device: (clock, "cuda_events"))
     monkeypatch.setattr(timing, "cuda_clock", lambda: clock)
     options = harness.BenchOptions(device="cpu", dtype="float32", rounds=rounds, warmup=1, inputs=len(steps),
-                                   warmup_s=0, min_time_s=0)  # host-clock warm-up and rounds: their own tests
+                                   warmup_s=0, min_time_s=0,  # host-clock warm-up and rounds: their own tests
+                                   round_s=round_s)
     bench = FakeBenchmark(timer=clock)
     return harness.time_rounds(bench, steps, options, may_repeat), bench
 
@@ -754,6 +756,15 @@ def test_a_short_asynchronous_step_runs_several_calls_per_round_and_its_times_st
     assert [len(step.calls) for step in steps] == [1 + 2 * n] * 2  # one warm-up call, then two rounds of n
     assert timed.results == [step.calls[-1] for step in steps] == [step.waited[-1] for step in steps]
     assert all(len(step.waited) == 3 for step in steps)  # one wait per round, not per call
+
+
+def test_a_longer_round_target_gives_a_long_step_several_calls_per_round(monkeypatch):
+    """``--bench-round-s``: a 30 ms call keeps one call per round at the 20 ms default and gets ceil(150 / 30) = 5 at
+    a 150 ms target, its time still per call and its round trip (1 ms here) spread over the 5."""
+    default, _ = _time_on_fake_device(monkeypatch, [_FakeJaxStep("x", call_ms=30.0, wait_ms=1.0)])
+    longer, bench = _time_on_fake_device(monkeypatch, [_FakeJaxStep("x", call_ms=30.0, wait_ms=1.0)], round_s=0.15)
+    assert default.calls_per_round == 1 and longer.calls_per_round == 5
+    assert bench.durations == [pytest.approx(30.2e-3)] * 4
 
 
 def test_the_round_trip_is_spread_over_the_calls_of_a_round(monkeypatch):
@@ -788,6 +799,7 @@ def test_a_step_without_async_body_or_too_small_to_evict_l2_keeps_one_call_per_r
 def test_calls_per_round_fill_the_target_within_their_bounds():
     assert timing.calls_per_round(2.797e-3) == 8  # the H200's fastest synchronized case: 22 ms rounds
     assert timing.calls_per_round(timing.TARGET_ROUND_S) == 1
+    assert timing.calls_per_round(30e-3, target_s=0.15) == 5
     assert timing.calls_per_round(1.0) == 1  # a long step keeps one call
     assert timing.calls_per_round(1e-7) == timing.calls_per_round(0.0) == timing.MAX_CALLS_PER_ROUND
 
