@@ -428,7 +428,7 @@ def test_benchmark_step_says_which_plan_runs(monkeypatch):
     prepared = backend.prepare(data.spec, data.params, "int8_routed_prequant", "float32")
     plan = backend.benchmark_step(prepared, data.x, "forward").extra_info["jax_plan"]
     assert plan == {"formulation": "padded", "expert_capacity": prepared.sizes[data.x.shape[0]][0], "swiglu": "xla",
-                    "int8_gemm": "xla"}
+                    "int8_gemm": "xla", "router": "float32"}
 
 
 def _need_devices(n: int) -> None:
@@ -643,3 +643,65 @@ def test_split_int8_gemm_runs_the_down_projection_alone_through_the_pallas_kerne
     for name in g0:
         np.testing.assert_allclose(g1[name], g0[name], rtol=0, atol=tol * float(np.abs(g0[name]).max()),
                                    err_msg=f"d{name}")
+
+
+def test_router_split_products_have_float32_accuracy():
+    """`routing.split_logits`: bfloat16 parts of R (exact: `bf16_parts` sums back to R bit for bit) give x R, dR and
+    dx within float32's error of the float64 products, where a single bfloat16 product of R is ~2^-9 off."""
+    from qmoe.implementations.jax_prequant.routing import bf16_parts, router_logits
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((96, 320)), jnp.bfloat16).astype(jnp.float32)  # a bfloat16 layer's tokens
+    router = jnp.asarray(rng.standard_normal((320, 24)) * 0.05, jnp.float32)
+    g = jnp.asarray(rng.standard_normal((96, 24)), jnp.float32)
+    assert np.array_equal(np.asarray(sum(p.astype(jnp.float32) for p in bf16_parts(router, 3))), np.asarray(router))
+    x64, r64, g64 = (np.asarray(v, np.float64) for v in (x, router, g))
+
+    def rel(got, want):
+        return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
+
+    logits, pullback = jax.vjp(lambda x_, r_: router_logits(x_, r_, "bf16_split"), x, router)
+    dx, d_router = pullback(g)
+    one_part = jnp.dot(x.astype(jnp.bfloat16), router.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    assert rel(one_part, x64 @ r64) > 1e-3  # what a plain bfloat16 router would be off by
+    assert rel(logits, x64 @ r64) < 4e-6
+    assert rel(d_router, x64.T @ g64) < 4e-6
+    assert rel(dx, g64 @ r64.T) < 4e-6
+
+
+def test_router_split_layer_equals_the_float32_router():
+    """The backend with ``router="bf16_split"`` routes as the float32 router does and gives its outputs and
+    gradients within float32 noise (a bfloat16 layer, whose inputs hold bfloat16 values as the interface
+    promises); float32 layers refuse it instead of running something else."""
+    params, x, dy = _layer(HLO_SPEC, tokens=12)
+    x, dy = (v.astype(jnp.bfloat16).astype(np.float64) for v in (x, dy))  # a bfloat16 layer's inputs
+    results = {}
+    for router in ("float32", "bf16_split"):
+        backend = JaxPrequantBackend("cpu", router=router)
+        prepared = backend.prepare(HLO_SPEC, params, "int8_routed_prequant", "bfloat16")
+        assert prepared.plan.router == router
+        forward = backend.forward(prepared, x)
+        results[router] = (forward, backend.backward(prepared, x, dy))
+    (f0, g0), (f1, g1) = results["float32"], results["bf16_split"]
+    assert np.array_equal(f0.expert_ids, f1.expert_ids)
+    # float32 noise (CPU, 2026-12-01: y and the weights' gradients equal, dx and d_router 5e-8 and 2e-7 of their
+    # largest); a bfloat16 rounding anywhere (2^-8) or a single-part router (~2^-9 in the logits) is far outside
+    np.testing.assert_allclose(f1.y, f0.y, rtol=0, atol=1e-6 * float(np.abs(f0.y).max()))
+    for name in g0:
+        np.testing.assert_allclose(g1[name], g0[name], rtol=0, atol=1e-6 * float(np.abs(g0[name]).max()),
+                                   err_msg=f"d{name}")
+    with pytest.raises(ValueError, match="bfloat16 layers"):
+        JaxPrequantBackend("cpu", router="bf16_split").prepare(HLO_SPEC, params, "none", "float32")
+
+
+def test_the_split_router_leaves_no_float32_gemm_in_a_bfloat16_step(monkeypatch):
+    """With ``router="bf16_split"`` a bfloat16 forward+backward program has no float32 GEMM at all: the router's
+    three (the only ones by design otherwise, width E) become bfloat16 products with float32 accumulation."""
+    monkeypatch.setenv(_jax_env.ROUTER_ENV, "bf16_split")
+    jaxpr = _step_jaxpr(*_step_program(SHARED_SPEC, "int8_routed_prequant", "bfloat16", None, tokens=16))
+    dots = list(_jaxpr_eqns(jaxpr, "dot_general"))
+    float32 = [[str(v.aval.dtype) for v in eqn.invars] for eqn in dots
+               if any(v.aval.dtype == jnp.float32 for v in eqn.invars)]
+    assert not float32, f"float32 GEMMs: {float32}"
+    logits = [eqn for eqn in dots if eqn.outvars[0].aval.shape == (16, SHARED_SPEC.experts)]
+    assert logits and all(v.aval.dtype == jnp.bfloat16 for eqn in logits for v in eqn.invars)

@@ -122,7 +122,7 @@ class JaxPrequantBackend(Backend):
     )
 
     def __init__(self, device: str | None = None, grouped: str | None = None, ep_dispatch: str = "float",
-                 int8_gemm: str | None = None, swiglu: str | None = None) -> None:
+                 int8_gemm: str | None = None, swiglu: str | None = None, router: str | None = None) -> None:
         """``grouped``: force the grouped-matmul formulation (``ragged``, ``padded`` or ``pallas``; default:
         $QMOE_JAX_GROUPED, else the platform's, `env.select_formulation`). ``int8_gemm``: the routed int8
         products' kernel, ``xla``, ``pallas`` or ``split`` (per projection; default: $QMOE_JAX_INT8_GEMM, else
@@ -130,7 +130,8 @@ class JaxPrequantBackend(Backend):
         SwiGLU's kernels under int8 schemes, ``xla`` or ``pallas`` (default: $QMOE_JAX_SWIGLU, else
         `env.select_swiglu`'s). ``ep_dispatch``: how expert parallelism sends token rows: ``float`` (the compute
         dtype, except that the int8 routed schemes send the int8 codes and scale their experts would make anyway)
-        or ``int8`` (codes and scales for every scheme)."""
+        or ``int8`` (codes and scales for every scheme). ``router``: how the router's logits are multiplied,
+        ``float32`` or ``bf16_split`` (bfloat16 layers; default: $QMOE_JAX_ROUTER, else `env.select_router`'s)."""
         if ep_dispatch not in EP_DISPATCHES:
             raise ValueError(f"ep_dispatch {ep_dispatch!r}: use one of {', '.join(EP_DISPATCHES)}")
         super().__init__(device)
@@ -138,6 +139,7 @@ class JaxPrequantBackend(Backend):
         self.ep_dispatch = ep_dispatch
         self.int8_gemm = int8_gemm
         self.swiglu = swiglu
+        self.router = router
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -189,7 +191,7 @@ class JaxPrequantBackend(Backend):
         int8_gemm = env.select_int8_gemm(platform, formulation, self.int8_gemm)
         plan = LayerPlan(spec, scheme, dtype, formulation, experts, ep_size=ep_size, mesh=mesh, platform=platform,
                          dispatch=self.ep_dispatch, int8_gemm=int8_gemm,
-                         swiglu=env.select_swiglu(platform, self.swiglu))
+                         swiglu=env.select_swiglu(platform, self.swiglu), router=env.select_router(dtype, self.router))
         host_params, host_frozen = _host_arrays(spec, params, experts)
         put = _placer(devices[0], mesh)
         compute = {name: "float32" if name == "router" else dtype for name in host_params}
@@ -320,7 +322,7 @@ class JaxPrequantBackend(Backend):
         # routing's padded plan runs pallas, `_plan_for`), and the kernels are options.
         step.extra_info = {"jax_plan": {  # type: ignore[attr-defined]
             "formulation": plan.formulation, "expert_capacity": plan.expert_capacity, "swiglu": plan.swiglu,
-            "int8_gemm": plan.int8_gemm}}
+            "int8_gemm": plan.int8_gemm, "router": plan.router}}
         return step
 
     def all_to_all_operands(self, prepared: JaxPrepared, x: np.ndarray, pass_: str = "forward",
@@ -468,6 +470,24 @@ class JaxPrequantInt8SplitBackend(JaxPrequantBackend):
     def __init__(self, device: str | None = None, grouped: str | None = None, ep_dispatch: str = "float",
                  int8_gemm: str | None = "split") -> None:
         super().__init__(device, grouped=grouped, ep_dispatch=ep_dispatch, int8_gemm=int8_gemm)
+
+
+class JaxPrequantRouterSplitBackend(JaxPrequantBackend):
+    """`JaxPrequantBackend` whose bfloat16 layers multiply the router's logits as bfloat16 tensor-core products
+    (``router`` ``bf16_split``, `routing.split_logits`). Not in the registry; a GPU session compares it with the
+    default in one benchmark run (issue 15)::
+
+        pytest -m benchmark --device cuda --bench-shape logbook-shared0 \
+            --backend-module qmoe.implementations.jax_prequant:JaxPrequantRouterSplitBackend \
+            --backend jax_prequant,jax_prequant_router_split
+    """
+
+    name = "jax_prequant_router_split"
+
+    def __init__(self, device: str | None = None, grouped: str | None = None, ep_dispatch: str = "float",
+                 int8_gemm: str | None = None, swiglu: str | None = None, router: str | None = "bf16_split") -> None:
+        super().__init__(device, grouped=grouped, ep_dispatch=ep_dispatch, int8_gemm=int8_gemm, swiglu=swiglu,
+                         router=router)
 
 
 # -- module helpers (no framework at import) ---------------------------------------------------------------

@@ -128,6 +128,24 @@ def select_swiglu(platform: str, override: str | None = None) -> str:
     return _chosen("swiglu", override or os.environ.get(SWIGLU_ENV) or default, SWIGLUS, platform)
 
 
+#: Environment override of how the router's logits are multiplied: ``float32`` or ``bf16_split`` (`select_router`).
+ROUTER_ENV = "QMOE_JAX_ROUTER"
+
+
+def select_router(dtype: str, override: str | None = None) -> str:
+    """The router's products (`routing.ROUTER_PRODUCTS`): ``override``, else $QMOE_JAX_ROUTER, else ``float32``.
+    ``bf16_split`` (`routing.split_logits`: float32 accuracy from bfloat16 tensor-core products) is for bfloat16
+    layers; asked for in another dtype it raises. Not yet measured on a GPU (issue 15): not a default."""
+    from .routing import ROUTER_PRODUCTS
+
+    choice = override or os.environ.get(ROUTER_ENV) or "float32"
+    if choice not in ROUTER_PRODUCTS:
+        raise ValueError(f"router products {choice!r} is not one of {', '.join(ROUTER_PRODUCTS)}")
+    if choice == "bf16_split" and dtype != "bfloat16":
+        raise ValueError(f"router products 'bf16_split' are for bfloat16 layers, not {dtype}: use float32")
+    return choice
+
+
 def check_pallas(platform: str) -> None:
     """Raise, saying why, where the ``pallas`` formulation cannot run on ``platform``."""
     if platform not in PALLAS_PLATFORMS:

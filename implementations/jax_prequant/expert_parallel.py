@@ -190,7 +190,7 @@ def _routed_inputs(plan: LayerPlan, params: dict, frozen: dict, x: jax.Array) ->
     """(routing on the global token set, the per-device inputs: x in the compute dtype, expert ids, gate
     weights and kept, padded to a multiple of N tokens)."""
     n = plan.ep_size
-    routing = route(plan.spec, x, params["router"], frozen.get("router_bias"))
+    routing = route(plan.spec, x, params["router"], frozen.get("router_bias"), plan.router)
     padded = -(-x.shape[0] // n) * n
     return routing, (_pad_tokens(x.astype(plan.compute_dtype), padded, 0), _pad_tokens(routing.expert_ids, padded, 0),
                      _pad_tokens(routing.gate_weights, padded, 0), _pad_tokens(routing.kept, padded, False))

@@ -73,6 +73,7 @@ class LayerPlan:
     dispatch: str = "float"
     int8_gemm: str = "xla"
     swiglu: str = "xla"
+    router: str = "float32"
 
     @property
     def compute_dtype(self):
@@ -191,7 +192,7 @@ def pack_rows(plan: LayerPlan, x: jax.Array, expert_ids: jax.Array, valid: jax.A
 
 def stage_pack(plan: LayerPlan, params: dict, frozen: dict, x: jax.Array) -> Packed:
     """Route (float32), then pack the kept assignments by expert (stable argsort)."""
-    routing = route(plan.spec, x, params["router"], frozen.get("router_bias"))
+    routing = route(plan.spec, x, params["router"], frozen.get("router_bias"), plan.router)
     placement, rows, codes, scale = pack_rows(plan, x.astype(plan.compute_dtype), routing.expert_ids,
                                               routing.kept, plan.experts, plan.expert_capacity)
     return Packed(rows, codes, scale, placement, routing)
