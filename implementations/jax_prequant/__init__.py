@@ -420,74 +420,51 @@ class JaxPrequantBackend(Backend):
         raise RuntimeError(f"static capacities kept being outgrown: {prepared.sizes[tokens]} vs {needed}")
 
 
-class JaxPrequantPallasBackend(JaxPrequantBackend):
-    """`JaxPrequantBackend` with the ``pallas`` grouped formulation whatever the platform (issue 15).
-
-    Not in the registry, so no run gains a backend by default; a GPU session compares it with the
-    default (``padded``) formulation in one benchmark run::
+class JaxPrequantVariant(JaxPrequantBackend):
+    """A `JaxPrequantBackend` whose options default to ``defaults``: an unregistered variant that a GPU session loads
+    beside the default to compare the two in one benchmark run (issue 15)::
 
         pytest -m benchmark --device cuda --bench-shape logbook-shared0 \
             --backend-module qmoe.implementations.jax_prequant:JaxPrequantPallasBackend \
             --backend jax_prequant,jax_prequant_pallas
-    """
+
+    Not in the registry, so no run gains a backend by default. Options given are kept over the defaults."""
+
+    defaults: dict[str, str] = {}
+
+    def __init__(self, device: str | None = None, **options: Any) -> None:
+        super().__init__(device, **{**self.defaults, **options})
+
+
+class JaxPrequantPallasBackend(JaxPrequantVariant):
+    """The ``pallas`` grouped formulation whatever the platform (`env.select_formulation`)."""
 
     name = "jax_prequant_pallas"
-
-    def __init__(self, device: str | None = None, grouped: str | None = "pallas", ep_dispatch: str = "float",
-                 int8_gemm: str | None = None) -> None:
-        super().__init__(device, grouped=grouped, ep_dispatch=ep_dispatch, int8_gemm=int8_gemm)
+    defaults = {"grouped": "pallas"}
 
 
-class JaxPrequantInt8PallasBackend(JaxPrequantBackend):
-    """`JaxPrequantBackend` whose routed int8 products run the Pallas kernel (scales in its epilogue) under the
-    platform's formulation (``padded`` on GPUs: XLA's batched GEMMs for everything else). Not in the registry;
-    a GPU session compares it with the default in one benchmark run (issue 15)::
-
-        pytest -m benchmark --device cuda --bench-shape logbook-shared0 \
-            --backend-module qmoe.implementations.jax_prequant:JaxPrequantInt8PallasBackend \
-            --backend jax_prequant,jax_prequant_int8_pallas
-    """
+class JaxPrequantInt8PallasBackend(JaxPrequantVariant):
+    """The routed int8 products by the Pallas kernel (scales in its epilogue) under the platform's formulation
+    (``padded`` on GPUs: XLA's batched GEMMs for everything else; `env.select_int8_gemm`)."""
 
     name = "jax_prequant_int8_pallas"
-
-    def __init__(self, device: str | None = None, grouped: str | None = None, ep_dispatch: str = "float",
-                 int8_gemm: str | None = "pallas") -> None:
-        super().__init__(device, grouped=grouped, ep_dispatch=ep_dispatch, int8_gemm=int8_gemm)
+    defaults = {"int8_gemm": "pallas"}
 
 
-class JaxPrequantInt8SplitBackend(JaxPrequantBackend):
-    """`JaxPrequantBackend` with ``int8_gemm`` ``split`` (`grouped.projection_layout`: XLA's int8 dot for the up
-    projection, the Pallas kernel with its scale epilogue for the down projection). Not in the registry; a GPU
-    session compares it with the default in one benchmark run (issue 15)::
-
-        pytest -m benchmark --device cuda --bench-shape logbook-shared0 \
-            --backend-module qmoe.implementations.jax_prequant:JaxPrequantInt8SplitBackend \
-            --backend jax_prequant,jax_prequant_int8_split
-    """
+class JaxPrequantInt8SplitBackend(JaxPrequantVariant):
+    """``int8_gemm`` ``split`` (`grouped.projection_layout`: XLA's int8 dot for the up projection, the Pallas kernel
+    with its scale epilogue for the down projection)."""
 
     name = "jax_prequant_int8_split"
-
-    def __init__(self, device: str | None = None, grouped: str | None = None, ep_dispatch: str = "float",
-                 int8_gemm: str | None = "split") -> None:
-        super().__init__(device, grouped=grouped, ep_dispatch=ep_dispatch, int8_gemm=int8_gemm)
+    defaults = {"int8_gemm": "split"}
 
 
-class JaxPrequantRouterSplitBackend(JaxPrequantBackend):
-    """`JaxPrequantBackend` whose bfloat16 layers multiply the router's logits as bfloat16 tensor-core products
-    (``router`` ``bf16_split``, `routing.split_logits`). Not in the registry; a GPU session compares it with the
-    default in one benchmark run (issue 15)::
-
-        pytest -m benchmark --device cuda --bench-shape logbook-shared0 \
-            --backend-module qmoe.implementations.jax_prequant:JaxPrequantRouterSplitBackend \
-            --backend jax_prequant,jax_prequant_router_split
-    """
+class JaxPrequantRouterSplitBackend(JaxPrequantVariant):
+    """Bfloat16 layers multiply the router's logits as bfloat16 tensor-core products (``router`` ``bf16_split``,
+    `routing.split_logits`)."""
 
     name = "jax_prequant_router_split"
-
-    def __init__(self, device: str | None = None, grouped: str | None = None, ep_dispatch: str = "float",
-                 int8_gemm: str | None = None, swiglu: str | None = None, router: str | None = "bf16_split") -> None:
-        super().__init__(device, grouped=grouped, ep_dispatch=ep_dispatch, int8_gemm=int8_gemm, swiglu=swiglu,
-                         router=router)
+    defaults = {"router": "bf16_split"}
 
 
 # -- module helpers (no framework at import) ---------------------------------------------------------------
