@@ -855,20 +855,10 @@ def test_a_forward_backward_step_computes_the_layers_output(peer_name):
     prepared = backend.prepare(shape.spec(2), workload.make_params(shape, "balanced", "float32"), "none", "float32")
     inputs = workload.make_inputs(shape, "float32", 1)[0]
     y = np.asarray(backend.forward(prepared, inputs.x).y)
-    leaves = _array_leaves(backend.benchmark_step(prepared, inputs.x, "backward", inputs.dy)())
+    leaves = [outputs.to_numpy(leaf) for _, leaf in
+              outputs.array_leaves(backend.benchmark_step(prepared, inputs.x, "backward", inputs.dy)())]
     assert any(leaf.shape == y.shape and np.allclose(leaf, y, rtol=1e-5, atol=1e-6) for leaf in leaves), \
         f"{peer_name}: no output of its forward+backward step equals its forward's y"
-
-
-def _array_leaves(value) -> list[np.ndarray]:
-    """Every array in a step's output (nested tuples, lists, dicts), as float64 NumPy arrays (float32 layers)."""
-    if isinstance(value, dict):
-        return [leaf for item in value.values() for leaf in _array_leaves(item)]
-    if isinstance(value, (list, tuple)):
-        return [leaf for item in value for leaf in _array_leaves(item)]
-    if hasattr(value, "shape"):
-        return [np.asarray(value, np.float64)]
-    return []
 
 
 # -- deselection and comparison ----------------------------------------------------------------------------------

@@ -52,10 +52,11 @@ def _layer(spec: MoESpec, tokens: int, seed: int = 0) -> tuple[MoEParams, np.nda
     return params, x, dy
 
 
-def _step_program(spec: MoESpec, scheme: str, dtype: str, grouped: str | None, tokens: int
+def _step_program(spec: MoESpec, scheme: str, dtype: str, grouped: str | None, tokens: int, **options: str
                   ) -> tuple[object, tuple]:
-    """(plan, arguments) of the backend's forward+backward program for ``spec`` on CPU."""
-    backend = JaxPrequantBackend("cpu", grouped=grouped)
+    """(plan, arguments) of the backend's forward+backward program for ``spec`` on CPU (``options``: the
+    backend's other choices)."""
+    backend = JaxPrequantBackend("cpu", grouped=grouped, **options)
     params, x, dy = _layer(spec, tokens=tokens)
     prepared = backend.prepare(spec, params, scheme, dtype)
     x_dev = backend._put_tokens(prepared, x)
@@ -627,13 +628,11 @@ def test_split_int8_gemm_runs_the_down_projection_alone_through_the_pallas_kerne
     params, x, dy = _layer(HLO_SPEC, tokens=12)
     results, kernels = {}, {}
     for int8_gemm in ("xla", "split"):
-        backend = JaxPrequantBackend("cpu", grouped="padded", int8_gemm=int8_gemm, swiglu=swiglu)
-        prepared = backend.prepare(HLO_SPEC, params, scheme, "bfloat16")
-        x_dev = backend._put_tokens(prepared, x)
-        plan = backend._plan_for(prepared, x_dev)
-        jaxpr = str(jax.make_jaxpr(lambda *a, plan=plan: _jax_programs.forward_backward(*a, plan=plan))(
-            prepared.params, prepared.frozen, x_dev, backend._put_tokens(prepared, dy), np.float32(0.0)))
+        options = {"int8_gemm": int8_gemm, "swiglu": swiglu}
+        jaxpr = str(_step_jaxpr(*_step_program(HLO_SPEC, scheme, "bfloat16", "padded", tokens=12, **options)))
         kernels[int8_gemm] = len(re.findall(r"name=qmoe_grouped_matmul_int8\b", jaxpr))
+        backend = JaxPrequantBackend("cpu", grouped="padded", **options)
+        prepared = backend.prepare(HLO_SPEC, params, scheme, "bfloat16")
         results[int8_gemm] = (backend.forward(prepared, x).y, backend.backward(prepared, x, dy))
     down_products = 2 if scheme == "int8_routed_prequant" else 1
     assert kernels == {"xla": 0, "split": down_products}, f"int8 Pallas GEMMs per step: {kernels}"

@@ -75,11 +75,16 @@ def select_formulation(platform: str, override: str | None = None) -> str:
 def _chosen(what: str, choice: str, choices: tuple[str, ...], platform: str) -> str:
     """``choice``, once it is one of ``choices`` and, where it is ``pallas``, can run on ``platform``; else
     raise, naming ``what`` was asked for."""
-    if choice not in choices:
-        raise ValueError(f"{what} {choice!r} is not one of {', '.join(choices)}")
+    _one_of(what, choice, choices)
     if choice == "pallas":
         check_pallas(platform)
     return choice
+
+
+def _one_of(what: str, choice: str, choices: tuple[str, ...]) -> None:
+    """Raise, naming ``what`` was asked for, unless ``choice`` is one of ``choices``."""
+    if choice not in choices:
+        raise ValueError(f"{what} {choice!r} is not one of {', '.join(choices)}")
 
 
 #: Environment override of the int8 x int8 grouped GEMM under the ``ragged`` and ``padded`` formulations:
@@ -139,8 +144,7 @@ def select_router(dtype: str, override: str | None = None) -> str:
     from .routing import ROUTER_PRODUCTS
 
     choice = override or os.environ.get(ROUTER_ENV) or "float32"
-    if choice not in ROUTER_PRODUCTS:
-        raise ValueError(f"router products {choice!r} is not one of {', '.join(ROUTER_PRODUCTS)}")
+    _one_of("router products", choice, ROUTER_PRODUCTS)
     if choice == "bf16_split" and dtype != "bfloat16":
         raise ValueError(f"router products 'bf16_split' are for bfloat16 layers, not {dtype}: use float32")
     return choice

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -81,8 +82,9 @@ def _children(value):
     return []
 
 
-def find_output(result, shape: tuple[int, int], names: tuple[str, ...], depth: int = 4):
-    """The array called one of ``names`` (any depth), else the first array of ``shape``, else None."""
+def array_leaves(result, depth: int = 4) -> list[tuple[str | None, Any]]:
+    """(name or None, array) for every array in a step's return value, in order, down to ``depth`` levels of
+    containers (dicts, sequences, dataclasses, objects' attributes)."""
     def walk(value, level):
         if _is_array(value):
             yield None, value
@@ -95,7 +97,12 @@ def find_output(result, shape: tuple[int, int], names: tuple[str, ...], depth: i
             else:
                 yield from walk(child, level + 1)
 
-    leaves = list(walk(result, 0))
+    return list(walk(result, 0))
+
+
+def find_output(result, shape: tuple[int, int], names: tuple[str, ...], depth: int = 4):
+    """The array called one of ``names`` (any depth), else the first array of ``shape``, else None."""
+    leaves = array_leaves(result, depth)
     for name, leaf in leaves:
         if name in names and tuple(leaf.shape) == shape:
             return leaf
