@@ -20,10 +20,13 @@ scheduler (the int8 GEMM at ~1140 of cuBLAS's ~1470 TOP/s on the H200, issue 10)
 tiles from the group offsets on the device, so the spare work items of the bound are never visited. The
 autotuner chooses between the two (`_GPU_CONFIGS`); ``grouped_gemm(persistent=...)`` forces one.
 Measured on the H200 (2026-12-01, Triton 3.6, 64 experts, K 2048): no gain. Top-8 up (262,144 rows, N 4096)
-3.92 ms one-tile against 4.01 persistent; down 2.00 / 2.14; top-2 up 1.09 / 1.07, down 0.52 / 0.52. The likely
-reason: Triton's Hopper pipeliner issues a wgmma asynchronously only with a float32 accumulator, so every int8
-K step waits for its product (seen in the sm_90 PTX: a full wgmma wait after each int8 dot, one pending for
-fp16), and overlapping the epilogue does not reach that wait. Kept for the autotuner and for later Triton.
+3.92 ms one-tile against 4.01 persistent; down 2.00 / 2.14; top-2 up 1.09 / 1.07, down 0.52 / 0.52. Triton 3.6's Hopper
+pipeliner issues a wgmma asynchronously only with a float32 accumulator (the sm_90 PTX has a full wgmma wait after
+each int8 dot), but that wait is not what bounds this kernel: a Gluon probe of the same grouped int8 GEMM with the
+wgmma left in flight (``warpgroup_mma(is_async=True)``, one outstanding) ran at 940-1050 TOP/s against this kernel's
+~1110 (2026-12-01, results/h200/NEXT_RUN.md), where cuBLAS reaches ~1450 on such shapes. Left to try: warp
+specialization (Gluon's ``warp_specialize``: a loading warp and two consumer warpgroups, so that one tile's epilogue
+runs under another's products, CUTLASS's ping-pong design). Kept for the autotuner and for later Triton.
 
 The same kernel with ``INT8=False`` is a float grouped GEMM (float32 accumulation, no TF32), used
 where a float path must not depend on ``torch._grouped_mm``.
