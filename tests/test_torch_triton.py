@@ -764,6 +764,62 @@ def test_dispatch_plan_sorts_by_expert_stably(triton_backend, drops):
     assert (plan.row_valid is None) == (not drops)
 
 
+def test_the_swiglu_kernel_never_reads_the_gemms_unwritten_rows(triton_backend, monkeypatch):
+    """`torch._grouped_mm` leaves capacity-dropped rows unwritten in its output and its input gradient. Here they
+    hold NaN (what uninitialized memory may hold): the float experts' SwiGLU kernels, forward and backward, must see
+    only zeros there, and the dropped rows' outputs and every gradient stay finite. Without the mask after the up
+    projection the SwiGLU forward computes on the NaN rows (under the interpreter, the overflow warnings of CI)."""
+    import torch
+
+    from qmoe.implementations.torch_triton import layer
+
+    real_grouped_mm, real_swiglu = layer.grouped_mm, layer.swiglu
+    seen: list[torch.Tensor] = []
+
+    class Unwritten(torch.autograd.Function):
+        """The uncovered rows of a GEMM's output and of its input gradient hold NaN."""
+
+        @staticmethod
+        def forward(ctx, out, valid):
+            ctx.save_for_backward(valid)
+            return torch.where(valid[:, None], out, float("nan"))
+
+        @staticmethod
+        def backward(ctx, grad):
+            (valid,) = ctx.saved_tensors
+            return torch.where(valid[:, None], grad, float("nan")), None
+
+    def unwritten_grouped_mm(rows, weights, plan):
+        return Unwritten.apply(real_grouped_mm(rows, weights, plan), plan.row_valid)
+
+    def watched_swiglu(gate_up):
+        seen.append(gate_up.detach())
+        out = real_swiglu(gate_up)
+        out.register_hook(lambda grad: seen.append(grad.detach()))
+        return out
+
+    monkeypatch.setattr(layer, "grouped_mm", unwritten_grouped_mm)
+    monkeypatch.setattr(layer, "swiglu", watched_swiglu)
+    device = triton_backend.device
+    experts, tokens, hidden, ffn = 4, 12, 8, 6
+    ids = torch.tensor([[t % experts, (t + 1) % experts] for t in range(tokens)], device=device)
+    kept = torch.tensor([[True, t % 3 != 0] for t in range(tokens)], device=device)
+    plan = layer.plan_dispatch(ids, kept, experts)
+    assert plan.has_drops
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, hidden, generator=generator).to(device).requires_grad_()
+    w13 = torch.randn(experts, hidden, 2 * ffn, generator=generator).to(device).requires_grad_()
+    w2 = torch.randn(experts, ffn, hidden, generator=generator).to(device).requires_grad_()
+    rows = layer.float_experts(x, w13, w2, plan)
+    rows.sum().backward()
+    dropped = ~plan.row_valid
+    assert len(seen) == 2, "the SwiGLU forward and its output's gradient"
+    for tensor in seen:
+        assert torch.isfinite(tensor).all() and (tensor[dropped] == 0).all()
+    for tensor in (x.grad, w13.grad, w2.grad):
+        assert torch.isfinite(tensor).all()
+
+
 def test_balance_loss_is_made_when_read(triton_backend):
     """The layer's forward leaves the balance loss (and its probabilities) unmade until read: the output
     needs neither, nor do the benchmark steps (the compiled peer computes none)."""

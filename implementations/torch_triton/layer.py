@@ -421,8 +421,10 @@ def float_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, plan: Di
     """Unweighted expert outputs per sorted row, float: swiglu(x_rows W13_e) W2_e (autograd).
 
     `torch._grouped_mm` leaves rows past the last group (capacity-dropped) unwritten, in its output
-    and in its input gradient alike; masking each input with `torch.where` keeps those rows out of
-    both directions (where's backward selects, so even a NaN there is dropped).
+    and in its input gradient alike; masking each GEMM's input and the up projection's output with
+    `torch.where` keeps those rows out of both directions (where's backward selects, so even a NaN there
+    is dropped) and out of the SwiGLU kernel, which would otherwise compute on whatever the GEMM left
+    there (overflow warnings under Triton's interpreter). Without drops every mask is the identity.
     """
     return float_down(float_up(float_rows(x, plan), w13, plan), w2, plan)
 
@@ -433,8 +435,8 @@ def float_rows(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
 
 
 def float_up(rows: torch.Tensor, w13: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """h = swiglu(rows W13_e) per sorted row, [N, F]."""
-    return swiglu(grouped_mm(rows, w13, plan))
+    """h = swiglu(rows W13_e) per sorted row, [N, F]; the GEMM's uncovered rows are zeroed first."""
+    return swiglu(plan.mask_rows(grouped_mm(rows, w13, plan)))
 
 
 def float_down(h: torch.Tensor, w2: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
