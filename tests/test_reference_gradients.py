@@ -9,7 +9,6 @@ every perturbed evaluation asserts that no routing decision flipped.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,10 +17,10 @@ import pytest
 from qmoe import reference
 from qmoe.reference import MoEParams, MoESpec
 from qmoe.reference.quantization import quantize_per_token
+from tests.finite_difference import FD_EPS, central_difference
 
 pytestmark = pytest.mark.conformance
 
-FD_EPS = 1e-6
 FD_RTOL = 1e-6  # normwise: ||fd - analytic|| / ||analytic|| per gradient tensor
 
 SMALL = MoESpec(hidden=8, ffn=4, experts=4, top_k=2)
@@ -49,22 +48,6 @@ GRAD_CASES = [
     GradCase("top_k_equals_experts", SMALL.replace(top_k=4)),
     GradCase("one_token", SMALL, tokens=1),
 ]
-
-
-def central_difference(loss: Callable[[], float], array: np.ndarray, eps: float = FD_EPS) -> np.ndarray:
-    """(L(a + eps e_i) - L(a - eps e_i)) / (2 eps) for every element i of ``array``, perturbed in place."""
-    flat = array.reshape(-1)
-    assert np.shares_memory(flat, array), "central_difference needs a contiguous array to perturb in place"
-    grad = np.zeros(flat.size)
-    for i in range(flat.size):
-        original = flat[i]
-        flat[i] = original + eps
-        up = loss()
-        flat[i] = original - eps
-        down = loss()
-        flat[i] = original
-        grad[i] = (up - down) / (2.0 * eps)
-    return grad.reshape(array.shape)
 
 
 def normwise_relative_error(fd: np.ndarray, analytic: np.ndarray) -> float:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,10 +11,10 @@ from qmoe import reference
 from qmoe.reference import MoEParams, MoESpec
 from qmoe.reference.quantization import dequantized_weight, quantize_weight
 from qmoe.reference.updates import TRAINABLE_PARAMS
+from tests.finite_difference import FD_EPS, central_difference
 
 pytestmark = pytest.mark.conformance
 
-FD_EPS = 1e-6
 FD_RTOL = 1e-6
 SMALL = MoESpec(hidden=8, ffn=4, experts=4, top_k=2)
 #: hidden and ffn multiples of 64 so that every scheme, affine groups included, applies.
@@ -149,22 +148,6 @@ STACK_CASES = [
     StackCase("softmax", SMALL),
     StackCase("sigmoid_shared_balance", SMALL.replace(router="sigmoid_topk", routed_scaling=2.0, shared_ffn=4), 0.1),
 ]
-
-
-def central_difference(loss: Callable[[], float], array: np.ndarray, eps: float = FD_EPS) -> np.ndarray:
-    """(L(a + eps e_i) - L(a - eps e_i)) / (2 eps) for every element i of ``array``, perturbed in place."""
-    flat = array.reshape(-1)
-    assert np.shares_memory(flat, array)
-    grad = np.zeros(flat.size)
-    for i in range(flat.size):
-        original = flat[i]
-        flat[i] = original + eps
-        up = loss()
-        flat[i] = original - eps
-        down = loss()
-        flat[i] = original
-        grad[i] = (up - down) / (2.0 * eps)
-    return grad.reshape(array.shape)
 
 
 def stack_fd_relative_errors(case: StackCase) -> dict[str, float]:
