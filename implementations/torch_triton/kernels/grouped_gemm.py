@@ -23,7 +23,7 @@ Measured on the H200 (2026-12-01, Triton 3.6, 64 experts, K 2048): no gain. Top-
 3.92 ms one-tile against 4.01 persistent; down 2.00 / 2.14; top-2 up 1.09 / 1.07, down 0.52 / 0.52. Triton 3.6's Hopper
 pipeliner issues a wgmma asynchronously only with a float32 accumulator (the sm_90 PTX has a full wgmma wait after
 each int8 dot), but that wait is not what bounds this kernel: a Gluon probe of the same grouped int8 GEMM with the
-wgmma left in flight (``warpgroup_mma(is_async=True)``, one outstanding) ran at 940-1050 TOP/s against this kernel's
+wgmma left in flight (``warpgroup_mma(is_async=True)``, one outstanding) ran at 810-1050 TOP/s against this kernel's
 ~1110 (2026-12-01, results/h200/NEXT_RUN.md), where cuBLAS reaches ~1450 on such shapes. Left to try: warp
 specialization (Gluon's ``warp_specialize``: a loading warp and two consumer warpgroups, so that one tile's epilogue
 runs under another's products, CUTLASS's ping-pong design). Kept for the autotuner and for later Triton.
