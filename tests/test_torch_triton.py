@@ -764,21 +764,14 @@ def test_dispatch_plan_sorts_by_expert_stably(triton_backend, drops):
     assert (plan.row_valid is None) == (not drops)
 
 
-def test_the_swiglu_kernel_never_reads_the_gemms_unwritten_rows(triton_backend, monkeypatch):
-    """`torch._grouped_mm` leaves capacity-dropped rows unwritten in its output and its input gradient. Here they
-    hold NaN (what uninitialized memory may hold): the float experts' SwiGLU kernels, forward and backward, must see
-    only zeros there, and the dropped rows' outputs and every gradient stay finite. Without the mask after the up
-    projection the SwiGLU forward computes on the NaN rows (under the interpreter, the overflow warnings of CI)."""
+def _unwritten_rows_op(monkeypatch, layer):
+    """Make `layer._torch_grouped_mm` leave NaN, what uninitialized memory may hold, where `torch._grouped_mm` leaves
+    rows unwritten: the row products' output rows past the last group, and their input gradient's too."""
     import torch
 
-    from qmoe.implementations.torch_triton import layer
-
-    real_grouped_mm, real_swiglu = layer.grouped_mm, layer.swiglu
-    seen: list[torch.Tensor] = []
+    real = layer._torch_grouped_mm
 
     class Unwritten(torch.autograd.Function):
-        """The uncovered rows of a GEMM's output and of its input gradient hold NaN."""
-
         @staticmethod
         def forward(ctx, out, valid):
             ctx.save_for_backward(valid)
@@ -789,8 +782,57 @@ def test_the_swiglu_kernel_never_reads_the_gemms_unwritten_rows(triton_backend, 
             (valid,) = ctx.saved_tensors
             return torch.where(valid[:, None], grad, float("nan")), None
 
-    def unwritten_grouped_mm(rows, weights, plan):
-        return Unwritten.apply(real_grouped_mm(rows, weights, plan), plan.row_valid)
+    def unwritten(a, b, ends):
+        out = real(a, b, ends)
+        if out.dim() != 2:  # the weight gradient [E, K, M]: every entry written
+            return out
+        valid = torch.arange(out.shape[0], device=out.device) < ends[-1]
+        return Unwritten.apply(out, valid)
+
+    monkeypatch.setattr(layer, "_torch_grouped_mm", unwritten)
+
+
+def _dropping_plan(layer, device, experts: int = 4, tokens: int = 12):
+    """A dispatch plan that drops every third token's second assignment."""
+    import torch
+
+    ids = torch.tensor([[t % experts, (t + 1) % experts] for t in range(tokens)], device=device)
+    kept = torch.tensor([[True, t % 3 != 0] for t in range(tokens)], device=device)
+    plan = layer.plan_dispatch(ids, kept, experts)
+    assert plan.has_drops
+    return plan
+
+
+def test_grouped_mm_zeroes_the_rows_no_group_covers(triton_backend, monkeypatch):
+    """`grouped_mm`'s output rows past the last group are zero whatever the raw op left there (every caller reads
+    them: the float SwiGLU forward, the STE backward's SwiGLU gradient), its covered rows the raw op's."""
+    import torch
+
+    from qmoe.implementations.torch_triton import layer
+
+    plan = _dropping_plan(layer, triton_backend.device)
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(plan.order.numel(), 8, generator=generator).to(triton_backend.device)
+    weights = torch.randn(4, 8, 6, generator=generator).to(triton_backend.device)
+    want = layer.grouped_mm(rows, weights, plan)
+    _unwritten_rows_op(monkeypatch, layer)
+    got = layer.grouped_mm(rows, weights, plan)
+    dropped = ~plan.row_valid
+    assert dropped.any() and (got[dropped] == 0).all()
+    assert torch.equal(got[plan.row_valid], want[plan.row_valid])
+
+
+def test_the_swiglu_kernel_never_reads_the_gemms_unwritten_rows(triton_backend, monkeypatch):
+    """`torch._grouped_mm` leaves capacity-dropped rows unwritten in its output and its input gradient. Here they
+    hold NaN: the float experts' SwiGLU kernels, forward and backward, must see only zeros there, and the dropped
+    rows' outputs and every gradient stay finite. Without the mask of `grouped_mm`'s output the SwiGLU forward
+    computes on the NaN rows (under the interpreter, the overflow warnings of CI)."""
+    import torch
+
+    from qmoe.implementations.torch_triton import layer
+
+    real_swiglu = layer.swiglu
+    seen: list[torch.Tensor] = []
 
     def watched_swiglu(gate_up):
         seen.append(gate_up.detach())
@@ -798,14 +840,11 @@ def test_the_swiglu_kernel_never_reads_the_gemms_unwritten_rows(triton_backend, 
         out.register_hook(lambda grad: seen.append(grad.detach()))
         return out
 
-    monkeypatch.setattr(layer, "grouped_mm", unwritten_grouped_mm)
+    _unwritten_rows_op(monkeypatch, layer)
     monkeypatch.setattr(layer, "swiglu", watched_swiglu)
     device = triton_backend.device
     experts, tokens, hidden, ffn = 4, 12, 8, 6
-    ids = torch.tensor([[t % experts, (t + 1) % experts] for t in range(tokens)], device=device)
-    kept = torch.tensor([[True, t % 3 != 0] for t in range(tokens)], device=device)
-    plan = layer.plan_dispatch(ids, kept, experts)
-    assert plan.has_drops
+    plan = _dropping_plan(layer, device, experts, tokens)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, hidden, generator=generator).to(device).requires_grad_()
     w13 = torch.randn(experts, hidden, 2 * ffn, generator=generator).to(device).requires_grad_()

@@ -356,15 +356,18 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, plan: DispatchPlan) -> torch.Te
     """[N, K] rows x [E, K, M] -> [N, M], row group e times b[e]; differentiable (torch's own VJP).
 
     Feature sizes that break the 16-byte alignment (the suite's hidden = 33) are zero-padded, which
-    leaves every product unchanged.
+    leaves every product unchanged. Rows past the last group (capacity-dropped) are zero, as the int8
+    `grouped_gemm`'s with ``zero_uncovered``: `torch._grouped_mm` leaves them unwritten, and a SwiGLU
+    kernel reading the output (forward, or the STE backward's d_h) would compute on whatever is there.
+    Its input gradient's uncovered rows stay unwritten: callers mask the input (`float_experts`).
     """
     align = _alignment(a)
     k_dim, m_dim = b.shape[-2:]
     if k_dim % align or m_dim % align:
         a = _pad_last(a, align)
         b = F.pad(b, (0, -m_dim % align, 0, -k_dim % align))
-        return _torch_grouped_mm(a, b, plan.group_ends)[:, :m_dim]
-    return _torch_grouped_mm(a, b, plan.group_ends)
+        return plan.mask_rows(_torch_grouped_mm(a, b, plan.group_ends)[:, :m_dim])
+    return plan.mask_rows(_torch_grouped_mm(a, b, plan.group_ends))
 
 
 def grouped_weight_grad(a: torch.Tensor, g: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -421,10 +424,9 @@ def float_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, plan: Di
     """Unweighted expert outputs per sorted row, float: swiglu(x_rows W13_e) W2_e (autograd).
 
     `torch._grouped_mm` leaves rows past the last group (capacity-dropped) unwritten, in its output
-    and in its input gradient alike; masking each GEMM's input and the up projection's output with
-    `torch.where` keeps those rows out of both directions (where's backward selects, so even a NaN there
-    is dropped) and out of the SwiGLU kernel, which would otherwise compute on whatever the GEMM left
-    there (overflow warnings under Triton's interpreter). Without drops every mask is the identity.
+    and in its input gradient alike: `grouped_mm` zeroes its output's, and masking each GEMM's input
+    with `torch.where` keeps the input gradient's out of the backward (where's backward selects, so even
+    a NaN there is dropped). Without drops every mask is the identity.
     """
     return float_down(float_up(float_rows(x, plan), w13, plan), w2, plan)
 
@@ -435,8 +437,8 @@ def float_rows(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
 
 
 def float_up(rows: torch.Tensor, w13: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """h = swiglu(rows W13_e) per sorted row, [N, F]; the GEMM's uncovered rows are zeroed first."""
-    return swiglu(plan.mask_rows(grouped_mm(rows, w13, plan)))
+    """h = swiglu(rows W13_e) per sorted row, [N, F]."""
+    return swiglu(grouped_mm(rows, w13, plan))
 
 
 def float_down(h: torch.Tensor, w2: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
