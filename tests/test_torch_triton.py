@@ -7,6 +7,8 @@
   tile boundaries (31, 32, 33 rows against 32-row tiles), the fused gather, capacity-dropped rows.
 * The persistent grouped GEMM (few programs, each looping over work items) gives the one-tile kernel's
   output bit for bit on the same ragged groups, and runs (and is recorded) when asked for or tuned in.
+* The warp-specialized Gluon int8 GEMM of Hopper builds for sm_90a here (its PTX checked without a GPU) and, on
+  a Hopper GPU, gives the Triton kernel's output bit for bit.
 * Each finding of the QAT review, planted as a bug in this backend, fails its check in
   suite/test_qat.py (the checks have teeth).
 """
@@ -14,6 +16,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,7 +170,11 @@ def test_grouped_int8_gemm_through_tensor_descriptors(triton_backend, kernels, s
         a_scale=a_scale.to(device), b_scale=b_scale.to(device), a_rows=None if a_rows is None else a_rows.to(device))
     out = []
     launches = _launches(kernels, lambda: out.append(run()))
-    if device == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
+    gluon = device != "cpu" and not gather and kernels[1].gluon_gemm.ineligible(
+        a_codes.to(device), b_codes.to(device), torch.float32) is None
+    if gluon:
+        assert launches.get("grouped_gemm_int8_gluon") == 1, launches  # Hopper: the TMA kernel of `gluon_gemm`
+    elif device == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
         assert launches.get("grouped_gemm_b_descriptor") == 1 and launches.get("grouped_gemm_a_descriptor") == (
             None if gather else 1), launches
     np.testing.assert_allclose(out[0].cpu().numpy(), expected, rtol=2e-6, atol=1e-6)
@@ -183,6 +191,73 @@ def test_grouped_int8_gemm_every_group_empty(triton_backend, kernels):
     out = kernels[1].grouped_gemm(a_codes, b_codes, starts, out_dtype=torch.float32, a_scale=a_scale,
                                   b_scale=b_scale, a_rows=a_rows, zero_uncovered=True)
     assert out.shape == (5, 8) and not torch.any(out)
+
+
+def test_the_gluon_int8_gemm_compiles_for_hopper(kernels):
+    """`gluon_gemm`'s kernel builds for sm_90a against this Triton (no GPU: `tests/hopper_compile`), and its PTX
+    holds what makes it that kernel: int8 wgmma, one product left in flight, a register split between the loading
+    warp and the consumers (warp specialization)."""
+    import json
+    import subprocess
+    import sys
+
+    if kernels[1].gluon_gemm.GLUON_MISSING:
+        pytest.skip(kernels[1].gluon_gemm.GLUON_MISSING)
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    run = subprocess.run([sys.executable, "-m", "tests.hopper_compile"], capture_output=True, text=True, env=env,
+                         timeout=600, cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 0, run.stderr[-3000:]
+    facts = json.loads(run.stdout.strip().splitlines()[-1])
+    for dtype, fact in facts.items():
+        assert fact["int8_wgmma"] > 0 and fact["wait_one_in_flight"] > 0 and fact["setmaxnreg"] > 0, (dtype, fact)
+        assert fact["shared"] <= 227 * 1024, (dtype, fact)
+
+
+def test_the_int8_kernel_choice_is_checked(kernels, monkeypatch):
+    """$QMOE_TRITON_INT8_GEMM takes ``auto`` or ``triton``; anything else is refused, naming both."""
+    monkeypatch.setenv(kernels[1].INT8_KERNEL_ENV, "cublas")
+    with pytest.raises(ValueError, match="auto, triton"):
+        kernels[1].int8_kernel()
+    monkeypatch.setenv(kernels[1].INT8_KERNEL_ENV, "triton")
+    assert kernels[1].int8_kernel() == "triton"
+
+
+def test_the_gluon_int8_gemm_says_why_it_cannot_run(kernels):
+    """`gluon_gemm.ineligible` names the reason: a CPU tensor, or codes not stored [E, N, K]."""
+    import torch
+
+    why = kernels[1].gluon_gemm.ineligible(torch.zeros(4, 32, dtype=torch.int8),
+                                           torch.zeros(2, 32, 64, dtype=torch.int8), torch.bfloat16)
+    assert why and ("CUDA" in why or "Gluon" in why), why
+
+
+@pytest.mark.parametrize("out_dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("shape", [pytest.param((256, 384), id="K256_N384"), pytest.param((48, 36), id="K48_N36")])
+def test_gluon_int8_gemm_equals_the_triton_kernel(triton_backend, kernels, monkeypatch, shape, out_dtype):
+    """On Hopper, `gluon_gemm`'s kernel gives `grouped_gemm`'s Triton kernel's output bit for bit (int32 sums are
+    exact; the same epilogue): groups empty, of one row, one short of, at and one past a 128-row tile, several
+    tiles; a K shorter than the kernel's K step and an N not a multiple of its 256 columns (zero-filled loads, masked
+    stores); rows after the last group dropped (zero with zero_uncovered)."""
+    import torch
+
+    if triton_backend.device == "cpu" or kernels[1].gluon_gemm.ineligible(
+            torch.zeros(1, 16, dtype=torch.int8, device="cuda"),
+            torch.zeros(1, 16, 16, dtype=torch.int8, device="cuda").transpose(1, 2), torch.float32):
+        pytest.skip("the Gluon kernel runs on Hopper GPUs only")
+    k_dim, n_cols = shape
+    sizes = [0, 1, 127, 128, 129, 300, 0, 1000, 5]
+    a_codes, a_scale, a_rows, b_codes, b_scale, starts = _grouped_case(sizes, k_dim=k_dim, n_cols=n_cols)
+    starts[-1] = starts[-2]  # the last group's 5 rows dropped
+    a_codes, a_scale = a_codes[a_rows].contiguous().cuda(), a_scale[a_rows].contiguous().cuda()
+    args = (a_codes, b_codes.cuda(), starts.cuda())
+    kwargs = dict(out_dtype=getattr(torch, out_dtype), a_scale=a_scale, b_scale=b_scale.cuda(), zero_uncovered=True)
+    gluon_out = []
+    launches = _launches(kernels, lambda: gluon_out.append(kernels[1].grouped_gemm(*args, **kwargs)))
+    assert launches.get("grouped_gemm_int8_gluon") == 1, launches
+    monkeypatch.setenv(kernels[1].INT8_KERNEL_ENV, "triton")
+    triton_out = kernels[1].grouped_gemm(*args, **kwargs)
+    assert torch.equal(gluon_out[0], triton_out)
+    assert not torch.any(gluon_out[0][int(starts[-1]):])
 
 
 def _both_variants(kernels, device, a, b, starts, **kwargs):

@@ -169,7 +169,10 @@ class TorchTritonBackend(Backend):
         from .kernels import grouped_gemm
 
         mode = "interpreter" if grouped_gemm.INTERPRETED else "compiled"
-        return {"torch": _torch().__version__, "triton": f"{triton.__version__} ({mode})"}
+        # which int8 GEMM ran, for the A/B of $QMOE_TRITON_INT8_GEMM (`grouped_gemm.int8_kernel`)
+        int8 = ("Gluon warp-specialized where sm_90 and rows not gathered, else Triton"
+                if grouped_gemm.int8_kernel() == "auto" and not grouped_gemm.INTERPRETED else "Triton")
+        return {"torch": _torch().__version__, "triton": f"{triton.__version__} ({mode})", "triton_int8_gemm": int8}
 
     def device_count(self) -> int | None:
         """GPUs torch sees on CUDA (one rank each); None on CPU, where ranks are processes."""

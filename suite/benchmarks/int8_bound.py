@@ -105,7 +105,8 @@ class GemmBoundInt8(GemmBound):
         import torch
 
         return {"torch": torch.__version__,
-                "int8_gemm": "the faster of torch._int_mm per expert and torch_triton's grouped Triton kernel"}
+                "int8_gemm": "the faster of torch._int_mm per expert and torch_triton's grouped int8 kernel (Gluon's "
+                              "warp-specialized one on sm_90, else Triton's)"}
 
     def _check(self, spec: MoESpec, scheme: str, dtype: str) -> None:
         if scheme != BOUND_SCHEME:

@@ -24,9 +24,12 @@ Measured on the H200 (2026-12-01, Triton 3.6, 64 experts, K 2048): no gain. Top-
 pipeliner issues a wgmma asynchronously only with a float32 accumulator (the sm_90 PTX has a full wgmma wait after
 each int8 dot), but that wait is not what bounds this kernel: a Gluon probe of the same grouped int8 GEMM with the
 wgmma left in flight (``warpgroup_mma(is_async=True)``, one outstanding) ran at 810-1050 TOP/s against this kernel's
-~1110 (2026-12-01, results/h200/NEXT_RUN.md), where cuBLAS reaches ~1450 on such shapes. Left to try: warp
-specialization (Gluon's ``warp_specialize``: a loading warp and two consumer warpgroups, so that one tile's epilogue
-runs under another's products, CUTLASS's ping-pong design). Kept for the autotuner and for later Triton.
+~1110 (2026-12-01, results/h200/NEXT_RUN.md), where cuBLAS reaches ~1450 on such shapes. Warp specialization
+does help: `gluon_gemm` (a loading warp feeding two consumer warpgroups). Kept for the autotuner and for later Triton.
+
+On Hopper (sm_90) the int8 products whose operands the TMA reads whole (rows not gathered, b's codes stored
+[E, N, K]) go to `gluon_gemm`'s warp-specialized kernel instead (1150-1260 against this kernel's 1040-1090 TOP/s
+alone at the logbook's top-8 shapes), unless $QMOE_TRITON_INT8_GEMM is ``triton`` (`int8_kernel`).
 
 The same kernel with ``INT8=False`` is a float grouped GEMM (float32 accumulation, no TF32), used
 where a float path must not depend on ``torch._grouped_mm``.
@@ -35,6 +38,7 @@ where a float path must not depend on ``torch._grouped_mm``.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
@@ -43,6 +47,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..common import is_interpreted_kernel, next_power_of_2, record_launch
+from . import gluon_gemm
 
 
 @triton.jit
@@ -328,6 +333,20 @@ def _descriptor(t: torch.Tensor, shape: list[int], strides: list[int], block_ran
     return TensorDescriptor(t, shape, strides, [1] * block_rank)
 
 
+#: Environment choice of the int8 products' kernel (`int8_kernel`): ``auto`` (the default) or ``triton``.
+INT8_KERNEL_ENV = "QMOE_TRITON_INT8_GEMM"
+INT8_KERNELS: tuple[str, ...] = ("auto", "triton")
+
+
+def int8_kernel() -> str:
+    """$QMOE_TRITON_INT8_GEMM, read at each call: ``auto`` runs `gluon_gemm`'s kernel for every int8 product it can
+    run (`gluon_gemm.ineligible`), ``triton`` this module's kernel for all (the A/B measurement of the two)."""
+    choice = os.environ.get(INT8_KERNEL_ENV) or "auto"
+    if choice not in INT8_KERNELS:
+        raise ValueError(f"${INT8_KERNEL_ENV}={choice!r} is not one of {', '.join(INT8_KERNELS)}")
+    return choice
+
+
 def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_starts: torch.Tensor, *, out_dtype: torch.dtype,
                  a_scale: torch.Tensor | None = None, b_scale: torch.Tensor | None = None,
                  a_rows: torch.Tensor | None = None, zero_uncovered: bool = False,
@@ -344,7 +363,8 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_starts: torch.Tensor, *
 
     ``persistent``: None lets the autotuner pick the one-tile or the persistent kernel (the interpreter and
     small problems run the one-tile kernel); True or False runs only that variant, to measure one against
-    the other (True in the interpreter or on a small problem: the persistent kernel with the fixed tiles).
+    the other (True in the interpreter or on a small problem: the persistent kernel with the fixed tiles). int8
+    products with ``persistent`` None run `gluon_gemm`'s kernel where it can (`int8_kernel`).
     """
     int8 = a.dtype == torch.int8
     if int8 != (b.dtype == torch.int8) or int8 != (a_scale is not None) or int8 != (b_scale is not None):
@@ -359,6 +379,11 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_starts: torch.Tensor, *
         return c
     if k_dim == 0:
         return c.zero_()
+    kernel_choice = int8_kernel() if int8 else "triton"
+    if (kernel_choice == "auto" and a_rows is None and persistent is None and not INTERPRETED
+            and gluon_gemm.ineligible(a, b, out_dtype) is None):
+        gluon_gemm.grouped_int8_gemm(a, a_scale, b, b_scale, group_starts, c)
+        return c
     a_desc = b_desc = None
     if int8 and _tma_device(a):
         if a_rows is None:

@@ -1,0 +1,227 @@
+"""The grouped int8 GEMM of `grouped_gemm` for Hopper (sm_90), warp-specialized, in Gluon (Triton's tile-level
+language with explicit layouts, shared memory, mbarriers and wgmma).
+
+    c[r, :] = (sum_k a[r, k] * b[e(r), :, k]) * a_scale[r] * b_scale[e(r)]      (rows r of group e)
+
+Why a second kernel: Triton's pipeliner runs every int8 wgmma synchronously and interleaves the loads, the products
+and the epilogue in one instruction stream; `grouped_gemm`'s kernel stays near 1100 int8 TOP/s on the H200 where
+cuBLAS reaches ~1450 (issue 10). Here one loading warp keeps a ring of ``STAGES`` shared-memory slots full with the
+tensor memory accelerator (TMA), and the kernel's other warps (two warpgroups, one 128 x 256 tile between them)
+only issue wgmma, with one product in flight while they wait for the next slot. Each slot has two mbarriers:
+``ready`` (the TMA bytes landed) and ``empty`` (the product that read it has retired). Persistent: one program per
+multiprocessor, the loader running ahead into the program's next tile while the consumers run the epilogue.
+
+Measured alone on the H200 (2026-12-01, Triton 3.6, 64 experts x 4096 rows; `results/h200/NEXT_RUN.md`): 1157,
+1152 and 1264 TOP/s at the logbook top-8 forward up (N 4096, K 2048), down (N 2048, K 2048) and input-gradient
+(N 2048, K 4096) shapes, against 1090, 1040 and 1081 for `grouped_gemm`'s Triton kernel in the same run; equal
+sums, bit for bit. Two consumer warpgroups taking tiles in turn (CUTLASS's ping-pong) failed to launch there.
+
+Only for operands the TMA can read whole: a's rows contiguous (no gathered rows: Hopper's TMA cannot gather) and
+b's codes stored [E, N, K] contiguous (`eligible`). Gluon is experimental and its names move between Triton
+releases; the few that moved are resolved once below (`_tma_load`), and the kernel is compiled for sm_90a in the
+CPU test suite against the Triton installed there. It cannot run in Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..common import next_power_of_2, record_launch
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+except ImportError as _error:  # a Triton without Gluon's Hopper API: `grouped_gemm` keeps its own kernel
+    GLUON_MISSING: str | None = f"triton {triton.__version__} has no Gluon Hopper API ({_error})"
+else:
+    GLUON_MISSING = None
+    # Triton 3.7 renamed the TMA copy; the old name raises there
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+#: The tile (M, N, K), the ring's slots and the consumers' warps: the best of 13 configurations on the H200
+#: (`results/h200/NEXT_RUN.md`); three slots of 48 KiB and the epilogue's 64 KiB tile fit Hopper's 227 KiB.
+BLOCK_M, BLOCK_N, BLOCK_K, STAGES, WARPS = 128, 256, 128, 3, 8
+#: Registers of the loading warp (it holds a few addresses and counters; the consumers get the rest).
+LOADER_REGISTERS = 40
+#: Rows per program of the tile-table kernel.
+_TABLE_BLOCK = 128
+
+
+@triton.jit
+def _tile_table_kernel(group_starts_ptr, table_ptr, count_ptr, n_bound, n_experts, E_BLOCK: tl.constexpr,
+                       TILE_M: tl.constexpr, BLOCK: tl.constexpr):
+    """Per M-tile of the bound ``cdiv(rows, TILE_M) + experts``: (expert, first row, end row), the real tiles first in
+    expert order; ``count_ptr``: how many are real. An empty group owns no tile."""
+    ids = tl.arange(0, E_BLOCK)
+    in_range = ids < n_experts
+    starts = tl.load(group_starts_ptr + ids, mask=in_range, other=0)
+    ends = tl.load(group_starts_ptr + ids + 1, mask=in_range, other=0)
+    tiles = (ends - starts + TILE_M - 1) // TILE_M
+    tile_end = tl.cumsum(tiles, axis=0)
+    m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    expert = tl.sum((tile_end[None, :] <= m[:, None]).to(tl.int32), axis=1)
+    mine = ids[None, :] == expert[:, None]
+    first_tile = tl.sum(tl.where(mine, (tile_end - tiles)[None, :], 0), axis=1)
+    row_begin = tl.sum(tl.where(mine, starts[None, :], 0), axis=1) + (m - first_tile) * TILE_M
+    row_end = tl.sum(tl.where(mine, ends[None, :], 0), axis=1)
+    ok = m < n_bound
+    tl.store(table_ptr + 3 * m, tl.minimum(expert, n_experts - 1), mask=ok)
+    tl.store(table_ptr + 3 * m + 1, row_begin, mask=ok)
+    tl.store(table_ptr + 3 * m + 2, row_end, mask=ok)
+    if tl.program_id(0) == 0:
+        tl.store(count_ptr, tl.max(tile_end, axis=0))
+
+
+if GLUON_MISSING is None:
+
+    @gluon.jit
+    def _loader(a_desc, b_desc, a_bufs, b_bufs, ready, empty, table_ptr, count_ptr, n_cols, k_dim,
+                RING: gl.constexpr):
+        """The loading warp: for each of the program's tiles, its K steps' A and B blocks into the ring."""
+        TK: gl.constexpr = a_desc.block_type.shape[1]
+        TN: gl.constexpr = b_desc.block_type.shape[0]
+        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        n_tiles = gl.cdiv(n_cols, TN)
+        items = gl.load(count_ptr) * n_tiles
+        k_steps = gl.cdiv(k_dim, TK)
+        step = 0
+        for item in range(gl.program_id(0), items, gl.num_programs(0)):
+            m = item // n_tiles
+            row_begin = gl.load(table_ptr + 3 * m + 1)
+            b_row = gl.load(table_ptr + 3 * m) * n_cols + (item % n_tiles) * TN
+            for kk in range(k_steps):
+                s = step % RING
+                # a fresh mbarrier counts as having completed the phase before its first, so the first pass over
+                # the ring does not wait
+                mbarrier.wait(empty.index(s), ((step // RING) & 1) ^ 1)
+                mbarrier.expect(ready.index(s), nbytes)
+                _tma_load(a_desc, [row_begin, kk * TK], ready.index(s), a_bufs.index(s))
+                _tma_load(b_desc, [b_row, kk * TK], ready.index(s), b_bufs.index(s))
+                step += 1
+
+    @gluon.jit
+    def _consumer(c_ptr, a_scale_ptr, b_scale_ptr, a_bufs, b_bufs, ready, empty, table_ptr, count_ptr, n_cols, k_dim,
+                  stride_cm, RING: gl.constexpr):
+        """The default partition's warps: each tile's wgmma chain, one product in flight, then the epilogue (the
+        scales, the group's rows stored in 16-byte pieces)."""
+        TM: gl.constexpr = a_bufs.type.shape[1]
+        TK: gl.constexpr = a_bufs.type.shape[2]
+        TN: gl.constexpr = b_bufs.type.shape[1]
+        warps: gl.constexpr = gl.num_warps()
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1],
+                                                             instr_shape=[16, 128, 32])
+        # the wgmma layout stores 4 bytes a thread; this one 16 (8 threads to a 128-byte row segment)
+        store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [warps, 1], [1, 0])
+        n_tiles = gl.cdiv(n_cols, TN)
+        items = gl.load(count_ptr) * n_tiles
+        k_steps = gl.cdiv(k_dim, TK)
+        step = 0
+        for item in range(gl.program_id(0), items, gl.num_programs(0)):
+            acc = gl.zeros((TM, TN), dtype=gl.int32, layout=mma_layout)
+            for kk in range(k_steps):
+                s = step % RING
+                mbarrier.wait(ready.index(s), (step // RING) & 1)
+                acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True)
+                acc, _, _ = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_bufs.index(s), b_bufs.index(s)))
+                # the product issued one step ago has retired: its slot goes back to the loader
+                mbarrier.arrive(empty.index((step + RING - 1) % RING), pred=kk > 0)
+                step += 1
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(empty.index((step + RING - 1) % RING))
+            m = item // n_tiles
+            expert = gl.load(table_ptr + 3 * m)
+            row_begin = gl.load(table_ptr + 3 * m + 1)
+            row_end = gl.load(table_ptr + 3 * m + 2)
+            rows = row_begin + gl.arange(0, TM, layout=gl.SliceLayout(1, mma_layout))
+            a_s = gl.load(a_scale_ptr + rows, mask=rows < row_end, other=0.0)
+            out = acc.to(gl.float32) * gl.expand_dims(a_s, 1) * gl.load(b_scale_ptr + expert)
+            out = gl.convert_layout(out.to(c_ptr.dtype.element_ty), store_layout)
+            rows = row_begin + gl.arange(0, TM, layout=gl.SliceLayout(1, store_layout))
+            cols = (item % n_tiles) * TN + gl.arange(0, TN, layout=gl.SliceLayout(0, store_layout))
+            ptrs = c_ptr + gl.expand_dims(rows.to(gl.int64), 1) * stride_cm + gl.expand_dims(cols, 0)
+            gl.store(ptrs, out, mask=gl.expand_dims(rows < row_end, 1) & gl.expand_dims(cols < n_cols, 0))
+
+    @gluon.jit
+    def _grouped_int8_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, table_ptr, count_ptr, n_cols, k_dim,
+                             stride_cm, RING: gl.constexpr, LOADER_REGS: gl.constexpr):
+        TM: gl.constexpr = a_desc.block_type.shape[0]
+        TK: gl.constexpr = a_desc.block_type.shape[1]
+        TN: gl.constexpr = b_desc.block_type.shape[0]
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [RING, TM, TK], a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [RING, TN, TK], b_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [RING, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [RING, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(RING):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        gl.warp_specialize([
+            (_consumer, (c_ptr, a_scale_ptr, b_scale_ptr, a_bufs, b_bufs, ready, empty, table_ptr, count_ptr, n_cols,
+                         k_dim, stride_cm, RING)),
+            (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, table_ptr, count_ptr, n_cols, k_dim, RING)),
+        ], [1], [LOADER_REGS])
+
+
+def ineligible(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> str | None:
+    """Why this kernel cannot compute ``a`` [R, K] int8 (rows contiguous) times ``b`` [E, K, N] int8 here, or None
+    where it can: a Hopper GPU (sm_90: wgmma), Gluon's Hopper API, b's codes stored [E, N, K] contiguous (its
+    K-major layout, read as one [E x N, K] matrix), 16-byte-aligned rows for the TMA, a 16- or 32-bit float out."""
+    if GLUON_MISSING is not None:
+        return GLUON_MISSING
+    if a.device.type != "cuda":
+        return f"runs on CUDA devices, not {a.device.type}"
+    major = _capability(a.device.index if a.device.index is not None else torch.cuda.current_device())
+    if major != 9:
+        return f"runs on Hopper (sm_90) only: wgmma; this GPU is sm_{major}x"
+    experts, k_dim, n_cols = b.shape
+    if a.stride(1) != 1 or a.stride(0) % 16 or a.data_ptr() % 16:
+        return "a's rows must be contiguous and 16-byte aligned"
+    if b.stride() != (n_cols * k_dim, 1, k_dim) or b.data_ptr() % 16 or k_dim % 16:
+        return "b's codes must be stored [E, N, K] contiguous, K a multiple of 16"
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"stores bfloat16, float16 or float32, not {out_dtype}"
+    return None
+
+
+@functools.cache
+def _capability(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def descriptors(a: torch.Tensor, b: torch.Tensor) -> tuple:
+    """TMA descriptors of ``a`` [R, K] and of ``b`` [E, K, N]'s codes as the [E x N, K] matrix they are stored as."""
+    experts, k_dim, n_cols = b.shape
+    a_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.int8)
+    b_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.int8)
+    b_rows = b.transpose(1, 2).reshape(experts * n_cols, k_dim)  # a view: `ineligible` checked the strides
+    return (GluonDescriptor(a, list(a.shape), list(a.stride()), [BLOCK_M, BLOCK_K], a_layout),
+            GluonDescriptor(b_rows, list(b_rows.shape), list(b_rows.stride()), [BLOCK_N, BLOCK_K], b_layout))
+
+
+def grouped_int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                      group_starts: torch.Tensor, c: torch.Tensor) -> None:
+    """Write each group's rows of ``c`` [R, N]: a's rows of group e times b[e] ([E, K, N], codes stored [E, N, K]),
+    dequantized by ``a_scale`` [R] and ``b_scale`` [E]. Rows outside every group are left as they are. The caller
+    checked `ineligible`."""
+    experts, k_dim, n_cols = b.shape
+    n_bound = triton.cdiv(a.shape[0], BLOCK_M) + experts
+    table = torch.empty(3 * n_bound, dtype=torch.int32, device=a.device)
+    count = torch.empty(1, dtype=torch.int32, device=a.device)
+    _tile_table_kernel[(triton.cdiv(n_bound, _TABLE_BLOCK),)](
+        group_starts, table, count, n_bound, experts, E_BLOCK=max(2, next_power_of_2(experts)), TILE_M=BLOCK_M,
+        BLOCK=_TABLE_BLOCK)
+    a_desc, b_desc = descriptors(a, b)
+    programs = _multiprocessors(a.device.index if a.device.index is not None else torch.cuda.current_device())
+    record_launch("grouped_gemm_int8_gluon")
+    _grouped_int8_kernel[(programs,)](a_desc, b_desc, c, a_scale, b_scale, table, count, n_cols, k_dim, c.stride(0),
+                                      RING=STAGES, LOADER_REGS=LOADER_REGISTERS, num_warps=WARPS)
