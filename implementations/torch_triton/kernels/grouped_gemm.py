@@ -379,6 +379,8 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_starts: torch.Tensor, *
         return c
     if k_dim == 0:
         return c.zero_()
+    # counted whichever kernel runs it (the Gluon one adds its own name)
+    record_launch("grouped_gemm_int8" if int8 else "grouped_gemm_float")
     kernel_choice = int8_kernel() if int8 else "triton"
     if (kernel_choice == "auto" and a_rows is None and persistent is None and not INTERPRETED
             and gluon_gemm.ineligible(a, b, out_dtype) is None):
@@ -396,7 +398,6 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_starts: torch.Tensor, *
             a.stride(1), *b.stride(), c.stride(0), c.stride(1))
     flags = dict(INT8=int8, GATHER_A=a_rows is not None, A_DESC=a_desc is not None, B_DESC=b_desc is not None,
                  E_BLOCK=max(2, next_power_of_2(experts)))
-    record_launch("grouped_gemm_int8" if int8 else "grouped_gemm_float")
     for operand, desc in (("a", a_desc), ("b", b_desc)):
         if desc is not None:
             record_launch(f"grouped_gemm_{operand}_descriptor")
