@@ -704,3 +704,67 @@ def test_the_split_router_leaves_no_float32_gemm_in_a_bfloat16_step(monkeypatch)
     assert not float32, f"float32 GEMMs: {float32}"
     logits = [eqn for eqn in dots if eqn.outvars[0].aval.shape == (16, SHARED_SPEC.experts)]
     assert logits and all(v.aval.dtype == jnp.bfloat16 for eqn in logits for v in eqn.invars)
+
+
+#: A layer whose int8 products all fit the Mosaic GPU kernel's tiles (K multiples of 32, N of 16).
+MOSAIC_SPEC = MoESpec(hidden=64, ffn=64, experts=4, top_k=2)
+
+
+def _mosaic_calls(monkeypatch) -> list[int]:
+    """Record each `pallas_mosaic.grouped_int8_matmul` call's group stride (0: ragged rows) as programs trace."""
+    from qmoe.implementations.jax_prequant import pallas_mosaic
+
+    calls: list[int] = []
+    kernel = pallas_mosaic.grouped_int8_matmul
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["group_stride"])
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(pallas_mosaic, "grouped_int8_matmul", counted)
+    return calls
+
+
+@pytest.mark.parametrize("grouped", ["padded", "pallas"])
+def test_mosaic_int8_gemm_runs_every_int8_product(grouped, monkeypatch):
+    """``int8_gemm="mosaic"``: the four int8 products of an int8_routed_prequant step (forward up and down, both
+    input gradients) run `pallas_mosaic`'s kernel (in Pallas's GPU interpreter here): over the padded layout, whose
+    capacity is rounded up to the kernel's whole row tiles, and over the pallas formulation's ragged rows. The
+    gradients are the default's: int32 sums are exact, the scales applied in the same order (to float32 rounding
+    where the default's are XLA's)."""
+    from qmoe.implementations.jax_prequant import pallas_mosaic
+
+    params, x, dy = _layer(MOSAIC_SPEC, tokens=40)
+    calls = _mosaic_calls(monkeypatch)
+    grads = {}
+    for int8_gemm in ("mosaic", None):
+        backend = JaxPrequantBackend("cpu", grouped=grouped, int8_gemm=int8_gemm)
+        grads[int8_gemm] = backend.backward(backend.prepare(MOSAIC_SPEC, params, "int8_routed_prequant", "float32"),
+                                            x, dy)
+    stride = pallas_mosaic.ROW_ALIGNMENT if grouped == "padded" else 0
+    assert calls == [stride] * 4, calls
+    for name, want in grads[None].items():
+        np.testing.assert_allclose(grads["mosaic"][name], want, rtol=0, atol=1e-5 * float(np.abs(want).max()),
+                                   err_msg=f"d{name}")
+
+
+def test_mosaic_int8_gemm_leaves_products_below_its_tiles_to_the_pallas_kernel(monkeypatch):
+    """The suite's small layers (F 16: the down projection contracts 16, under the int8 wgmma's 32) run that product
+    through the Pallas kernel and the up projection (K 32) through the Mosaic GPU kernel; the forward stays right."""
+    spec = MoESpec(hidden=32, ffn=16, experts=4, top_k=2)
+    params, x, _ = _layer(spec, tokens=12)
+    calls = _mosaic_calls(monkeypatch)
+    backend = JaxPrequantBackend("cpu", grouped="pallas", int8_gemm="mosaic")
+    y = backend.forward(backend.prepare(spec, params, "int8_routed_prequant", "float32"), x).y
+    assert calls == [0], calls
+    default = JaxPrequantBackend("cpu", grouped="pallas")
+    want = default.forward(default.prepare(spec, params, "int8_routed_prequant", "float32"), x).y
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+
+
+def test_mosaic_is_an_int8_gemm_choice_for_the_pallas_formulation_too():
+    """``mosaic`` is kept for the pallas formulation (whose own int8 kernel is otherwise forced), named in errors."""
+    assert _jax_env.select_int8_gemm("cpu", "pallas", "mosaic") == "mosaic"
+    assert _jax_env.select_int8_gemm("cpu", "pallas", "xla") == "pallas"
+    with pytest.raises(ValueError, match="mosaic"):
+        _jax_env.select_int8_gemm("cpu", "padded", "cutlass")

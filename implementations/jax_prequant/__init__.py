@@ -124,14 +124,14 @@ class JaxPrequantBackend(Backend):
     def __init__(self, device: str | None = None, grouped: str | None = None, ep_dispatch: str = "float",
                  int8_gemm: str | None = None, swiglu: str | None = None, router: str | None = None) -> None:
         """``grouped``: force the grouped-matmul formulation (``ragged``, ``padded`` or ``pallas``; default:
-        $QMOE_JAX_GROUPED, else the platform's, `env.select_formulation`). ``int8_gemm``: the routed int8
-        products' kernel, ``xla``, ``pallas`` or ``split`` (per projection; default: $QMOE_JAX_INT8_GEMM, else
-        `env.select_int8_gemm`'s; the ``pallas`` formulation always runs ``pallas``). ``swiglu``: the routed
-        SwiGLU's kernels under int8 schemes, ``xla`` or ``pallas`` (default: $QMOE_JAX_SWIGLU, else
-        `env.select_swiglu`'s). ``ep_dispatch``: how expert parallelism sends token rows: ``float`` (the compute
-        dtype, except that the int8 routed schemes send the int8 codes and scale their experts would make anyway)
-        or ``int8`` (codes and scales for every scheme). ``router``: how the router's logits are multiplied,
-        ``float32`` or ``bf16_split`` (bfloat16 layers; default: $QMOE_JAX_ROUTER, else `env.select_router`'s)."""
+        $QMOE_JAX_GROUPED, else the platform's, `env.select_formulation`). ``int8_gemm``: the routed int8 products'
+        kernel, ``xla``, ``pallas``, ``split`` (per projection) or ``mosaic`` (default: $QMOE_JAX_INT8_GEMM, else
+        `env.select_int8_gemm`'s; the ``pallas`` formulation runs ``pallas`` unless ``mosaic`` is asked for).
+        ``swiglu``: the routed SwiGLU's kernels under int8 schemes, ``xla`` or ``pallas`` (default: $QMOE_JAX_SWIGLU,
+        else `env.select_swiglu`'s). ``ep_dispatch``: how expert parallelism sends token rows: ``float`` (the compute
+        dtype, except that the int8 routed schemes send the int8 codes and scale their experts would make anyway) or
+        ``int8`` (codes and scales for every scheme). ``router``: how the router's logits are multiplied, ``float32`` or
+        ``bf16_split`` (bfloat16 layers; default: $QMOE_JAX_ROUTER, else `env.select_router`'s)."""
         if ep_dispatch not in EP_DISPATCHES:
             raise ValueError(f"ep_dispatch {ep_dispatch!r}: use one of {', '.join(EP_DISPATCHES)}")
         super().__init__(device)
@@ -401,7 +401,9 @@ class JaxPrequantBackend(Backend):
         skewed = prepared.skewed_formulation
         rows, routed = capacity * plan.experts, tokens * plan.spec.top_k
         if skewed and rows > PADDING_LIMIT * routed and rows - routed >= PADDING_MIN_ROWS:
-            return _noted(replace(plan, formulation=skewed, expert_capacity=0, int8_gemm="pallas"))
+            # the pallas formulation's int8 products run its own kernel, or mosaic's where that was asked for
+            int8_gemm = "mosaic" if plan.int8_gemm == "mosaic" else "pallas"
+            return _noted(replace(plan, formulation=skewed, expert_capacity=0, int8_gemm=int8_gemm))
         return _noted(replace(plan, expert_capacity=capacity, dispatch_capacity=dispatch))
 
     def _run_sized(self, prepared: JaxPrepared, x_dev, run: Callable[[Any], tuple]) -> tuple:
@@ -457,6 +459,14 @@ class JaxPrequantInt8SplitBackend(JaxPrequantVariant):
 
     name = "jax_prequant_int8_split"
     defaults = {"int8_gemm": "split"}
+
+
+class JaxPrequantInt8MosaicBackend(JaxPrequantVariant):
+    """``int8_gemm`` ``mosaic`` (`pallas_mosaic`: every routed int8 product by the warp-specialized Mosaic GPU
+    kernel, the scales in its epilogue, the padded layout's padding tiles skipped)."""
+
+    name = "jax_prequant_int8_mosaic"
+    defaults = {"int8_gemm": "mosaic"}
 
 
 class JaxPrequantRouterSplitBackend(JaxPrequantVariant):
@@ -608,6 +618,11 @@ def _bucketed(plan, tokens: int, expert_rows: int, pair_rows: int) -> tuple[int,
     capacity = 0
     if plan.formulation == "padded":
         capacity = min(bucket_capacity(expert_rows), padded_tokens)
+        if plan.int8_gemm == "mosaic" and plan.routed_int8:
+            from .pallas_mosaic import ROW_ALIGNMENT
+
+            # its padded layout is whole row tiles per group (it skips a group's tiles past its rows)
+            capacity = -(-capacity // ROW_ALIGNMENT) * ROW_ALIGNMENT
     dispatch = 0
     if plan.ep_size > 1:
         dispatch = min(bucket_capacity(pair_rows), (padded_tokens // plan.ep_size) * plan.spec.top_k)

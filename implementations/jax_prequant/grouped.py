@@ -46,7 +46,7 @@ class GroupedLayout:
     ``group_sizes`` [G] int32: rows in each group. ``row_group`` [M] int32: the group of each row
     (padding rows carry some valid group; their rows are zero). Static: ``kind`` (ragged | padded |
     pallas), ``groups`` (G), ``capacity`` (rows per group when padded, else 0), ``int8_gemm`` (``xla``,
-    ``pallas`` or ``split``: the kernel of the int8 x int8 products, `env.select_int8_gemm`, per projection
+    ``pallas``, ``split`` or ``mosaic``: the kernel of the int8 x int8 products, `env.select_int8_gemm`, per projection
     `projection_layout`; always ``pallas`` for that kind), ``interpret`` (where Pallas kernels run: in Pallas's
     interpreter, as on CPU, instead of lowering them through Triton).
     """
@@ -114,10 +114,10 @@ def place_rows(row_group: jax.Array, valid: jax.Array, groups: int, kind: str, c
 
     Invalid rows are placed nowhere. ``padded`` needs ``capacity`` > 0; rows past it in their group
     are placed nowhere either, and ``needed_capacity`` tells the caller to retry with a larger one.
-    ``int8_gemm``: the int8 products' kernel (``pallas`` whatever is asked for the ``pallas`` kind).
+    ``int8_gemm``: the int8 products' kernel (for the ``pallas`` kind ``pallas`` unless ``mosaic`` is asked for).
     ``interpret``: whether Pallas kernels run interpreted (CPU) or through Triton (GPU).
     """
-    int8_gemm = "pallas" if kind == "pallas" else int8_gemm
+    int8_gemm = "pallas" if kind == "pallas" and int8_gemm != "mosaic" else int8_gemm
     rows = row_group.shape[0]
     key = jnp.where(valid, row_group, groups).astype(jnp.int32)
     order = jnp.argsort(key, stable=True).astype(jnp.int32)
@@ -148,6 +148,9 @@ def place_rows(row_group: jax.Array, valid: jax.Array, groups: int, kind: str, c
     needed = jnp.max(group_sizes) if groups else jnp.int32(0)
     return Placement(source, slot_of_row, layout, needed)
 
+
+#: The int8 GEMMs that apply the scales in their epilogue (the others leave int32 sums and a row scale).
+EPILOGUE_SCALED: tuple[str, ...] = ("pallas", "mosaic")
 
 #: The routed projections, as `projection_layout` names them.
 PROJECTIONS: tuple[str, ...] = ("up", "down")
@@ -338,7 +341,21 @@ def int8_grouped_product(codes: jax.Array, scale: jax.Array, w_codes: jax.Array,
     """(q_x q_w[g]) * s_x * s_w[g], computed in float32 and returned in ``out_dtype``: int8 x int8 with
     int32 accumulation, dequantized once (``int8_gemm`` ``pallas``: in the kernel's epilogue, so the int32
     accumulator never reaches memory; ``xla``: by an elementwise pass over it)."""
-    if layout.int8_gemm == "pallas":
+    if layout.int8_gemm == "mosaic":
+        from . import pallas_mosaic
+
+        # the kernel reads [G, N, K] codes (both operands contract their minor axis): the layer passes them so
+        # (`layer.step_codes`, the prepared transposed codes); a [G, K, N] operand is transposed here, in every call
+        rhs = w_codes if transpose_rhs else jnp.swapaxes(w_codes, 1, 2)
+        stride = layout.capacity if layout.kind == "padded" else 0
+        if pallas_mosaic.mosaic_unsupported_reason(codes.shape[0], rhs.shape[1], rhs.shape[2], layout.groups,
+                                                   stride) is None:
+            return pallas_mosaic.grouped_int8_matmul(codes, rhs, scale.reshape(-1),
+                                                     w_scale.reshape(-1).astype(jnp.float32), layout.group_sizes,
+                                                     out_dtype=out_dtype, group_stride=stride,
+                                                     interpret=layout.interpret)
+        # below the int8 wgmma's tiles (K < 32: small layers, the conformance cases): the Triton kernel below
+    if layout.int8_gemm in EPILOGUE_SCALED:
         from . import pallas_grouped
 
         cols = w_codes.shape[1] if transpose_rhs else w_codes.shape[2]
@@ -457,7 +474,7 @@ def _kernel_swiglu_forward(x_codes, x_scale, w_codes, w_scale, w_codes_t, layout
     wrote a (H200 profile, logbook top-8 prequant: 1.72 ms); the Pallas GEMM's epilogue dequantizes a itself."""
     from . import pallas_swiglu
 
-    if layout.int8_gemm == "pallas":
+    if layout.int8_gemm in EPILOGUE_SCALED:
         a = _int8_projection(x_codes, x_scale, w_codes, w_scale, w_codes_t, layout, dtype)
         return pallas_swiglu.swiglu_quantize(a, interpret=interpret), a
     codes, transposed = _forward_codes(w_codes, w_codes_t)

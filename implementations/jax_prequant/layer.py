@@ -30,6 +30,7 @@ from qmoe.reference.spec import MoESpec
 
 from .env import GPU_PLATFORMS, pallas_interpret, precision_for
 from .grouped import (
+    EPILOGUE_SCALED,
     GroupedLayout,
     Placement,
     float_down_combine,
@@ -211,7 +212,7 @@ def step_codes(weight: jax.Array, layout: GroupedLayout) -> tuple[jax.Array, jax
     ``padded``) choose their layouts themselves.
     """
     codes, scale = quantize_per_expert(weight)
-    return codes, scale, jnp.swapaxes(codes, 1, 2) if layout.int8_gemm == "pallas" else None
+    return codes, scale, jnp.swapaxes(codes, 1, 2) if layout.int8_gemm in EPILOGUE_SCALED else None
 
 
 def routed_weight_codes(plan: LayerPlan, weight: jax.Array, prequantized: tuple | None, layout: GroupedLayout
