@@ -213,6 +213,13 @@ def test_the_gluon_int8_gemm_compiles_for_hopper(kernels):
         assert fact["shared"] <= 227 * 1024, (dtype, fact)
 
 
+def test_the_gluon_kernel_is_offered_from_triton_3_6(kernels):
+    """Releases before `gluon_gemm.MIN_TRITON` (whose Gluon took warp_specialize's arguments another way) never
+    reach the Gluon kernel; local builds' suffixes do not confuse the check."""
+    release = kernels[1].gluon_gemm._release
+    assert release("3.5.1") < kernels[1].gluon_gemm.MIN_TRITON <= release("3.6.0") < release("3.10.0+git1a2b3c")
+
+
 def test_the_int8_kernel_choice_is_checked(kernels, monkeypatch):
     """$QMOE_TRITON_INT8_GEMM takes ``auto`` or ``triton``; anything else is refused, naming both."""
     monkeypatch.setenv(kernels[1].INT8_KERNEL_ENV, "cublas")

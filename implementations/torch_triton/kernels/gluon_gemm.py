@@ -32,7 +32,19 @@ import triton.language as tl
 
 from ..common import next_power_of_2, record_launch
 
+#: The oldest Triton whose Gluon API this module is written against (3.5's ``warp_specialize`` took its partitions'
+#: arguments apart; checked here: 3.6 on the H200, 3.9 compiled for sm_90a in the CPU tests).
+MIN_TRITON = (3, 6)
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a Triton version string ("3.6.0", "3.7.0+git...")."""
+    return tuple(int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit())
+
+
 try:
+    if _release(triton.__version__) < MIN_TRITON:
+        raise ImportError(f"Gluon's API changed before {'.'.join(map(str, MIN_TRITON))}")
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
