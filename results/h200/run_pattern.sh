@@ -4,7 +4,10 @@
 # at most 8 files). CODE: the workstation's `git rev-parse HEAD` (the device copy's git metadata is stale).
 # BUDGET / LIMIT: seconds before no new case starts / before the run is interrupted (keep LIMIT under the call's).
 TAG=$1; shift
-R=/tmp/r; mkdir -p "$R"
+R=/tmp/r
+# a machine can keep /tmp between sessions: the first run of a call (a new $OUT) starts from an empty folder
+if [ "$(cat "$R/.out" 2>/dev/null)" != "$OUT" ]; then rm -rf "$R"; fi
+mkdir -p "$R"; echo "$OUT" > "$R/.out"
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$R/pip_$TAG.log" 2>&1
 export NCCL_NVLS_ENABLE=0 XLA_PYTHON_CLIENT_PREALLOCATE=false TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 echo "${CODE:-unknown}" > "$R/head_$TAG.txt"
