@@ -469,6 +469,14 @@ class JaxPrequantInt8MosaicBackend(JaxPrequantVariant):
     defaults = {"int8_gemm": "mosaic"}
 
 
+class JaxPrequantPallasMosaicBackend(JaxPrequantVariant):
+    """The ``pallas`` formulation (no capacity padding anywhere: the float weight gradients are its grouped Pallas
+    kernels too) with the ``mosaic`` int8 GEMM."""
+
+    name = "jax_prequant_pallas_mosaic"
+    defaults = {"grouped": "pallas", "int8_gemm": "mosaic"}
+
+
 class JaxPrequantRouterSplitBackend(JaxPrequantVariant):
     """Bfloat16 layers multiply the router's logits as bfloat16 tensor-core products (``router`` ``bf16_split``,
     `routing.split_logits`)."""
