@@ -213,6 +213,22 @@ def test_the_gluon_int8_gemm_compiles_for_hopper(kernels):
         assert fact["shared"] <= 227 * 1024, (dtype, fact)
 
 
+def test_the_gluon_kernels_tile_table(triton_backend, kernels):
+    """`gluon_gemm.tile_table` (a Triton kernel: the interpreter runs it on CPU): each group's rows cut into 128-row
+    tiles in expert order, (expert, first row, end row) each, empty groups owning none, and the real tiles counted."""
+    import torch
+
+    if triton_backend.device != "cpu":
+        pytest.skip("kernel-level check on the interpreter")
+    sizes = [0, 1, 127, 128, 129, 300, 0, 1000]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    table, count = kernels[1].gluon_gemm.tile_table(torch.tensor(starts, dtype=torch.int32), int(starts[-1]))
+    want = [(e, begin, int(starts[e + 1])) for e in range(len(sizes))
+            for begin in range(int(starts[e]), int(starts[e + 1]), 128)]
+    assert int(count) == len(want)
+    assert [tuple(row) for row in table.view(-1, 3)[:len(want)].tolist()] == want
+
+
 def test_the_gluon_kernel_is_offered_from_triton_3_6(kernels):
     """Releases before `gluon_gemm.MIN_TRITON` (whose Gluon took warp_specialize's arguments another way) never
     reach the Gluon kernel; local builds' suffixes do not confuse the check."""

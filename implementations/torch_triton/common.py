@@ -7,8 +7,10 @@ or in Triton's interpreter is fixed when a kernel module is imported: ``triton.j
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 
+import torch
 import triton
 import triton.language as tl
 
@@ -52,3 +54,47 @@ def round_half_even(v):
     low_is_odd = (low - 2.0 * tl.floor(low * 0.5)) != 0.0
     up = (fraction > 0.5) | ((fraction == 0.5) & low_is_odd)
     return tl.where(up, low + 1.0, low)
+
+
+# -- grouped GEMMs: expert tiles and the device they run on ---------------------------------------------
+
+@triton.jit
+def expert_tiles(group_starts_ptr, n_experts, E_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Each expert's first row, end row, M-tile count (an empty group owns none) and cumulative tile end.
+    They do not depend on the tile, so a persistent program reads them once for all its tiles."""
+    ids = tl.arange(0, E_BLOCK)
+    in_range = ids < n_experts
+    starts = tl.load(group_starts_ptr + ids, mask=in_range, other=0)
+    ends = tl.load(group_starts_ptr + ids + 1, mask=in_range, other=0)
+    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
+    return starts, ends, tiles, tl.cumsum(tiles, axis=0)
+
+
+@triton.jit
+def tile_rows(pid_m, starts, ends, tiles, tile_end, n_experts, E_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The expert owning M-tile ``pid_m`` (clamped to a valid index) and the tile's rows ``row_begin ..
+    row_end`` of c: none for a tile past every group's (the bound's spare tiles)."""
+    ids = tl.arange(0, E_BLOCK)
+    expert = tl.sum((tile_end <= pid_m).to(tl.int32), axis=0)
+    mine = ids == expert  # no id matches for a spare tile (expert == n_experts): no rows below
+    first_tile = tl.sum(tl.where(mine, tile_end - tiles, 0), axis=0)
+    row_begin = tl.sum(tl.where(mine, starts, 0), axis=0) + (pid_m - first_tile) * BLOCK_M
+    row_end = tl.sum(tl.where(mine, ends, 0), axis=0)
+    return tl.minimum(expert, n_experts - 1), row_begin, row_end
+
+
+def device_index(t: torch.Tensor) -> int:
+    """``t``'s CUDA device index (the current device for a bare ``cuda``)."""
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def cuda_major(index: int) -> int:
+    """The compute capability's major version of CUDA device ``index``, asked once (every launch wants it)."""
+    return torch.cuda.get_device_capability(index)[0]
+
+
+@functools.cache
+def multiprocessors(index: int) -> int:
+    """CUDA device ``index``'s multiprocessor count, asked once: one persistent program each."""
+    return torch.cuda.get_device_properties(index).multi_processor_count

@@ -24,13 +24,11 @@ CPU test suite against the Triton installed there. It cannot run in Triton's int
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ..common import next_power_of_2, record_launch
+from ..common import cuda_major, device_index, expert_tiles, multiprocessors, next_power_of_2, record_launch, tile_rows
 
 #: The oldest Triton whose Gluon API this module is written against (3.5's ``warp_specialize`` took its partitions'
 #: arguments apart; checked here: 3.6 on the H200, 3.9 compiled for sm_90a in the CPU tests).
@@ -61,33 +59,32 @@ else:
 BLOCK_M, BLOCK_N, BLOCK_K, STAGES, WARPS = 128, 256, 128, 3, 8
 #: Registers of the loading warp (it holds a few addresses and counters; the consumers get the rest).
 LOADER_REGISTERS = 40
-#: Rows per program of the tile-table kernel.
-_TABLE_BLOCK = 128
-
-
 @triton.jit
-def _tile_table_kernel(group_starts_ptr, table_ptr, count_ptr, n_bound, n_experts, E_BLOCK: tl.constexpr,
-                       TILE_M: tl.constexpr, BLOCK: tl.constexpr):
-    """Per M-tile of the bound ``cdiv(rows, TILE_M) + experts``: (expert, first row, end row), the real tiles first in
-    expert order; ``count_ptr``: how many are real. An empty group owns no tile."""
-    ids = tl.arange(0, E_BLOCK)
-    in_range = ids < n_experts
-    starts = tl.load(group_starts_ptr + ids, mask=in_range, other=0)
-    ends = tl.load(group_starts_ptr + ids + 1, mask=in_range, other=0)
-    tiles = (ends - starts + TILE_M - 1) // TILE_M
-    tile_end = tl.cumsum(tiles, axis=0)
-    m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    expert = tl.sum((tile_end[None, :] <= m[:, None]).to(tl.int32), axis=1)
-    mine = ids[None, :] == expert[:, None]
-    first_tile = tl.sum(tl.where(mine, (tile_end - tiles)[None, :], 0), axis=1)
-    row_begin = tl.sum(tl.where(mine, starts[None, :], 0), axis=1) + (m - first_tile) * TILE_M
-    row_end = tl.sum(tl.where(mine, ends[None, :], 0), axis=1)
-    ok = m < n_bound
-    tl.store(table_ptr + 3 * m, tl.minimum(expert, n_experts - 1), mask=ok)
-    tl.store(table_ptr + 3 * m + 1, row_begin, mask=ok)
-    tl.store(table_ptr + 3 * m + 2, row_end, mask=ok)
-    if tl.program_id(0) == 0:
-        tl.store(count_ptr, tl.max(tile_end, axis=0))
+def _tile_table_kernel(group_starts_ptr, table_ptr, count_ptr, n_experts, E_BLOCK: tl.constexpr,
+                       TILE_M: tl.constexpr):
+    """One program per M-tile of the bound ``cdiv(rows, TILE_M) + experts``: its (expert, first row, end row) as
+    `grouped_gemm`'s kernel finds them, the real tiles first in expert order (a spare tile has no rows); program 0
+    writes how many are real to ``count_ptr``. An empty group owns no tile."""
+    m = tl.program_id(0)
+    starts, ends, tiles, tile_end = expert_tiles(group_starts_ptr, n_experts, E_BLOCK, TILE_M)
+    expert, row_begin, row_end = tile_rows(m, starts, ends, tiles, tile_end, n_experts, E_BLOCK, TILE_M)
+    tl.store(table_ptr + 3 * m, expert)
+    tl.store(table_ptr + 3 * m + 1, row_begin)
+    tl.store(table_ptr + 3 * m + 2, row_end)
+    if m == 0:
+        tl.store(count_ptr, tl.sum(tiles, axis=0))
+
+
+def tile_table(group_starts: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([3 x bound] int32 (expert, first row, end row) per M-tile, [1] int32 real tile count) of ``rows`` rows in the
+    groups ``group_starts`` [E + 1] cuts them into (`_tile_table_kernel`), made on their device."""
+    experts = group_starts.shape[0] - 1
+    bound = triton.cdiv(rows, BLOCK_M) + experts
+    table = torch.empty(3 * bound, dtype=torch.int32, device=group_starts.device)
+    count = torch.empty(1, dtype=torch.int32, device=group_starts.device)
+    _tile_table_kernel[(bound,)](group_starts, table, count, experts, E_BLOCK=max(2, next_power_of_2(experts)),
+                                 TILE_M=BLOCK_M)
+    return table, count
 
 
 if GLUON_MISSING is None:
@@ -187,7 +184,7 @@ def ineligible(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> str 
         return GLUON_MISSING
     if a.device.type != "cuda":
         return f"runs on CUDA devices, not {a.device.type}"
-    major = _capability(a.device.index if a.device.index is not None else torch.cuda.current_device())
+    major = cuda_major(device_index(a))
     if major != 9:
         return f"runs on Hopper (sm_90) only: wgmma; this GPU is sm_{major}x"
     experts, k_dim, n_cols = b.shape
@@ -198,16 +195,6 @@ def ineligible(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> str 
     if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"stores bfloat16, float16 or float32, not {out_dtype}"
     return None
-
-
-@functools.cache
-def _capability(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
-
-
-@functools.cache
-def _multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def descriptors(a: torch.Tensor, b: torch.Tensor) -> tuple:
@@ -226,14 +213,9 @@ def grouped_int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b
     dequantized by ``a_scale`` [R] and ``b_scale`` [E]. Rows outside every group are left as they are. The caller
     checked `ineligible`."""
     experts, k_dim, n_cols = b.shape
-    n_bound = triton.cdiv(a.shape[0], BLOCK_M) + experts
-    table = torch.empty(3 * n_bound, dtype=torch.int32, device=a.device)
-    count = torch.empty(1, dtype=torch.int32, device=a.device)
-    _tile_table_kernel[(triton.cdiv(n_bound, _TABLE_BLOCK),)](
-        group_starts, table, count, n_bound, experts, E_BLOCK=max(2, next_power_of_2(experts)), TILE_M=BLOCK_M,
-        BLOCK=_TABLE_BLOCK)
+    table, count = tile_table(group_starts, a.shape[0])
     a_desc, b_desc = descriptors(a, b)
-    programs = _multiprocessors(a.device.index if a.device.index is not None else torch.cuda.current_device())
+    programs = multiprocessors(device_index(a))
     record_launch("grouped_gemm_int8_gluon")
     _grouped_int8_kernel[(programs,)](a_desc, b_desc, c, a_scale, b_scale, table, count, n_cols, k_dim, c.stride(0),
                                       RING=STAGES, LOADER_REGS=LOADER_REGISTERS, num_warps=WARPS)

@@ -37,7 +37,6 @@ where a float path must not depend on ``torch._grouped_mm``.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
@@ -46,33 +45,17 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ..common import is_interpreted_kernel, next_power_of_2, record_launch
+from ..common import (
+    cuda_major,
+    device_index,
+    expert_tiles,
+    is_interpreted_kernel,
+    multiprocessors,
+    next_power_of_2,
+    record_launch,
+    tile_rows,
+)
 from . import gluon_gemm
-
-
-@triton.jit
-def _expert_tiles(group_starts_ptr, n_experts, E_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Each expert's first row, end row, M-tile count (an empty group owns none) and cumulative tile end.
-    They do not depend on the tile, so a persistent program reads them once for all its tiles."""
-    ids = tl.arange(0, E_BLOCK)
-    in_range = ids < n_experts
-    starts = tl.load(group_starts_ptr + ids, mask=in_range, other=0)
-    ends = tl.load(group_starts_ptr + ids + 1, mask=in_range, other=0)
-    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
-    return starts, ends, tiles, tl.cumsum(tiles, axis=0)
-
-
-@triton.jit
-def _tile_rows(pid_m, starts, ends, tiles, tile_end, n_experts, E_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The expert owning M-tile ``pid_m`` (clamped to a valid index) and the tile's rows ``row_begin ..
-    row_end`` of c: none for a tile past every group's (the bound's spare tiles)."""
-    ids = tl.arange(0, E_BLOCK)
-    expert = tl.sum((tile_end <= pid_m).to(tl.int32), axis=0)
-    mine = ids == expert  # no id matches for a spare tile (expert == n_experts): no rows below
-    first_tile = tl.sum(tl.where(mine, tile_end - tiles, 0), axis=0)
-    row_begin = tl.sum(tl.where(mine, starts, 0), axis=0) + (pid_m - first_tile) * BLOCK_M
-    row_end = tl.sum(tl.where(mine, ends, 0), axis=0)
-    return tl.minimum(expert, n_experts - 1), row_begin, row_end
 
 
 @triton.jit
@@ -161,7 +144,7 @@ def _grouped_gemm_kernel(a_ptr, a_scale_ptr, a_rows_ptr, b_ptr, b_scale_ptr, c_p
                          E_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, PERSISTENT: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     if PERSISTENT:
-        starts, ends, tiles, tile_end = _expert_tiles(group_starts_ptr, n_experts, E_BLOCK, BLOCK_M)
+        starts, ends, tiles, tile_end = expert_tiles(group_starts_ptr, n_experts, E_BLOCK, BLOCK_M)
         # N-tiles vary fastest in the work order too: the ~NUM_SMS items in flight are a few consecutive
         # M-tiles of one expert, whose B stays in L2. Only real tiles are work items (the bound's spare
         # tiles and the empty groups' none), so every item runs all K steps: the inner loop's trip count
@@ -176,7 +159,7 @@ def _grouped_gemm_kernel(a_ptr, a_scale_ptr, a_rows_ptr, b_ptr, b_scale_ptr, c_p
         # pipeliner bug); the recomputation is a few scalar ops on the expert table already in registers.
         stored = tl.program_id(0) - programs
         for item in tl.range(tl.program_id(0), work_items, programs, flatten=True):
-            expert, row_begin, row_end = _tile_rows(item // n_tiles, starts, ends, tiles, tile_end, n_experts,
+            expert, row_begin, row_end = tile_rows(item // n_tiles, starts, ends, tiles, tile_end, n_experts,
                                                     E_BLOCK, BLOCK_M)
             rows, row_ok, src = _tile_sources(a_rows_ptr, row_begin, row_end, GATHER_A, BLOCK_M)
             cols, col_ok = _tile_cols(item % n_tiles, n_cols, BLOCK_N)
@@ -184,7 +167,7 @@ def _grouped_gemm_kernel(a_ptr, a_scale_ptr, a_rows_ptr, b_ptr, b_scale_ptr, c_p
                             k_steps, stride_am, stride_ak, stride_be, stride_bk, stride_bn,
                             INT8, A_DESC, B_DESC, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
             stored += programs
-            expert, row_begin, row_end = _tile_rows(stored // n_tiles, starts, ends, tiles, tile_end, n_experts,
+            expert, row_begin, row_end = tile_rows(stored // n_tiles, starts, ends, tiles, tile_end, n_experts,
                                                     E_BLOCK, BLOCK_M)
             rows, row_ok, src = _tile_sources(a_rows_ptr, row_begin, row_end, GATHER_A, BLOCK_M)
             cols, col_ok = _tile_cols(stored % n_tiles, n_cols, BLOCK_N)
@@ -195,8 +178,8 @@ def _grouped_gemm_kernel(a_ptr, a_scale_ptr, a_rows_ptr, b_ptr, b_scale_ptr, c_p
         # stays in L2 across that expert's M-tiles (A is read from memory once).
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
-        starts, ends, tiles, tile_end = _expert_tiles(group_starts_ptr, n_experts, E_BLOCK, BLOCK_M)
-        expert, row_begin, row_end = _tile_rows(pid_m, starts, ends, tiles, tile_end, n_experts, E_BLOCK, BLOCK_M)
+        starts, ends, tiles, tile_end = expert_tiles(group_starts_ptr, n_experts, E_BLOCK, BLOCK_M)
+        expert, row_begin, row_end = tile_rows(pid_m, starts, ends, tiles, tile_end, n_experts, E_BLOCK, BLOCK_M)
         rows, row_ok, src = _tile_sources(a_rows_ptr, row_begin, row_end, GATHER_A, BLOCK_M)
         cols, col_ok = _tile_cols(pid_n, n_cols, BLOCK_N)
         k_steps = tl.where(row_begin < row_end, tl.cdiv(k_dim, BLOCK_K), 0)
@@ -289,29 +272,12 @@ def _tma_device(t: torch.Tensor) -> bool:
     accelerator), and the interpreter, which emulates them (so that CPU runs test that path)."""
     if INTERPRETED:
         return True
-    return t.device.type == "cuda" and _cuda_major(_device_index(t)) >= 9
-
-
-def _device_index(t: torch.Tensor) -> int:
-    """``t``'s CUDA device index (the current device for a bare ``cuda``)."""
-    return t.device.index if t.device.index is not None else torch.cuda.current_device()
-
-
-@functools.cache
-def _cuda_major(index: int) -> int:
-    """The compute capability's major version of CUDA device ``index``, asked once (every launch wants it)."""
-    return torch.cuda.get_device_capability(index)[0]
-
-
-@functools.cache
-def _multiprocessors(index: int) -> int:
-    """CUDA device ``index``'s multiprocessor count, asked once: one persistent program each."""
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return t.device.type == "cuda" and cuda_major(device_index(t)) >= 9
 
 
 def _persistent_programs(t: torch.Tensor) -> int:
     """How many programs a persistent launch on ``t``'s device runs (at most; never more than work items)."""
-    return _INTERPRETER_PROGRAMS if INTERPRETED else _multiprocessors(_device_index(t))
+    return _INTERPRETER_PROGRAMS if INTERPRETED else multiprocessors(device_index(t))
 
 
 def _grid(n_rows: int, n_cols: int, experts: int, block_m: int, block_n: int, persistent: bool,
