@@ -350,9 +350,8 @@ def int8_grouped_product(codes: jax.Array, scale: jax.Array, w_codes: jax.Array,
         stride = layout.capacity if layout.kind == "padded" else 0
         if pallas_mosaic.mosaic_unsupported_reason(codes.shape[0], rhs.shape[1], rhs.shape[2], layout.groups,
                                                    stride) is None:
-            return pallas_mosaic.grouped_int8_matmul(codes, rhs, scale.reshape(-1),
-                                                     w_scale.reshape(-1).astype(jnp.float32), layout.group_sizes,
-                                                     out_dtype=out_dtype, group_stride=stride,
+            return pallas_mosaic.grouped_int8_matmul(codes, rhs, scale.reshape(-1), w_scale.reshape(-1),
+                                                     layout.group_sizes, out_dtype=out_dtype, group_stride=stride,
                                                      interpret=layout.interpret)
         # below the int8 wgmma's tiles (K < 32: small layers, the conformance cases): the Triton kernel below
     if layout.int8_gemm in EPILOGUE_SCALED:
