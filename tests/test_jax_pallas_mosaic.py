@@ -28,12 +28,15 @@ from qmoe.suite.checks import assert_exactly_zero  # noqa: E402
 pytestmark = pytest.mark.backend("jax_prequant")
 
 #: Ragged cases: (group sizes, rows past every group, N, K). "straddling" spans three 256-row CTA blocks with a
-#: block shared by four parts, M = 628 (not a multiple of 256: the last block is clamped), two N tiles and two K
-#: steps of the default tiles. "small" has fewer rows than a CTA block (padded inside) and conformance-sized N, K.
+#: block shared by four parts, M = 628 (not a multiple of the SMEM tiling's 8 rows: padded to 632 inside, whose last
+#: block is clamped), two N tiles and two K steps of the default tiles. "clamped": M = 400, a multiple of 8 but not
+#: of 256 (its second block starts at row 144, unpadded), K = 96 (32-deep steps). "small" has fewer rows than a CTA
+#: block (padded inside) and narrowed N, K. N = 64 is the narrowest 16-bit output the ragged kernel takes.
 RAGGED = {
     "straddling": ([0, 1, 300, 0, 37, 200], 90, 256, 256),
-    "small": ([30, 0, 33], 7, 32, 64),
-    "all_empty": ([0, 0, 0], 300, 32, 32),
+    "clamped": ([5, 250, 0, 145], 0, 128, 96),
+    "small": ([30, 0, 33], 7, 64, 64),
+    "all_empty": ([0, 0, 0], 300, 64, 32),
 }
 #: Padded case: C = 256 (two 128-row CTA tiles a group), sizes 0 (both tiles zero-stored), 1 (second tile
 #: zero-stored), C (both computed) and 150 (second tile partly padding); N = 384 takes 128-wide tiles (3 of them).
@@ -77,7 +80,7 @@ def _assert_bits_equal(actual: np.ndarray, expected: np.ndarray, what: str) -> N
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-@pytest.mark.parametrize("case", ["straddling", "all_empty"])
+@pytest.mark.parametrize("case", ["straddling", "clamped", "all_empty"])
 def test_ragged_layout_is_exact(case, dtype, interpret):
     sizes, tail, n, k = RAGGED[case]
     group = np.concatenate([np.repeat(np.arange(len(sizes)), sizes), np.full(tail, -1)])
@@ -88,7 +91,7 @@ def test_ragged_layout_is_exact(case, dtype, interpret):
 
 
 def test_ragged_layout_smaller_than_a_tile(interpret):
-    """M = 70 < the 256-row CTA block, N = 32, K = 64 (narrowed tiles), float16 out."""
+    """M = 70 < the 256-row CTA block, N = 64, K = 64 (narrowed tiles), float16 out."""
     sizes, tail, n, k = RAGGED["small"]
     group = np.concatenate([np.repeat(np.arange(len(sizes)), sizes), np.full(tail, -1)])
     operands = _operands(group.size, len(sizes), n, k, seed=1)
@@ -144,12 +147,15 @@ def test_aligned_tile_groups():
 def test_tiles_follow_the_measured_defaults_and_fit_shared_memory():
     assert pm.kernel_config(4096, 2048, jnp.bfloat16, ragged=False) == pm.ALIGNED_CONFIG
     assert pm.kernel_config(4096, 2048, jnp.bfloat16, ragged=True) == pm.RAGGED_CONFIG
-    for n, k in ((4096, 2048), (2048, 4096), (384, 96), (32, 32), (16, 64)):
+    for n, k in ((4096, 2048), (2048, 4096), (384, 96), (64, 32), (32, 32), (16, 64)):
         for dtype in pm.OUT_DTYPES:
             for ragged in (False, True):
                 config = pm.kernel_config(n, k, dtype, ragged)
                 assert n % config.tile_n == 0 and k % config.tile_k == 0 and config.tile_n % config.epi_n == 0
                 assert config.smem_bytes(ragged, dtype) <= pm.SMEM_BUDGET, (n, k, dtype, ragged, config)
+                if ragged and pm.mosaic_unsupported_reason(256, n, k, 1, 0, dtype) is None:
+                    # its row-piece stores start at any row of the staged tile: each must be TMA-aligned
+                    assert config.tile_n * jnp.dtype(dtype).itemsize % pm.TMA_SMEM_ALIGNMENT == 0, (n, dtype)
     assert pm.kernel_config(4096, 2048, jnp.float32, ragged=True).tile_k == 64  # float32 staging: 128 KiB
 
 
@@ -159,9 +165,10 @@ def test_tiles_follow_the_measured_defaults_and_fit_shared_memory():
     ((4 * 192, 32, 32, 4, 192), "group_stride = 192 must be a multiple"),
     ((1000, 32, 32, 4, 128), "M = 1000 must be groups x group_stride"),
     ((100, 32, 32, 0, 0), "at least one group"),
+    ((100, 96, 32, 4, 0), "N = 96 gives output tiles of 64-byte rows"),
 ])
 def test_refused_shapes_say_why(shape, reason):
-    assert reason in pm.mosaic_unsupported_reason(*shape)
+    assert reason in pm.mosaic_unsupported_reason(*shape, jnp.bfloat16)
     m, n, k, groups, stride = shape
     with pytest.raises(ValueError, match=reason.split(" must")[0]):
         pm.grouped_int8_matmul(jnp.zeros((m, k), jnp.int8), jnp.zeros((groups, n, k), jnp.int8), jnp.ones(m),
@@ -170,9 +177,11 @@ def test_refused_shapes_say_why(shape, reason):
 
 
 def test_supported_shapes():
-    assert pm.mosaic_unsupported_reason(64 * 4480, 4096, 2048, 64, 4480) is None
-    assert pm.mosaic_unsupported_reason(262144, 4096, 2048, 64, 0) is None
-    assert pm.mosaic_unsupported_reason(33, 32, 32, 4, 0) is None
+    assert pm.mosaic_unsupported_reason(64 * 4480, 4096, 2048, 64, 4480, jnp.bfloat16) is None
+    assert pm.mosaic_unsupported_reason(262144, 4096, 2048, 64, 0, jnp.bfloat16) is None
+    assert pm.mosaic_unsupported_reason(33, 64, 32, 4, 0, jnp.bfloat16) is None
+    assert pm.mosaic_unsupported_reason(33, 32, 32, 4, 0, jnp.float32) is None  # 128-byte rows
+    assert pm.mosaic_unsupported_reason(4 * 128, 16, 32, 4, 128, jnp.bfloat16) is None  # padded: whole pieces
 
 
 def test_operand_errors():
@@ -190,14 +199,18 @@ def test_operand_errors():
 
 
 #: Lowered for CUDA: the benchmark's up projection (64 groups of 4096 rows, capacity 4480 when padded; H = 2048,
-#: 2F = 4096), its down projection's shape with float32 out, and conformance-sized shapes (narrowed tiles).
+#: 2F = 4096), its down projection's shape with float32 out, conformance-sized shapes (narrowed tiles), and ragged row
+#: counts that are not multiples of the 256-row block (628 = 4 mod 8: jax 0.10.2's layout inference refused it
+#: before the rows were padded to the tiling's 8; 400: the clamped block start 144).
 LOWERED = {
     "padded_up_bfloat16": (64 * 4480, 4096, 2048, 64, 4480, jnp.bfloat16),
     "ragged_up_bfloat16": (262144, 4096, 2048, 64, 0, jnp.bfloat16),
     "padded_down_float32": (64 * 4480, 2048, 4096, 64, 4480, jnp.float32),
     "ragged_down_float32": (262144, 2048, 4096, 64, 0, jnp.float32),
     "padded_small_float16": (4 * 128, 32, 32, 4, 128, jnp.float16),
-    "ragged_small_bfloat16": (66, 16, 32, 4, 0, jnp.bfloat16),
+    "ragged_small_bfloat16": (66, 64, 32, 4, 0, jnp.bfloat16),
+    "ragged_unaligned_rows_bfloat16": (628, 256, 256, 6, 0, jnp.bfloat16),
+    "ragged_clamped_float32": (400, 128, 96, 4, 0, jnp.float32),
 }
 
 

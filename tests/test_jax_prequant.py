@@ -762,6 +762,74 @@ def test_mosaic_int8_gemm_leaves_products_below_its_tiles_to_the_pallas_kernel(m
     np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
 
 
+#: A layer on the GPU large enough for several work tiles of the Mosaic GPU kernel in every product (4096 routed
+#: rows; N and K of 256 and 512: the default tiles, two K steps), with skewed routing from its router bias.
+MOSAIC_GPU_SPEC = MoESpec(hidden=256, ffn=256, experts=8, top_k=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grouped", ["padded", "pallas"])
+def test_mosaic_int8_gemm_matches_xla_on_a_hopper_gpu(grouped, interpret, monkeypatch):
+    """On the GPU (``--device cuda``, Hopper), a forward+backward step whose four int8 products run the Mosaic GPU
+    kernel gives the gradients of XLA's int8 dots (``xla``; ``pallas`` under the pallas formulation): the int32 sums
+    are exact on both, so only the scales' float32 rounding order differs."""
+    if interpret:
+        pytest.skip("needs the run's device to be a GPU (--device cuda)")
+    device = _jax_env.platform_devices("gpu")[0]
+    if not _jax_env.mosaic_default(device):
+        pytest.skip(f"the Mosaic GPU kernel runs on Hopper GPUs; {device.device_kind} is not one")
+    params, x, dy = _layer(MOSAIC_GPU_SPEC, tokens=2048)
+    calls = _mosaic_calls(monkeypatch)
+    grads = {}
+    for int8_gemm in ("mosaic", "xla"):
+        backend = JaxPrequantBackend("gpu", grouped=grouped, int8_gemm=int8_gemm)
+        prepared = backend.prepare(MOSAIC_GPU_SPEC, params, "int8_routed_prequant", "float32")
+        grads[int8_gemm] = backend.backward(prepared, x, dy)
+    assert len(calls) == 4, calls
+    for name, want in grads["xla"].items():
+        np.testing.assert_allclose(grads["mosaic"][name], want, rtol=0, atol=1e-5 * float(np.abs(want).max()),
+                                   err_msg=f"d{name}")
+
+
+def test_mosaic_is_the_int8_gemm_default_on_hopper_gpus_only():
+    """`env.mosaic_default`: Hopper (compute capability 9.x) GPUs; not Ampere, Blackwell, CPUs or no device (the
+    expert-parallel plans); an explicit choice or $QMOE_JAX_INT8_GEMM wins over it."""
+
+    @dataclasses.dataclass
+    class Device:
+        platform: str
+        compute_capability: str = ""
+
+    assert _jax_env.mosaic_default(Device("gpu", "9.0"))
+    assert not any(_jax_env.mosaic_default(d) for d in (Device("gpu", "8.0"), Device("gpu", "10.0"),
+                                                         Device("cpu"), None))
+    hopper = Device("gpu", "9.0")
+    assert _jax_env.select_int8_gemm("gpu", "padded", device=hopper) == "mosaic"
+    assert _jax_env.select_int8_gemm("gpu", "pallas", device=hopper) == "mosaic"
+    assert _jax_env.select_int8_gemm("gpu", "padded", device=Device("gpu", "8.0")) == "xla"
+    assert _jax_env.select_int8_gemm("gpu", "padded", "xla", device=hopper) == "xla"
+    assert _jax_env.select_int8_gemm("gpu", "pallas", "xla", device=hopper) == "pallas"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(_jax_env.INT8_GEMM_ENV, "xla")
+        assert _jax_env.select_int8_gemm("gpu", "padded", device=hopper) == "xla"
+
+
+def test_the_mosaic_default_gives_way_to_xla_below_the_kernel_size(monkeypatch):
+    """A defaulted ``mosaic`` plan runs XLA's int8 dots for problems under `KERNEL_MIN_ELEMENTS` (the conformance
+    cases: each kernel shape would be compiled for a few rows), as the SwiGLU kernels do; one asked for is kept."""
+    import qmoe.implementations.jax_prequant as jp
+
+    monkeypatch.setattr(_jax_env, "mosaic_default", lambda device: True)
+    params, _, _ = _layer(MOSAIC_SPEC, tokens=8)
+    for asked, small in ((None, "xla"), ("mosaic", "mosaic")):
+        backend = JaxPrequantBackend("cpu", grouped="padded", int8_gemm=asked)
+        prepared = backend.prepare(MOSAIC_SPEC, params, "int8_routed_prequant", "float32")
+        assert prepared.plan.int8_gemm == "mosaic"
+        assert jp._sized_kernels(prepared, prepared.plan, 8).int8_gemm == small
+        big = jp.KERNEL_MIN_ELEMENTS // (MOSAIC_SPEC.top_k * MOSAIC_SPEC.ffn)
+        assert jp._sized_kernels(prepared, prepared.plan, big).int8_gemm == "mosaic"
+
+
 def test_mosaic_is_an_int8_gemm_choice_for_the_pallas_formulation_too():
     """``mosaic`` is kept for the pallas formulation (whose own int8 kernel is otherwise forced), named in errors."""
     assert _jax_env.select_int8_gemm("cpu", "pallas", "mosaic") == "mosaic"

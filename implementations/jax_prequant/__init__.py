@@ -72,7 +72,8 @@ PADDING_LIMIT = 1.15
 PADDING_MIN_ROWS = 8192
 
 #: The fewest routed elements of h (tokens x top_k x F) for which the platform's default runs the SwiGLU and
-#: combine kernels (`env.select_swiglu`: ``pallas`` on GPUs); below, XLA's fusions. Each kernel is compiled through
+#: combine kernels (`env.select_swiglu`: ``pallas`` on GPUs) and the ``mosaic`` int8 GEMM (`env.mosaic_default`:
+#: Hopper); below, XLA's fusions and GEMMs. Each kernel is compiled through
 #: Triton once per shape, and at small sizes the compiles are all it costs: jax_prequant's GPU conformance (at
 #: most 65 tokens) ran 281 s with the SwiGLU kernels (e1b6131) and did not finish in 295 s with the combine kernel
 #: too (f33cfcb), against 143 s without kernels (0016e98). The logbook's smallest routed h is 2^27 elements.
@@ -90,7 +91,8 @@ class JaxPrepared:
     ``skewed_formulation``: what a ``padded`` plan becomes for a token count whose routing would pad more than
     `PADDING_LIMIT` and `PADDING_MIN_ROWS` (`JaxPrequantBackend._plan_for`), or None where the formulation was
     asked for. ``small_swiglu``: what the plan's ``swiglu`` becomes below `KERNEL_MIN_ELEMENTS`, or None where the
-    kernels were asked for (argument or environment) or are not the platform's default.
+    kernels were asked for (argument or environment) or are not the platform's default; ``small_int8_gemm`` the same
+    for the plan's ``int8_gemm`` (the ``mosaic`` default gives way to ``xla``).
     """
 
     spec: MoESpec
@@ -104,6 +106,7 @@ class JaxPrepared:
     effective: dict[str, np.ndarray] | None = None
     skewed_formulation: str | None = None
     small_swiglu: str | None = None
+    small_int8_gemm: str | None = None
 
 
 class JaxPrequantBackend(Backend):
@@ -188,7 +191,8 @@ class JaxPrequantBackend(Backend):
         mesh = _make_mesh(devices[:ep_size]) if ep_size > 1 else None
         platform = devices[0].platform
         formulation = env.select_formulation(platform, self.grouped)
-        int8_gemm = env.select_int8_gemm(platform, formulation, self.int8_gemm)
+        int8_gemm = env.select_int8_gemm(platform, formulation, self.int8_gemm,
+                                         device=devices[0] if ep_size == 1 else None)
         plan = LayerPlan(spec, scheme, dtype, formulation, experts, ep_size=ep_size, mesh=mesh, platform=platform,
                          dispatch=self.ep_dispatch, int8_gemm=int8_gemm,
                          swiglu=env.select_swiglu(platform, self.swiglu), router=env.select_router(dtype, self.router))
@@ -213,8 +217,10 @@ class JaxPrequantBackend(Backend):
         skewed = "pallas" if formulation == "padded" and ep_size == 1 and not chosen else None
         kernels_asked = self.swiglu or os.environ.get(env.SWIGLU_ENV)
         small = "xla" if plan.swiglu == "pallas" and not kernels_asked else None
+        gemm_asked = self.int8_gemm or os.environ.get(env.INT8_GEMM_ENV)
+        small_gemm = "xla" if plan.int8_gemm == "mosaic" and not gemm_asked else None
         return JaxPrepared(spec, scheme, dtype, plan, device_params, frozen, devices[:ep_size],
-                           skewed_formulation=skewed, small_swiglu=small)
+                           skewed_formulation=skewed, small_swiglu=small, small_int8_gemm=small_gemm)
 
     def effective_weights(self, prepared: JaxPrepared) -> dict[str, np.ndarray]:
         if prepared.effective is None:
@@ -469,6 +475,14 @@ class JaxPrequantInt8MosaicBackend(JaxPrequantVariant):
     defaults = {"int8_gemm": "mosaic"}
 
 
+class JaxPrequantInt8XlaBackend(JaxPrequantVariant):
+    """``int8_gemm`` ``xla`` (XLA's int8 dot; the ``pallas`` kernel under the ``pallas`` formulation): the default
+    before ``mosaic`` became Hopper's, for the A/B beside it."""
+
+    name = "jax_prequant_int8_xla"
+    defaults = {"int8_gemm": "xla"}
+
+
 class JaxPrequantPallasMosaicBackend(JaxPrequantVariant):
     """The ``pallas`` formulation (no capacity padding anywhere: the float weight gradients are its grouped Pallas
     kernels too) with the ``mosaic`` int8 GEMM."""
@@ -611,10 +625,14 @@ def _needed_sizes(plan, expert_ids: np.ndarray, kept: np.ndarray) -> tuple[int, 
 
 
 def _sized_kernels(prepared: JaxPrepared, plan: Any, tokens: int) -> Any:
-    """``plan`` with XLA's fusions instead of the GPU-default kernels for a problem below `KERNEL_MIN_ELEMENTS`
-    (``prepared.small_swiglu``), whatever program runs it."""
-    if prepared.small_swiglu and tokens * plan.spec.top_k * plan.spec.ffn < KERNEL_MIN_ELEMENTS:
-        return replace(plan, swiglu=prepared.small_swiglu)
+    """``plan`` with XLA's fusions and GEMMs instead of the GPU-default kernels for a problem below
+    `KERNEL_MIN_ELEMENTS` (``prepared.small_swiglu``, ``prepared.small_int8_gemm``), whatever program runs it."""
+    if tokens * plan.spec.top_k * plan.spec.ffn >= KERNEL_MIN_ELEMENTS:
+        return plan
+    if prepared.small_swiglu:
+        plan = replace(plan, swiglu=prepared.small_swiglu)
+    if prepared.small_int8_gemm:
+        plan = replace(plan, int8_gemm=prepared.small_int8_gemm)
     return plan
 
 

@@ -98,7 +98,21 @@ INT8_GEMMS: tuple[str, ...] = ("xla", "pallas", "split", "mosaic")
 MOSAIC_PLATFORMS: tuple[str, ...] = ("gpu", "cuda", "cpu")
 
 
-def select_int8_gemm(platform: str, formulation: str, override: str | None = None) -> str:
+def mosaic_default(device) -> bool:
+    """Whether ``mosaic`` is the int8 GEMM's default on ``device`` (a jax Device, or None: never): a Hopper GPU
+    (compute capability 9.x: the kernel's wgmma is Hopper's instruction) whose jax has Pallas's Mosaic GPU backend."""
+    if device is None or device.platform not in GPU_PLATFORMS:
+        return False
+    if not str(getattr(device, "compute_capability", "")).startswith("9."):
+        return False
+    try:
+        from jax.experimental.pallas import mosaic_gpu  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def select_int8_gemm(platform: str, formulation: str, override: str | None = None, device=None) -> str:
     """Which kernel runs the routed int8 x int8 products: ``xla`` (XLA's int8 dot, cuBLAS on GPUs, whose
     int32 result XLA scales in the fusion that reads it, or the SwiGLU kernels as they read it) or
     ``pallas`` (the grouped Pallas kernel of `pallas_grouped`, the scales applied in its epilogue: the int32
@@ -114,14 +128,17 @@ def select_int8_gemm(platform: str, formulation: str, override: str | None = Non
     backend: one warpgroup loading through the TMA, two issuing int8 wgmma, the scales in the epilogue), which skips
     the padded layout's padding tiles and takes the ``pallas`` formulation's ragged rows as they are (H200, logbook
     top-8 up projection alone, 2026-12-01: 3.15-3.20 ms with its scales against 3.78 ms for XLA's int8 dot without
-    them; not yet measured in the layer). A product whose shape its tiles cannot take (K not a multiple of 32, N of
-    16: small layers; `pallas_mosaic.mosaic_unsupported_reason`) runs the ``pallas`` kernel instead.
+    them; in the layer, logbook int8_routed_prequant forward+backward beside ``xla``, one run: 28.13 against 30.66 ms
+    at top-8, and 9.25 against 9.44 ms at top-2 under the ``pallas`` formulation, 2026-12-01). A product whose shape
+    its tiles cannot take (K not a multiple of 32, N of 16, narrow ragged outputs: small layers;
+    `pallas_mosaic.mosaic_unsupported_reason`) runs the ``pallas`` kernel instead.
 
-    The ``pallas`` formulation runs ``pallas`` unless ``mosaic`` is asked for. Elsewhere ``override``, else
-    $QMOE_JAX_INT8_GEMM, else ``xla``: under ``padded`` the Pallas kernel then runs over every group's full capacity
-    (the padding rows are zero), and the float GEMMs and weight gradients stay XLA's batched ones.
+    ``override``, else $QMOE_JAX_INT8_GEMM, else ``mosaic`` where `mosaic_default` (``device``: the layer's one
+    device; None for expert-parallel layers, whose dispatch layouts it has not run), else ``xla``. The ``pallas``
+    formulation runs ``pallas`` unless the choice is ``mosaic``. Under ``padded`` ``pallas`` runs over every group's
+    full capacity (the padding rows are zero), and the float GEMMs and weight gradients stay XLA's batched ones.
     """
-    choice = override or os.environ.get(INT8_GEMM_ENV) or "xla"
+    choice = override or os.environ.get(INT8_GEMM_ENV) or ("mosaic" if mosaic_default(device) else "xla")
     if formulation == "pallas" and choice != "mosaic":
         return "pallas"
     return _chosen("int8 GEMM", choice, INT8_GEMMS, platform)

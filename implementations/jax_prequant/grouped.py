@@ -348,12 +348,12 @@ def int8_grouped_product(codes: jax.Array, scale: jax.Array, w_codes: jax.Array,
         # (`layer.step_codes`, the prepared transposed codes); a [G, K, N] operand is transposed here, in every call
         rhs = w_codes if transpose_rhs else jnp.swapaxes(w_codes, 1, 2)
         stride = layout.capacity if layout.kind == "padded" else 0
-        if pallas_mosaic.mosaic_unsupported_reason(codes.shape[0], rhs.shape[1], rhs.shape[2], layout.groups,
-                                                   stride) is None:
+        if pallas_mosaic.mosaic_unsupported_reason(codes.shape[0], rhs.shape[1], rhs.shape[2], layout.groups, stride,
+                                                   out_dtype) is None:
             return pallas_mosaic.grouped_int8_matmul(codes, rhs, scale.reshape(-1), w_scale.reshape(-1),
                                                      layout.group_sizes, out_dtype=out_dtype, group_stride=stride,
                                                      interpret=layout.interpret)
-        # below the int8 wgmma's tiles (K < 32: small layers, the conformance cases): the Triton kernel below
+        # below the kernel's tiles (K < 32, or narrow ragged N: small layers, the conformance cases): the Triton kernel
     if layout.int8_gemm in EPILOGUE_SCALED:
         from . import pallas_grouped
 

@@ -32,7 +32,8 @@ Every output row is written exactly once, so the output needs no zero fill first
 `plgpu.transpose_ref`, so there rhs is fed as [G, K, N] (one transposing copy, interpreter only); on the GPU int8
 wgmma needs both operands K-major and rhs [G, N, K] is passed through ``transpose_ref``. Shapes the kernels refuse
 (`mosaic_unsupported_reason`): K not a multiple of 32 (the int8 wgmma's contraction step), N not a multiple of 16,
-and for the padded layout a group stride that is not a multiple of the CTA tile's M (128).
+for the ragged layout an N whose output tile rows are under 128 bytes (bfloat16: N not a multiple of 64), and for
+the padded layout a group stride that is not a multiple of the CTA tile's M (128).
 """
 
 from __future__ import annotations
@@ -97,6 +98,13 @@ ROW_ALIGNMENT = 2 * ALIGNED_CONFIG.tile_m
 MIN_TILE_K = 32
 #: The narrowest output tile: 16 columns keep every TMA box row >= 32 bytes (a 16-byte row has no swizzle).
 MIN_TILE_N = 16
+#: A TMA copy's shared-memory address must be 128-byte aligned (CUDA's TMA rules): the ragged kernel's row-piece
+#: stores start at any row of the staged tile, so its rows must be whole multiples of this (a misaligned address
+#: otherwise, H200, 2026-12-01: N = 32 float16).
+TMA_SMEM_ALIGNMENT = 128
+#: The SMEM tiling's rows (`_swizzled`): a TMA load of lhs rows into a tiled buffer must start at a multiple of it,
+#: and Mosaic GPU's layout inference refuses a block start it cannot prove divisible (M = 628, jax 0.10-0.11).
+TILING_ROWS = 8
 #: Hopper's 227 KiB of shared memory a block, less room for the pipeline's barriers.
 SMEM_BUDGET = 226 * 1024
 #: The memory warpgroup only issues TMA copies: it gives its registers to the compute warpgroups (232 each).
@@ -108,8 +116,9 @@ INTERPRET_SMS = 2
 OUT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
-def mosaic_unsupported_reason(m: int, n: int, k: int, groups: int, group_stride: int) -> str | None:
-    """Why `grouped_int8_matmul` refuses lhs [m, k], rhs [groups, n, k] in this layout, or None if it runs them."""
+def mosaic_unsupported_reason(m: int, n: int, k: int, groups: int, group_stride: int, out_dtype) -> str | None:
+    """Why `grouped_int8_matmul` refuses lhs [m, k], rhs [groups, n, k] with ``out_dtype`` output in this layout, or
+    None if it runs them."""
     if groups < 1:
         return "needs at least one group"
     if n <= 0 or k <= 0:
@@ -120,6 +129,11 @@ def mosaic_unsupported_reason(m: int, n: int, k: int, groups: int, group_stride:
         return f"N = {n} must be a multiple of {MIN_TILE_N} (the narrowest output tile)"
     if group_stride < 0:
         return f"group_stride = {group_stride} must be 0 (ragged) or positive (padded)"
+    row_bytes = min(n & -n, RAGGED_CONFIG.tile_n) * jnp.dtype(out_dtype).itemsize
+    if not group_stride and row_bytes < TMA_SMEM_ALIGNMENT:
+        return (f"ragged layout: N = {n} gives output tiles of {row_bytes}-byte rows, and the row-piece stores need "
+                f"{TMA_SMEM_ALIGNMENT} (a TMA store's shared-memory source starts {TMA_SMEM_ALIGNMENT}-byte aligned): "
+                f"N must be a multiple of {TMA_SMEM_ALIGNMENT // jnp.dtype(out_dtype).itemsize}")
     if group_stride:
         if m != groups * group_stride:
             return f"padded layout: M = {m} must be groups x group_stride = {groups} x {group_stride}"
@@ -487,7 +501,7 @@ def grouped_int8_matmul(lhs: jax.Array, rhs: jax.Array, lhs_scale: jax.Array, rh
     if lhs_scale.shape != (m,) or rhs_scale.shape != (groups,) or group_sizes.shape != (groups,):
         raise ValueError(f"lhs_scale {lhs_scale.shape}, rhs_scale {rhs_scale.shape}, group_sizes "
                          f"{group_sizes.shape}: expected ({m},), ({groups},), ({groups},)")
-    reason = mosaic_unsupported_reason(m, n, k, groups, group_stride)
+    reason = mosaic_unsupported_reason(m, n, k, groups, group_stride, out_dtype)
     if reason:
         raise ValueError(f"Mosaic GPU grouped int8 GEMM of lhs {lhs.shape} and rhs {rhs.shape}: {reason}")
     if m == 0:
@@ -502,8 +516,9 @@ def grouped_int8_matmul(lhs: jax.Array, rhs: jax.Array, lhs_scale: jax.Array, rh
         tile_group = aligned_tile_groups(group_sizes, group_stride, config.cta_m)
         return _aligned_kernel(lhs, rhs_fed, lhs_scale, rhs_scale, tile_group, **options)
     # A CTA block loads cta_m rows: fewer rows in all are padded with zero rows (small shapes only); more are
-    # covered by blocks that start at most at M - cta_m (`ragged_tiles`).
-    rows = max(m, config.cta_m)
+    # covered by blocks that start at most at M - cta_m (`ragged_tiles`), which must be a multiple of the tiling's
+    # rows: an M that is not is padded to one (a copy of lhs; the layer's row counts are multiples of 8).
+    rows = max(-(-m // TILING_ROWS) * TILING_ROWS, config.cta_m)
     if rows > m:
         lhs = jnp.pad(lhs, ((0, rows - m), (0, 0)))
         lhs_scale = jnp.pad(lhs_scale, (0, rows - m))
