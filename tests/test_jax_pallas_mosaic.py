@@ -54,13 +54,13 @@ def _operands(rows: int, groups: int, n: int, k: int, seed: int):
 
 
 def _expected(lhs, rhs, lhs_scale, rhs_scale, group: np.ndarray, out_dtype) -> np.ndarray:
-    """NumPy: the exact int64 product, f32(acc) * lhs_scale * rhs_scale in float32 (the kernel's order), rounded to
+    """NumPy: the exact int64 product, f32(acc) * (lhs_scale * rhs_scale) in float32 (the kernel's order), rounded to
     out_dtype; zero for rows of no group (``group`` -1)."""
     out = np.zeros((lhs.shape[0], rhs.shape[1]), np.float32)
     for g in np.unique(group[group >= 0]):
         rows = group == g
         acc = lhs[rows].astype(np.int64) @ rhs[g].astype(np.int64).T
-        out[rows] = acc.astype(np.float32) * lhs_scale[rows][:, None] * rhs_scale[g]
+        out[rows] = acc.astype(np.float32) * (lhs_scale[rows] * rhs_scale[g])[:, None]
     return np.asarray(jnp.asarray(out).astype(out_dtype))
 
 

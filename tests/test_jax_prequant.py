@@ -772,7 +772,10 @@ MOSAIC_GPU_SPEC = MoESpec(hidden=256, ffn=256, experts=8, top_k=2)
 def test_mosaic_int8_gemm_matches_xla_on_a_hopper_gpu(grouped, interpret, monkeypatch):
     """On the GPU (``--device cuda``, Hopper), a forward+backward step whose four int8 products run the Mosaic GPU
     kernel gives the gradients of XLA's int8 dots (``xla``; ``pallas`` under the pallas formulation): the int32 sums
-    are exact on both, so only the scales' float32 rounding order differs."""
+    are exact on both and the scales applied in the same order, so what differs is float32 rounding (XLA's fusions
+    against the kernel's epilogue) and where that rounding tips a per-row int8 code of d_h: that token's dx moves
+    by one code step of its d_h row (H200, before the two dequantized in the same order: one row of 2048, 1.8e-5 of
+    max|dx|). Allowed: a thousandth of the rows beyond 1e-5 max, none beyond 1e-3 max."""
     if interpret:
         pytest.skip("needs the run's device to be a GPU (--device cuda)")
     device = _jax_env.platform_devices("gpu")[0]
@@ -787,8 +790,11 @@ def test_mosaic_int8_gemm_matches_xla_on_a_hopper_gpu(grouped, interpret, monkey
         grads[int8_gemm] = backend.backward(prepared, x, dy)
     assert len(calls) == 4, calls
     for name, want in grads["xla"].items():
-        np.testing.assert_allclose(grads["mosaic"][name], want, rtol=0, atol=1e-5 * float(np.abs(want).max()),
-                                   err_msg=f"d{name}")
+        got, peak = np.asarray(grads["mosaic"][name]), float(np.abs(want).max())
+        off = np.abs(got - want) > 1e-5 * peak
+        rows = np.unique(np.nonzero(off.reshape(off.shape[0], -1))[0])
+        assert rows.size <= max(1, off.shape[0] // 1000), f"d{name}: {rows.size} rows beyond 1e-5 max: {rows[:10]}"
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * peak, err_msg=f"d{name}")
 
 
 def test_mosaic_is_the_int8_gemm_default_on_hopper_gpus_only():
