@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -303,6 +305,82 @@ def _interpret_params():
     return InterpretGPUParams(uninitialized_memory="nan")
 
 
+# -- the persistent kernel both layouts share -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Refs:
+    """What a work tile's code reaches: the kernel's operands in GMEM (``table``: the layout's per-tile table), the
+    scoped SMEM and barriers, and ``wg``, this thread's warpgroup (0 and 1 compute, 2 loads)."""
+
+    table: Any
+    lhs: Any
+    rhs: Any
+    lhs_scale: Any
+    rhs_scale: Any
+    out: Any
+    pipeline: Any
+    out_smem: Any
+    scale_smem: Any
+    scale_barrier: Any
+    wg: Any
+
+
+def _persistent_body(config: Config, k_steps: int, out_smem, tiles: int, tile: Callable[[_Refs, Any], None],
+                     interpret: bool):
+    """The kernel body: SMEM for the K pipeline, the layout's output staging (``out_smem``) and the row scales, then
+    the CTAs' persistent loop over ``tiles`` work tiles, ``tile(refs, index)`` each."""
+
+    def body(table_gmem, lhs_gmem, rhs_gmem, lscale_gmem, rscale_gmem, out_gmem):
+        def ignore(*_, **__):
+            return None
+
+        @functools.partial(
+            pl.run_scoped,
+            pipeline_allocs=_pipeline(config, k_steps, ignore, ignore, interpret).get_allocations(
+                lhs_gmem, rhs_gmem.at[0]),
+            out_smem=out_smem,
+            scale_smem=plgpu.SMEM((2, config.tile_m), jnp.float32),
+            scale_barrier=plgpu.Barrier(num_arrivals=1, num_barriers=2),
+            collective_axes="wg",
+        )
+        def _scope(pipeline_allocs, out_smem, scale_smem, scale_barrier):
+            refs = _Refs(table_gmem, lhs_gmem, rhs_gmem, lscale_gmem, rscale_gmem, out_gmem, pipeline_allocs,
+                         out_smem, scale_smem, scale_barrier, lax.axis_index("wg"))
+
+            @plgpu.nd_loop((tiles,), collective_axes="sm")
+            def _tile(info: plgpu.NDLoopInfo):
+                tile(refs, info.index[0])
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    return body
+
+
+def _compute_tile(config: Config, k_steps: int, refs: _Refs, lhs_rows, cols, row0, group,
+                  store: Callable[[Any], None], out_dtype, interpret: bool) -> None:
+    """One work tile's product: the memory warpgroup streams the CTA's ``lhs_rows`` and group ``group``'s ``cols``
+    of rhs through the K pipeline; each compute warpgroup accumulates its half in int32 while its row scales (rows
+    ``row0`` ..) arrive, then hands ``store`` its dequantized half."""
+    wg = refs.wg
+
+    def compute_context(run_pipeline):
+        # this warpgroup's row scales arrive while the products run
+        plgpu.copy_gmem_to_smem(refs.lhs_scale.at[pl.ds(row0, config.tile_m)], refs.scale_smem.at[wg],
+                                refs.scale_barrier.at[wg])
+
+        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((config.tile_m, config.tile_n), jnp.int32))
+        def _acc_scope(acc_ref):
+            run_pipeline(acc_ref)
+            acc = acc_ref[...]
+            plgpu.barrier_wait(refs.scale_barrier.at[wg])
+            store(_scaled(acc, refs.scale_smem, wg, refs.rhs_scale[group], out_dtype, interpret))
+
+    rhs_block = refs.rhs.at[group, :, cols] if interpret else refs.rhs.at[group, cols, :]
+    _pipeline(config, k_steps, _mma_step(config, wg, interpret), compute_context, interpret)(
+        refs.lhs.at[lhs_rows, :], rhs_block, allocations=refs.pipeline)
+
+
 # -- padded layout --------------------------------------------------------------------------------------------
 
 
@@ -314,76 +392,49 @@ def _aligned_kernel(lhs, rhs, lhs_scale, rhs_scale, tile_group, *, config: Confi
     epi_rows, epi_cols = config.tile_m // config.epi_m, config.tile_n // config.epi_n
     slots = config.epilogue_slots()
 
-    def body(tile_group_gmem, lhs_gmem, rhs_gmem, lscale_gmem, rscale_gmem, out_gmem):
-        def ignore(*_, **__):
-            return None
+    def tile(refs: _Refs, index) -> None:
+        wg = refs.wg
+        mi = lax.div(index, jnp.int32(n_tiles))
+        ni = index - mi * n_tiles
+        group = refs.table[mi]
+        cta_rows = pl.ds(mi * config.cta_m, config.cta_m)
+        cta_cols = pl.ds(ni * config.cta_n, config.cta_n)
+        row0 = mi * config.cta_m + wg * config.tile_m
 
-        @functools.partial(
-            pl.run_scoped,
-            pipeline_allocs=_pipeline(config, k_steps, ignore, ignore, interpret).get_allocations(
-                lhs_gmem, rhs_gmem.at[0]),
-            out_smem=plgpu.SMEM((2, slots, config.epi_m, config.epi_n), out_dtype,
-                                transforms=_swizzled(config.epi_n, out_dtype)),
-            scale_smem=plgpu.SMEM((2, config.tile_m), jnp.float32),
-            scale_barrier=plgpu.Barrier(num_arrivals=1, num_barriers=2),
-            collective_axes="wg",
-        )
-        def _scope(pipeline_allocs, out_smem, scale_smem, scale_barrier):
-            wg = lax.axis_index("wg")  # 0, 1: compute; 2: memory
+        def out_piece(i: int, j: int):
+            """This warpgroup's output piece (i, j) in GMEM."""
+            return refs.out.at[pl.ds(row0 + i * config.epi_m, config.epi_m),
+                               pl.ds(ni * config.cta_n + j * config.epi_n, config.epi_n)]
 
-            @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
-            def _tile(info: plgpu.NDLoopInfo):
-                mi = lax.div(info.index[0], jnp.int32(n_tiles))
-                ni = info.index[0] - mi * n_tiles
-                group = tile_group_gmem[mi]
-                cta_rows = pl.ds(mi * config.cta_m, config.cta_m)
-                cta_cols = pl.ds(ni * config.cta_n, config.cta_n)
-                row0 = mi * config.cta_m + wg * config.tile_m
-
-                def out_piece(i: int, j: int):
-                    """This warpgroup's output piece (i, j) in GMEM."""
-                    return out_gmem.at[pl.ds(row0 + i * config.epi_m, config.epi_m),
-                                       pl.ds(ni * config.cta_n + j * config.epi_n, config.epi_n)]
-
-                @pl.when(group >= 0)
-                def _compute():
-                    def compute_context(run_pipeline):
-                        # this warpgroup's row scales arrive while the products run
-                        plgpu.copy_gmem_to_smem(lscale_gmem.at[pl.ds(row0, config.tile_m)], scale_smem.at[wg],
-                                                scale_barrier.at[wg])
-
-                        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((config.tile_m, config.tile_n), jnp.int32))
-                        def _acc_scope(acc_ref):
-                            run_pipeline(acc_ref)
-                            acc = acc_ref[...]
-                            plgpu.barrier_wait(scale_barrier.at[wg])
-                            out = _scaled(acc, scale_smem, wg, rscale_gmem[group], out_dtype, interpret)
-                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                            for i in range(epi_rows):
-                                for j in range(epi_cols):
-                                    slot = (i * epi_cols + j) % slots
-                                    plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)  # slot's last store
-                                    out_smem[wg, slot] = out[i * config.epi_m:(i + 1) * config.epi_m,
-                                                             j * config.epi_n:(j + 1) * config.epi_n]
-                                    plgpu.commit_smem()
-                                    plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], out_piece(i, j))
-
-                    rhs_block = rhs_gmem.at[group, :, cta_cols] if interpret else rhs_gmem.at[group, cta_cols, :]
-                    _pipeline(config, k_steps, _mma_step(config, wg, interpret), compute_context, interpret)(
-                        lhs_gmem.at[cta_rows, :], rhs_block, allocations=pipeline_allocs)
-
-                @pl.when((group < 0) & (wg < 2))
-                def _store_zeros():
-                    # one zeroed piece, TMA-stored over every piece of this warpgroup's half of the tile
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    out_smem[wg, 0] = _zeros((config.epi_m, config.epi_n), out_dtype, interpret)
+        def store(out) -> None:
+            """The half tile in epilogue pieces through two swizzled SMEM slots, each TMA-stored."""
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            for i in range(epi_rows):
+                for j in range(epi_cols):
+                    slot = (i * epi_cols + j) % slots
+                    plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)  # slot's last store
+                    refs.out_smem[wg, slot] = out[i * config.epi_m:(i + 1) * config.epi_m,
+                                                  j * config.epi_n:(j + 1) * config.epi_n]
                     plgpu.commit_smem()
-                    for i in range(epi_rows):
-                        for j in range(epi_cols):
-                            plgpu.copy_smem_to_gmem(out_smem.at[wg, 0], out_piece(i, j))
+                    plgpu.copy_smem_to_gmem(refs.out_smem.at[wg, slot], out_piece(i, j))
 
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        @pl.when(group >= 0)
+        def _compute():
+            _compute_tile(config, k_steps, refs, cta_rows, cta_cols, row0, group, store, out_dtype, interpret)
 
+        @pl.when((group < 0) & (wg < 2))
+        def _store_zeros():
+            # one zeroed piece, TMA-stored over every piece of this warpgroup's half of the tile
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            refs.out_smem[wg, 0] = _zeros((config.epi_m, config.epi_n), out_dtype, interpret)
+            plgpu.commit_smem()
+            for i in range(epi_rows):
+                for j in range(epi_cols):
+                    plgpu.copy_smem_to_gmem(refs.out_smem.at[wg, 0], out_piece(i, j))
+
+    out_smem = plgpu.SMEM((2, slots, config.epi_m, config.epi_n), out_dtype,
+                          transforms=_swizzled(config.epi_n, out_dtype))
+    body = _persistent_body(config, k_steps, out_smem, m_tiles * n_tiles, tile, interpret)
     return _launch(body, (tile_group, lhs, rhs, lhs_scale, rhs_scale), (m, n), out_dtype, m_tiles * n_tiles,
                    interpret)
 
@@ -398,79 +449,53 @@ def _ragged_kernel(lhs, rhs, lhs_scale, rhs_scale, table, *, config: Config, out
     n = rhs.shape[2] if interpret else rhs.shape[1]
     work, n_tiles, k_steps = table.shape[0], n // config.cta_n, k // config.tile_k
 
-    def body(table_gmem, lhs_gmem, rhs_gmem, lscale_gmem, rscale_gmem, out_gmem):
-        def ignore(*_, **__):
-            return None
+    def tile(refs: _Refs, index) -> None:
+        wg = refs.wg
+        wi = lax.div(index, jnp.int32(n_tiles))
+        ni = index - wi * n_tiles
+        # the block's first row, clamped as in `ragged_tiles` (computed here: the lowering's layout inference failed
+        # on a kernel that read the clamped row from the table, jax 0.10.2)
+        part, base = refs.table[wi, 0], jnp.minimum(refs.table[wi, 1] * config.cta_m, m - config.cta_m)
+        first, count = refs.table[wi, 2], refs.table[wi, 3]
+        cta_cols = pl.ds(ni * config.cta_n, config.cta_n)
+        wg_first = wg * config.tile_m  # this warpgroup's first row in the CTA block
+        lo = jnp.clip(first - wg_first, 0, config.tile_m)  # its rows of the part: [lo, hi)
+        hi = jnp.clip(first + count - wg_first, 0, config.tile_m)
+        row0 = base + wg_first
+        stage = refs.out_smem.at[wg]
 
-        @functools.partial(
-            pl.run_scoped,
-            pipeline_allocs=_pipeline(config, k_steps, ignore, ignore, interpret).get_allocations(
-                lhs_gmem, rhs_gmem.at[0]),
-            out_smem=plgpu.SMEM((2, config.tile_m, config.tile_n), out_dtype),
-            scale_smem=plgpu.SMEM((2, config.tile_m), jnp.float32),
-            scale_barrier=plgpu.Barrier(num_arrivals=1, num_barriers=2),
-            collective_axes="wg",
-        )
-        def _scope(pipeline_allocs, out_smem, scale_smem, scale_barrier):
-            wg = lax.axis_index("wg")  # 0, 1: compute; 2: memory
+        def store_rows() -> None:
+            """TMA-store rows [lo, hi) of the staged tile: one store of each power of two in hi - lo."""
+            rows, offset, piece = hi - lo, lo, 1 << (config.tile_m.bit_length() - 1)
+            while piece >= 1:
+                @pl.when(rows & piece != 0)
+                def _(piece=piece, offset=offset):
+                    plgpu.copy_smem_to_gmem(stage.at[pl.ds(offset, piece)],
+                                            refs.out.at[pl.ds(row0 + offset, piece), cta_cols])
 
-            @plgpu.nd_loop((work * n_tiles,), collective_axes="sm")
-            def _tile(info: plgpu.NDLoopInfo):
-                wi = lax.div(info.index[0], jnp.int32(n_tiles))
-                ni = info.index[0] - wi * n_tiles
-                # the block's first row, clamped as in `ragged_tiles` (computed here: the lowering's layout
-                # inference failed on a kernel that read the clamped row from the table, jax 0.10.2)
-                part, base = table_gmem[wi, 0], jnp.minimum(table_gmem[wi, 1] * config.cta_m, m - config.cta_m)
-                first, count = table_gmem[wi, 2], table_gmem[wi, 3]
-                cta_cols = pl.ds(ni * config.cta_n, config.cta_n)
-                wg_first = wg * config.tile_m  # this warpgroup's first row in the CTA block
-                lo = jnp.clip(first - wg_first, 0, config.tile_m)  # its rows of the part: [lo, hi)
-                hi = jnp.clip(first + count - wg_first, 0, config.tile_m)
-                row0 = base + wg_first
-                stage = out_smem.at[wg]
+                offset = offset + (rows & piece)
+                piece //= 2
 
-                def store_rows():
-                    """TMA-store rows [lo, hi) of the staged tile: one store of each power of two in hi - lo."""
-                    rows, offset, piece = hi - lo, lo, 1 << (config.tile_m.bit_length() - 1)
-                    while piece >= 1:
-                        @pl.when(rows & piece != 0)
-                        def _(piece=piece, offset=offset):
-                            plgpu.copy_smem_to_gmem(stage.at[pl.ds(offset, piece)],
-                                                    out_gmem.at[pl.ds(row0 + offset, piece), cta_cols])
+        def store(out) -> None:
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the stores of the last tile
+            stage[...] = out
+            plgpu.commit_smem()
+            store_rows()
 
-                        offset = offset + (rows & piece)
-                        piece //= 2
+        @pl.when((part >= 0) & (part < groups))
+        def _compute():
+            _compute_tile(config, k_steps, refs, pl.ds(base, config.cta_m), cta_cols, row0, part, store, out_dtype,
+                          interpret)
 
-                @pl.when((part >= 0) & (part < groups))
-                def _compute():
-                    def compute_context(run_pipeline):
-                        plgpu.copy_gmem_to_smem(lscale_gmem.at[pl.ds(row0, config.tile_m)], scale_smem.at[wg],
-                                                scale_barrier.at[wg])
+        @pl.when((part == groups) & (wg < 2))
+        def _store_zeros():  # the tail: rows of no group
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            stage[...] = _zeros((config.tile_m, config.tile_n), out_dtype, interpret)
+            plgpu.commit_smem()
+            store_rows()
 
-                        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((config.tile_m, config.tile_n), jnp.int32))
-                        def _acc_scope(acc_ref):
-                            run_pipeline(acc_ref)
-                            acc = acc_ref[...]
-                            plgpu.barrier_wait(scale_barrier.at[wg])
-                            out = _scaled(acc, scale_smem, wg, rscale_gmem[part], out_dtype, interpret)
-                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the stores of the last tile
-                            stage[...] = out
-                            plgpu.commit_smem()
-                            store_rows()
-
-                    rhs_block = rhs_gmem.at[part, :, cta_cols] if interpret else rhs_gmem.at[part, cta_cols, :]
-                    _pipeline(config, k_steps, _mma_step(config, wg, interpret), compute_context, interpret)(
-                        lhs_gmem.at[pl.ds(base, config.cta_m), :], rhs_block, allocations=pipeline_allocs)
-
-                @pl.when((part == groups) & (wg < 2))
-                def _store_zeros():  # the tail: rows of no group
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    stage[...] = _zeros((config.tile_m, config.tile_n), out_dtype, interpret)
-                    plgpu.commit_smem()
-                    store_rows()
-
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
+    body = _persistent_body(config, k_steps, plgpu.SMEM((2, config.tile_m, config.tile_n), out_dtype), work * n_tiles,
+                            tile, interpret)
     return _launch(body, (table, lhs, rhs, lhs_scale, rhs_scale), (m, n), out_dtype, work * n_tiles, interpret)
 
 
