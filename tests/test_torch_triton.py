@@ -237,12 +237,45 @@ def test_the_gluon_kernel_is_offered_from_triton_3_6(kernels):
 
 
 def test_the_int8_kernel_choice_is_checked(kernels, monkeypatch):
-    """$QMOE_TRITON_INT8_GEMM takes ``auto`` or ``triton``; anything else is refused, naming both."""
+    """$QMOE_TRITON_INT8_GEMM takes ``auto``, ``triton`` or ``gather``; anything else is refused, naming them."""
     monkeypatch.setenv(kernels[1].INT8_KERNEL_ENV, "cublas")
-    with pytest.raises(ValueError, match="auto, triton"):
+    with pytest.raises(ValueError, match="auto, triton, gather"):
         kernels[1].int8_kernel()
     monkeypatch.setenv(kernels[1].INT8_KERNEL_ENV, "triton")
     assert kernels[1].int8_kernel() == "triton"
+
+
+@pytest.mark.parametrize("choice, gathered_to_gluon", [("auto", False), ("gather", True), ("triton", False)])
+def test_only_the_gather_choice_copies_gathered_rows_for_the_gluon_kernel(kernels, monkeypatch, choice,
+                                                                          gathered_to_gluon):
+    """Where the Gluon kernel can run (a stand-in here: the CPU cannot run it), a product of gathered rows goes to it
+    only under ``gather``, with the rows and their scales copied in gather order; ``auto`` and ``triton`` leave it to
+    the Triton kernel, which gathers as it loads. Either way the product is the same."""
+    import torch
+
+    grouped = kernels[1]
+    sizes = [3, 0, 5]
+    a_codes, a_scale, a_rows, b_codes, b_scale, starts = _grouped_case(sizes, k_dim=32, n_cols=16)
+    seen = []
+
+    def stand_in(a, a_scale_, b, b_scale_, group_starts, c):
+        seen.append((a.clone(), a_scale_.clone()))
+        for e in range(b.shape[0]):
+            rows = slice(int(group_starts[e]), int(group_starts[e + 1]))
+            acc = (a[rows].long() @ b[e].long()).float()
+            c[rows] = (acc * a_scale_[rows, None] * b_scale_[e]).to(c.dtype)
+
+    monkeypatch.setattr(grouped, "INTERPRETED", False)  # kernels launched still run interpreted (TRITON_INTERPRET)
+    monkeypatch.setattr(grouped.gluon_gemm, "ineligible", lambda *_: None)
+    monkeypatch.setattr(grouped.gluon_gemm, "grouped_int8_gemm", stand_in)
+    monkeypatch.setenv(grouped.INT8_KERNEL_ENV, choice)
+    out = grouped.grouped_gemm(a_codes, b_codes, starts, out_dtype=torch.float32, a_scale=a_scale, b_scale=b_scale,
+                               a_rows=a_rows)
+    assert bool(seen) == gathered_to_gluon
+    if seen:
+        assert torch.equal(seen[0][0], a_codes[a_rows]) and torch.equal(seen[0][1], a_scale[a_rows])
+    want = _expected(a_codes, a_scale, a_rows, b_codes, b_scale, sizes)
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-6)
 
 
 def test_the_gluon_int8_gemm_says_why_it_cannot_run(kernels):

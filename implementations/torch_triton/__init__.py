@@ -170,8 +170,11 @@ class TorchTritonBackend(Backend):
 
         mode = "interpreter" if grouped_gemm.INTERPRETED else "compiled"
         # which int8 GEMM ran, for the A/B of $QMOE_TRITON_INT8_GEMM (`grouped_gemm.int8_kernel`)
-        int8 = ("Gluon warp-specialized where sm_90 and rows not gathered, else Triton"
-                if grouped_gemm.int8_kernel() == "auto" and not grouped_gemm.INTERPRETED else "Triton")
+        int8 = {"auto": "Gluon warp-specialized where sm_90 and rows not gathered, else Triton",
+                "gather": "Gluon warp-specialized where sm_90 (gathered rows copied first), else Triton",
+                "triton": "Triton"}[grouped_gemm.int8_kernel()]
+        if grouped_gemm.INTERPRETED:
+            int8 = "Triton"
         return {"torch": _torch().__version__, "triton": f"{triton.__version__} ({mode})", "triton_int8_gemm": int8}
 
     def device_count(self) -> int | None:

@@ -299,14 +299,18 @@ def _descriptor(t: torch.Tensor, shape: list[int], strides: list[int], block_ran
     return TensorDescriptor(t, shape, strides, [1] * block_rank)
 
 
-#: Environment choice of the int8 products' kernel (`int8_kernel`): ``auto`` (the default) or ``triton``.
+#: Environment choice of the int8 products' kernel (`int8_kernel`): ``auto`` (the default), ``triton`` or ``gather``.
 INT8_KERNEL_ENV = "QMOE_TRITON_INT8_GEMM"
-INT8_KERNELS: tuple[str, ...] = ("auto", "triton")
+INT8_KERNELS: tuple[str, ...] = ("auto", "triton", "gather")
 
 
 def int8_kernel() -> str:
     """$QMOE_TRITON_INT8_GEMM, read at each call: ``auto`` runs `gluon_gemm`'s kernel for every int8 product it can
-    run (`gluon_gemm.ineligible`), ``triton`` this module's kernel for all (the A/B measurement of the two)."""
+    run (`gluon_gemm.ineligible`), ``triton`` this module's kernel for all (the A/B measurement of the two), and
+    ``gather`` is ``auto`` with a product of gathered rows (the forward up projection) run by the Gluon kernel too,
+    on a gathered copy of its rows (Hopper's TMA cannot gather; the copy writes R x K int8). An option to measure:
+    on the H200 (2026-12-02, logbook top-8 step) the Gluon kernel ran the down projection at ~1380 int8 TOP/s and
+    the Triton kernel the gathered up projection at ~1070, so the copy (0.5 GB) may or may not pay."""
     choice = os.environ.get(INT8_KERNEL_ENV) or "auto"
     if choice not in INT8_KERNELS:
         raise ValueError(f"${INT8_KERNEL_ENV}={choice!r} is not one of {', '.join(INT8_KERNELS)}")
@@ -348,8 +352,11 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_starts: torch.Tensor, *
     # counted whichever kernel runs it (the Gluon one adds its own name)
     record_launch("grouped_gemm_int8" if int8 else "grouped_gemm_float")
     kernel_choice = int8_kernel() if int8 else "triton"
-    if (kernel_choice == "auto" and a_rows is None and persistent is None and not INTERPRETED
-            and gluon_gemm.ineligible(a, b, out_dtype) is None):
+    gluon = kernel_choice != "triton" and (a_rows is None or kernel_choice == "gather")
+    if gluon and persistent is None and not INTERPRETED and gluon_gemm.ineligible(a, b, out_dtype) is None:
+        if a_rows is not None:
+            record_launch("grouped_gemm_rows_copied")
+            a, a_scale = a.index_select(0, a_rows), a_scale.index_select(0, a_rows)
         gluon_gemm.grouped_int8_gemm(a, a_scale, b, b_scale, group_starts, c)
         return c
     a_desc = b_desc = None
