@@ -130,9 +130,9 @@ def select_int8_gemm(platform: str, formulation: str, override: str | None = Non
     top-8 up projection alone, 2026-12-01: 3.15-3.20 ms with its scales against 3.78 ms for XLA's int8 dot without
     them; in the layer, logbook int8_routed_prequant forward+backward beside ``xla`` in one run: 27.54 against 30.28 ms
     at top-8, 9.03 against 9.30 ms at top-2 under the ``pallas`` formulation; a run before, 28.13 against 30.66 ms at
-    top-8; results/h200/issue15_2026-12-02). A product whose shape
-    its tiles cannot take (K not a multiple of 32, N of 16, narrow ragged outputs: small layers;
-    `pallas_mosaic.mosaic_unsupported_reason`) runs the ``pallas`` kernel instead.
+    top-8; results/h200/issue15_2026-12-02). A product whose shape its tiles cannot take (K not a multiple of 32, N
+    of 16, narrow ragged outputs: small layers; `pallas_mosaic.mosaic_unsupported_reason`) runs the ``pallas`` kernel
+    instead.
 
     ``override``, else $QMOE_JAX_INT8_GEMM, else ``mosaic`` where `mosaic_default` (``device``: the layer's one
     device; None for expert-parallel layers, whose dispatch layouts it has not run), else ``xla``. The ``pallas``
