@@ -407,9 +407,10 @@ class JaxPrequantBackend(Backend):
         skewed = prepared.skewed_formulation
         rows, routed = capacity * plan.experts, tokens * plan.spec.top_k
         if skewed and rows > PADDING_LIMIT * routed and rows - routed >= PADDING_MIN_ROWS:
-            # the pallas formulation's int8 products run its own kernel, or mosaic's where that was asked for
-            int8_gemm = "mosaic" if plan.int8_gemm == "mosaic" else "pallas"
-            return _noted(replace(plan, formulation=skewed, expert_capacity=0, int8_gemm=int8_gemm))
+            from .env import formulation_int8_gemm
+
+            return _noted(replace(plan, formulation=skewed, expert_capacity=0,
+                                  int8_gemm=formulation_int8_gemm(skewed, plan.int8_gemm)))
         return _noted(replace(plan, expert_capacity=capacity, dispatch_capacity=dispatch))
 
     def _run_sized(self, prepared: JaxPrepared, x_dev, run: Callable[[Any], tuple]) -> tuple:

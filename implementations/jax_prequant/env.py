@@ -106,8 +106,8 @@ def mosaic_default(device) -> bool:
     if not str(getattr(device, "compute_capability", "")).startswith("9."):
         return False
     try:
-        from jax.experimental.pallas import mosaic_gpu  # noqa: F401
-    except ImportError:
+        check_mosaic(device.platform)
+    except (ValueError, RuntimeError):
         return False
     return True
 
@@ -140,9 +140,14 @@ def select_int8_gemm(platform: str, formulation: str, override: str | None = Non
     full capacity (the padding rows are zero), and the float GEMMs and weight gradients stay XLA's batched ones.
     """
     choice = override or os.environ.get(INT8_GEMM_ENV) or ("mosaic" if mosaic_default(device) else "xla")
-    if formulation == "pallas" and choice != "mosaic":
-        return "pallas"
-    return _chosen("int8 GEMM", choice, INT8_GEMMS, platform)
+    runs = formulation_int8_gemm(formulation, choice)
+    return runs if runs != choice else _chosen("int8 GEMM", choice, INT8_GEMMS, platform)
+
+
+def formulation_int8_gemm(formulation: str, int8_gemm: str) -> str:
+    """The int8 GEMM a plan of ``formulation`` runs when ``int8_gemm`` is chosen: the ``pallas`` formulation runs its
+    own grouped kernel unless the choice is ``mosaic``, which takes its ragged rows too; the others run the choice."""
+    return "pallas" if formulation == "pallas" and int8_gemm != "mosaic" else int8_gemm
 
 
 #: Environment override of the routed SwiGLU's kernels: ``xla`` or ``pallas`` (`select_swiglu`).

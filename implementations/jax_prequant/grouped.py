@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.lax import RaggedDotDimensionNumbers, ragged_dot_general
 
-from .env import precision_for
+from .env import formulation_int8_gemm, precision_for
 from .quant import dequantize, quantize_rows
 
 # `pallas_grouped` (Pallas, Triton) is imported where the ``pallas`` formulation runs, not here.
@@ -117,7 +117,7 @@ def place_rows(row_group: jax.Array, valid: jax.Array, groups: int, kind: str, c
     ``int8_gemm``: the int8 products' kernel (for the ``pallas`` kind ``pallas`` unless ``mosaic`` is asked for).
     ``interpret``: whether Pallas kernels run interpreted (CPU) or through Triton (GPU).
     """
-    int8_gemm = "pallas" if kind == "pallas" and int8_gemm != "mosaic" else int8_gemm
+    int8_gemm = formulation_int8_gemm(kind, int8_gemm)
     rows = row_group.shape[0]
     key = jnp.where(valid, row_group, groups).astype(jnp.int32)
     order = jnp.argsort(key, stable=True).astype(jnp.int32)
