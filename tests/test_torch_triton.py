@@ -170,8 +170,10 @@ def test_grouped_int8_gemm_through_tensor_descriptors(triton_backend, kernels, s
         a_scale=a_scale.to(device), b_scale=b_scale.to(device), a_rows=None if a_rows is None else a_rows.to(device))
     out = []
     launches = _launches(kernels, lambda: out.append(run()))
-    gluon = device != "cpu" and not gather and kernels[1].gluon_gemm.ineligible(
-        a_codes.to(device), b_codes.to(device), torch.float32) is None
+    # the Gluon kernel runs the gathered rows too, on a copy of them, unless $QMOE_TRITON_INT8_GEMM says otherwise
+    choice = kernels[1].int8_kernel()
+    gluon = device != "cpu" and (choice == "auto" or (choice == "fused_gather" and not gather)) and kernels[
+        1].gluon_gemm.ineligible(a_codes.to(device), b_codes.to(device), torch.float32) is None
     if gluon:
         assert launches.get("grouped_gemm_int8_gluon") == 1, launches  # Hopper: the TMA kernel of `gluon_gemm`
     elif device == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
@@ -237,25 +239,27 @@ def test_the_gluon_kernel_is_offered_from_triton_3_6(kernels):
 
 
 def test_the_int8_kernel_choice_is_checked(kernels, monkeypatch):
-    """$QMOE_TRITON_INT8_GEMM takes ``auto``, ``triton`` or ``gather``; anything else is refused, naming them."""
+    """$QMOE_TRITON_INT8_GEMM takes ``auto``, ``triton`` or ``fused_gather``; anything else is refused, naming them."""
     monkeypatch.setenv(kernels[1].INT8_KERNEL_ENV, "cublas")
-    with pytest.raises(ValueError, match="auto, triton, gather"):
+    with pytest.raises(ValueError, match="auto, triton, fused_gather"):
         kernels[1].int8_kernel()
     monkeypatch.setenv(kernels[1].INT8_KERNEL_ENV, "triton")
     assert kernels[1].int8_kernel() == "triton"
 
 
-@pytest.mark.parametrize("choice, gathered_to_gluon", [("auto", False), ("gather", True), ("triton", False)])
-def test_only_the_gather_choice_copies_gathered_rows_for_the_gluon_kernel(kernels, monkeypatch, choice,
-                                                                          gathered_to_gluon):
-    """Where the Gluon kernel can run (a stand-in here: the CPU cannot run it), a product of gathered rows goes to it
-    only under ``gather``, with the rows and their scales copied in gather order; ``auto`` and ``triton`` leave it to
-    the Triton kernel, which gathers as it loads. Either way the product is the same."""
+@pytest.mark.parametrize("choice, gathered_to_gluon", [("auto", True), ("fused_gather", False), ("triton", False)])
+def test_the_default_copies_gathered_rows_for_the_gluon_kernel(triton_backend, kernels, monkeypatch, choice,
+                                                                gathered_to_gluon):
+    """Where the Gluon kernel can run (a stand-in here, on any device), a product of gathered rows goes to it under
+    ``auto`` (the default), with the rows and their scales copied in gather order; ``fused_gather`` and ``triton``
+    leave it to the Triton kernel, which gathers as it loads. Either way the product is the same."""
     import torch
 
     grouped = kernels[1]
     sizes = [3, 0, 5]
-    a_codes, a_scale, a_rows, b_codes, b_scale, starts = _grouped_case(sizes, k_dim=32, n_cols=16)
+    device = triton_backend.device
+    a_codes, a_scale, a_rows, b_codes, b_scale, starts = (t.to(device) for t in _grouped_case(
+        sizes, k_dim=32, n_cols=16))
     seen = []
 
     def stand_in(a, a_scale_, b, b_scale_, group_starts, c):
@@ -274,8 +278,8 @@ def test_only_the_gather_choice_copies_gathered_rows_for_the_gluon_kernel(kernel
     assert bool(seen) == gathered_to_gluon
     if seen:
         assert torch.equal(seen[0][0], a_codes[a_rows]) and torch.equal(seen[0][1], a_scale[a_rows])
-    want = _expected(a_codes, a_scale, a_rows, b_codes, b_scale, sizes)
-    np.testing.assert_allclose(out.numpy(), want, rtol=1e-6)
+    want = _expected(*(t.cpu() for t in (a_codes, a_scale, a_rows, b_codes, b_scale)), sizes)
+    np.testing.assert_allclose(out.cpu().numpy(), want, rtol=1e-6)
 
 
 def test_the_gluon_int8_gemm_says_why_it_cannot_run(kernels):
@@ -871,16 +875,19 @@ def test_quantized_twice_on_load_is_caught(triton_backend):
 
 
 @pytest.mark.parametrize("drops", [False, True])
-def test_dispatch_plan_sorts_by_expert_stably(triton_backend, drops):
+@pytest.mark.parametrize("experts, tokens", [(6, 40), (64, 700)], ids=["6x40", "64x700"])
+def test_dispatch_plan_sorts_by_expert_stably(triton_backend, drops, experts, tokens):
     """`plan_dispatch` against NumPy: token order within an expert, empty experts (first, middle, last) as
-    empty ranges, capacity-dropped assignments after the last group, and the inverse permutation."""
+    empty ranges, capacity-dropped assignments after the last group, the inverse permutation and which rows
+    are kept; 700 tokens x 2 spread the sorted rows over two programs of the index kernel."""
     import torch
 
     from qmoe.implementations.torch_triton import layer
 
     rng = np.random.default_rng(7)
-    experts, tokens, top_k = 6, 40, 2
-    ids = np.stack([rng.choice([1, 2, 4], size=2, replace=False) for _ in range(tokens)])  # 0, 3, 5 empty
+    top_k = 2
+    used = [e for e in range(1, experts - 1) if e != experts // 2]  # 0, the middle one and the last stay empty
+    ids = np.stack([rng.choice(used, size=top_k, replace=False) for _ in range(tokens)])
     kept = rng.random((tokens, top_k)) > 0.3 if drops else None
     device = triton_backend.device
     plan = layer.plan_dispatch(torch.tensor(ids, device=device),
@@ -892,7 +899,10 @@ def test_dispatch_plan_sorts_by_expert_stably(triton_backend, drops):
     assert plan.group_starts.cpu().tolist() == starts.tolist() and plan.group_starts.dtype == torch.int32
     assert plan.inverse.cpu().tolist() == np.argsort(order).tolist()
     assert plan.row_token.cpu().tolist() == (order // top_k).tolist()
-    assert (plan.row_valid is None) == (not drops)
+    if drops:
+        assert plan.row_valid is not None and plan.row_valid.cpu().tolist() == (key[order] < experts).tolist()
+    else:
+        assert plan.row_valid is None
 
 
 def _unwritten_rows_op(monkeypatch, layer):

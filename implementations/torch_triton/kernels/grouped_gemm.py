@@ -27,9 +27,9 @@ wgmma left in flight (``warpgroup_mma(is_async=True)``, one outstanding) ran at 
 ~1110 (2026-12-01, results/h200/NEXT_RUN.md), where cuBLAS reaches ~1450 on such shapes. Warp specialization
 does help: `gluon_gemm` (a loading warp feeding two consumer warpgroups). Kept for the autotuner and for later Triton.
 
-On Hopper (sm_90) the int8 products whose operands the TMA reads whole (rows not gathered, b's codes stored
-[E, N, K]) go to `gluon_gemm`'s warp-specialized kernel instead (1150-1260 against this kernel's 1040-1090 TOP/s
-alone at the logbook's top-8 shapes), unless $QMOE_TRITON_INT8_GEMM is ``triton`` (`int8_kernel`).
+On Hopper (sm_90) the int8 products whose b the TMA reads whole (codes stored [E, N, K]) go to `gluon_gemm`'s
+warp-specialized kernel instead (1150-1260 against this kernel's 1040-1090 TOP/s alone at the logbook's top-8
+shapes), gathered rows copied first, unless $QMOE_TRITON_INT8_GEMM says otherwise (`int8_kernel`).
 
 The same kernel with ``INT8=False`` is a float grouped GEMM (float32 accumulation, no TF32), used
 where a float path must not depend on ``torch._grouped_mm``.
@@ -299,18 +299,19 @@ def _descriptor(t: torch.Tensor, shape: list[int], strides: list[int], block_ran
     return TensorDescriptor(t, shape, strides, [1] * block_rank)
 
 
-#: Environment choice of the int8 products' kernel (`int8_kernel`): ``auto`` (the default), ``triton`` or ``gather``.
+#: Environment choice of the int8 products' kernel (`int8_kernel`): ``auto`` (the default), ``triton`` or
+#: ``fused_gather``.
 INT8_KERNEL_ENV = "QMOE_TRITON_INT8_GEMM"
-INT8_KERNELS: tuple[str, ...] = ("auto", "triton", "gather")
+INT8_KERNELS: tuple[str, ...] = ("auto", "triton", "fused_gather")
 
 
 def int8_kernel() -> str:
     """$QMOE_TRITON_INT8_GEMM, read at each call: ``auto`` runs `gluon_gemm`'s kernel for every int8 product it can
-    run (`gluon_gemm.ineligible`), ``triton`` this module's kernel for all (the A/B measurement of the two), and
-    ``gather`` is ``auto`` with a product of gathered rows (the forward up projection) run by the Gluon kernel too,
-    on a gathered copy of its rows (Hopper's TMA cannot gather; the copy writes R x K int8). An option to measure:
-    on the H200 (2026-12-02, logbook top-8 step) the Gluon kernel ran the down projection at ~1380 int8 TOP/s and
-    the Triton kernel the gathered up projection at ~1070, so the copy (0.5 GB) may or may not pay."""
+    run (`gluon_gemm.ineligible`), a product of gathered rows (the forward up projection) on a gathered copy of its
+    rows (Hopper's TMA cannot gather; the copy writes R x K int8); ``fused_gather`` leaves that product to this
+    module's kernel, which gathers the rows as it loads them; ``triton`` runs this module's kernel for all (the A/B
+    of the kernels). On the H200 (2026-12-02, logbook top-8, int8_routed_prequant) the copy paid: forward+backward
+    26.49 ms against 27.57 with the gather fused into the Triton kernel's loads, forward 7.32 against 7.70."""
     choice = os.environ.get(INT8_KERNEL_ENV) or "auto"
     if choice not in INT8_KERNELS:
         raise ValueError(f"${INT8_KERNEL_ENV}={choice!r} is not one of {', '.join(INT8_KERNELS)}")
@@ -352,7 +353,7 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_starts: torch.Tensor, *
     # counted whichever kernel runs it (the Gluon one adds its own name)
     record_launch("grouped_gemm_int8" if int8 else "grouped_gemm_float")
     kernel_choice = int8_kernel() if int8 else "triton"
-    gluon = kernel_choice != "triton" and (a_rows is None or kernel_choice == "gather")
+    gluon = kernel_choice == "auto" or (kernel_choice == "fused_gather" and a_rows is None)
     if gluon and persistent is None and not INTERPRETED and gluon_gemm.ineligible(a, b, out_dtype) is None:
         if a_rows is not None:
             record_launch("grouped_gemm_rows_copied")
