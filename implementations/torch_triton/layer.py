@@ -40,6 +40,7 @@ from ..torch_eager import router_gate_weights, sigmoid_balance_probs
 from .common import FALLBACKS
 from .kernels import router as router_kernels
 from .kernels.combine import combine_gate_grads, combine_rows, combine_rows_backward, combine_rows_grad
+from .kernels.dispatch import plan_indices, sort_keys
 from .kernels.grouped_gemm import grouped_gemm
 from .kernels.quant import dequantize_experts, dequantize_rows, fake_quant_rows, quantize_per_expert, quantize_rows
 from .kernels.router import top_k_lower_index_first
@@ -308,14 +309,11 @@ def plan_dispatch(expert_ids: torch.Tensor, kept: torch.Tensor | None, experts: 
     kept_flat = None if kept is None else kept.reshape(-1)
     if kept_flat is not None:
         key = torch.where(kept_flat, key, experts)
-    sorted_key, order = torch.sort(key, stable=True)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
+    sorted_key, order = sort_keys(key, experts)
     # Group e begins at the first sorted key >= e (an empty group where the next begins); the last
     # group ends where the dropped assignments' key E begins. No counts, no host synchronization.
-    starts = torch.searchsorted(sorted_key, torch.arange(experts + 1, device=key.device), out_int32=True)
-    row_valid = None if kept_flat is None else kept_flat[order]
-    return DispatchPlan(tokens, top_k, experts, order, inverse, order // top_k, starts, row_valid, kept_flat)
+    inverse, row_token, starts, row_valid = plan_indices(sorted_key, order, experts, top_k, kept_flat is not None)
+    return DispatchPlan(tokens, top_k, experts, order, inverse, row_token, starts, row_valid, kept_flat)
 
 
 # -- float grouped matmuls (torch._grouped_mm) ------------------------------------------------------

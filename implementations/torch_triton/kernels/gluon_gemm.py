@@ -24,6 +24,8 @@ CPU test suite against the Triton installed there. It cannot run in Triton's int
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -197,11 +199,18 @@ def ineligible(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> str 
     return None
 
 
+@functools.cache
+def _shared_layouts() -> tuple:
+    """The swizzled shared-memory layouts of the A and B blocks, made once (they cost host time at every launch, and
+    the step's first GEMM waits on the host)."""
+    return (gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.int8),
+            gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.int8))
+
+
 def descriptors(a: torch.Tensor, b: torch.Tensor) -> tuple:
     """TMA descriptors of ``a`` [R, K] and of ``b`` [E, K, N]'s codes as the [E x N, K] matrix they are stored as."""
     experts, k_dim, n_cols = b.shape
-    a_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.int8)
-    b_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.int8)
+    a_layout, b_layout = _shared_layouts()
     b_rows = b.transpose(1, 2).reshape(experts * n_cols, k_dim)  # a view: `ineligible` checked the strides
     return (GluonDescriptor(a, list(a.shape), list(a.stride()), [BLOCK_M, BLOCK_K], a_layout),
             GluonDescriptor(b_rows, list(b_rows.shape), list(b_rows.stride()), [BLOCK_N, BLOCK_K], b_layout))
