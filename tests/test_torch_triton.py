@@ -7,8 +7,8 @@
   tile boundaries (31, 32, 33 rows against 32-row tiles), the fused gather, capacity-dropped rows.
 * The persistent grouped GEMM (few programs, each looping over work items) gives the one-tile kernel's
   output bit for bit on the same ragged groups, and runs (and is recorded) when asked for or tuned in.
-* The warp-specialized Gluon int8 GEMM of Hopper builds for sm_90a here (its PTX checked without a GPU) and, on
-  a Hopper GPU, gives the Triton kernel's output bit for bit.
+* The warp-specialized Gluon int8 GEMM of Hopper builds for sm_90a here, with either epilogue (its PTX checked
+  without a GPU) and, on a Hopper GPU, gives the Triton kernel's output bit for bit.
 * Each finding of the QAT review, planted as a bug in this backend, fails its check in
   suite/test_qat.py (the checks have teeth).
 """
@@ -196,9 +196,11 @@ def test_grouped_int8_gemm_every_group_empty(triton_backend, kernels):
 
 
 def test_the_gluon_int8_gemm_compiles_for_hopper(kernels):
-    """`gluon_gemm`'s kernel builds for sm_90a against this Triton (no GPU: `tests/hopper_compile`), and its PTX
-    holds what makes it that kernel: int8 wgmma, one product left in flight, a register split between the loading
-    warp and the consumers (warp specialization)."""
+    """`gluon_gemm`'s kernel builds for sm_90a against this Triton (no GPU: `tests/hopper_compile`), with either
+    epilogue, and its PTX holds what makes it that kernel: int8 wgmma, one product left in flight, a register split
+    between the loading warp and the consumers (warp specialization), within Hopper's shared memory; the TMA-store
+    epilogue's (bfloat16) adds bulk tensor stores from shared memory, a fence before them and a wait for them to
+    have read it, which the stores from registers have none of."""
     import json
     import subprocess
     import sys
@@ -210,9 +212,15 @@ def test_the_gluon_int8_gemm_compiles_for_hopper(kernels):
                          timeout=600, cwd=Path(__file__).resolve().parent.parent)
     assert run.returncode == 0, run.stderr[-3000:]
     facts = json.loads(run.stdout.strip().splitlines()[-1])
-    for dtype, fact in facts.items():
-        assert fact["int8_wgmma"] > 0 and fact["wait_one_in_flight"] > 0 and fact["setmaxnreg"] > 0, (dtype, fact)
-        assert fact["shared"] <= 227 * 1024, (dtype, fact)
+    assert set(facts) == {"torch.bfloat16", "torch.float32", "torch.bfloat16+tma_store"}, facts
+    for case, fact in facts.items():
+        assert fact["int8_wgmma"] > 0 and fact["wait_one_in_flight"] > 0 and fact["setmaxnreg"] > 0, (case, fact)
+        assert fact["shared"] <= 227 * 1024, (case, fact)
+        tma = case.endswith("+tma_store")
+        assert (fact["tma_store"] > 0 and fact["tma_store_wait"] > 0 and fact["fence_async_shared"] > 0) == tma, (
+            case, fact)
+    # the epilogue's tile: 128 x 256 bfloat16 on top of the stores' kernel
+    assert facts["torch.bfloat16+tma_store"]["shared"] >= facts["torch.bfloat16"]["shared"] + 128 * 256 * 2, facts
 
 
 def test_the_gluon_kernels_tile_table(triton_backend, kernels):
@@ -282,6 +290,24 @@ def test_the_default_copies_gathered_rows_for_the_gluon_kernel(triton_backend, k
     np.testing.assert_allclose(out.cpu().numpy(), want, rtol=1e-6)
 
 
+def test_the_gluon_epilogue_choice_is_checked(kernels, monkeypatch):
+    """$QMOE_GLUON_EPILOGUE takes ``store`` (the default) or ``tma``; anything else is refused, naming them. ``tma``
+    is an option: only a 16-bit c with 16-byte aligned rows takes it."""
+    import torch
+
+    gluon_gemm = kernels[1].gluon_gemm
+    monkeypatch.delenv(gluon_gemm.EPILOGUE_ENV, raising=False)
+    assert gluon_gemm.epilogue() == "store"
+    monkeypatch.setenv(gluon_gemm.EPILOGUE_ENV, "async")
+    with pytest.raises(ValueError, match="store, tma"):
+        gluon_gemm.epilogue()
+    monkeypatch.setenv(gluon_gemm.EPILOGUE_ENV, "tma")
+    assert gluon_gemm.epilogue() == "tma"
+    assert gluon_gemm.tma_storable(torch.empty(4, 64, dtype=torch.bfloat16))
+    assert not gluon_gemm.tma_storable(torch.empty(4, 64, dtype=torch.float32))
+    assert not gluon_gemm.tma_storable(torch.empty(4, 36, dtype=torch.float16))  # 72-byte rows
+
+
 def test_the_gluon_int8_gemm_says_why_it_cannot_run(kernels):
     """`gluon_gemm.ineligible` names the reason: a CPU tensor, or codes not stored [E, N, K]."""
     import torch
@@ -291,13 +317,16 @@ def test_the_gluon_int8_gemm_says_why_it_cannot_run(kernels):
     assert why and ("CUDA" in why or "Gluon" in why), why
 
 
+@pytest.mark.parametrize("epilogue", ["store", "tma"])
 @pytest.mark.parametrize("out_dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("shape", [pytest.param((256, 384), id="K256_N384"), pytest.param((48, 36), id="K48_N36")])
-def test_gluon_int8_gemm_equals_the_triton_kernel(triton_backend, kernels, monkeypatch, shape, out_dtype):
+def test_gluon_int8_gemm_equals_the_triton_kernel(triton_backend, kernels, monkeypatch, shape, out_dtype, epilogue):
     """On Hopper, `gluon_gemm`'s kernel gives `grouped_gemm`'s Triton kernel's output bit for bit (int32 sums are
     exact; the same epilogue): groups empty, of one row, one short of, at and one past a 128-row tile, several
     tiles; a K shorter than the kernel's K step and an N not a multiple of its 256 columns (zero-filled loads, masked
-    stores); rows after the last group dropped (zero with zero_uncovered)."""
+    stores); rows after the last group dropped (zero with zero_uncovered). With either epilogue: ``tma`` on bfloat16
+    rows of a multiple of 16 bytes (N 384) stores the full tiles through the TMA and the groups' last tiles from
+    registers (the next group's rows untouched); on the rest it falls back to the stores."""
     import torch
 
     if triton_backend.device == "cpu" or kernels[1].gluon_gemm.ineligible(
@@ -311,9 +340,12 @@ def test_gluon_int8_gemm_equals_the_triton_kernel(triton_backend, kernels, monke
     a_codes, a_scale = a_codes[a_rows].contiguous().cuda(), a_scale[a_rows].contiguous().cuda()
     args = (a_codes, b_codes.cuda(), starts.cuda())
     kwargs = dict(out_dtype=getattr(torch, out_dtype), a_scale=a_scale, b_scale=b_scale.cuda(), zero_uncovered=True)
+    monkeypatch.setenv(kernels[1].gluon_gemm.EPILOGUE_ENV, epilogue)
     gluon_out = []
     launches = _launches(kernels, lambda: gluon_out.append(kernels[1].grouped_gemm(*args, **kwargs)))
     assert launches.get("grouped_gemm_int8_gluon") == 1, launches
+    tma = epilogue == "tma" and out_dtype == "bfloat16" and n_cols * 2 % 16 == 0
+    assert launches.get("grouped_gemm_int8_gluon_tma_store") == (1 if tma else None), launches
     monkeypatch.setenv(kernels[1].INT8_KERNEL_ENV, "triton")
     triton_out = kernels[1].grouped_gemm(*args, **kwargs)
     assert torch.equal(gluon_out[0], triton_out)

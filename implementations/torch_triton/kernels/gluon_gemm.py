@@ -11,6 +11,15 @@ only issue wgmma, with one product in flight while they wait for the next slot. 
 ``ready`` (the TMA bytes landed) and ``empty`` (the product that read it has retired). Persistent: one program per
 multiprocessor, the loader running ahead into the program's next tile while the consumers run the epilogue.
 
+The epilogue scales the int32 sums and stores the tile's rows of its group synchronously from registers (16-byte
+pieces, masked): about 2 us of a ~9 us tile on the H200 during which no product is issued, with no second consumer
+to overlap it (the suspected gap to cuBLAS: ~1300 against ~1470-1540 TOP/s). $QMOE_GLUON_EPILOGUE=tma (`epilogue`)
+asks instead for an asynchronous one on 16-bit outputs: a tile whose 128 rows all lie in its group is written to a
+64 KiB shared-memory tile and handed to the TMA, whose store runs on under the next tile's products (the tile is
+waited for only before the buffer is rewritten); a group's last, partial tile keeps the masked store, because the
+TMA would write the next group's rows. NOT yet run on a GPU: compiled for sm_90a only, to be measured (and checked
+bit for bit by `test_gluon_int8_gemm_equals_the_triton_kernel`) before it is made the default.
+
 Measured alone on the H200 (2026-12-01, Triton 3.6, 64 experts x 4096 rows; `results/h200/NEXT_RUN.md`): 1157,
 1152 and 1264 TOP/s at the logbook top-8 forward up (N 4096, K 2048), down (N 2048, K 2048) and input-gradient
 (N 2048, K 4096) shapes, against 1090, 1040 and 1081 for `grouped_gemm`'s Triton kernel in the same run; equal
@@ -18,13 +27,15 @@ sums, bit for bit. Two consumer warpgroups taking tiles in turn (CUTLASS's ping-
 
 Only for operands the TMA can read whole: a's rows contiguous (no gathered rows: Hopper's TMA cannot gather) and
 b's codes stored [E, N, K] contiguous (`eligible`). Gluon is experimental and its names move between Triton
-releases; the few that moved are resolved once below (`_tma_load`), and the kernel is compiled for sm_90a in the
-CPU test suite against the Triton installed there. It cannot run in Triton's interpreter.
+releases; the few that moved are resolved once below (`_tma_load`, `_tma_store`), and the kernel is compiled for
+sm_90a, with either epilogue, in the CPU test suite against the Triton installed there. It cannot run in Triton's
+interpreter.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -47,20 +58,51 @@ try:
         raise ImportError(f"Gluon's API changed before {'.'.join(map(str, MIN_TRITON))}")
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 except ImportError as _error:  # a Triton without Gluon's Hopper API: `grouped_gemm` keeps its own kernel
     GLUON_MISSING: str | None = f"triton {triton.__version__} has no Gluon Hopper API ({_error})"
 else:
     GLUON_MISSING = None
-    # Triton 3.7 renamed the TMA copy; the old name raises there
+    # Triton 3.7 renamed the TMA copies; the old names raise there
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 
 #: The tile (M, N, K), the ring's slots and the consumers' warps: the best of 13 configurations on the H200
-#: (`results/h200/NEXT_RUN.md`); three slots of 48 KiB and the epilogue's 64 KiB tile fit Hopper's 227 KiB.
+#: (`results/h200/NEXT_RUN.md`); three slots of 48 KiB, the layout conversion's scratch and the TMA-store epilogue's
+#: 64 KiB tile (16-bit outputs only: a float32 one would take 128 KiB) fit Hopper's 227 KiB.
 BLOCK_M, BLOCK_N, BLOCK_K, STAGES, WARPS = 128, 256, 128, 3, 8
 #: Registers of the loading warp (it holds a few addresses and counters; the consumers get the rest).
 LOADER_REGISTERS = 40
+
+EPILOGUE_ENV = "QMOE_GLUON_EPILOGUE"
+EPILOGUES: tuple[str, ...] = ("store", "tma")
+
+
+def epilogue() -> str:
+    """$QMOE_GLUON_EPILOGUE, read at each call: ``store`` (the default) writes each tile's rows from registers,
+    masked, synchronously; ``tma`` writes a 16-bit output's full tiles through shared memory and an asynchronous TMA
+    store (the module's docstring; not yet measured). An option, not a demand: `grouped_int8_gemm` stores where the
+    TMA cannot write c (`tma_storable`)."""
+    choice = os.environ.get(EPILOGUE_ENV) or "store"
+    if choice not in EPILOGUES:
+        raise ValueError(f"${EPILOGUE_ENV}={choice!r} is not one of {', '.join(EPILOGUES)}")
+    return choice
+
+
+def tma_storable(c: torch.Tensor) -> bool:
+    """Whether the TMA-store epilogue can write ``c`` [R, N]: 16-bit elements (a float32 tile of shared memory would
+    not fit beside the ring) and rows the TMA can address (contiguous, 16-byte aligned)."""
+    return (c.dtype in (torch.bfloat16, torch.float16) and c.stride(1) == 1
+            and (c.stride(0) * c.element_size()) % 16 == 0 and c.data_ptr() % 16 == 0)
+
+
 @triton.jit
 def _tile_table_kernel(group_starts_ptr, table_ptr, count_ptr, n_experts, E_BLOCK: tl.constexpr,
                        TILE_M: tl.constexpr):
@@ -117,18 +159,45 @@ if GLUON_MISSING is None:
                 step += 1
 
     @gluon.jit
-    def _consumer(c_ptr, a_scale_ptr, b_scale_ptr, a_bufs, b_bufs, ready, empty, table_ptr, count_ptr, n_cols, k_dim,
-                  stride_cm, RING: gl.constexpr):
+    def _store_rows(c_ptr, out, row_begin, row_end, col, n_cols, stride_cm):
+        """The synchronous epilogue's store: ``out``'s rows ``row_begin .. row_end`` (the rest of the tile is the next
+        group's) and columns below ``n_cols`` into c at (row_begin, col), in 16-byte pieces."""
+        TM: gl.constexpr = out.type.shape[0]
+        TN: gl.constexpr = out.type.shape[1]
+        # the wgmma layout stores 4 bytes a thread; this one 16 (8 threads to a 128-byte row segment)
+        store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
+        out = gl.convert_layout(out.to(c_ptr.dtype.element_ty), store_layout)
+        rows = row_begin + gl.arange(0, TM, layout=gl.SliceLayout(1, store_layout))
+        cols = col + gl.arange(0, TN, layout=gl.SliceLayout(0, store_layout))
+        ptrs = c_ptr + gl.expand_dims(rows.to(gl.int64), 1) * stride_cm + gl.expand_dims(cols, 0)
+        gl.store(ptrs, out, mask=gl.expand_dims(rows < row_end, 1) & gl.expand_dims(cols < n_cols, 0))
+
+    @gluon.jit
+    def _tma_store_tile(c_desc, c_smem, out, row, col):
+        """The asynchronous epilogue's store of a full tile: ``out`` into ``c_smem``, then a TMA store of it to c at
+        (row, col), left in flight (the TMA drops the columns past c's last itself)."""
+        # the previous tile's store may still be reading the buffer (a wait of the threads that issued it: the
+        # compiler's barrier after it holds the partition's other warps)
+        tma.store_wait(0)
+        # straight from the wgmma layout (stmatrix): no conversion through scratch memory
+        c_smem.store(out.to(c_desc.dtype))
+        # each thread's writes (generic proxy) ordered before the TMA's reads (async proxy); the compiler's barrier
+        # before the store then makes every warp's land first
+        fence_async_shared()
+        _tma_store(c_desc, [row, col], c_smem)
+
+    @gluon.jit
+    def _consumer(c_ptr, c_desc, c_smem, a_scale_ptr, b_scale_ptr, a_bufs, b_bufs, ready, empty, table_ptr, count_ptr,
+                  n_cols, k_dim, stride_cm, RING: gl.constexpr, TMA_STORE: gl.constexpr):
         """The default partition's warps: each tile's wgmma chain, one product in flight, then the epilogue (the
-        scales, the group's rows stored in 16-byte pieces)."""
+        scales, the group's rows stored in 16-byte pieces; with ``TMA_STORE`` a full tile through ``c_smem`` and the
+        TMA instead, `_tma_store_tile`)."""
         TM: gl.constexpr = a_bufs.type.shape[1]
         TK: gl.constexpr = a_bufs.type.shape[2]
         TN: gl.constexpr = b_bufs.type.shape[1]
         warps: gl.constexpr = gl.num_warps()
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1],
                                                              instr_shape=[16, 128, 32])
-        # the wgmma layout stores 4 bytes a thread; this one 16 (8 threads to a 128-byte row segment)
-        store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [warps, 1], [1, 0])
         n_tiles = gl.cdiv(n_cols, TN)
         items = gl.load(count_ptr) * n_tiles
         k_steps = gl.cdiv(k_dim, TK)
@@ -149,18 +218,28 @@ if GLUON_MISSING is None:
             expert = gl.load(table_ptr + 3 * m)
             row_begin = gl.load(table_ptr + 3 * m + 1)
             row_end = gl.load(table_ptr + 3 * m + 2)
+            col = (item % n_tiles) * TN
             rows = row_begin + gl.arange(0, TM, layout=gl.SliceLayout(1, mma_layout))
             a_s = gl.load(a_scale_ptr + rows, mask=rows < row_end, other=0.0)
             out = acc.to(gl.float32) * gl.expand_dims(a_s, 1) * gl.load(b_scale_ptr + expert)
-            out = gl.convert_layout(out.to(c_ptr.dtype.element_ty), store_layout)
-            rows = row_begin + gl.arange(0, TM, layout=gl.SliceLayout(1, store_layout))
-            cols = (item % n_tiles) * TN + gl.arange(0, TN, layout=gl.SliceLayout(0, store_layout))
-            ptrs = c_ptr + gl.expand_dims(rows.to(gl.int64), 1) * stride_cm + gl.expand_dims(cols, 0)
-            gl.store(ptrs, out, mask=gl.expand_dims(rows < row_end, 1) & gl.expand_dims(cols < n_cols, 0))
+            if TMA_STORE:
+                # the same value in every thread: the partition's warps all take one branch
+                if row_end - row_begin >= TM:
+                    _tma_store_tile(c_desc, c_smem, out, row_begin, col)
+                else:  # a group's last tile: its rows past row_end are the next group's
+                    _store_rows(c_ptr, out, row_begin, row_end, col, n_cols, stride_cm)
+            else:
+                _store_rows(c_ptr, out, row_begin, row_end, col, n_cols, stride_cm)
+        if TMA_STORE:
+            # the last store must have read c_smem before the program ends and frees it
+            tma.store_wait(0)
 
     @gluon.jit
-    def _grouped_int8_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, table_ptr, count_ptr, n_cols, k_dim,
-                             stride_cm, RING: gl.constexpr, LOADER_REGS: gl.constexpr):
+    def _grouped_int8_kernel(a_desc, b_desc, c_ptr, c_desc, a_scale_ptr, b_scale_ptr, table_ptr, count_ptr, n_cols,
+                             k_dim, stride_cm, RING: gl.constexpr, LOADER_REGS: gl.constexpr,
+                             TMA_STORE: gl.constexpr):
+        """The ring and its barriers (and with ``TMA_STORE`` the epilogue's tile, through ``c_desc``; None
+        otherwise), then the consumers (`_consumer`) and the loading warp (`_loader`) on them."""
         TM: gl.constexpr = a_desc.block_type.shape[0]
         TK: gl.constexpr = a_desc.block_type.shape[1]
         TN: gl.constexpr = b_desc.block_type.shape[0]
@@ -168,12 +247,18 @@ if GLUON_MISSING is None:
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [RING, TN, TK], b_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [RING, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [RING, 1], mbarrier.MBarrierLayout())
+        if TMA_STORE:
+            # one [TM, TN] tile in c's dtype and the TMA's swizzle (c_desc's layout), reused by every tile
+            c_smem = gl.allocate_shared_memory(c_desc.dtype, [TM, TN], c_desc.layout)
+        else:  # the stores go from registers: placeholders, as a partition's arguments cannot be None
+            c_desc = gl.constexpr(0)
+            c_smem = gl.constexpr(0)
         for i in gl.static_range(RING):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
         gl.warp_specialize([
-            (_consumer, (c_ptr, a_scale_ptr, b_scale_ptr, a_bufs, b_bufs, ready, empty, table_ptr, count_ptr, n_cols,
-                         k_dim, stride_cm, RING)),
+            (_consumer, (c_ptr, c_desc, c_smem, a_scale_ptr, b_scale_ptr, a_bufs, b_bufs, ready, empty, table_ptr,
+                         count_ptr, n_cols, k_dim, stride_cm, RING, TMA_STORE)),
             (_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, table_ptr, count_ptr, n_cols, k_dim, RING)),
         ], [1], [LOADER_REGS])
 
@@ -216,15 +301,34 @@ def descriptors(a: torch.Tensor, b: torch.Tensor) -> tuple:
             GluonDescriptor(b_rows, list(b_rows.shape), list(b_rows.stride()), [BLOCK_N, BLOCK_K], b_layout))
 
 
+@functools.cache
+def _output_layout(dtype: torch.dtype) -> gl.NVMMASharedLayout:
+    """The swizzled shared-memory layout of the TMA-store epilogue's [BLOCK_M, BLOCK_N] tile of ``dtype`` (16-bit),
+    made once (`_shared_layouts`)."""
+    return gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], {torch.bfloat16: gl.bfloat16,
+                                                                     torch.float16: gl.float16}[dtype])
+
+
+def output_descriptor(c: torch.Tensor) -> GluonDescriptor:
+    """TMA descriptor of ``c`` [R, N] in the TMA-store epilogue's tiles (`tma_storable` checked)."""
+    return GluonDescriptor(c, list(c.shape), list(c.stride()), [BLOCK_M, BLOCK_N], _output_layout(c.dtype))
+
+
 def grouped_int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                       group_starts: torch.Tensor, c: torch.Tensor) -> None:
     """Write each group's rows of ``c`` [R, N]: a's rows of group e times b[e] ([E, K, N], codes stored [E, N, K]),
     dequantized by ``a_scale`` [R] and ``b_scale`` [E]. Rows outside every group are left as they are. The caller
-    checked `ineligible`."""
+    checked `ineligible`. $QMOE_GLUON_EPILOGUE (`epilogue`) picks the epilogue; ``tma`` on a c the TMA cannot write
+    (`tma_storable`: float32, misaligned rows) stores from registers."""
     experts, k_dim, n_cols = b.shape
+    tma_store = epilogue() == "tma" and tma_storable(c)
     table, count = tile_table(group_starts, a.shape[0])
     a_desc, b_desc = descriptors(a, b)
+    c_desc = output_descriptor(c) if tma_store else None
     programs = multiprocessors(device_index(a))
     record_launch("grouped_gemm_int8_gluon")
-    _grouped_int8_kernel[(programs,)](a_desc, b_desc, c, a_scale, b_scale, table, count, n_cols, k_dim, c.stride(0),
-                                      RING=STAGES, LOADER_REGS=LOADER_REGISTERS, num_warps=WARPS)
+    if tma_store:
+        record_launch("grouped_gemm_int8_gluon_tma_store")
+    _grouped_int8_kernel[(programs,)](a_desc, b_desc, c, c_desc, a_scale, b_scale, table, count, n_cols, k_dim,
+                                      c.stride(0), RING=STAGES, LOADER_REGS=LOADER_REGISTERS, TMA_STORE=tma_store,
+                                      num_warps=WARPS)
