@@ -82,16 +82,19 @@ def test_int8_schemes_launch_the_int8_kernel(triton_backend, kernels, scheme, fo
     prepared = triton_backend.prepare(data.spec, data.params, scheme, "float32")
     forward = _launches(kernels, lambda: triton_backend.forward(prepared, data.x))
     assert forward.get("grouped_gemm_int8") == forward_gemms, forward
-    assert forward.get("quantize_rows") == 1 and forward.get("swiglu_quantize_rows") == 1, forward
+    # x quantized once, its codes written in expert order (no gather, no copy); the SwiGLU's output quantized fused
+    assert forward.get("quantize_rows_scattered") == 1 and "quantize_rows" not in forward, forward
+    assert forward.get("swiglu_quantize_rows") == 1 and "grouped_gemm_rows_copied" not in forward, forward
     assert forward.get("combine_rows") == 1, forward  # the gate-weighted combine, fused
     both = _launches(kernels, lambda: triton_backend.backward(prepared, data.x, data.dy))
     assert both.get("grouped_gemm_int8") == forward_gemms + backward_gemms, both
     assert both.get("combine_gate_grads") == 1 and "combine_rows_backward" not in both, both
     assert both.get("combine_rows_grad") == 1, both
-    if backward_gemms:  # Q(g) after d_w2 (x's and g's per-row int8), Q(d_a) fused into the SwiGLU backward
-        assert both.get("quantize_rows") == 2 and both.get("swiglu_backward_quantize_rows") == 1, both
+    assert "quantize_rows" not in both, both  # nothing quantized in place: every row in expert order as made
+    if backward_gemms:  # Q(g) from dy and the gates after d_w2, Q(d_a) fused into the SwiGLU backward
+        assert both.get("quantize_rows_scattered") == 2 and both.get("swiglu_backward_quantize_rows") == 1, both
     else:
-        assert both.get("quantize_rows") == 1 and both.get("swiglu_backward") == 1, both
+        assert both.get("quantize_rows_scattered") == 1 and both.get("swiglu_backward") == 1, both
 
 
 def test_qat_training_launches_the_fused_fake_quant_kernel(triton_backend, kernels):
@@ -172,8 +175,8 @@ def test_grouped_int8_gemm_through_tensor_descriptors(triton_backend, kernels, s
     launches = _launches(kernels, lambda: out.append(run()))
     # the Gluon kernel runs the gathered rows too, on a copy of them, unless $QMOE_TRITON_INT8_GEMM says otherwise
     choice = kernels[1].int8_kernel()
-    gluon = device != "cpu" and (choice == "auto" or (choice == "fused_gather" and not gather)) and kernels[
-        1].gluon_gemm.ineligible(a_codes.to(device), b_codes.to(device), torch.float32) is None
+    gluon = device != "cpu" and choice == "auto" and kernels[1].gluon_gemm.ineligible(
+        a_codes.to(device), b_codes.to(device), torch.float32) is None
     if gluon:
         assert launches.get("grouped_gemm_int8_gluon") == 1, launches  # Hopper: the TMA kernel of `gluon_gemm`
     elif device == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
@@ -247,20 +250,20 @@ def test_the_gluon_kernel_is_offered_from_triton_3_6(kernels):
 
 
 def test_the_int8_kernel_choice_is_checked(kernels, monkeypatch):
-    """$QMOE_TRITON_INT8_GEMM takes ``auto``, ``triton`` or ``fused_gather``; anything else is refused, naming them."""
+    """$QMOE_TRITON_INT8_GEMM takes ``auto`` or ``triton``; anything else is refused, naming them."""
     monkeypatch.setenv(kernels[1].INT8_KERNEL_ENV, "cublas")
-    with pytest.raises(ValueError, match="auto, triton, fused_gather"):
+    with pytest.raises(ValueError, match="auto, triton"):
         kernels[1].int8_kernel()
     monkeypatch.setenv(kernels[1].INT8_KERNEL_ENV, "triton")
     assert kernels[1].int8_kernel() == "triton"
 
 
-@pytest.mark.parametrize("choice, gathered_to_gluon", [("auto", True), ("fused_gather", False), ("triton", False)])
+@pytest.mark.parametrize("choice, gathered_to_gluon", [("auto", True), ("triton", False)])
 def test_the_default_copies_gathered_rows_for_the_gluon_kernel(triton_backend, kernels, monkeypatch, choice,
                                                                 gathered_to_gluon):
     """Where the Gluon kernel can run (a stand-in here, on any device), a product of gathered rows goes to it under
-    ``auto`` (the default), with the rows and their scales copied in gather order; ``fused_gather`` and ``triton``
-    leave it to the Triton kernel, which gathers as it loads. Either way the product is the same."""
+    ``auto`` (the default), with the rows and their scales copied in gather order; ``triton`` leaves it to the
+    Triton kernel, which gathers as it loads. Either way the product is the same."""
     import torch
 
     grouped = kernels[1]
@@ -520,8 +523,9 @@ def test_combine_kernels_match_the_gather_sum(triton_backend, kernels, tokens, t
 
 @pytest.mark.parametrize("scheme", ["int8_routed_prequant", "int8_routed"])
 def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backend, scheme, monkeypatch):
-    """When the rows' gradient g is made, the experts' output rows are gone; when g is quantized (prequant),
-    the hidden h is gone (Q(g) after d_w2: the peak holds a, h and g, not Q(g) too); when the SwiGLU gradient runs
+    """When the rows' gradient g is made, the experts' output rows are gone; when Q(g) is made (prequant, from dy
+    and the gates), the hidden h and g itself are gone (Q(g) after d_w2: the peak holds a, h and g, not Q(g) too);
+    when the SwiGLU gradient runs
     the straight-through backward's float W2 is gone and its float W13 not yet made;
     (with a, the largest [N, 2F] buffer), the forward's hidden h (prequant) or its codes (straight-through)
     and g are gone, and d_a is written over a (no second [N, 2F] buffer): the backward holds each
@@ -543,6 +547,7 @@ def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backe
     forward, backward = layer.swiglu_forward, layer.fused_swiglu_backward
     down, rows_grad_of, quantize = layer.int8_down, layer.combine_rows_grad, layer.quantize_rows
     hidden_alive_at_q_g: list[bool] = []
+    g_alive_at_q_g: list[bool] = []
     float_weights: list[weakref.ref] = []  # the straight-through backward's dequantized W2, W13
     dequantize = layer.dequantize_experts
 
@@ -551,10 +556,11 @@ def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backe
         float_weights.append(weakref.ref(out))
         return out
 
-    def recording_quantize(v):
-        if rows_grad and v is rows_grad[-1]():
+    def recording_quantize(v, dest=None, weight=None):
+        if weight is not None:  # Q(g), made from dy and the gates (`_RoutedInt8Layer.backward`), not from g
             hidden_alive_at_q_g.append(hidden[-1]() is not None)
-        return quantize(v)
+            g_alive_at_q_g.append(rows_grad[-1]() is not None)
+        return quantize(v, dest=dest, weight=weight)
 
     def recording_down(*args, **kwargs):
         out = down(*args, **kwargs)
@@ -594,6 +600,8 @@ def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backe
     assert weights_at_swiglu_grad == ([[False]] if scheme == "int8_routed" else [[]]), weights_at_swiglu_grad
     assert hidden_alive_at_q_g == ([False] if scheme == "int8_routed_prequant" else []), (
         f"Q(g) made with the hidden alive (or made at all without the prequant VJP): {hidden_alive_at_q_g}")
+    assert g_alive_at_q_g == ([False] if scheme == "int8_routed_prequant" else []), (
+        f"Q(g), made from dy, with g still alive: {g_alive_at_q_g}")
     assert at_swiglu_grad == [(False, False, False)], (
         "at the SwiGLU gradient (hidden alive, rows' gradient alive, d_a a new buffer): " + str(at_swiglu_grad))
     with pytest.raises(RuntimeError, match="once per forward"):
@@ -935,6 +943,37 @@ def test_dispatch_plan_sorts_by_expert_stably(triton_backend, drops, experts, to
         assert plan.row_valid is not None and plan.row_valid.cpu().tolist() == (key[order] < experts).tolist()
     else:
         assert plan.row_valid is None
+
+
+@pytest.mark.parametrize("tokens, top_k", [(40, 2), (9, 3)])
+def test_quantize_rows_writes_each_tokens_codes_at_its_rows(triton_backend, tokens, top_k):
+    """`quantize_rows(x, dest)`: every token's codes and scale, the same as without ``dest``, at each of its k rows
+    of the expert order (the layer's `sorted_codes`); with ``weight``, the same codes and each copy's scale times
+    its weight: the per-row int8 of weight * x (within half a step of it, a negative or zero weight included)."""
+    import torch
+
+    from qmoe.implementations.torch_triton import layer
+
+    device = triton_backend.device
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(tokens, 72, generator=gen) * torch.rand(tokens, 1, generator=gen)).to(device)
+    x[1] = 0.0  # an all-zero token: codes 0, scale 1
+    ids = torch.stack([torch.randperm(5, generator=gen)[:top_k] for _ in range(tokens)]).to(device)
+    plan = layer.plan_dispatch(ids, None, 5)
+    codes, scale = layer.quantize_rows(x)
+    sorted_codes, sorted_scale = layer.sorted_codes(x, plan)
+    assert sorted_codes.shape == (tokens * top_k, 72) and sorted_scale.shape == (tokens * top_k,)
+    assert torch.equal(sorted_codes, codes[plan.row_token]) and torch.equal(sorted_scale, scale[plan.row_token])
+    # with gate weights (one negative, one zero): the int8 of gate * x[token], the backward's Q(g) from dy
+    gates = torch.rand(tokens, top_k, generator=gen).to(device)
+    gates[0, 0], gates[2, -1] = -0.5, 0.0
+    dest = plan.inverse.view(tokens, top_k)
+    g_codes, g_scale = layer.quantize_rows(x, dest=dest, weight=gates)
+    assert torch.equal(g_codes, sorted_codes)
+    assert torch.equal(g_scale, sorted_scale * gates.reshape(-1)[plan.order])
+    g = (gates.reshape(-1, 1).double() * x.double().repeat_interleave(top_k, 0))[plan.order]
+    step = g.abs().amax(dim=1, keepdim=True) / 127
+    assert torch.all((g_codes.double() * g_scale.double()[:, None] - g).abs() <= step / 2 * (1 + 1e-6))
 
 
 def _unwritten_rows_op(monkeypatch, layer):

@@ -170,8 +170,7 @@ class TorchTritonBackend(Backend):
 
         mode = "interpreter" if grouped_gemm.INTERPRETED else "compiled"
         # which int8 GEMM ran, for the A/B of $QMOE_TRITON_INT8_GEMM (`grouped_gemm.int8_kernel`)
-        int8 = {"auto": "Gluon warp-specialized where sm_90 (gathered rows copied first), else Triton",
-                "fused_gather": "Gluon warp-specialized where sm_90 and rows not gathered, else Triton",
+        int8 = {"auto": "Gluon warp-specialized where sm_90, else Triton",
                 "triton": "Triton"}[grouped_gemm.int8_kernel()]
         if grouped_gemm.INTERPRETED:
             int8 = "Triton"

@@ -474,20 +474,26 @@ def _int8_experts_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     """Unweighted expert rows [N, H] = Q(swiglu(Q(x_r) Q(W13_e))) Q(W2_e), and what the backward needs
     (no activation kept unless ``needs_grad``)."""
     experts = prequantized if prequantized is not None else Int8Experts.quantize(w13, w2, with_transposed=False)
-    x_codes, x_scale = quantize_rows(x)
+    x_codes, x_scale = sorted_codes(x, plan)
     # The float hidden is kept only where the prequant weight gradient needs it (d_w2 = h^T g).
     keep_h = rule == "prequant_vjp" and needs_grad
     a, h, h_codes, h_scale = int8_up(x_codes, x_scale, experts.w13_fwd, experts.w13_scale, plan, x.dtype,
                                      store_h=keep_h)
-    out = int8_down(h_codes, h_scale, experts.w2_fwd, experts.w2_scale, plan, x.dtype)
     stash = None
     if needs_grad:
         stash = [a, h] if rule == "prequant_vjp" else [x_codes, x_scale, a, h_codes, h_scale]
+    del x_codes, x_scale  # [N, H] int8: gone before the down projection's output unless the STE backward reads it
+    out = int8_down(h_codes, h_scale, experts.w2_fwd, experts.w2_scale, plan, x.dtype)
     return out, _Int8Saved(plan, rule, experts, x if rule == "prequant_vjp" else None, stash)
 
 
-def _int8_experts_backward(saved: _Int8Saved, rows_grad: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _int8_experts_backward(saved: _Int8Saved, rows_grad: list,
+                           g_quantized: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_x [T, H], d_w13, d_w2) from the rows' gradient g [N, H] (zero on rows no group covers).
+
+    ``g_quantized``: where the caller can make Q(g)'s codes and scales without reading g (`_RoutedInt8Layer`: from
+    dy and the gates); else Q(g) = `quantize_rows` (g).
 
     ``rows_grad`` = [g], emptied here: g and every [N, .] buffer is dropped right after its last use, so
     that the largest ones are never alive together. The order is chosen for the peak: Q(g) is made once
@@ -507,8 +513,12 @@ def _int8_experts_backward(saved: _Int8Saved, rows_grad: list) -> tuple[torch.Te
         del stash
         d_w2 = grouped_weight_grad(h, g, plan)
         del h
-        g_codes, g_scale = quantize_rows(g)
-        del g
+        if g_quantized is None:
+            g_codes, g_scale = quantize_rows(g)
+            del g
+        else:  # made without reading g, which goes first
+            del g
+            g_codes, g_scale = g_quantized()
         d_h = grouped_gemm(g_codes, experts.w2_bwd, plan.group_starts, out_dtype=dtype, a_scale=g_scale,
                            b_scale=experts.w2_scale, zero_uncovered=plan.has_drops)
         del g_codes, g_scale
@@ -538,7 +548,7 @@ def _int8_experts_backward(saved: _Int8Saved, rows_grad: list) -> tuple[torch.Te
     w13_eff = dequantize_experts(experts.w13_fwd, experts.w13_scale, dtype)
     d_x = plan.sum_per_token(grouped_mm(d_a, w13_eff.transpose(1, 2), plan))
     del w13_eff
-    x_eff = dequantize_rows(x_codes, x_scale, dtype, rows=plan.row_token)
+    x_eff = dequantize_rows(x_codes, x_scale, dtype)  # the codes are in expert order already (`sorted_codes`)
     del x_codes, x_scale
     return d_x, grouped_weight_grad(x_eff, d_a, plan), d_w2
 
@@ -596,20 +606,38 @@ class _RoutedInt8Layer(torch.autograd.Function):
         del rows
         # Q(g) for the prequant VJP is made after d_w2, once h is gone (`_int8_experts_backward`), not in
         # this pass: at the backward's peak (d_w2 = h^T g, with a, h and g alive) it would add N x H int8
-        # (0.38 GiB at the logbook shape, top-8, measured on the H200; it costs one more read of g).
+        # (0.38 GiB at the logbook shape, top-8, measured on the H200). It is made from dy, not g: row
+        # g[inverse(t, j)] = gate[t, j] * dy[t] has dy[t]'s codes and gate times its scale (`quantize_rows`
+        # with ``weight``), so dy's [T, H] is read instead of g's [N, H], and the codes are those of the exact
+        # product, not of g rounded to dy's dtype.
         rows_grad = [combine_rows_grad(dy, plan.inverse, ctx.gate_weights, plan.top_k, n_rows, dtype,
                                        kept=plan.kept)]
-        d_x, d_w13, d_w2 = _int8_experts_backward(saved, rows_grad)
+        gates = ctx.gate_weights
+
+        def g_quantized() -> tuple[torch.Tensor, torch.Tensor]:
+            dest = plan.inverse.view(plan.tokens, plan.top_k)
+            return quantize_rows(dy, dest=dest, weight=gates.reshape(dest.shape))
+
+        d_x, d_w13, d_w2 = _int8_experts_backward(saved, rows_grad, g_quantized)
         return d_x, d_w13, d_w2, d_gates.to(ctx.gate_weights.dtype).view_as(ctx.gate_weights), None, None, None
+
+
+def sorted_codes(x: torch.Tensor, plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q(x)'s per-token codes [N, H] and scales [N] in the plan's expert order: each token quantized once and its
+    codes written at each of its k rows (`quantize_rows` with ``dest``), so that the up projection reads whole
+    rows (Hopper's TMA cannot gather). On the H200 the up projection's rows were first gathered by the Triton
+    kernel as it loaded them, then copied for the Gluon kernel (0.26 ms per logbook top-8 step); here no pass
+    reads them again."""
+    return quantize_rows(x, dest=plan.inverse.view(plan.tokens, plan.top_k))
 
 
 def int8_up(x_codes: torch.Tensor, x_scale: torch.Tensor, w13_codes: torch.Tensor, w13_scale: torch.Tensor,
             plan: DispatchPlan, dtype: torch.dtype, store_h: bool
             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(a, h or None, Q(h) codes, Q(h) scales): a = Q(x_r) Q(W13_e) per sorted row, read straight from
-    the per-token codes (the GEMM gathers the rows), then the fused SwiGLU + per-row int8 of h."""
+    """(a, h or None, Q(h) codes, Q(h) scales): a = Q(x_r) Q(W13_e) per sorted row, from the codes in expert
+    order (`sorted_codes`), then the fused SwiGLU + per-row int8 of h."""
     a = grouped_gemm(x_codes, w13_codes, plan.group_starts, out_dtype=dtype, a_scale=x_scale, b_scale=w13_scale,
-                     a_rows=plan.row_token, zero_uncovered=plan.has_drops)
+                     zero_uncovered=plan.has_drops)
     h, h_codes, h_scale = swiglu_forward(a, store_h=store_h)
     assert h_codes is not None and h_scale is not None  # quantize (the default) always makes them
     return a, h, h_codes, h_scale
@@ -701,9 +729,8 @@ def layer_forward(spec: MoESpec, scheme: Scheme, weights: LayerWeights, x: torch
 
 @dataclass
 class Packed:
-    """What the pack stage hands on: the routing, its dispatch plan and the up projection's input,
-    either x's float rows in expert order (``scale`` None) or every token's int8 codes and their scales
-    (int8 schemes, whose GEMM gathers the rows itself)."""
+    """What the pack stage hands on: the routing, its dispatch plan and the up projection's input in expert
+    order: x's float rows (``scale`` None) or, for int8 schemes, their int8 codes and scales (`sorted_codes`)."""
 
     routing: Routing
     plan: DispatchPlan
@@ -751,7 +778,7 @@ class LayerStages:
         routing = route(self.spec, self.weight("router"), bias, x)
         plan = plan_dispatch(routing.expert_ids, routing.kept, self.spec.experts)
         if int8_routed(self.scheme):
-            return Packed(routing, plan, x.dtype, *quantize_rows(x))
+            return Packed(routing, plan, x.dtype, *sorted_codes(x, plan))
         return Packed(routing, plan, x.dtype, float_rows(x, plan))
 
     def up(self, packed: Packed) -> Hidden:

@@ -299,19 +299,18 @@ def _descriptor(t: torch.Tensor, shape: list[int], strides: list[int], block_ran
     return TensorDescriptor(t, shape, strides, [1] * block_rank)
 
 
-#: Environment choice of the int8 products' kernel (`int8_kernel`): ``auto`` (the default), ``triton`` or
-#: ``fused_gather``.
+#: Environment choice of the int8 products' kernel (`int8_kernel`): ``auto`` (the default) or ``triton``.
 INT8_KERNEL_ENV = "QMOE_TRITON_INT8_GEMM"
-INT8_KERNELS: tuple[str, ...] = ("auto", "triton", "fused_gather")
+INT8_KERNELS: tuple[str, ...] = ("auto", "triton")
 
 
 def int8_kernel() -> str:
     """$QMOE_TRITON_INT8_GEMM, read at each call: ``auto`` runs `gluon_gemm`'s kernel for every int8 product it can
-    run (`gluon_gemm.ineligible`), a product of gathered rows (the forward up projection) on a gathered copy of its
-    rows (Hopper's TMA cannot gather; the copy writes R x K int8); ``fused_gather`` leaves that product to this
-    module's kernel, which gathers the rows as it loads them; ``triton`` runs this module's kernel for all (the A/B
-    of the kernels). On the H200 (2026-12-02, logbook top-8, int8_routed_prequant) the copy paid: forward+backward
-    26.49 ms against 27.57 with the gather fused into the Triton kernel's loads, forward 7.32 against 7.70."""
+    run (`gluon_gemm.ineligible`), gathered rows (``a_rows``) on a copy of them (Hopper's TMA cannot gather);
+    ``triton`` runs this module's kernel for all (the A/B of the kernels; it gathers as it loads). On the H200
+    (2026-12-02, logbook top-8, int8_routed_prequant) the copy paid: forward+backward 26.49 ms against 27.57 with
+    the gather in the Triton kernel's loads, forward 7.32 against 7.70. The layer now writes its codes in expert
+    order as it quantizes them (`layer.sorted_codes`) and passes no gathered rows."""
     choice = os.environ.get(INT8_KERNEL_ENV) or "auto"
     if choice not in INT8_KERNELS:
         raise ValueError(f"${INT8_KERNEL_ENV}={choice!r} is not one of {', '.join(INT8_KERNELS)}")
@@ -353,7 +352,7 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_starts: torch.Tensor, *
     # counted whichever kernel runs it (the Gluon one adds its own name)
     record_launch("grouped_gemm_int8" if int8 else "grouped_gemm_float")
     kernel_choice = int8_kernel() if int8 else "triton"
-    gluon = kernel_choice == "auto" or (kernel_choice == "fused_gather" and a_rows is None)
+    gluon = kernel_choice == "auto"
     if gluon and persistent is None and not INTERPRETED and gluon_gemm.ineligible(a, b, out_dtype) is None:
         if a_rows is not None:
             record_launch("grouped_gemm_rows_copied")

@@ -37,9 +37,13 @@ def _row_scale(amax):
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, codes_ptr, scale_ptr, n_rows, n_cols, stride_x, stride_c,
-                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Rows [BLOCK_R] per program: amax pass, then a quantize pass over the columns."""
+def _quantize_rows_kernel(x_ptr, codes_ptr, scale_ptr, dest_ptr, weight_ptr, n_rows, n_cols, stride_x, stride_c,
+                          COPIES: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+    """Rows [BLOCK_R] per program: amax pass, then a quantize pass over the columns. COPIES = 0: row r's codes and
+    scale go to row r; else to each of the rows dest[r * COPIES + j], j < COPIES (the scatter is free: the codes
+    are in registers, and each copy is written once anyway), that copy's scale times weight[r * COPIES + j] with
+    HAS_WEIGHT."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     rows64 = rows.to(tl.int64)
@@ -54,9 +58,23 @@ def _quantize_rows_kernel(x_ptr, codes_ptr, scale_ptr, n_rows, n_cols, stride_x,
         cols = start + tl.arange(0, BLOCK_C)
         mask = row_ok[:, None] & (cols < n_cols)[None, :]
         v = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(round_half_even(v / scale[:, None]), -127.0), 127.0)
-        tl.store(codes_ptr + rows64[:, None] * stride_c + cols[None, :], q.to(tl.int8), mask=mask)
-    tl.store(scale_ptr + rows, scale, mask=row_ok)
+        q = tl.minimum(tl.maximum(round_half_even(v / scale[:, None]), -127.0), 127.0).to(tl.int8)
+        if COPIES == 0:
+            tl.store(codes_ptr + rows64[:, None] * stride_c + cols[None, :], q, mask=mask)
+        else:
+            for j in tl.static_range(COPIES):
+                dest = tl.load(dest_ptr + rows64 * COPIES + j, mask=row_ok, other=0).to(tl.int64)
+                tl.store(codes_ptr + dest[:, None] * stride_c + cols[None, :], q, mask=mask)
+    if COPIES == 0:
+        tl.store(scale_ptr + rows, scale, mask=row_ok)
+    else:
+        for j in tl.static_range(COPIES):
+            dest = tl.load(dest_ptr + rows64 * COPIES + j, mask=row_ok, other=0).to(tl.int64)
+            if HAS_WEIGHT:
+                weight = tl.load(weight_ptr + rows64 * COPIES + j, mask=row_ok, other=0.0).to(tl.float32)
+                tl.store(scale_ptr + dest, scale * weight, mask=row_ok)
+            else:
+                tl.store(scale_ptr + dest, scale, mask=row_ok)
 
 
 @triton.jit
@@ -162,20 +180,41 @@ def _row_blocks(n_cols: int) -> tuple[int, int]:
     return 4, min(next_power_of_2(n_cols), 512)
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric int8 of x [R, C]: codes int8 [R, C], scales float32 [R]."""
+def quantize_rows(x: torch.Tensor, dest: torch.Tensor | None = None, weight: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 of x [R, C]: codes int8 [R, C], scales float32 [R].
+
+    ``dest`` [R, k] (row indices, a permutation of 0 .. R k - 1): row r's codes and scale are written to rows
+    ``dest[r, 0 .. k-1]`` of [R k, C] codes and [R k] scales instead: the layer's tokens quantized once and placed
+    in expert order (``dest`` = the dispatch plan's inverse), where a copy of the codes would read and write them
+    again. ``weight`` [R, k] (with ``dest``): copy j's scale is multiplied by weight[r, j], which makes them the
+    per-row int8 of the rows weight[r, j] * x[r] (a row's amax scales by |weight| and its codes do not change; a
+    negative weight gives a negative scale, the same values as the codes negated): the combine's gradient rows
+    g = gate * dy[token], quantized from dy without reading g."""
     if x.dim() != 2:
         raise ValueError(f"quantize_rows expects a 2-d tensor, got shape {tuple(x.shape)}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     rows, cols = x.shape
-    codes = torch.empty((rows, cols), dtype=torch.int8, device=x.device)
-    scale = torch.empty((rows,), dtype=torch.float32, device=x.device)
-    if rows == 0 or cols == 0:
+    copies, out_rows = 0, rows
+    if dest is not None:
+        if dest.dim() != 2 or dest.shape[0] != rows:
+            raise ValueError(f"quantize_rows: dest must be [{rows}, k], got {tuple(dest.shape)}")
+        copies, out_rows = dest.shape[1], dest.numel()
+        dest = dest.contiguous()
+    if weight is not None:
+        if dest is None or weight.shape != dest.shape:
+            raise ValueError("quantize_rows: weight scales the copies: it needs dest, and dest's shape")
+        weight = weight.to(torch.float32).contiguous()
+    codes = torch.empty((out_rows, cols), dtype=torch.int8, device=x.device)
+    scale = torch.empty((out_rows,), dtype=torch.float32, device=x.device)
+    if codes.numel() == 0:
         return codes, scale.fill_(1.0)
     block_r, block_c = _row_blocks(cols)
-    record_launch("quantize_rows")
+    record_launch("quantize_rows" if dest is None else "quantize_rows_scattered")
     _quantize_rows_kernel[(triton.cdiv(rows, block_r),)](
-        x, codes, scale, rows, cols, x.stride(0), codes.stride(0), BLOCK_R=block_r, BLOCK_C=block_c)
+        x, codes, scale, dest if dest is not None else scale, weight if weight is not None else scale, rows, cols,
+        x.stride(0), codes.stride(0), COPIES=copies, HAS_WEIGHT=weight is not None, BLOCK_R=block_r,
+        BLOCK_C=block_c)
     return codes, scale
 
 
