@@ -446,8 +446,9 @@ def float_down(h: torch.Tensor, w2: torch.Tensor, plan: DispatchPlan) -> torch.T
 
 @dataclass
 class _Int8Saved:
-    """What an int8 experts forward hands its backward: the plan, the rule, the weights' codes, x (only
-    the prequant weight gradient reads its float rows), the activations (``stash``) and, for the one-node
+    """What an int8 experts forward hands its backward: the plan, the rule, the weights' codes, x (the prequant
+    weight gradient reads its float rows, the straight-through one its codes, made again), the activations
+    (``stash``) and, for the one-node
     layer, the experts' output rows (read by the gates' gradient). The last two are given over once (`take`)."""
 
     plan: DispatchPlan
@@ -479,12 +480,14 @@ def _int8_experts_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     keep_h = rule == "prequant_vjp" and needs_grad
     a, h, h_codes, h_scale = int8_up(x_codes, x_scale, experts.w13_fwd, experts.w13_scale, plan, x.dtype,
                                      store_h=keep_h)
+    del x_codes, x_scale  # [N, H] int8: gone before the down projection's output is made
     stash = None
     if needs_grad:
-        stash = [a, h] if rule == "prequant_vjp" else [x_codes, x_scale, a, h_codes, h_scale]
-    del x_codes, x_scale  # [N, H] int8: gone before the down projection's output unless the STE backward reads it
+        stash = [a, h] if rule == "prequant_vjp" else [a, h_codes, h_scale]
     out = int8_down(h_codes, h_scale, experts.w2_fwd, experts.w2_scale, plan, x.dtype)
-    return out, _Int8Saved(plan, rule, experts, x if rule == "prequant_vjp" else None, stash)
+    # x itself for the backward (its float rows for the prequant weight gradient; its codes, made again, for the
+    # straight-through one): the layer's caller holds it anyway, where its [N, H] codes would be k times its rows
+    return out, _Int8Saved(plan, rule, experts, x if needs_grad else None, stash)
 
 
 def _int8_experts_backward(saved: _Int8Saved, rows_grad: list,
@@ -531,7 +534,7 @@ def _int8_experts_backward(saved: _Int8Saved, rows_grad: list,
         del d_x_rows
         d_w13 = grouped_weight_grad(x[plan.row_token], d_a, plan)
         return d_x, d_w13, d_w2
-    x_codes, x_scale, a, h_codes, h_scale = stash
+    a, h_codes, h_scale = stash
     del stash
     dtype = a.dtype
     h_eff = dequantize_rows(h_codes, h_scale, dtype)
@@ -548,8 +551,11 @@ def _int8_experts_backward(saved: _Int8Saved, rows_grad: list,
     w13_eff = dequantize_experts(experts.w13_fwd, experts.w13_scale, dtype)
     d_x = plan.sum_per_token(grouped_mm(d_a, w13_eff.transpose(1, 2), plan))
     del w13_eff
-    x_eff = dequantize_rows(x_codes, x_scale, dtype)  # the codes are in expert order already (`sorted_codes`)
-    del x_codes, x_scale
+    # Q(x) again, per token, rather than its [N, H] codes in expert order kept from the forward (k times the
+    # bytes, held through the backward's peak): one read of x, the same codes.
+    x = saved.x
+    assert x is not None  # kept by `_int8_experts_forward`
+    x_eff = dequantize_rows(*quantize_rows(x), dtype, rows=plan.row_token)
     return d_x, grouped_weight_grad(x_eff, d_a, plan), d_w2
 
 
