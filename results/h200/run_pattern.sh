@@ -5,9 +5,11 @@
 # BUDGET / LIMIT: seconds before no new case starts / before the run is interrupted (keep LIMIT under the call's).
 TAG=$1; shift
 R=/tmp/r
-# a machine can keep /tmp between sessions: the first run of a call (a new $OUT) starts from an empty folder
-if [ "$(cat "$R/.out" 2>/dev/null)" != "$OUT" ]; then rm -rf "$R"; fi
-mkdir -p "$R"; echo "$OUT" > "$R/.out"
+# A machine keeps /tmp between calls, and $OUT can be the same path in every call (2026-12-02: earlier calls' runs
+# came back in a tarball): the first run of a call, the one that finds no tarball in the call's empty $OUT yet,
+# starts from an empty folder.
+if [ ! -e "$OUT/run.tgz" ]; then rm -rf "$R"; fi
+mkdir -p "$R"
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$R/pip_$TAG.log" 2>&1
 export NCCL_NVLS_ENABLE=0 XLA_PYTHON_CLIENT_PREALLOCATE=false TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 echo "${CODE:-unknown}" > "$R/head_$TAG.txt"
