@@ -426,9 +426,9 @@ class TorchTritonBackend(Backend):
 
     def stage_times(self, prepared: TritonPrepared, x: np.ndarray, repeats: int = 5) -> dict[str, float]:
         """Median seconds of each forward stage run on its own on device-resident data (`layer.LayerStages`):
-        ``pack`` (routing, dispatch plan, row gather or per-token int8), ``up`` (w13 grouped GEMM + SwiGLU,
-        Q(h) fused for int8), ``down`` (w2 grouped GEMM), ``combine`` (gate-weighted sum), and ``shared``
-        when the layer has a shared expert. Each stage reruns on the previous stage's outputs, made once
+        ``pack`` (routing, dispatch plan, rows in expert order: gathered, or int8 per token), ``up`` (w13 grouped
+        GEMM + SwiGLU, Q(h) fused for int8), ``down`` (w2 grouped GEMM), ``combine`` (gate-weighted sum), and
+        ``shared`` when the layer has a shared expert. Each stage reruns on the previous stage's outputs, made once
         here. One device only: in expert parallelism the stages interleave with the all-to-alls."""
         torch = _torch()
         if prepared.shard is not None:

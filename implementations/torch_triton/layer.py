@@ -757,7 +757,7 @@ class Hidden:
 class LayerStages:
     """`layer_forward` without autograd, cut into stages that can each run on their own:
 
-    * ``pack``: routing, the dispatch plan, and the rows (gathered; int8: per-token quantized);
+    * ``pack``: routing, the dispatch plan, and the rows in expert order (int8: quantized per token as placed);
     * ``up``: the w13 grouped GEMM and the SwiGLU (int8: with Q(h) fused);
     * ``down``: the w2 grouped GEMM;
     * ``combine``: the gate-weighted sum back to tokens;
