@@ -284,6 +284,11 @@ class DispatchPlan:
     kept: torch.Tensor | None = None
 
     @property
+    def assignment_rows(self) -> torch.Tensor:
+        """[T, k]: the sorted row of token t's j-th assignment (``inverse`` by token)."""
+        return self.inverse.view(self.tokens, self.top_k)
+
+    @property
     def group_ends(self) -> torch.Tensor:
         """Cumulative row counts [E] int32: the ``offs`` of `torch._grouped_mm`."""
         return self.group_starts[1:]
@@ -448,8 +453,8 @@ def float_down(h: torch.Tensor, w2: torch.Tensor, plan: DispatchPlan) -> torch.T
 class _Int8Saved:
     """What an int8 experts forward hands its backward: the plan, the rule, the weights' codes, x (the prequant
     weight gradient reads its float rows, the straight-through one its codes, made again), the activations
-    (``stash``) and, for the one-node
-    layer, the experts' output rows (read by the gates' gradient). The last two are given over once (`take`)."""
+    (``stash``) and, for the one-node layer, the experts' output rows (read by the gates' gradient). The last two
+    are given over once (`take`)."""
 
     plan: DispatchPlan
     rule: str
@@ -621,8 +626,7 @@ class _RoutedInt8Layer(torch.autograd.Function):
         gates = ctx.gate_weights
 
         def g_quantized() -> tuple[torch.Tensor, torch.Tensor]:
-            dest = plan.inverse.view(plan.tokens, plan.top_k)
-            return quantize_rows(dy, dest=dest, weight=gates.reshape(dest.shape))
+            return quantize_rows(dy, dest=plan.assignment_rows, weight=gates.reshape(plan.assignment_rows.shape))
 
         d_x, d_w13, d_w2 = _int8_experts_backward(saved, rows_grad, g_quantized)
         return d_x, d_w13, d_w2, d_gates.to(ctx.gate_weights.dtype).view_as(ctx.gate_weights), None, None, None
@@ -634,7 +638,7 @@ def sorted_codes(x: torch.Tensor, plan: DispatchPlan) -> tuple[torch.Tensor, tor
     rows (Hopper's TMA cannot gather). On the H200 the up projection's rows were first gathered by the Triton
     kernel as it loaded them, then copied for the Gluon kernel (0.26 ms per logbook top-8 step); here no pass
     reads them again."""
-    return quantize_rows(x, dest=plan.inverse.view(plan.tokens, plan.top_k))
+    return quantize_rows(x, dest=plan.assignment_rows)
 
 
 def int8_up(x_codes: torch.Tensor, x_scale: torch.Tensor, w13_codes: torch.Tensor, w13_scale: torch.Tensor,
