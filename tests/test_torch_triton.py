@@ -295,18 +295,18 @@ def test_the_default_copies_gathered_rows_for_the_gluon_kernel(triton_backend, k
 
 
 def test_the_gluon_epilogue_choice_is_checked(kernels, monkeypatch):
-    """$QMOE_GLUON_EPILOGUE takes ``store`` (the default) or ``tma``; anything else is refused, naming them. ``tma``
-    is an option: only a 16-bit c with 16-byte aligned rows takes it."""
+    """$QMOE_GLUON_EPILOGUE takes ``tma`` (the default) or ``store``; anything else is refused, naming them. ``tma``
+    is a preference: only a 16-bit c with 16-byte aligned rows takes it."""
     import torch
 
     gluon_gemm = kernels[1].gluon_gemm
     monkeypatch.delenv(gluon_gemm.EPILOGUE_ENV, raising=False)
-    assert gluon_gemm.epilogue() == "store"
-    monkeypatch.setenv(gluon_gemm.EPILOGUE_ENV, "async")
-    with pytest.raises(ValueError, match="store, tma"):
-        gluon_gemm.epilogue()
-    monkeypatch.setenv(gluon_gemm.EPILOGUE_ENV, "tma")
     assert gluon_gemm.epilogue() == "tma"
+    monkeypatch.setenv(gluon_gemm.EPILOGUE_ENV, "async")
+    with pytest.raises(ValueError, match="tma, store"):
+        gluon_gemm.epilogue()
+    monkeypatch.setenv(gluon_gemm.EPILOGUE_ENV, "store")
+    assert gluon_gemm.epilogue() == "store"
     assert gluon_gemm.tma_storable(torch.empty(4, 64, dtype=torch.bfloat16))
     assert not gluon_gemm.tma_storable(torch.empty(4, 64, dtype=torch.float32))
     assert not gluon_gemm.tma_storable(torch.empty(4, 36, dtype=torch.float16))  # 72-byte rows

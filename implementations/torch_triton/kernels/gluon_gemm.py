@@ -11,14 +11,15 @@ only issue wgmma, with one product in flight while they wait for the next slot. 
 ``ready`` (the TMA bytes landed) and ``empty`` (the product that read it has retired). Persistent: one program per
 multiprocessor, the loader running ahead into the program's next tile while the consumers run the epilogue.
 
-The epilogue scales the int32 sums and stores the tile's rows of its group synchronously from registers (16-byte
-pieces, masked): about 2 us of a ~9 us tile on the H200 during which no product is issued, with no second consumer
-to overlap it (the suspected gap to cuBLAS: ~1300 against ~1470-1540 TOP/s). $QMOE_GLUON_EPILOGUE=tma (`epilogue`)
-asks instead for an asynchronous one on 16-bit outputs: a tile whose 128 rows all lie in its group is written to a
+The epilogue scales the int32 sums. A tile whose 128 rows all lie in its group (16-bit output) is written to a
 64 KiB shared-memory tile and handed to the TMA, whose store runs on under the next tile's products (the tile is
-waited for only before the buffer is rewritten); a group's last, partial tile keeps the masked store, because the
-TMA would write the next group's rows. NOT yet run on a GPU: compiled for sm_90a only, to be measured (and checked
-bit for bit by `test_gluon_int8_gemm_equals_the_triton_kernel`) before it is made the default.
+waited for only before the buffer is rewritten); a group's last, partial tile, and any float32 output, is stored
+synchronously from registers (16-byte pieces, masked), because the TMA would write the next group's rows. That
+synchronous store of every tile (about 2 us of a ~9 us tile during which no product is issued) is what
+$QMOE_GLUON_EPILOGUE=store (`epilogue`) still asks for. On the H200 (2026-12-02, `results/h200/issue10_2026-12-02c/`)
+the TMA store took the int8_routed_prequant forward+backward step from 25.58 to 25.46 ms at top-8 and from 7.67 to
+7.59 ms at top-2, and int8_routed's from 32.54 to 31.05 ms, bit for bit the same output
+(`test_gluon_int8_gemm_equals_the_triton_kernel`).
 
 Measured alone on the H200 (2026-12-01, Triton 3.6, 64 experts x 4096 rows; `results/h200/NEXT_RUN.md`): 1157,
 1152 and 1264 TOP/s at the logbook top-8 forward up (N 4096, K 2048), down (N 2048, K 2048) and input-gradient
@@ -82,15 +83,15 @@ BLOCK_M, BLOCK_N, BLOCK_K, STAGES, WARPS = 128, 256, 128, 3, 8
 LOADER_REGISTERS = 40
 
 EPILOGUE_ENV = "QMOE_GLUON_EPILOGUE"
-EPILOGUES: tuple[str, ...] = ("store", "tma")
+EPILOGUES: tuple[str, ...] = ("tma", "store")
 
 
 def epilogue() -> str:
-    """$QMOE_GLUON_EPILOGUE, read at each call: ``store`` (the default) writes each tile's rows from registers,
-    masked, synchronously; ``tma`` writes a 16-bit output's full tiles through shared memory and an asynchronous TMA
-    store (the module's docstring; not yet measured). An option, not a demand: `grouped_int8_gemm` stores where the
-    TMA cannot write c (`tma_storable`)."""
-    choice = os.environ.get(EPILOGUE_ENV) or "store"
+    """$QMOE_GLUON_EPILOGUE, read at each call: ``tma`` (the default) writes a 16-bit output's full tiles through
+    shared memory and an asynchronous TMA store (the module's docstring); ``store`` writes every tile's rows from
+    registers, masked, synchronously. ``tma`` is a preference, not a demand: `grouped_int8_gemm` stores from
+    registers where the TMA cannot write c (`tma_storable`)."""
+    choice = os.environ.get(EPILOGUE_ENV) or "tma"
     if choice not in EPILOGUES:
         raise ValueError(f"${EPILOGUE_ENV}={choice!r} is not one of {', '.join(EPILOGUES)}")
     return choice
