@@ -670,30 +670,6 @@ def test_tuned_launches_equal_the_fixed_ones(triton_backend, monkeypatch):
             assert torch.equal(t, f), f"output {i} differs between the tuned and the fixed launch"
 
 
-@pytest.mark.parametrize("k_major", [True, False])
-def test_the_per_expert_quantizer_transposed_in_registers_gives_the_same_codes(triton_backend, kernels, k_major):
-    """`_quantize_with_scale_kernel`'s ``TRANSPOSE`` tiles (an autotuning choice for the K-major codes) store
-    the codes of the plain tiles, at partial tiles on both axes, for either output layout."""
-    import torch
-    import triton
-
-    if triton_backend.device != "cpu" and kernels[2].INTERPRETED:
-        pytest.skip("kernel-level check")
-    quant = kernels[2]
-    generator = torch.Generator().manual_seed(11)
-    w = torch.randn(3, 40, 72, generator=generator).to(triton_backend.device, torch.bfloat16)
-    scale = quant.per_expert_scale(w)
-    codes = []
-    for transpose in (False, True):
-        out = (torch.empty(3, 72, 40, dtype=torch.int8, device=w.device).transpose(1, 2) if k_major
-               else torch.empty(3, 40, 72, dtype=torch.int8, device=w.device))
-        quant._quantize_with_scale_kernel[(triton.cdiv(72, 32), triton.cdiv(40, 32), 3)](
-            w, out, scale, 40, 72, *w.stride(), *out.stride(), BLOCK_R=32, BLOCK_C=32, TRANSPOSE=transpose)
-        codes.append(out)
-    expected = torch.clamp(torch.round(w.float() / scale[:, None, None]), -127, 127).to(torch.int8)
-    assert torch.equal(codes[0], expected) and torch.equal(codes[1], expected)
-
-
 def test_swiglu_backward_in_place_equals_the_out_of_place_one(triton_backend):
     """d_a written over a is bit for bit the d_a of a fresh buffer, with and without Q(d_a)."""
     import torch

@@ -80,10 +80,8 @@ def _quantize_rows_kernel(x_ptr, codes_ptr, scale_ptr, dest_ptr, weight_ptr, n_r
 @triton.jit
 def _quantize_with_scale_kernel(w_ptr, codes_ptr, scale_ptr, n_r, n_c,
                                 stride_we, stride_wr, stride_wc, stride_ce, stride_cr, stride_cc,
-                                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TRANSPOSE: tl.constexpr = False):
-    """codes[e] = clip(rint(w[e] / scale[e]), -127, 127), written with the output's own strides. With
-    ``TRANSPOSE`` the tile is transposed in registers and stored as [BLOCK_C, BLOCK_R] (the same codes), for the
-    K-major output, whose rows are the contiguous axis."""
+                                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """codes[e] = clip(rint(w[e] / scale[e]), -127, 127), written with the output's own strides."""
     e = tl.program_id(2).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -91,12 +89,9 @@ def _quantize_with_scale_kernel(w_ptr, codes_ptr, scale_ptr, n_r, n_c,
     scale = tl.load(scale_ptr + e)
     w = tl.load(w_ptr + e * stride_we + rows[:, None] * stride_wr + cols[None, :] * stride_wc,
                 mask=mask, other=0.0).to(tl.float32)
-    q = tl.minimum(tl.maximum(round_half_even(w / scale), -127.0), 127.0).to(tl.int8)
-    if TRANSPOSE:
-        tl.store(codes_ptr + e * stride_ce + cols[:, None] * stride_cc + rows[None, :] * stride_cr, tl.trans(q),
-                 mask=tl.trans(mask))
-    else:
-        tl.store(codes_ptr + e * stride_ce + rows[:, None] * stride_cr + cols[None, :] * stride_cc, q, mask=mask)
+    q = tl.minimum(tl.maximum(round_half_even(w / scale), -127.0), 127.0)
+    tl.store(codes_ptr + e * stride_ce + rows[:, None] * stride_cr + cols[None, :] * stride_cc, q.to(tl.int8),
+             mask=mask)
 
 
 @triton.jit
@@ -309,12 +304,9 @@ def quantize_per_expert(w: torch.Tensor, k_major: bool) -> tuple[torch.Tensor, t
 def _tuned_quantize_with_scale():
     """The per-expert quantization autotuned over tiles (int8_routed quantizes both projections every step:
     1.35 ms of its 9.2 ms forward at the logbook shape, top-8, on the H200 with 64 x 64 tiles). A transposing
-    store (K-major codes) writes BLOCK_R bytes per column; each tile also with ``TRANSPOSE`` (the tile transposed
-    in registers before its store), because the K-major store of w13 still ran at 0.77 ms where its bytes take
-    0.34 ms (H200, 2026-12-02). An elementwise map: every tile gives the same codes."""
+    store (K-major codes) writes BLOCK_R bytes per column; an elementwise map, every tile gives the same codes."""
     tiles = ((64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8), (256, 64, 8), (64, 256, 8), (256, 128, 8))
-    configs = [triton.Config({"BLOCK_R": r, "BLOCK_C": c, "TRANSPOSE": t}, num_warps=w)
-               for r, c, w in tiles for t in (False, True)]
+    configs = [triton.Config({"BLOCK_R": r, "BLOCK_C": c}, num_warps=w) for r, c, w in tiles]
     return triton.autotune(configs=configs, key=["n_r", "n_c", "stride_wr", "stride_cr"])(_quantize_with_scale_kernel)
 
 
