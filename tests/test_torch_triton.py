@@ -4,7 +4,7 @@
   wrappers count their launches, and the counts follow the scheme's dataflow (the prequant backward
   goes through the int8 kernel twice more, the straight-through backward does not).
 * The grouped int8 GEMM on ragged groups: experts with zero rows (first, middle, last, all), groups on
-  tile boundaries (31, 32, 33 rows against 32-row tiles), the fused gather, capacity-dropped rows.
+  tile boundaries (31, 32, 33 rows against 32-row tiles), capacity-dropped rows.
 * The persistent grouped GEMM (few programs, each looping over work items) gives the one-tile kernel's
   output bit for bit on the same ragged groups, and runs (and is recorded) when asked for or tuned in.
 * The warp-specialized Gluon int8 GEMM of Hopper builds for sm_90a here, with either epilogue (its PTX checked
@@ -84,7 +84,7 @@ def test_int8_schemes_launch_the_int8_kernel(triton_backend, kernels, scheme, fo
     assert forward.get("grouped_gemm_int8") == forward_gemms, forward
     # x quantized once, its codes written in expert order (no gather, no copy); the SwiGLU's output quantized fused
     assert forward.get("quantize_rows_scattered") == 1 and "quantize_rows" not in forward, forward
-    assert forward.get("swiglu_quantize_rows") == 1 and "grouped_gemm_rows_copied" not in forward, forward
+    assert forward.get("swiglu_quantize_rows") == 1, forward
     assert forward.get("combine_rows") == 1, forward  # the gate-weighted combine, fused
     both = _launches(kernels, lambda: triton_backend.backward(prepared, data.x, data.dy))
     assert both.get("grouped_gemm_int8") == forward_gemms + backward_gemms, both
@@ -111,23 +111,24 @@ def test_qat_training_launches_the_fused_fake_quant_kernel(triton_backend, kerne
 # -- ragged groups ----------------------------------------------------------------------------------
 
 def _grouped_case(sizes: list[int], k_dim: int, n_cols: int, experts_seed: int = 0):
+    """Rows of codes and scales in group order (group e: ``sizes[e]`` rows), K-major codes of E experts and their
+    scales, and the groups' starts."""
     import torch
 
     gen = torch.Generator().manual_seed(experts_seed)
     experts, rows = len(sizes), sum(sizes)
-    a_codes = torch.randint(-127, 128, (rows + 3, k_dim), generator=gen, dtype=torch.int8)
-    a_scale = torch.rand(rows + 3, generator=gen) + 0.01
-    a_rows = torch.randperm(rows + 3, generator=gen)[:rows]
+    a_codes = torch.randint(-127, 128, (rows, k_dim), generator=gen, dtype=torch.int8)
+    a_scale = torch.rand(rows, generator=gen) + 0.01
     b_codes = torch.randint(-127, 128, (experts, n_cols, k_dim), generator=gen, dtype=torch.int8).transpose(1, 2)
     b_scale = torch.rand(experts, generator=gen) + 0.01
     starts = torch.tensor(np.concatenate([[0], np.cumsum(sizes)]), dtype=torch.int32)
-    return a_codes, a_scale, a_rows, b_codes, b_scale, starts
+    return a_codes, a_scale, b_codes, b_scale, starts
 
 
-def _expected(a_codes, a_scale, a_rows, b_codes, b_scale, sizes) -> np.ndarray:
+def _expected(a_codes, a_scale, b_codes, b_scale, sizes) -> np.ndarray:
     out, start = [], 0
     for e, size in enumerate(sizes):
-        rows = a_rows[start:start + size].numpy()
+        rows = np.arange(start, start + size)
         acc = a_codes.numpy()[rows].astype(np.int64) @ b_codes[e].numpy().astype(np.int64)
         out.append(acc * a_scale.numpy()[rows, None].astype(np.float64) * float(b_scale[e]))
         start += size
@@ -144,45 +145,42 @@ def test_grouped_int8_gemm_ragged_groups(triton_backend, kernels, sizes):
 
     if triton_backend.device != "cpu":
         pytest.skip("kernel-level check on the interpreter; the GPU script checks the compiled kernel")
-    a_codes, a_scale, a_rows, b_codes, b_scale, starts = _grouped_case(sizes, k_dim=40, n_cols=36)
+    a_codes, a_scale, b_codes, b_scale, starts = _grouped_case(sizes, k_dim=40, n_cols=36)
     out = kernels[1].grouped_gemm(a_codes, b_codes, starts, out_dtype=torch.float32, a_scale=a_scale,
-                                  b_scale=b_scale, a_rows=a_rows)
-    expected = _expected(a_codes, a_scale, a_rows, b_codes, b_scale, sizes)
+                                  b_scale=b_scale)
+    expected = _expected(a_codes, a_scale, b_codes, b_scale, sizes)
     assert out.shape == expected.shape
     np.testing.assert_allclose(out.numpy(), expected, rtol=2e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("k_dim", [48, 64])  # 48: the last K step half past the end (zero-filled)
-@pytest.mark.parametrize("gather", [True, False])
 @pytest.mark.parametrize("sizes", [
     pytest.param([0, 5, 0, 0, 3, 0], id="empty_first_middle_last"),
     pytest.param([31, 32, 33, 1], id="tile_boundaries"),
 ])
-def test_grouped_int8_gemm_through_tensor_descriptors(triton_backend, kernels, sizes, gather, k_dim):
+def test_grouped_int8_gemm_through_tensor_descriptors(triton_backend, kernels, sizes, k_dim):
     """Operands whose strides the tensor memory accelerator takes load through descriptors (the interpreter
-    emulates them): B always, A where its rows are not gathered. A tile that runs past its group reads the
-    next group's rows (never stored), past the last row and past K zeros; N = 36 leaves a partial B tile."""
+    emulates them): A and B. A tile that runs past its group reads the next group's rows (never stored), past
+    the last row and past K zeros; N = 36 leaves a partial B tile."""
     import torch
 
-    a_codes, a_scale, a_rows, b_codes, b_scale, starts = _grouped_case(sizes, k_dim=k_dim, n_cols=36)
-    expected = _expected(a_codes, a_scale, a_rows, b_codes, b_scale, sizes)
-    if not gather:  # the rows already in group order, as the down projection's and the backward's are
-        a_codes, a_scale, a_rows = a_codes[a_rows].contiguous(), a_scale[a_rows].contiguous(), None
+    a_codes, a_scale, b_codes, b_scale, starts = _grouped_case(sizes, k_dim=k_dim, n_cols=36)
+    expected = _expected(a_codes, a_scale, b_codes, b_scale, sizes)
     device = triton_backend.device
     run = lambda: kernels[1].grouped_gemm(  # noqa: E731
         a_codes.to(device), b_codes.to(device), starts.to(device), out_dtype=torch.float32,
-        a_scale=a_scale.to(device), b_scale=b_scale.to(device), a_rows=None if a_rows is None else a_rows.to(device))
+        a_scale=a_scale.to(device), b_scale=b_scale.to(device))
     out = []
     launches = _launches(kernels, lambda: out.append(run()))
-    # the Gluon kernel runs the gathered rows too, on a copy of them, unless $QMOE_TRITON_INT8_GEMM says otherwise
+    # on Hopper the Gluon kernel, unless $QMOE_TRITON_INT8_GEMM says otherwise
     choice = kernels[1].int8_kernel()
     gluon = device != "cpu" and choice == "auto" and kernels[1].gluon_gemm.ineligible(
         a_codes.to(device), b_codes.to(device), torch.float32) is None
     if gluon:
         assert launches.get("grouped_gemm_int8_gluon") == 1, launches  # Hopper: the TMA kernel of `gluon_gemm`
     elif device == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
-        assert launches.get("grouped_gemm_b_descriptor") == 1 and launches.get("grouped_gemm_a_descriptor") == (
-            None if gather else 1), launches
+        assert launches.get("grouped_gemm_b_descriptor") == 1 and launches.get("grouped_gemm_a_descriptor") == 1, (
+            launches)
     np.testing.assert_allclose(out[0].cpu().numpy(), expected, rtol=2e-6, atol=1e-6)
 
 
@@ -192,10 +190,10 @@ def test_grouped_int8_gemm_every_group_empty(triton_backend, kernels):
 
     if triton_backend.device != "cpu":
         pytest.skip("kernel-level check on the interpreter")
-    a_codes, a_scale, a_rows, b_codes, b_scale, _ = _grouped_case([2, 3], k_dim=16, n_cols=8)
+    a_codes, a_scale, b_codes, b_scale, _ = _grouped_case([2, 3], k_dim=16, n_cols=8)
     starts = torch.zeros(3, dtype=torch.int32)
     out = kernels[1].grouped_gemm(a_codes, b_codes, starts, out_dtype=torch.float32, a_scale=a_scale,
-                                  b_scale=b_scale, a_rows=a_rows, zero_uncovered=True)
+                                  b_scale=b_scale, zero_uncovered=True)
     assert out.shape == (5, 8) and not torch.any(out)
 
 
@@ -259,19 +257,17 @@ def test_the_int8_kernel_choice_is_checked(kernels, monkeypatch):
     assert kernels[1].int8_kernel() == "triton"
 
 
-@pytest.mark.parametrize("choice, gathered_to_gluon", [("auto", True), ("triton", False)])
-def test_the_default_copies_gathered_rows_for_the_gluon_kernel(triton_backend, kernels, monkeypatch, choice,
-                                                                gathered_to_gluon):
-    """Where the Gluon kernel can run (a stand-in here, on any device), a product of gathered rows goes to it under
-    ``auto`` (the default), with the rows and their scales copied in gather order; ``triton`` leaves it to the
-    Triton kernel, which gathers as it loads. Either way the product is the same."""
+@pytest.mark.parametrize("choice, to_gluon", [("auto", True), ("triton", False)])
+def test_the_int8_kernel_choice_picks_the_kernel(triton_backend, kernels, monkeypatch, choice, to_gluon):
+    """Where the Gluon kernel can run (a stand-in here, on any device), an int8 product goes to it under ``auto``
+    (the default), with a's rows and scales as given; ``triton`` leaves it to the Triton kernel. Either way the
+    product is the same."""
     import torch
 
     grouped = kernels[1]
     sizes = [3, 0, 5]
     device = triton_backend.device
-    a_codes, a_scale, a_rows, b_codes, b_scale, starts = (t.to(device) for t in _grouped_case(
-        sizes, k_dim=32, n_cols=16))
+    a_codes, a_scale, b_codes, b_scale, starts = (t.to(device) for t in _grouped_case(sizes, k_dim=32, n_cols=16))
     seen = []
 
     def stand_in(a, a_scale_, b, b_scale_, group_starts, c):
@@ -285,12 +281,11 @@ def test_the_default_copies_gathered_rows_for_the_gluon_kernel(triton_backend, k
     monkeypatch.setattr(grouped.gluon_gemm, "ineligible", lambda *_: None)
     monkeypatch.setattr(grouped.gluon_gemm, "grouped_int8_gemm", stand_in)
     monkeypatch.setenv(grouped.INT8_KERNEL_ENV, choice)
-    out = grouped.grouped_gemm(a_codes, b_codes, starts, out_dtype=torch.float32, a_scale=a_scale, b_scale=b_scale,
-                               a_rows=a_rows)
-    assert bool(seen) == gathered_to_gluon
+    out = grouped.grouped_gemm(a_codes, b_codes, starts, out_dtype=torch.float32, a_scale=a_scale, b_scale=b_scale)
+    assert bool(seen) == to_gluon
     if seen:
-        assert torch.equal(seen[0][0], a_codes[a_rows]) and torch.equal(seen[0][1], a_scale[a_rows])
-    want = _expected(*(t.cpu() for t in (a_codes, a_scale, a_rows, b_codes, b_scale)), sizes)
+        assert torch.equal(seen[0][0], a_codes) and torch.equal(seen[0][1], a_scale)
+    want = _expected(*(t.cpu() for t in (a_codes, a_scale, b_codes, b_scale)), sizes)
     np.testing.assert_allclose(out.cpu().numpy(), want, rtol=1e-6)
 
 
@@ -339,9 +334,9 @@ def test_gluon_int8_gemm_equals_the_triton_kernel(triton_backend, kernels, monke
         pytest.skip("the Gluon kernel runs on Hopper GPUs only")
     k_dim, n_cols = shape
     sizes = [0, 1, 127, 128, 129, 300, 0, 1000, 5]
-    a_codes, a_scale, a_rows, b_codes, b_scale, starts = _grouped_case(sizes, k_dim=k_dim, n_cols=n_cols)
+    a_codes, a_scale, b_codes, b_scale, starts = _grouped_case(sizes, k_dim=k_dim, n_cols=n_cols)
     starts[-1] = starts[-2]  # the last group's 5 rows dropped
-    a_codes, a_scale = a_codes[a_rows].contiguous().cuda(), a_scale[a_rows].contiguous().cuda()
+    a_codes, a_scale = a_codes.cuda(), a_scale.cuda()
     args = (a_codes, b_codes.cuda(), starts.cuda())
     kwargs = dict(out_dtype=getattr(torch, out_dtype), a_scale=a_scale, b_scale=b_scale.cuda(), zero_uncovered=True)
     monkeypatch.setenv(kernels[1].gluon_gemm.EPILOGUE_ENV, epilogue)
@@ -366,23 +361,20 @@ def _both_variants(kernels, device, a, b, starts, **kwargs):
 
 
 @pytest.mark.parametrize("k_dim", [40, 64])  # 40: not a multiple of the 32-wide K step (and no descriptors)
-@pytest.mark.parametrize("gather", [True, False])
 @pytest.mark.parametrize("sizes", [
     pytest.param([0, 5, 0, 0, 3, 0], id="empty_and_smaller_than_a_tile"),
     pytest.param([31, 32, 33, 1, 0, 70], id="straddling_tiles"),
 ])
-def test_persistent_grouped_gemm_equals_the_one_tile_kernel(triton_backend, kernels, sizes, gather, k_dim):
+def test_persistent_grouped_gemm_equals_the_one_tile_kernel(triton_backend, kernels, sizes, k_dim):
     """The persistent kernel loops each program over several work items (4 programs in the interpreter), its
     epilogue recomputing the item it stores; int32 sums are exact, so its int8 output is the one-tile
     kernel's bit for bit, on every row of every group (and the reference's to rounding)."""
     import torch
 
-    a_codes, a_scale, a_rows, b_codes, b_scale, starts = _grouped_case(sizes, k_dim=k_dim, n_cols=36)
-    expected = _expected(a_codes, a_scale, a_rows, b_codes, b_scale, sizes)
-    if not gather:
-        a_codes, a_scale, a_rows = a_codes[a_rows].contiguous(), a_scale[a_rows].contiguous(), None
+    a_codes, a_scale, b_codes, b_scale, starts = _grouped_case(sizes, k_dim=k_dim, n_cols=36)
+    expected = _expected(a_codes, a_scale, b_codes, b_scale, sizes)
     one_tile, persistent = _both_variants(kernels, triton_backend.device, a_codes, b_codes, starts,
-                                          out_dtype=torch.float32, a_scale=a_scale, b_scale=b_scale, a_rows=a_rows)
+                                          out_dtype=torch.float32, a_scale=a_scale, b_scale=b_scale)
     assert torch.equal(one_tile, persistent)
     np.testing.assert_allclose(persistent.numpy(), expected, rtol=2e-6, atol=1e-6)
 
@@ -391,10 +383,10 @@ def test_persistent_grouped_gemm_zero_uncovered(triton_backend, kernels):
     """Rows after the last group (capacity-dropped) stay zero: the persistent loop counts only real tiles."""
     import torch
 
-    a_codes, a_scale, a_rows, b_codes, b_scale, starts = _grouped_case([3, 0, 30, 7], k_dim=48, n_cols=40)
+    a_codes, a_scale, b_codes, b_scale, starts = _grouped_case([3, 0, 30, 7], k_dim=48, n_cols=40)
     starts[-1] = starts[-2]  # the last group's 7 rows dropped
     one_tile, persistent = _both_variants(kernels, triton_backend.device, a_codes, b_codes, starts,
-                                          out_dtype=torch.float32, a_scale=a_scale, b_scale=b_scale, a_rows=a_rows,
+                                          out_dtype=torch.float32, a_scale=a_scale, b_scale=b_scale,
                                           zero_uncovered=True)
     assert torch.equal(one_tile, persistent)
     assert not torch.any(persistent[33:]) and torch.all(persistent[:33].abs().sum(1) > 0)
@@ -422,14 +414,13 @@ def test_persistent_true_launches_the_persistent_kernel(triton_backend, kernels)
     the interpreter's or a small problem's fixed tiles."""
     import torch
 
-    a_codes, a_scale, a_rows, b_codes, b_scale, starts = _grouped_case([5, 0, 9], k_dim=32, n_cols=16)
     device = triton_backend.device
-    a_codes, a_scale, a_rows, b_codes, b_scale, starts = (
-        t.to(device) for t in (a_codes, a_scale, a_rows, b_codes, b_scale, starts))
+    a_codes, a_scale, b_codes, b_scale, starts = (
+        t.to(device) for t in _grouped_case([5, 0, 9], k_dim=32, n_cols=16))
 
     def run(persistent):
         return lambda: kernels[1].grouped_gemm(a_codes, b_codes, starts, out_dtype=torch.float32, a_scale=a_scale,
-                                               b_scale=b_scale, a_rows=a_rows, persistent=persistent)
+                                               b_scale=b_scale, persistent=persistent)
 
     assert _launches(kernels, run(True)).get("grouped_gemm_persistent") == 1
     for choice in (False, None):
@@ -453,13 +444,12 @@ def test_the_tuned_launch_follows_the_configs_persistent_flag(triton_backend, ke
     monkeypatch.setattr(gemm, "_GPU_CONFIGS", [gemm._tiles(32, 32, 32, 4, 3, persistent)])
     monkeypatch.setattr(gemm, "_autotuned", {})
     sizes = [0, 5, 0, 31, 33, 1, 0]
-    a_codes, a_scale, a_rows, b_codes, b_scale, starts = _grouped_case(sizes, k_dim=48, n_cols=36)
-    expected = _expected(a_codes, a_scale, a_rows, b_codes, b_scale, sizes)
+    a_codes, a_scale, b_codes, b_scale, starts = _grouped_case(sizes, k_dim=48, n_cols=36)
+    expected = _expected(a_codes, a_scale, b_codes, b_scale, sizes)
 
     def run(choice, out):
         return lambda: out.append(gemm.grouped_gemm(a_codes, b_codes, starts, out_dtype=torch.float32,
-                                                    a_scale=a_scale, b_scale=b_scale, a_rows=a_rows,
-                                                    persistent=choice))
+                                                    a_scale=a_scale, b_scale=b_scale, persistent=choice))
 
     for choice in (None, persistent):
         out: list = []

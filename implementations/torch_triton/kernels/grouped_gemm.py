@@ -1,10 +1,12 @@
 """Grouped GEMM over token rows sorted by expert, in Triton: int8 x int8 -> int32, scales in the epilogue.
 
-    c[r, :] = (sum_k a[src(r), k] * b[e(r), k, :]) * a_scale[src(r)] * b_scale[e(r)]
+    c[r, :] = (sum_k a[r, k] * b[e(r), k, :]) * a_scale[r] * b_scale[e(r)]
 
-for every row r of group e (rows ``group_starts[e] .. group_starts[e+1]`` of c). ``src(r)`` is r, or
-``a_rows[r]`` when the dispatch gather is fused into the A load (the JAX logbook's pack+quant fusion:
-quantize each token once, then read its codes straight from the token-major tensor).
+for every row r of group e (rows ``group_starts[e] .. group_starts[e+1]`` of a and c). a's rows come in expert
+order: the layer writes each token's codes to its sorted rows as it quantizes them (`quant.quantize_rows` with
+``dest``), so no product gathers rows. (A gather fused into this kernel's A loads was measured against a copy
+followed by `gluon_gemm` on the H200 and lost, 27.57 against 26.49 ms per top-8 step, 2026-12-02; then the
+quantizer's scatter made both unnecessary, and the gather was removed.)
 
 No padding to a fixed capacity: the grid has one program per (M-tile of some group, N-tile), sized by
 the upper bound ``cdiv(rows, BLOCK_M) + experts`` so that no host synchronisation is needed; every
@@ -29,7 +31,7 @@ does help: `gluon_gemm` (a loading warp feeding two consumer warpgroups). Kept f
 
 On Hopper (sm_90) the int8 products whose b the TMA reads whole (codes stored [E, N, K]) go to `gluon_gemm`'s
 warp-specialized kernel instead (1150-1260 against this kernel's 1040-1090 TOP/s alone at the logbook's top-8
-shapes), gathered rows copied first, unless $QMOE_TRITON_INT8_GEMM says otherwise (`int8_kernel`).
+shapes), unless $QMOE_TRITON_INT8_GEMM says otherwise (`int8_kernel`).
 
 The same kernel with ``INT8=False`` is a float grouped GEMM (float32 accumulation, no TF32), used
 where a float path must not depend on ``torch._grouped_mm``.
@@ -59,15 +61,12 @@ from . import gluon_gemm
 
 
 @triton.jit
-def _tile_sources(a_rows_ptr, row_begin, row_end, GATHER_A: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The tile's rows of c, which of them are in its group, and the rows of a (and a_scale) they read."""
+def _tile_sources(row_begin, row_end, BLOCK_M: tl.constexpr):
+    """The tile's rows of c, which of them are in its group, and the same rows as 64-bit offsets into a and
+    a_scale (row x stride passes 2^31 at the largest presets)."""
     rows = row_begin + tl.arange(0, BLOCK_M)
     row_ok = rows < row_end
-    if GATHER_A:
-        src = tl.load(a_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    else:
-        src = rows.to(tl.int64)
-    return rows, row_ok, src
+    return rows, row_ok, rows.to(tl.int64)
 
 
 @triton.jit
@@ -137,10 +136,10 @@ def _tile_store(c_ptr, acc, a_scale_ptr, b_scale_ptr, rows, row_ok, src, expert,
 
 
 @triton.jit
-def _grouped_gemm_kernel(a_ptr, a_scale_ptr, a_rows_ptr, b_ptr, b_scale_ptr, c_ptr, group_starts_ptr,
+def _grouped_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, group_starts_ptr,
                          n_cols, k_dim, n_experts, rows_per_expert,
                          stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
-                         INT8: tl.constexpr, GATHER_A: tl.constexpr, A_DESC: tl.constexpr, B_DESC: tl.constexpr,
+                         INT8: tl.constexpr, A_DESC: tl.constexpr, B_DESC: tl.constexpr,
                          E_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, PERSISTENT: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     if PERSISTENT:
@@ -161,7 +160,7 @@ def _grouped_gemm_kernel(a_ptr, a_scale_ptr, a_rows_ptr, b_ptr, b_scale_ptr, c_p
         for item in tl.range(tl.program_id(0), work_items, programs, flatten=True):
             expert, row_begin, row_end = tile_rows(item // n_tiles, starts, ends, tiles, tile_end, n_experts,
                                                     E_BLOCK, BLOCK_M)
-            rows, row_ok, src = _tile_sources(a_rows_ptr, row_begin, row_end, GATHER_A, BLOCK_M)
+            rows, row_ok, src = _tile_sources(row_begin, row_end, BLOCK_M)
             cols, col_ok = _tile_cols(item % n_tiles, n_cols, BLOCK_N)
             acc = _tile_dot(a_ptr, b_ptr, src, row_ok, row_begin, expert, item % n_tiles, cols, col_ok, k_dim,
                             k_steps, stride_am, stride_ak, stride_be, stride_bk, stride_bn,
@@ -169,7 +168,7 @@ def _grouped_gemm_kernel(a_ptr, a_scale_ptr, a_rows_ptr, b_ptr, b_scale_ptr, c_p
             stored += programs
             expert, row_begin, row_end = tile_rows(stored // n_tiles, starts, ends, tiles, tile_end, n_experts,
                                                     E_BLOCK, BLOCK_M)
-            rows, row_ok, src = _tile_sources(a_rows_ptr, row_begin, row_end, GATHER_A, BLOCK_M)
+            rows, row_ok, src = _tile_sources(row_begin, row_end, BLOCK_M)
             cols, col_ok = _tile_cols(stored % n_tiles, n_cols, BLOCK_N)
             _tile_store(c_ptr, acc, a_scale_ptr, b_scale_ptr, rows, row_ok, src, expert, cols, col_ok,
                         stride_cm, stride_cn, INT8)
@@ -180,7 +179,7 @@ def _grouped_gemm_kernel(a_ptr, a_scale_ptr, a_rows_ptr, b_ptr, b_scale_ptr, c_p
         pid_m = tl.program_id(1)
         starts, ends, tiles, tile_end = expert_tiles(group_starts_ptr, n_experts, E_BLOCK, BLOCK_M)
         expert, row_begin, row_end = tile_rows(pid_m, starts, ends, tiles, tile_end, n_experts, E_BLOCK, BLOCK_M)
-        rows, row_ok, src = _tile_sources(a_rows_ptr, row_begin, row_end, GATHER_A, BLOCK_M)
+        rows, row_ok, src = _tile_sources(row_begin, row_end, BLOCK_M)
         cols, col_ok = _tile_cols(pid_n, n_cols, BLOCK_N)
         k_steps = tl.where(row_begin < row_end, tl.cdiv(k_dim, BLOCK_K), 0)
         acc = _tile_dot(a_ptr, b_ptr, src, row_ok, row_begin, expert, pid_n, cols, col_ok, k_dim, k_steps,
@@ -262,7 +261,7 @@ def _gpu_kernel(int8: bool, persistent: bool | None) -> Any:
         even_k = triton.heuristics({"EVEN_K": lambda args: args["k_dim"] % args["BLOCK_K"] == 0})
         # rows_per_expert (a power of two at or above the mean group size): the best tile differs between
         # top-2 and top-8 groups of the same matrices, which would otherwise share the first one's pick.
-        key = ["n_cols", "k_dim", "stride_bk", "rows_per_expert", "GATHER_A", "A_DESC", "B_DESC"]
+        key = ["n_cols", "k_dim", "stride_bk", "rows_per_expert", "A_DESC", "B_DESC"]
         _autotuned[int8, persistent] = triton.autotune(configs=configs, key=key)(even_k(_grouped_gemm_kernel))
     return _autotuned[int8, persistent]
 
@@ -306,11 +305,7 @@ INT8_KERNELS: tuple[str, ...] = ("auto", "triton")
 
 def int8_kernel() -> str:
     """$QMOE_TRITON_INT8_GEMM, read at each call: ``auto`` runs `gluon_gemm`'s kernel for every int8 product it can
-    run (`gluon_gemm.ineligible`), gathered rows (``a_rows``) on a copy of them (Hopper's TMA cannot gather);
-    ``triton`` runs this module's kernel for all (the A/B of the kernels; it gathers as it loads). On the H200
-    (2026-12-02, logbook top-8, int8_routed_prequant) the copy paid: forward+backward 26.49 ms against 27.57 with
-    the gather in the Triton kernel's loads, forward 7.32 against 7.70. The layer now writes its codes in expert
-    order as it quantizes them (`layer.sorted_codes`) and passes no gathered rows."""
+    run (`gluon_gemm.ineligible`); ``triton`` runs this module's kernel for all (the A/B of the kernels)."""
     choice = os.environ.get(INT8_KERNEL_ENV) or "auto"
     if choice not in INT8_KERNELS:
         raise ValueError(f"${INT8_KERNEL_ENV}={choice!r} is not one of {', '.join(INT8_KERNELS)}")
@@ -319,16 +314,15 @@ def int8_kernel() -> str:
 
 def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_starts: torch.Tensor, *, out_dtype: torch.dtype,
                  a_scale: torch.Tensor | None = None, b_scale: torch.Tensor | None = None,
-                 a_rows: torch.Tensor | None = None, zero_uncovered: bool = False,
-                 persistent: bool | None = None) -> torch.Tensor:
-    """c [R, N] with rows of group e = a's rows (or ``a[a_rows]``) of that group times b[e].
+                 zero_uncovered: bool = False, persistent: bool | None = None) -> torch.Tensor:
+    """c [R, N] with rows of group e = a's rows of that group times b[e].
 
-    a: [R_a, K] int8 (with ``a_scale`` [R_a] float32) or float; b: [E, K, N] of any strides (int8
-    with ``b_scale`` [E], or float); group_starts: [E + 1] int32 row offsets of c, non-decreasing.
-    R = len(a_rows) or R_a. Rows of c outside every group are left unwritten, or zero with
-    ``zero_uncovered`` (capacity-dropped rows sorted after the last group).
+    a: [R, K] int8 (with ``a_scale`` [R] float32) or float; b: [E, K, N] of any strides (int8
+    with ``b_scale`` [E], or float); group_starts: [E + 1] int32 row offsets of a and c, non-decreasing.
+    Rows of c outside every group are left unwritten, or zero with ``zero_uncovered`` (capacity-dropped
+    rows sorted after the last group).
 
-    int8 operands in the layouts the tensor cores read (K-major b, a's rows contiguous and not gathered)
+    int8 operands in the layouts the tensor cores read (K-major b, a's rows contiguous)
     are loaded through tensor descriptors where the device has the accelerator (`_tma_device`).
 
     ``persistent``: None lets the autotuner pick the one-tile or the persistent kernel (the interpreter and
@@ -340,7 +334,7 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_starts: torch.Tensor, *
     if int8 != (b.dtype == torch.int8) or int8 != (a_scale is not None) or int8 != (b_scale is not None):
         raise ValueError("grouped_gemm: int8 operands need both scales; float operands take none")
     experts, k_dim, n_cols = b.shape
-    n_rows = a_rows.shape[0] if a_rows is not None else a.shape[0]
+    n_rows = a.shape[0]
     if a.shape[-1] != k_dim:
         raise ValueError(f"grouped_gemm: a has {a.shape[-1]} columns, b contracts over {k_dim}")
     alloc = torch.zeros if zero_uncovered else torch.empty
@@ -354,22 +348,18 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_starts: torch.Tensor, *
     kernel_choice = int8_kernel() if int8 else "triton"
     gluon = kernel_choice == "auto"
     if gluon and persistent is None and not INTERPRETED and gluon_gemm.ineligible(a, b, out_dtype) is None:
-        if a_rows is not None:
-            record_launch("grouped_gemm_rows_copied")
-            a, a_scale = a.index_select(0, a_rows), a_scale.index_select(0, a_rows)
         gluon_gemm.grouped_int8_gemm(a, a_scale, b, b_scale, group_starts, c)
         return c
     a_desc = b_desc = None
     if int8 and _tma_device(a):
-        if a_rows is None:
-            a_desc = _descriptor(a, [a.shape[0], k_dim], [a.stride(0), a.stride(1)], 2)
+        a_desc = _descriptor(a, [a.shape[0], k_dim], [a.stride(0), a.stride(1)], 2)
         b_desc = _descriptor(b, [experts, n_cols, k_dim], [b.stride(0), b.stride(2), b.stride(1)], 3)
     dummy = c  # pointer arguments a constexpr branch never reads
-    args = (a if a_desc is None else a_desc, a_scale if int8 else dummy, a_rows if a_rows is not None else dummy,
-            b if b_desc is None else b_desc, b_scale if int8 else dummy,
-            c, group_starts, n_cols, k_dim, experts, next_power_of_2(triton.cdiv(n_rows, experts)), a.stride(0),
-            a.stride(1), *b.stride(), c.stride(0), c.stride(1))
-    flags = dict(INT8=int8, GATHER_A=a_rows is not None, A_DESC=a_desc is not None, B_DESC=b_desc is not None,
+    args = (a if a_desc is None else a_desc, a_scale if int8 else dummy, b if b_desc is None else b_desc,
+            b_scale if int8 else dummy, c, group_starts, n_cols, k_dim, experts,
+            next_power_of_2(triton.cdiv(n_rows, experts)), a.stride(0), a.stride(1), *b.stride(), c.stride(0),
+            c.stride(1))
+    flags = dict(INT8=int8, A_DESC=a_desc is not None, B_DESC=b_desc is not None,
                  E_BLOCK=max(2, next_power_of_2(experts)))
     for operand, desc in (("a", a_desc), ("b", b_desc)):
         if desc is not None:
@@ -378,7 +368,7 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_starts: torch.Tensor, *
         config = _INTERPRETER_CONFIG if INTERPRETED else _SMALL_CONFIG
         tiles = config.kwargs
         ran_persistent = bool(persistent)
-        _set_block_shapes({"a_ptr": args[0], "b_ptr": args[3], **tiles})
+        _set_block_shapes({"a_ptr": args[0], "b_ptr": args[2], **tiles})
         programs = _persistent_programs(a) if ran_persistent else 0
         grid = _grid(n_rows, n_cols, experts, tiles["BLOCK_M"], tiles["BLOCK_N"], ran_persistent, programs)
         _grouped_gemm_kernel[grid](*args, **flags, **tiles, EVEN_K=k_dim % tiles["BLOCK_K"] == 0,
