@@ -88,6 +88,18 @@ def test_conformance_collects_no_benchmark_and_flags_alone_collect_only_benchmar
     assert not [i for i in _collected(skipped) if "test_throughput[" in i]
 
 
+def test_a_scheme_selection_keeps_the_native_peers_baseline():
+    """--bench-scheme without `none` keeps the native peers' `none` cases (every ratio is to them; a selection once
+    lost them silently), not the backends' `none` nor the bf16 GEMM bound's; --bench-no-peers drops them."""
+    grid = ("-m", "benchmark", "--collect-only", "-q", "suite/benchmarks/test_throughput.py", "--backend",
+            "torch_eager", "--bench-scheme", "int8_routed", "--bench-top-k", "2")
+    ids = _collected(_pytest(*grid))
+    assert [i for i in ids if "[torch._grouped_mm.compiled-none-top2" in i], ids
+    assert [i for i in ids if "[torch_eager-int8_routed-top2" in i], ids
+    assert not [i for i in ids if "[torch_eager-none" in i or "[gemm_bound-none" in i], ids
+    assert not [i for i in _collected(_pytest(*grid, "--bench-no-peers")) if "-none-" in i]
+
+
 @pytest.mark.parametrize("options, requested, alone", [
     ({"benchmark_json": Path("x.json")}, True, True),
     ({"benchmark_autosave": "tag"}, True, True),

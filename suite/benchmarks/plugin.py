@@ -65,7 +65,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bench-routing", default=None, metavar="PATTERN",
                     help=f"only these routing patterns: {', '.join(workload.ROUTINGS)} (default both)")
     group.addoption("--bench-scheme", default=None, metavar="SCHEME",
-                    help="only these schemes (comma-separated; default every scheme a backend declares)")
+                    help="only these schemes (comma-separated; default every scheme a backend declares); the native "
+                         "peers' none cases stay, as every ratio is to them (--bench-no-peers drops them)")
     group.addoption("--bench-dtype", default=None, help="compute dtype (default: float32 on cpu, bfloat16 on GPUs)")
     group.addoption("--bench-rounds", type=int, default=5, help="timed rounds per benchmark (default 5)")
     group.addoption("--bench-warmup", type=int, default=1,
@@ -323,6 +324,7 @@ def bench_grid(config: pytest.Config) -> list:
     pass_ids = [pid for pid, (pname, _) in harness.PASS_IDS.items() if pname in passes]
 
     entries = [(e.name, e.cls, e.unavailable, e.load_error, False) for e in sel.backends]
+    baselines: set[str] = set()  # the native peers: their `none` cases stay whatever --bench-scheme selects
     if not config.getoption("--bench-no-peers"):
         frameworks = []
         for _, cls, unavailable, error, _ in entries:
@@ -332,6 +334,7 @@ def bench_grid(config: pytest.Config) -> list:
         for framework in frameworks:
             for cls in PEERS[framework]:
                 entries.append((cls.name, cls, cls.unavailable_reason(), None, True))
+                baselines.add(cls.name)
         if entries:  # the device's bounds for this work (bf16 and int8 GEMMs), whatever framework the backends use
             for cls in (GemmBound, GemmBoundInt8):
                 entries.append((cls.name, cls, cls.unavailable_reason(), None, True))
@@ -341,10 +344,15 @@ def bench_grid(config: pytest.Config) -> list:
     timer, timer_name = clock_for(sel.device)
     bench_mark = {"timer": timer} if timer_name != "perf_counter" else {}
     params, reported = [], set()
+    # Every ratio in a table is to the native peer of the same run: a --bench-scheme that leaves `none` out keeps
+    # the peers' `none` cases (not the backends', nor the bf16 GEMM bound's); --bench-no-peers or -k drops them.
+    grid_schemes = schemes if "none" in schemes or not baselines else ["none", *schemes]
     for shape in preset:
         ks = [k for k in shape.top_ks if not top_ks or k in top_ks]
-        for group, routing, scheme in itertools.product(jax_last(entries), routings, schemes):
+        for group, routing, scheme in itertools.product(jax_last(entries), routings, grid_schemes):
             for name, cls, unavailable, error, is_peer in group:
+                if scheme not in schemes and name not in baselines:
+                    continue
                 caps = cls.capabilities if cls is not None else None
                 if caps is not None and scheme not in caps.schemes:
                     continue  # a scheme a backend does not declare is not a case at all
