@@ -98,6 +98,19 @@ def test_int8_schemes_launch_the_int8_kernel(triton_backend, kernels, scheme, fo
         assert both.get("swiglu_backward") == 1, both
 
 
+def test_int8_routed_quantizes_its_weights_before_routing(triton_backend, kernels, monkeypatch):
+    """int8_routed's per-call weight quantization is launched before the router's kernels, so that its device work
+    runs while the host launches the routing and the dispatch plan (whose device work is short)."""
+    import collections
+
+    data = CASES["empty_experts"].build("float32")
+    prepared = triton_backend.prepare(data.spec, data.params, "int8_routed", "float32")
+    monkeypatch.setattr(kernels[0], "LAUNCHES", collections.Counter())
+    triton_backend.forward(prepared, data.x)
+    order = list(kernels[0].LAUNCHES)  # kernel names in the order of their first launch
+    assert order.index("quantize_per_expert") < order.index("router_top_k") < order.index("grouped_gemm_int8"), order
+
+
 def test_qat_training_launches_the_fused_fake_quant_kernel(triton_backend, kernels):
     data = CASES["wide_g64"].build("float32")  # w13 has 131,072 elements: quantized; w2 65,536: float
     prepared = triton_backend.prepare(data.spec, data.params, "qat_int8_row", "float32")
