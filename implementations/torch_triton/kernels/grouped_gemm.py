@@ -61,12 +61,11 @@ from . import gluon_gemm
 
 
 @triton.jit
-def _tile_sources(row_begin, row_end, BLOCK_M: tl.constexpr):
-    """The tile's rows of c, which of them are in its group, and the same rows as 64-bit offsets into a and
-    a_scale (row x stride passes 2^31 at the largest presets)."""
+def _tile_row_offsets(row_begin, row_end, BLOCK_M: tl.constexpr):
+    """The tile's rows of a, a_scale and c, 64-bit (row x stride passes 2^31 at the largest presets), and which
+    of them are in its group."""
     rows = row_begin + tl.arange(0, BLOCK_M)
-    row_ok = rows < row_end
-    return rows, row_ok, rows.to(tl.int64)
+    return rows.to(tl.int64), rows < row_end
 
 
 @triton.jit
@@ -77,7 +76,7 @@ def _tile_cols(pid_n, n_cols, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _tile_dot(a_ptr, b_ptr, src, row_ok, row_begin, expert, pid_n, cols, col_ok, k_dim, k_steps,
+def _tile_dot(a_ptr, b_ptr, rows, row_ok, row_begin, expert, pid_n, cols, col_ok, k_dim, k_steps,
               stride_am, stride_ak, stride_be, stride_bk, stride_bn,
               INT8: tl.constexpr, A_DESC: tl.constexpr, B_DESC: tl.constexpr, EVEN_K: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -87,7 +86,7 @@ def _tile_dot(a_ptr, b_ptr, src, row_ok, row_begin, expert, pid_n, cols, col_ok,
     # zero-filled): B's [BLOCK_N, BLOCK_K] tile of expert e from its K-major [E, N, K] codes; A's rows
     # row_begin .. + BLOCK_M, which past row_end are another group's (their sums are never stored).
     if not A_DESC:
-        a_ptrs = a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak
+        a_ptrs = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
     if not B_DESC:
         b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
     if INT8:
@@ -121,17 +120,17 @@ def _tile_dot(a_ptr, b_ptr, src, row_ok, row_begin, expert, pid_n, cols, col_ok,
 
 
 @triton.jit
-def _tile_store(c_ptr, acc, a_scale_ptr, b_scale_ptr, rows, row_ok, src, expert, cols, col_ok,
+def _tile_store(c_ptr, acc, a_scale_ptr, b_scale_ptr, rows, row_ok, expert, cols, col_ok,
                 stride_cm, stride_cn, INT8: tl.constexpr):
     """The epilogue: the tile's rows of its group into c, dequantized for ``INT8``."""
     if INT8:
         # Dequantize at the output: the int32 sum times the token's scale times the expert's scale.
-        a_scale = tl.load(a_scale_ptr + src, mask=row_ok, other=0.0)
+        a_scale = tl.load(a_scale_ptr + rows, mask=row_ok, other=0.0)
         b_scale = tl.load(b_scale_ptr + expert.to(tl.int64))
         out = acc.to(tl.float32) * a_scale[:, None] * b_scale
     else:
         out = acc
-    c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :] * stride_cn
+    c_ptrs = c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -160,17 +159,17 @@ def _grouped_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, group_st
         for item in tl.range(tl.program_id(0), work_items, programs, flatten=True):
             expert, row_begin, row_end = tile_rows(item // n_tiles, starts, ends, tiles, tile_end, n_experts,
                                                     E_BLOCK, BLOCK_M)
-            rows, row_ok, src = _tile_sources(row_begin, row_end, BLOCK_M)
+            rows, row_ok = _tile_row_offsets(row_begin, row_end, BLOCK_M)
             cols, col_ok = _tile_cols(item % n_tiles, n_cols, BLOCK_N)
-            acc = _tile_dot(a_ptr, b_ptr, src, row_ok, row_begin, expert, item % n_tiles, cols, col_ok, k_dim,
+            acc = _tile_dot(a_ptr, b_ptr, rows, row_ok, row_begin, expert, item % n_tiles, cols, col_ok, k_dim,
                             k_steps, stride_am, stride_ak, stride_be, stride_bk, stride_bn,
                             INT8, A_DESC, B_DESC, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
             stored += programs
             expert, row_begin, row_end = tile_rows(stored // n_tiles, starts, ends, tiles, tile_end, n_experts,
                                                     E_BLOCK, BLOCK_M)
-            rows, row_ok, src = _tile_sources(row_begin, row_end, BLOCK_M)
+            rows, row_ok = _tile_row_offsets(row_begin, row_end, BLOCK_M)
             cols, col_ok = _tile_cols(stored % n_tiles, n_cols, BLOCK_N)
-            _tile_store(c_ptr, acc, a_scale_ptr, b_scale_ptr, rows, row_ok, src, expert, cols, col_ok,
+            _tile_store(c_ptr, acc, a_scale_ptr, b_scale_ptr, rows, row_ok, expert, cols, col_ok,
                         stride_cm, stride_cn, INT8)
     else:
         # N-tiles vary fastest: the programs in flight share one A tile and sweep one expert's B, which
@@ -179,13 +178,13 @@ def _grouped_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, group_st
         pid_m = tl.program_id(1)
         starts, ends, tiles, tile_end = expert_tiles(group_starts_ptr, n_experts, E_BLOCK, BLOCK_M)
         expert, row_begin, row_end = tile_rows(pid_m, starts, ends, tiles, tile_end, n_experts, E_BLOCK, BLOCK_M)
-        rows, row_ok, src = _tile_sources(row_begin, row_end, BLOCK_M)
+        rows, row_ok = _tile_row_offsets(row_begin, row_end, BLOCK_M)
         cols, col_ok = _tile_cols(pid_n, n_cols, BLOCK_N)
         k_steps = tl.where(row_begin < row_end, tl.cdiv(k_dim, BLOCK_K), 0)
-        acc = _tile_dot(a_ptr, b_ptr, src, row_ok, row_begin, expert, pid_n, cols, col_ok, k_dim, k_steps,
+        acc = _tile_dot(a_ptr, b_ptr, rows, row_ok, row_begin, expert, pid_n, cols, col_ok, k_dim, k_steps,
                         stride_am, stride_ak, stride_be, stride_bk, stride_bn,
                         INT8, A_DESC, B_DESC, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
-        _tile_store(c_ptr, acc, a_scale_ptr, b_scale_ptr, rows, row_ok, src, expert, cols, col_ok,
+        _tile_store(c_ptr, acc, a_scale_ptr, b_scale_ptr, rows, row_ok, expert, cols, col_ok,
                     stride_cm, stride_cn, INT8)
 
 
