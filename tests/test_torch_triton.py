@@ -971,8 +971,7 @@ def test_quantize_rows_writes_each_tokens_codes_at_its_rows(triton_backend, toke
     # with gate weights (one negative, one zero): the int8 of gate * x[token], the backward's Q(g) from dy
     gates = torch.rand(tokens, top_k, generator=gen).to(device)
     gates[0, 0], gates[2, -1] = -0.5, 0.0
-    dest = plan.inverse.view(tokens, top_k)
-    g_codes, g_scale = layer.quantize_rows(x, dest=dest, weight=gates)
+    g_codes, g_scale = layer.quantize_rows(x, dest=plan.assignment_rows, weight=gates)
     assert torch.equal(g_codes, sorted_codes)
     assert torch.equal(g_scale, sorted_scale * gates.reshape(-1)[plan.order])
     g = (gates.reshape(-1, 1).double() * x.double().repeat_interleave(top_k, 0))[plan.order]

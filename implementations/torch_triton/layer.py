@@ -724,15 +724,16 @@ def layer_forward(spec: MoESpec, scheme: Scheme, weights: LayerWeights, x: torch
                   prequantized: Int8Experts | None = None, fake_quant: bool = True) -> LayerOutput:
     """The MoE layer under ``scheme`` on master ``weights``; differentiable in x and the masters."""
     used = training_weights(weights, scheme, fake_quant)
-    if int8_routed(scheme) and prequantized is None:
+    experts = prequantized
+    if int8_routed(scheme) and experts is None:
         # int8_routed quantizes its weights on every call. Issued first, that device work (1.3 ms at the logbook
         # shape on the H200) runs while the host launches the router and the dispatch plan, whose own device work
         # is short: the GPU would otherwise wait on the host there (~1 ms per step, eager against graph replay).
-        prequantized = Int8Experts.quantize(used.w13, used.w2, with_transposed=False)
+        experts = Int8Experts.quantize(used.w13, used.w2, with_transposed=False)
     routing = route(spec, used.router, used.router_bias, x)
     plan = plan_dispatch(routing.expert_ids, routing.kept, spec.experts)
     if int8_routed(scheme):
-        y = _RoutedInt8Layer.apply(x, used.w13, used.w2, routing.gate_weights, plan, scheme.backward, prequantized)
+        y = _RoutedInt8Layer.apply(x, used.w13, used.w2, routing.gate_weights, plan, scheme.backward, experts)
     else:
         y = combine(float_experts(x, used.w13, used.w2, plan), plan, routing)
     if used.shared_w13 is not None:
