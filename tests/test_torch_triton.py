@@ -283,7 +283,7 @@ def test_the_int8_kernel_choice_picks_the_kernel(triton_backend, kernels, monkey
     a_codes, a_scale, b_codes, b_scale, starts = (t.to(device) for t in _grouped_case(sizes, k_dim=32, n_cols=16))
     seen = []
 
-    def stand_in(a, a_scale_, b, b_scale_, group_starts, c):
+    def stand_in(a, a_scale_, b, b_scale_, group_starts, c, tiles=None):
         seen.append((a.clone(), a_scale_.clone()))
         for e in range(b.shape[0]):
             rows = slice(int(group_starts[e]), int(group_starts[e + 1]))
@@ -776,7 +776,7 @@ def test_top_k_keys_order_as_a_stable_descending_sort(triton_backend):
     rows, +0.0 against -0.0), denormals, huge values of both signs, every k."""
     import torch
 
-    from qmoe.implementations.torch_triton.layer import top_k_lower_index_first
+    from qmoe.implementations.torch_triton.kernels.router import top_k_lower_index_first
 
     rng = np.random.default_rng(0)
     special = np.array([0.0, -0.0, 1.0, -1.0, 2.5, 3e-38, -3e-38, 1e-45, -1e-45, 3e38, -3e38], np.float32)
@@ -947,6 +947,116 @@ def test_dispatch_plan_sorts_by_expert_stably(triton_backend, drops, experts, to
         assert plan.row_valid is not None and plan.row_valid.cpu().tolist() == (key[order] < experts).tolist()
     else:
         assert plan.row_valid is None
+
+
+@pytest.mark.parametrize("experts, top_k, tokens", [(6, 2, 70), (64, 8, 100), (128, 3, 33)])
+def test_fused_router_equals_the_logits_then_the_top_k(triton_backend, experts, top_k, tokens):
+    """`router.logits_top_k` (one kernel) gives `logits_bf16`'s logits and `top_k_lower_index_first`'s ids on them
+    bit for bit, tied rows included (zero tokens: every logit 0, the lowest ids win), and per token block how many
+    assignments each expert got."""
+    import torch
+
+    from qmoe.implementations.torch_triton.kernels import router
+
+    rng = np.random.default_rng(3)
+    device = triton_backend.device
+    x = torch.tensor(rng.standard_normal((tokens, 96)), dtype=torch.bfloat16, device=device)
+    x[::7] = 0.0
+    r = torch.tensor(rng.standard_normal((96, experts)) / 8, dtype=torch.float32, device=device)
+    logits, ids, counts = router.logits_top_k(x, r, top_k)
+    want = router.logits_bf16(x, r)
+    assert torch.equal(logits, want)
+    assert torch.equal(ids, router.top_k_lower_index_first(want, top_k))
+    assert torch.equal(ids[0], torch.arange(top_k, device=device))
+    block = counts.block_tokens
+    per_block = counts.per_block.cpu().numpy()
+    assert per_block.shape[0] == -(-tokens // block) and per_block.shape[1] >= experts
+    for b in range(per_block.shape[0]):
+        chosen = ids[b * block:(b + 1) * block].reshape(-1).cpu().numpy()
+        assert per_block[b].tolist() == np.bincount(chosen, minlength=per_block.shape[1]).tolist(), b
+
+
+def test_the_fused_router_routes_and_differentiates_as_the_unfused_one(triton_backend, monkeypatch):
+    """`layer.route` of bfloat16 tokens through the fused logits + top-k kernel gives the two-kernel routing's ids,
+    gate weights, logits and both gradients bit for bit, and expert counts the plan places the rows from."""
+    import torch
+
+    from qmoe.implementations.torch_triton import layer
+    from qmoe.implementations.torch_triton.kernels import router
+    from qmoe.reference.spec import MoESpec
+
+    rng = np.random.default_rng(5)
+    device = triton_backend.device
+    spec = MoESpec(hidden=64, ffn=16, experts=8, top_k=3)
+    x0 = torch.tensor(rng.standard_normal((70, 64)), dtype=torch.bfloat16, device=device)
+    r0 = torch.tensor(rng.standard_normal((64, 8)) / 4, dtype=torch.float32, device=device)
+    g = torch.tensor(rng.standard_normal((70, 3)), dtype=torch.float32, device=device)
+
+    def routed():
+        x, r = x0.clone().requires_grad_(), r0.clone().requires_grad_()
+        routing = layer.route(spec, r, None, x)
+        (routing.gate_weights * g).sum().backward()
+        return routing, x.grad, r.grad
+
+    fused, fused_dx, fused_dr = routed()
+    monkeypatch.setattr(router, "FUSED_TOP_K_EXPERTS", 0)
+    plain, plain_dx, plain_dr = routed()
+    assert fused.counts is not None and plain.counts is not None
+    for name in ("expert_ids", "gate_weights", "logits"):
+        assert torch.equal(getattr(fused, name), getattr(plain, name)), name
+    assert torch.equal(fused_dx, plain_dx) and torch.equal(fused_dr, plain_dr)
+    plan = layer.plan_dispatch(fused.expert_ids, None, spec.experts, fused.counts)
+    assert torch.equal(plan.order, layer.plan_dispatch(plain.expert_ids, None, spec.experts).order)
+
+
+@pytest.mark.parametrize("experts, top_k, tokens", [(6, 2, 40), (64, 2, 700), (64, 8, 300)],
+                         ids=["6x40", "64x700", "64x300top8"])
+def test_counting_plan_equals_the_sorted_one(triton_backend, experts, top_k, tokens):
+    """`plan_dispatch` from the router's expert counts (no sort) gives the sorted plan's rows bit for bit, with empty
+    experts (first, middle, last), and the Gluon GEMM's tile table (`gluon_gemm.tile_table`) for its groups."""
+    import torch
+
+    from qmoe.implementations.torch_triton import layer
+    from qmoe.implementations.torch_triton.kernels import dispatch, gluon_gemm
+
+    rng = np.random.default_rng(11)
+    used = [e for e in range(1, experts - 1) if e != experts // 2]
+    ids = np.stack([rng.choice(used, size=top_k, replace=False) for _ in range(tokens)])
+    block = 32
+    per_block = np.stack([np.bincount(ids[b:b + block].reshape(-1), minlength=experts)
+                          for b in range(0, tokens, block)]).astype(np.int32)
+    device = triton_backend.device
+    ids_t = torch.tensor(ids, device=device)
+    counts = dispatch.ExpertCounts(torch.tensor(per_block, device=device), block)
+    counted = layer.plan_dispatch(ids_t, None, experts, counts)
+    sorted_plan = layer.plan_dispatch(ids_t, None, experts)
+    for name in ("order", "inverse", "row_token", "group_starts"):
+        assert torch.equal(getattr(counted, name), getattr(sorted_plan, name)), name
+    assert counted.row_valid is None and counted.tiles is not None and sorted_plan.tiles is None
+    table, count = gluon_gemm.tile_table(sorted_plan.group_starts, tokens * top_k)
+    assert (counted.tiles.tile_m, counted.tiles.rows) == (gluon_gemm.BLOCK_M, tokens * top_k)
+    assert int(counted.tiles.count) == int(count)
+    real = 3 * int(count)
+    assert torch.equal(counted.tiles.table[:real], table[:real])
+
+
+def test_a_dropless_routing_is_planned_without_a_sort(triton_backend, kernels):
+    """A dropless routing's top-k kernel counts each token block's assignments per expert and the plan is placed
+    from the counts in one kernel (no sort, no sorted index kernel); bfloat16 tokens under a softmax router (on the
+    GPU) take the logits, the top-k and the counts from one kernel. With capacity drops the plan is sorted."""
+    dtype = "bfloat16" if triton_backend.device == "cuda" else "float32"
+    data = CASES["empty_experts"].build(dtype)
+    assert data.spec.router == "softmax_topk" and data.spec.capacity_factor is None
+    prepared = triton_backend.prepare(data.spec, data.params, "int8_routed_prequant", dtype)
+    forward = _launches(kernels, lambda: triton_backend.forward(prepared, data.x))
+    top_k = "router_logits_top_k" if dtype == "bfloat16" else "router_top_k"
+    assert forward.get(top_k) == 1 and forward.get("dispatch_counting_plan") == 1, forward
+    assert "dispatch_plan_indices" not in forward and "router_logits" not in forward, forward
+    dropping = CASES["capacity_drop"].build(dtype)
+    prepared = triton_backend.prepare(dropping.spec, dropping.params, "int8_routed_prequant", dtype)
+    forward = _launches(kernels, lambda: triton_backend.forward(prepared, dropping.x))
+    assert forward.get(top_k) == 1 and forward.get("dispatch_plan_indices") == 1, forward
+    assert "dispatch_counting_plan" not in forward, forward
 
 
 @pytest.mark.parametrize("tokens, top_k", [(40, 2), (9, 3)])

@@ -40,10 +40,11 @@ from ..torch_eager import router_gate_weights, sigmoid_balance_probs
 from .common import FALLBACKS
 from .kernels import router as router_kernels
 from .kernels.combine import combine_gate_grads, combine_rows, combine_rows_backward, combine_rows_grad
-from .kernels.dispatch import plan_indices, sort_keys
+from .kernels.dispatch import ExpertCounts, plan_from_counts, plan_indices, sort_keys
+from .kernels.gluon_gemm import GemmTiles
 from .kernels.grouped_gemm import grouped_gemm
 from .kernels.quant import dequantize_experts, dequantize_rows, fake_quant_rows, quantize_per_expert, quantize_rows
-from .kernels.router import top_k_lower_index_first
+from .kernels.router import top_k_counted
 from .kernels.swiglu import swiglu_backward as fused_swiglu_backward
 from .kernels.swiglu import swiglu_forward
 
@@ -170,6 +171,7 @@ class Routing:
     kept: torch.Tensor | None        # [T, k] bool, None when dropless
     logits: torch.Tensor             # [T, E] float32, differentiable
     router: str                      # the spec's router family
+    counts: ExpertCounts | None = None  # per token block, where the router kernel counted (`plan_dispatch`)
 
     @functools.cached_property
     def balance_probs(self) -> torch.Tensor:
@@ -191,42 +193,57 @@ def route(spec: MoESpec, router: torch.Tensor, router_bias: torch.Tensor | None,
     on demand (`Routing.balance_loss`).
 
     Among equal scores the lower expert index wins, as in the reference (``torch.topk`` promises no
-    order for ties): `top_k_lower_index_first`, a Triton kernel.
+    order for ties): `top_k_counted`, a Triton kernel, which also counts each block of tokens' assignments per
+    expert (the dispatch plan places them from the counts, without a sort). A softmax router of bfloat16 tokens
+    over at most `router_kernels.FUSED_TOP_K_EXPERTS` experts takes the logits, the same top-k and the counts from
+    one kernel (`router_kernels.logits_top_k`): the launches before the step's first GEMM are where the GPU waits
+    on the host.
     """
-    logits = router_logits(x, router)
+    fused = (spec.router == "softmax_topk" and x.dtype == torch.bfloat16
+             and spec.experts <= router_kernels.FUSED_TOP_K_EXPERTS)
+    if fused:
+        logits, ids, counts = _RouterLogits.apply(x, router.to(torch.float32), spec.top_k)
+    else:
+        logits = router_logits(x, router)
     # Select on the float32 logits (softmax) or float64 scores (sigmoid), never on float32 scores:
     # probabilities of a saturated router (an outlier token) underflow to 0 or round to 1 and tie
     # experts that the reference still orders; the softmax is monotonic, so its top-k is the logits'.
     # The scores themselves only where the gate weights are not renormalized (then a softmax of the
     # selected logits).
     if spec.router == "softmax_topk":
-        ids = top_k_lower_index_first(logits.detach(), spec.top_k)
+        if not fused:
+            ids, counts = top_k_counted(logits.detach(), spec.top_k)
         scores = None if spec.renormalize else torch.softmax(logits, dim=-1)
     else:
         bias = router_bias.detach().to(torch.float64) if router_bias is not None else 0.0
         selection = torch.sigmoid(logits.detach().to(torch.float64)) + bias
-        ids = top_k_lower_index_first(selection, spec.top_k)
+        ids, counts = top_k_counted(selection, spec.top_k)
         scores = None if spec.renormalize else torch.sigmoid(logits)
     weights = router_gate_weights(spec, logits, scores, ids)
-    return Routing(ids, weights, capacity_mask(spec, ids), logits, spec.router)
+    return Routing(ids, weights, capacity_mask(spec, ids), logits, spec.router, counts)
 
 
 class _RouterLogits(torch.autograd.Function):
     """float32 logits of bfloat16 tokens through `kernels.router` (tensor cores, float32-accurate), with
-    both gradients likewise: dx rounded to x's dtype, as autograd's cast back from float32 would."""
+    both gradients likewise: dx rounded to x's dtype, as autograd's cast back from float32 would. With
+    ``top_k`` > 0, (logits, top-k ids, expert counts) from the fused kernel (`router_kernels.logits_top_k`)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, router: torch.Tensor, top_k: int = 0):
         ctx.save_for_backward(x, router)
-        return router_kernels.logits_bf16(x, router)
+        if not top_k:
+            return router_kernels.logits_bf16(x, router)
+        logits, ids, counts = router_kernels.logits_top_k(x, router, top_k)
+        ctx.mark_non_differentiable(ids)
+        return logits, ids, counts
 
     @staticmethod
-    def backward(ctx, d_logits: torch.Tensor):
+    def backward(ctx, d_logits: torch.Tensor, *_):
         x, router = ctx.saved_tensors
         d_logits = d_logits.to(torch.float32).contiguous()
         dx = router_kernels.input_grad(d_logits, router, x.dtype) if ctx.needs_input_grad[0] else None
         d_router = router_kernels.router_grad(x, d_logits) if ctx.needs_input_grad[1] else None
-        return dx, d_router
+        return dx, d_router, None
 
 
 def router_logits(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
@@ -282,6 +299,7 @@ class DispatchPlan:
     group_starts: torch.Tensor
     row_valid: torch.Tensor | None
     kept: torch.Tensor | None = None
+    tiles: GemmTiles | None = None   # the int8 GEMMs' tile table, where the plan kernel made it
 
     @property
     def assignment_rows(self) -> torch.Tensor:
@@ -307,9 +325,15 @@ class DispatchPlan:
         return combine_rows(rows, self.inverse, self.top_k, kept=self.kept)
 
 
-def plan_dispatch(expert_ids: torch.Tensor, kept: torch.Tensor | None, experts: int) -> DispatchPlan:
-    """Sort the T * k assignments by expert (stable: token order within an expert)."""
+def plan_dispatch(expert_ids: torch.Tensor, kept: torch.Tensor | None, experts: int,
+                  counts: ExpertCounts | None = None) -> DispatchPlan:
+    """Sort the T * k assignments by expert (stable: token order within an expert). A dropless routing with the
+    router kernel's expert ``counts`` is placed from them in one kernel, with the int8 GEMMs' tile table
+    (`plan_from_counts`); any other is sorted."""
     tokens, top_k = expert_ids.shape
+    if kept is None and counts is not None:
+        order, inverse, row_token, starts, tiles = plan_from_counts(expert_ids, counts, experts)
+        return DispatchPlan(tokens, top_k, experts, order, inverse, row_token, starts, None, None, tiles)
     key = expert_ids.reshape(-1)
     kept_flat = None if kept is None else kept.reshape(-1)
     if kept_flat is not None:
@@ -528,12 +552,13 @@ def _int8_experts_backward(saved: _Int8Saved, rows_grad: list,
             del g
             g_codes, g_scale = g_quantized()
         d_h = grouped_gemm(g_codes, experts.w2_bwd, plan.group_starts, out_dtype=dtype, a_scale=g_scale,
-                           b_scale=experts.w2_scale, zero_uncovered=plan.has_drops)
+                           b_scale=experts.w2_scale, zero_uncovered=plan.has_drops, tiles=plan.tiles)
         del g_codes, g_scale
         d_a, d_a_codes, d_a_scale = fused_swiglu_backward(a, d_h, quantize=True, in_place=True)
         del a, d_h
         d_x_rows = grouped_gemm(d_a_codes, experts.w13_bwd, plan.group_starts, out_dtype=dtype,
-                                a_scale=d_a_scale, b_scale=experts.w13_scale, zero_uncovered=plan.has_drops)
+                                a_scale=d_a_scale, b_scale=experts.w13_scale, zero_uncovered=plan.has_drops,
+                                tiles=plan.tiles)
         del d_a_codes, d_a_scale
         d_x = plan.sum_per_token(d_x_rows)
         del d_x_rows
@@ -647,7 +672,7 @@ def int8_up(x_codes: torch.Tensor, x_scale: torch.Tensor, w13_codes: torch.Tenso
     """(a, h or None, Q(h) codes, Q(h) scales): a = Q(x_r) Q(W13_e) per sorted row, from the codes in expert
     order (`sorted_codes`), then the fused SwiGLU + per-row int8 of h."""
     a = grouped_gemm(x_codes, w13_codes, plan.group_starts, out_dtype=dtype, a_scale=x_scale, b_scale=w13_scale,
-                     zero_uncovered=plan.has_drops)
+                     zero_uncovered=plan.has_drops, tiles=plan.tiles)
     h, h_codes, h_scale = swiglu_forward(a, store_h=store_h)
     assert h_codes is not None and h_scale is not None  # quantize (the default) always makes them
     return a, h, h_codes, h_scale
@@ -657,7 +682,7 @@ def int8_down(h_codes: torch.Tensor, h_scale: torch.Tensor, w2_codes: torch.Tens
               plan: DispatchPlan, dtype: torch.dtype) -> torch.Tensor:
     """Q(h_r) Q(W2_e) per sorted row, [N, H] (uncovered rows zero where assignments were dropped)."""
     return grouped_gemm(h_codes, w2_codes, plan.group_starts, out_dtype=dtype, a_scale=h_scale, b_scale=w2_scale,
-                        zero_uncovered=plan.has_drops)
+                        zero_uncovered=plan.has_drops, tiles=plan.tiles)
 
 
 def int8_routed(scheme: Scheme) -> bool:
@@ -731,7 +756,7 @@ def layer_forward(spec: MoESpec, scheme: Scheme, weights: LayerWeights, x: torch
         # is short: the GPU would otherwise wait on the host there (~1 ms per step, eager against graph replay).
         experts = Int8Experts.quantize(used.w13, used.w2, with_transposed=False)
     routing = route(spec, used.router, used.router_bias, x)
-    plan = plan_dispatch(routing.expert_ids, routing.kept, spec.experts)
+    plan = plan_dispatch(routing.expert_ids, routing.kept, spec.experts, routing.counts)
     if int8_routed(scheme):
         y = _RoutedInt8Layer.apply(x, used.w13, used.w2, routing.gate_weights, plan, scheme.backward, experts)
     else:
@@ -792,7 +817,7 @@ class LayerStages:
     def pack(self, x: torch.Tensor) -> Packed:
         bias = None if self.weights.router_bias is None else self.weight("router_bias")
         routing = route(self.spec, self.weight("router"), bias, x)
-        plan = plan_dispatch(routing.expert_ids, routing.kept, self.spec.experts)
+        plan = plan_dispatch(routing.expert_ids, routing.kept, self.spec.experts, routing.counts)
         if int8_routed(self.scheme):
             return Packed(routing, plan, x.dtype, *sorted_codes(x, plan))
         return Packed(routing, plan, x.dtype, float_rows(x, plan))

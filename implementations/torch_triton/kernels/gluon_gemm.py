@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -118,6 +119,17 @@ def _tile_table_kernel(group_starts_ptr, table_ptr, count_ptr, n_experts, E_BLOC
     tl.store(table_ptr + 3 * m + 2, row_end)
     if m == 0:
         tl.store(count_ptr, tl.sum(tiles, axis=0))
+
+
+class GemmTiles(NamedTuple):
+    """A tile table made before the GEMM (`dispatch.plan_from_counts`, with the dispatch plan), so that the GEMM's
+    call launches no `_tile_table_kernel`: for ``tile_m``-row tiles of ``rows`` rows, the table and count
+    `tile_table` returns."""
+
+    tile_m: int
+    rows: int
+    table: torch.Tensor
+    count: torch.Tensor
 
 
 def tile_table(group_starts: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,14 +328,19 @@ def output_descriptor(c: torch.Tensor) -> GluonDescriptor:
 
 
 def grouped_int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-                      group_starts: torch.Tensor, c: torch.Tensor) -> None:
+                      group_starts: torch.Tensor, c: torch.Tensor, tiles: GemmTiles | None = None) -> None:
     """Write each group's rows of ``c`` [R, N]: a's rows of group e times b[e] ([E, K, N], codes stored [E, N, K]),
     dequantized by ``a_scale`` [R] and ``b_scale`` [E]. Rows outside every group are left as they are. The caller
     checked `ineligible`. $QMOE_GLUON_EPILOGUE (`epilogue`) picks the epilogue; ``tma`` on a c the TMA cannot write
-    (`tma_storable`: float32, misaligned rows) stores from registers."""
+    (`tma_storable`: float32, misaligned rows) stores from registers. ``tiles``: the groups' tile table, made
+    beforehand; made here where None or made for other tiles or rows."""
     experts, k_dim, n_cols = b.shape
     tma_store = epilogue() == "tma" and tma_storable(c)
-    table, count = tile_table(group_starts, a.shape[0])
+    if tiles is not None and (tiles.tile_m, tiles.rows) == (BLOCK_M, a.shape[0]):
+        table, count = tiles.table, tiles.count
+    else:
+        record_launch("gluon_tile_table")
+        table, count = tile_table(group_starts, a.shape[0])
     a_desc, b_desc = descriptors(a, b)
     c_desc = output_descriptor(c) if tma_store else None
     programs = multiprocessors(device_index(a))

@@ -313,7 +313,8 @@ def int8_kernel() -> str:
 
 def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_starts: torch.Tensor, *, out_dtype: torch.dtype,
                  a_scale: torch.Tensor | None = None, b_scale: torch.Tensor | None = None,
-                 zero_uncovered: bool = False, persistent: bool | None = None) -> torch.Tensor:
+                 zero_uncovered: bool = False, persistent: bool | None = None,
+                 tiles: gluon_gemm.GemmTiles | None = None) -> torch.Tensor:
     """c [R, N] with rows of group e = a's rows of that group times b[e].
 
     a: [R, K] int8 (with ``a_scale`` [R] float32) or float; b: [E, K, N] of any strides (int8
@@ -327,7 +328,8 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_starts: torch.Tensor, *
     ``persistent``: None lets the autotuner pick the one-tile or the persistent kernel (the interpreter and
     small problems run the one-tile kernel); True or False runs only that variant, to measure one against
     the other (True in the interpreter or on a small problem: the persistent kernel with the fixed tiles). int8
-    products with ``persistent`` None run `gluon_gemm`'s kernel where it can (`int8_kernel`).
+    products with ``persistent`` None run `gluon_gemm`'s kernel where it can (`int8_kernel`), on ``tiles`` where
+    given (the groups' tile table, made with the dispatch plan).
     """
     int8 = a.dtype == torch.int8
     if int8 != (b.dtype == torch.int8) or int8 != (a_scale is not None) or int8 != (b_scale is not None):
@@ -347,7 +349,7 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_starts: torch.Tensor, *
     kernel_choice = int8_kernel() if int8 else "triton"
     gluon = kernel_choice == "auto"
     if gluon and persistent is None and not INTERPRETED and gluon_gemm.ineligible(a, b, out_dtype) is None:
-        gluon_gemm.grouped_int8_gemm(a, a_scale, b, b_scale, group_starts, c)
+        gluon_gemm.grouped_int8_gemm(a, a_scale, b, b_scale, group_starts, c, tiles)
         return c
     a_desc = b_desc = None
     if int8 and _tma_device(a):

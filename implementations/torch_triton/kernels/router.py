@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ..common import is_interpreted_kernel, next_power_of_2, record_launch
+from .dispatch import ExpertCounts
 
 
 @triton.jit
@@ -51,12 +52,10 @@ def _dot(a, b, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _logits_kernel(x_ptr, r_ptr, out_ptr, n_tokens, hidden, experts,
-                   stride_x, stride_r, stride_o,
-                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
-    """logits[t, e] = sum_k x[t, k] (hi + mid + lo)[k, e], float32 accumulation; small parts first."""
-    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+def _logits_tile(x_ptr, r_ptr, tokens, cols, n_tokens, hidden, experts, stride_x, stride_r,
+                 BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """[BLOCK_T, BLOCK_E] float32: logits[t, e] = sum_k x[t, k] (hi + mid + lo)[k, e] for the given token rows and
+    expert columns (zero outside them), float32 accumulation; small parts first."""
     token_ok = tokens < n_tokens
     col_ok = cols < experts
     acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
@@ -71,8 +70,20 @@ def _logits_kernel(x_ptr, r_ptr, out_ptr, n_tokens, hidden, experts,
         acc = _dot(x, lo, acc, UPCAST)
         acc = _dot(x, mid, acc, UPCAST)
         acc = _dot(x, hi, acc, UPCAST)
+    return acc
+
+
+@triton.jit
+def _logits_kernel(x_ptr, r_ptr, out_ptr, n_tokens, hidden, experts,
+                   stride_x, stride_r, stride_o,
+                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """logits[t, e] (`_logits_tile`), one [BLOCK_T, BLOCK_E] tile per program."""
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    acc = _logits_tile(x_ptr, r_ptr, tokens, cols, n_tokens, hidden, experts, stride_x, stride_r,
+                       BLOCK_T, BLOCK_E, BLOCK_K, UPCAST)
     tl.store(out_ptr + tokens.to(tl.int64)[:, None] * stride_o + cols[None, :], acc,
-             mask=token_ok[:, None] & col_ok[None, :])
+             mask=(tokens < n_tokens)[:, None] & (cols < experts)[None, :])
 
 
 @triton.jit
@@ -137,18 +148,9 @@ def _router_grad_kernel(x_ptr, d_ptr, out_ptr, n_tokens, hidden, experts, tokens
 
 
 @triton.jit
-def _top_k_kernel(values_ptr, ids_ptr, n_rows, n_cols, stride_v, TOP_K: tl.constexpr, WIDE: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """ids[r, :k] = the k largest of values[r], larger first, equal values by lower index.
-
-    Compared as integers that order as the floats do (the bits, negatives' magnitude bits flipped;
-    -0.0 made +0.0 first so that the two zeros tie), k rounds of (max, lowest index holding it)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_C)
-    row_ok = rows < n_rows
-    col_ok = cols < n_cols
-    v = tl.load(values_ptr + rows.to(tl.int64)[:, None] * stride_v + cols[None, :],
-                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+def _sortable_keys(v, WIDE: tl.constexpr):
+    """Integers that order as the floats ``v`` do (the bits, negatives' magnitude bits flipped; -0.0 made +0.0
+    first so that the two zeros tie), and a key below every one of them."""
     v = tl.where(v == 0.0, 0.0, v)
     if WIDE:
         bits = v.to(tl.int64, bitcast=True)
@@ -158,12 +160,62 @@ def _top_k_kernel(values_ptr, ids_ptr, n_rows, n_cols, stride_v, TOP_K: tl.const
         bits = v.to(tl.int32, bitcast=True)
         key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
         lowest = -2147483647 - 1
+    return key, lowest
+
+
+@triton.jit
+def _next_pick(key, taken, cols, lowest, BLOCK_C: tl.constexpr):
+    """Per row, the column of the largest key not yet ``taken``, the lowest such column among equal keys."""
+    best = tl.max(tl.where(taken, lowest, key), axis=1)
+    return tl.min(tl.where((~taken) & (key == best[:, None]), cols[None, :], BLOCK_C), axis=1)
+
+
+@triton.jit
+def _top_k_kernel(values_ptr, ids_ptr, counts_ptr, n_rows, n_cols, stride_v, TOP_K: tl.constexpr,
+                  WIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """ids[r, :k] = the k largest of values[r], larger first, equal values by lower index: k rounds of (max,
+    lowest index holding it) on `_sortable_keys`; counts[program, c]: how many of the block's ids are c."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    row_ok = rows < n_rows
+    v = tl.load(values_ptr + rows.to(tl.int64)[:, None] * stride_v + cols[None, :],
+                mask=row_ok[:, None] & (cols < n_cols)[None, :], other=0.0)
+    key, lowest = _sortable_keys(v, WIDE)
     taken = tl.broadcast_to((cols >= n_cols)[None, :], (BLOCK_R, BLOCK_C))  # padding columns never win
+    counts = tl.zeros((BLOCK_C,), dtype=tl.int32)
     for j in tl.static_range(TOP_K):
-        best = tl.max(tl.where(taken, lowest, key), axis=1)
-        pick = tl.min(tl.where((~taken) & (key == best[:, None]), cols[None, :], BLOCK_C), axis=1)
+        pick = _next_pick(key, taken, cols, lowest, BLOCK_C)
         tl.store(ids_ptr + rows.to(tl.int64) * TOP_K + j, pick.to(tl.int64), mask=row_ok)
-        taken = taken | (cols[None, :] == pick[:, None])
+        chosen = cols[None, :] == pick[:, None]
+        taken = taken | chosen
+        counts += tl.sum((chosen & row_ok[:, None]).to(tl.int32), axis=0)
+    tl.store(counts_ptr + tl.program_id(0) * BLOCK_C + cols, counts)
+
+
+@triton.jit
+def _logits_top_k_kernel(x_ptr, r_ptr, out_ptr, ids_ptr, counts_ptr, n_tokens, hidden, experts,
+                         stride_x, stride_r, stride_o, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """`_logits_kernel` and `_top_k_kernel` in one pass over BLOCK_T tokens and every expert (BLOCK_E >= E): the
+    logits, their top-k ids (the same selection, on the same float32 values, still in registers) and how many of
+    the block's assignments each expert got, counts[program, e] (`dispatch.plan_from_counts` reads them)."""
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    token_ok = tokens < n_tokens
+    acc = _logits_tile(x_ptr, r_ptr, tokens, cols, n_tokens, hidden, experts, stride_x, stride_r,
+                       BLOCK_T, BLOCK_E, BLOCK_K, UPCAST)
+    tl.store(out_ptr + tokens.to(tl.int64)[:, None] * stride_o + cols[None, :], acc,
+             mask=token_ok[:, None] & (cols < experts)[None, :])
+    key, lowest = _sortable_keys(acc, False)
+    taken = tl.broadcast_to((cols >= experts)[None, :], (BLOCK_T, BLOCK_E))
+    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        pick = _next_pick(key, taken, cols, lowest, BLOCK_E)
+        tl.store(ids_ptr + tokens.to(tl.int64) * TOP_K + j, pick.to(tl.int64), mask=token_ok)
+        chosen = cols[None, :] == pick[:, None]
+        taken = taken | chosen
+        counts += tl.sum((chosen & token_ok[:, None]).to(tl.int32), axis=0)
+    tl.store(counts_ptr + tl.program_id(0) * BLOCK_E + cols, counts)
 
 
 INTERPRETED: bool = is_interpreted_kernel(_logits_kernel)
@@ -191,6 +243,35 @@ def logits_bf16(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
         x, router, out, tokens, hidden, experts, x.stride(0), router.stride(0), out.stride(0),
         BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, UPCAST=INTERPRETED, num_warps=4)
     return out
+
+
+#: The most experts `logits_top_k` holds in one tile: each program owns whole rows of logits.
+FUSED_TOP_K_EXPERTS = 128
+
+
+def logits_top_k(x: torch.Tensor, router: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, ExpertCounts]:
+    """(logits [T, E] float32, the top-``k`` ids [T, k] int64, per-block expert counts) for bfloat16 x [T, H] and
+    float32 R [H, E], E <= `FUSED_TOP_K_EXPERTS`: `logits_bf16` then `top_k_lower_index_first`, bit for bit, in one
+    launch (`_logits_top_k_kernel`). The launches before the step's first GEMM are where the GPU waits on the
+    host (~100 us of host time per Triton launch on the H200); the counts save the dispatch plan its sort."""
+    tokens, hidden = x.shape
+    experts = router.shape[1]
+    if not 0 < k <= experts <= FUSED_TOP_K_EXPERTS:
+        raise ValueError(f"logits_top_k: top-{k} of {experts} experts (1 <= k <= E <= {FUSED_TOP_K_EXPERTS})")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    router = router.to(torch.float32).contiguous()
+    block_e = _tiles(experts, FUSED_TOP_K_EXPERTS)
+    block_t, block_k = (32, 32) if INTERPRETED else (128 if block_e <= 64 else 64, 64)
+    blocks = triton.cdiv(tokens, block_t)
+    out = torch.empty((tokens, experts), dtype=torch.float32, device=x.device)
+    ids = torch.empty((tokens, k), dtype=torch.int64, device=x.device)
+    counts = torch.empty((blocks, block_e), dtype=torch.int32, device=x.device)
+    if tokens:
+        record_launch("router_logits_top_k")
+        _logits_top_k_kernel[(blocks,)](
+            x, router, out, ids, counts, tokens, hidden, experts, x.stride(0), router.stride(0), out.stride(0),
+            TOP_K=k, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, UPCAST=INTERPRETED, num_warps=4)
+    return out, ids, ExpertCounts(counts, block_t)
 
 
 def input_grad(d_logits: torch.Tensor, router: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -256,6 +337,12 @@ def router_grad(x: torch.Tensor, d_logits: torch.Tensor) -> torch.Tensor:
 def top_k_lower_index_first(values: torch.Tensor, k: int) -> torch.Tensor:
     """Indices [R, k] int64 of the k largest of each row of float32 or float64 ``values`` [R, C], larger
     first, equal values by lower index (a stable descending sort's first k; -0.0 ties +0.0)."""
+    return top_k_counted(values, k)[0]
+
+
+def top_k_counted(values: torch.Tensor, k: int) -> tuple[torch.Tensor, ExpertCounts]:
+    """`top_k_lower_index_first`'s ids and how many of each block of rows' ids name each column (the dispatch
+    plan places the assignments from these counts, `dispatch.plan_from_counts`), from one launch."""
     if values.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"top_k_lower_index_first takes float32 or float64 values, got {values.dtype}")
     rows, cols = values.shape
@@ -263,12 +350,15 @@ def top_k_lower_index_first(values: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"top-{k} of {cols} columns")
     values = values if values.stride(-1) == 1 else values.contiguous()
     ids = torch.empty((rows, k), dtype=torch.int64, device=values.device)
-    if rows == 0 or k == 0:
-        return ids
     block_c = next_power_of_2(cols)
     block_r = max(1, min(64, 4096 // block_c)) if not INTERPRETED else 32
+    blocks = triton.cdiv(rows, block_r)
+    # each program writes its block's row whole: no memset (a launch of its own)
+    counts = (torch.empty if k else torch.zeros)((blocks, block_c), dtype=torch.int32, device=values.device)
+    if rows == 0 or k == 0:
+        return ids, ExpertCounts(counts, block_r)
     record_launch("router_top_k")
-    _top_k_kernel[(triton.cdiv(rows, block_r),)](
-        values, ids, rows, cols, values.stride(0), TOP_K=k, WIDE=values.dtype == torch.float64,
+    _top_k_kernel[(blocks,)](
+        values, ids, counts, rows, cols, values.stride(0), TOP_K=k, WIDE=values.dtype == torch.float64,
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
-    return ids
+    return ids, ExpertCounts(counts, block_r)
