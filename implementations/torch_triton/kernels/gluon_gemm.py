@@ -216,15 +216,6 @@ if GLUON_MISSING is None:
         k_steps = gl.cdiv(k_dim, TK)
         step = 0
         for item in range(gl.program_id(0), items, gl.num_programs(0)):
-            # The epilogue's operands first: the table's entries, then the scales at the rows they name, are
-            # dependent global loads (~1 us in a row), which here run under the tile's products, not after them.
-            m = item // n_tiles
-            expert = gl.load(table_ptr + 3 * m)
-            row_begin = gl.load(table_ptr + 3 * m + 1)
-            row_end = gl.load(table_ptr + 3 * m + 2)
-            rows = row_begin + gl.arange(0, TM, layout=gl.SliceLayout(1, mma_layout))
-            a_s = gl.load(a_scale_ptr + rows, mask=rows < row_end, other=0.0)
-            b_s = gl.load(b_scale_ptr + expert)
             acc = gl.zeros((TM, TN), dtype=gl.int32, layout=mma_layout)
             for kk in range(k_steps):
                 s = step % RING
@@ -236,8 +227,14 @@ if GLUON_MISSING is None:
                 step += 1
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(empty.index((step + RING - 1) % RING))
+            m = item // n_tiles
+            expert = gl.load(table_ptr + 3 * m)
+            row_begin = gl.load(table_ptr + 3 * m + 1)
+            row_end = gl.load(table_ptr + 3 * m + 2)
             col = (item % n_tiles) * TN
-            out = acc.to(gl.float32) * gl.expand_dims(a_s, 1) * b_s
+            rows = row_begin + gl.arange(0, TM, layout=gl.SliceLayout(1, mma_layout))
+            a_s = gl.load(a_scale_ptr + rows, mask=rows < row_end, other=0.0)
+            out = acc.to(gl.float32) * gl.expand_dims(a_s, 1) * gl.load(b_scale_ptr + expert)
             if TMA_STORE:
                 # the same value in every thread: the partition's warps all take one branch
                 if row_end - row_begin >= TM:
