@@ -3,8 +3,9 @@
     y = sum_k gate_k * expert_{e_k}(x) [+ shared(x)],  expert(x) = swiglu(x W13) W2
 
 Steps: route (float32 logits, through `kernels.router` on the tensor cores for bfloat16 tokens; top-k on
-the logits or on float64 sigmoid scores, lower index wins ties), plan the dispatch (token rows sorted by
-expert, group offsets, no capacity padding, no host synchronisation), run the routed experts as grouped
+the logits or on float64 sigmoid scores, lower index wins ties), plan the dispatch (token rows in expert order,
+placed from the top-k kernel's per-block expert counts where nothing is dropped, else sorted; group offsets, no
+capacity padding, no host synchronisation), run the routed experts as grouped
 GEMMs, combine by gate weight (int8 schemes: experts and combine are one autograd node, `_RoutedInt8Layer`,
 whose backward holds each [N, .] buffer only to its last use).
 Per scheme (`qmoe.reference.schemes`):

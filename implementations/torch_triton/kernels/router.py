@@ -171,17 +171,11 @@ def _next_pick(key, taken, cols, lowest, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _top_k_kernel(values_ptr, ids_ptr, counts_ptr, n_rows, n_cols, stride_v, TOP_K: tl.constexpr,
-                  WIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """ids[r, :k] = the k largest of values[r], larger first, equal values by lower index: k rounds of (max,
-    lowest index holding it) on `_sortable_keys`; counts[program, c]: how many of the block's ids are c."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_C)
-    row_ok = rows < n_rows
-    v = tl.load(values_ptr + rows.to(tl.int64)[:, None] * stride_v + cols[None, :],
-                mask=row_ok[:, None] & (cols < n_cols)[None, :], other=0.0)
-    key, lowest = _sortable_keys(v, WIDE)
-    taken = tl.broadcast_to((cols >= n_cols)[None, :], (BLOCK_R, BLOCK_C))  # padding columns never win
+def _store_top_k(key, lowest, rows, row_ok, cols, n_cols, ids_ptr, counts_ptr, TOP_K: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    """ids[r, :k]: k rounds of (largest ``key`` left, lowest column holding it) per row (`_next_pick`), columns past
+    ``n_cols`` never taken; counts[program, c]: how many of the rows' ids are c."""
+    taken = tl.broadcast_to((cols >= n_cols)[None, :], key.shape)
     counts = tl.zeros((BLOCK_C,), dtype=tl.int32)
     for j in tl.static_range(TOP_K):
         pick = _next_pick(key, taken, cols, lowest, BLOCK_C)
@@ -190,6 +184,20 @@ def _top_k_kernel(values_ptr, ids_ptr, counts_ptr, n_rows, n_cols, stride_v, TOP
         taken = taken | chosen
         counts += tl.sum((chosen & row_ok[:, None]).to(tl.int32), axis=0)
     tl.store(counts_ptr + tl.program_id(0) * BLOCK_C + cols, counts)
+
+
+@triton.jit
+def _top_k_kernel(values_ptr, ids_ptr, counts_ptr, n_rows, n_cols, stride_v, TOP_K: tl.constexpr,
+                  WIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """ids[r, :k] = the k largest of values[r], larger first, equal values by lower index (`_store_top_k` on
+    `_sortable_keys`); counts[program, c]: how many of the block's ids are c."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    row_ok = rows < n_rows
+    v = tl.load(values_ptr + rows.to(tl.int64)[:, None] * stride_v + cols[None, :],
+                mask=row_ok[:, None] & (cols < n_cols)[None, :], other=0.0)
+    key, lowest = _sortable_keys(v, WIDE)
+    _store_top_k(key, lowest, rows, row_ok, cols, n_cols, ids_ptr, counts_ptr, TOP_K, BLOCK_C)
 
 
 @triton.jit
@@ -207,15 +215,7 @@ def _logits_top_k_kernel(x_ptr, r_ptr, out_ptr, ids_ptr, counts_ptr, n_tokens, h
     tl.store(out_ptr + tokens.to(tl.int64)[:, None] * stride_o + cols[None, :], acc,
              mask=token_ok[:, None] & (cols < experts)[None, :])
     key, lowest = _sortable_keys(acc, False)
-    taken = tl.broadcast_to((cols >= experts)[None, :], (BLOCK_T, BLOCK_E))
-    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
-    for j in tl.static_range(TOP_K):
-        pick = _next_pick(key, taken, cols, lowest, BLOCK_E)
-        tl.store(ids_ptr + tokens.to(tl.int64) * TOP_K + j, pick.to(tl.int64), mask=token_ok)
-        chosen = cols[None, :] == pick[:, None]
-        taken = taken | chosen
-        counts += tl.sum((chosen & token_ok[:, None]).to(tl.int32), axis=0)
-    tl.store(counts_ptr + tl.program_id(0) * BLOCK_E + cols, counts)
+    _store_top_k(key, lowest, tokens, token_ok, cols, experts, ids_ptr, counts_ptr, TOP_K, BLOCK_E)
 
 
 INTERPRETED: bool = is_interpreted_kernel(_logits_kernel)
