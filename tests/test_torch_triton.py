@@ -1040,6 +1040,27 @@ def test_counting_plan_equals_the_sorted_one(triton_backend, experts, top_k, tok
     assert torch.equal(counted.tiles.table[:real], table[:real])
 
 
+def test_too_many_block_counts_are_sorted_instead(triton_backend, kernels):
+    """Counts over `dispatch.MAX_COUNTS` (each program of the counting plan reads them all) send a dropless routing
+    to the sort, which gives the same plan."""
+    import torch
+
+    from qmoe.implementations.torch_triton import layer
+    from qmoe.implementations.torch_triton.kernels import dispatch
+
+    device = triton_backend.device
+    tokens, experts = 64, 4
+    ids = torch.stack([torch.arange(tokens) % experts, (torch.arange(tokens) + 1) % experts], dim=1).to(device)
+    per_token = torch.nn.functional.one_hot(ids, dispatch.MAX_COUNTS).sum(dim=1).to(torch.int32)  # blocks of 1 token
+    many = dispatch.ExpertCounts(per_token, 1)
+    assert not dispatch.counts_fit(many)
+    launched = _launches(kernels, lambda: layer.plan_dispatch(ids, None, experts, many))
+    assert launched.get("dispatch_plan_indices") == 1 and "dispatch_counting_plan" not in launched, launched
+    few = dispatch.ExpertCounts(per_token[:, :experts].contiguous(), 1)
+    assert torch.equal(layer.plan_dispatch(ids, None, experts, many).order,
+                       layer.plan_dispatch(ids, None, experts, few).order)
+
+
 def test_a_dropless_routing_is_planned_without_a_sort(triton_backend, kernels):
     """A dropless routing's top-k kernel counts each token block's assignments per expert and the plan is placed
     from the counts in one kernel (no sort, no sorted index kernel); bfloat16 tokens under a softmax router (on the

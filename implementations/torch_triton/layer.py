@@ -41,7 +41,7 @@ from ..torch_eager import router_gate_weights, sigmoid_balance_probs
 from .common import FALLBACKS
 from .kernels import router as router_kernels
 from .kernels.combine import combine_gate_grads, combine_rows, combine_rows_backward, combine_rows_grad
-from .kernels.dispatch import ExpertCounts, plan_from_counts, plan_indices, sort_keys
+from .kernels.dispatch import ExpertCounts, counts_fit, plan_from_counts, plan_indices, sort_keys
 from .kernels.gluon_gemm import GemmTiles
 from .kernels.grouped_gemm import grouped_gemm
 from .kernels.quant import dequantize_experts, dequantize_rows, fake_quant_rows, quantize_per_expert, quantize_rows
@@ -330,9 +330,9 @@ def plan_dispatch(expert_ids: torch.Tensor, kept: torch.Tensor | None, experts: 
                   counts: ExpertCounts | None = None) -> DispatchPlan:
     """Sort the T * k assignments by expert (stable: token order within an expert). A dropless routing with the
     router kernel's expert ``counts`` is placed from them in one kernel, with the int8 GEMMs' tile table
-    (`plan_from_counts`); any other is sorted."""
+    (`plan_from_counts`, where the counts are few enough: `counts_fit`); any other is sorted."""
     tokens, top_k = expert_ids.shape
-    if kept is None and counts is not None:
+    if kept is None and counts is not None and counts_fit(counts):
         order, inverse, row_token, starts, tiles = plan_from_counts(expert_ids, counts, experts)
         return DispatchPlan(tokens, top_k, experts, order, inverse, row_token, starts, None, None, tiles)
     key = expert_ids.reshape(-1)

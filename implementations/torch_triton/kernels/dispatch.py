@@ -74,6 +74,16 @@ INTERPRETED: bool = is_interpreted_kernel(_plan_indices_kernel)
 
 #: Blocks of counts `_counting_plan_kernel` sums at a time.
 COUNT_CHUNK = 32
+#: The most per-block counts (blocks x columns) `plan_from_counts` takes. Each of its programs reads all of them
+#: (its offsets need no scan launch), so its reads grow as blocks^2 x E: at this bound 128 KiB a program, 64 MiB
+#: at 512 blocks of 64 experts (the logbook's 32768 tokens through the unfused top-k). Beyond it (many tokens and
+#: experts: 2048 blocks of 256 at 32768 tokens would read 4 GiB) the keys are sorted instead.
+MAX_COUNTS = 1 << 15
+
+
+def counts_fit(counts: ExpertCounts) -> bool:
+    """Whether `plan_from_counts` takes these counts (`MAX_COUNTS`)."""
+    return counts.per_block.numel() <= MAX_COUNTS
 
 
 @triton.jit
