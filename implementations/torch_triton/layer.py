@@ -200,22 +200,20 @@ def route(spec: MoESpec, router: torch.Tensor, router_bias: torch.Tensor | None,
     one kernel (`router_kernels.logits_top_k`): the launches before the step's first GEMM are where the GPU waits
     on the host.
     """
-    fused = (spec.router == "softmax_topk" and x.dtype == torch.bfloat16
-             and spec.experts <= router_kernels.FUSED_TOP_K_EXPERTS)
-    if fused:
-        logits, ids, counts = _RouterLogits.apply(x, router.to(torch.float32), spec.top_k)
-    else:
-        logits = router_logits(x, router)
     # Select on the float32 logits (softmax) or float64 scores (sigmoid), never on float32 scores:
     # probabilities of a saturated router (an outlier token) underflow to 0 or round to 1 and tie
     # experts that the reference still orders; the softmax is monotonic, so its top-k is the logits'.
     # The scores themselves only where the gate weights are not renormalized (then a softmax of the
     # selected logits).
     if spec.router == "softmax_topk":
-        if not fused:
+        if x.dtype == torch.bfloat16 and spec.experts <= router_kernels.FUSED_TOP_K_EXPERTS:
+            logits, ids, counts = _RouterLogits.apply(x, router.to(torch.float32), spec.top_k)
+        else:
+            logits = router_logits(x, router)
             ids, counts = top_k_counted(logits.detach(), spec.top_k)
         scores = None if spec.renormalize else torch.softmax(logits, dim=-1)
     else:
+        logits = router_logits(x, router)
         bias = router_bias.detach().to(torch.float64) if router_bias is not None else 0.0
         selection = torch.sigmoid(logits.detach().to(torch.float64)) + bias
         ids, counts = top_k_counted(selection, spec.top_k)

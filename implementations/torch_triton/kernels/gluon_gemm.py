@@ -139,6 +139,7 @@ def tile_table(group_starts: torch.Tensor, rows: int) -> tuple[torch.Tensor, tor
     bound = triton.cdiv(rows, BLOCK_M) + experts
     table = torch.empty(3 * bound, dtype=torch.int32, device=group_starts.device)
     count = torch.empty(1, dtype=torch.int32, device=group_starts.device)
+    record_launch("gluon_tile_table")
     _tile_table_kernel[(bound,)](group_starts, table, count, experts, E_BLOCK=max(2, next_power_of_2(experts)),
                                  TILE_M=BLOCK_M)
     return table, count
@@ -339,7 +340,6 @@ def grouped_int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b
     if tiles is not None and (tiles.tile_m, tiles.rows) == (BLOCK_M, a.shape[0]):
         table, count = tiles.table, tiles.count
     else:
-        record_launch("gluon_tile_table")
         table, count = tile_table(group_starts, a.shape[0])
     a_desc, b_desc = descriptors(a, b)
     c_desc = output_descriptor(c) if tma_store else None
