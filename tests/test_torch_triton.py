@@ -524,6 +524,19 @@ def test_combine_kernels_match_the_gather_sum(triton_backend, kernels, tokens, t
     np.testing.assert_allclose(d_rows.numpy(), expected_d_rows, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(d_w.numpy(), np.where(keep, (r * dy[:, None, :]).sum(-1), 0.0), rtol=1e-5, atol=1e-4)
 
+    # the rows' half alone, and the unweighted spread (x's token rows at their sorted rows): copies, exact
+    dy32 = torch.tensor(dy, dtype=torch.float32)
+    assert torch.equal(_combine.combine_rows_grad(dy32, position, weight, top_k, rows.shape[0], rows.dtype, kept),
+                       d_rows)
+    spread = _combine.spread_rows(dy32, position, top_k, rows.shape[0], kept)
+    expected_spread = torch.zeros_like(rows)
+    token_of_row = torch.empty_like(position)
+    token_of_row[position] = torch.arange(tokens * top_k) // top_k
+    kept_rows = torch.ones(tokens * top_k, dtype=torch.bool) if kept is None else torch.empty_like(kept.reshape(-1))
+    kept_rows[position] = torch.ones_like(kept_rows) if kept is None else kept.reshape(-1)
+    expected_spread[kept_rows] = dy32[token_of_row][kept_rows]
+    assert torch.equal(spread, expected_spread)
+
 
 @pytest.mark.parametrize("scheme", ["int8_routed_prequant", "int8_routed"])
 def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backend, scheme, monkeypatch):
@@ -737,9 +750,9 @@ def test_dequantized_expert_codes_make_no_float32_copy(triton_backend):
     assert got.dtype == torch.bfloat16 and got.stride() == codes.stride() and torch.equal(got, expected)
 
 
-def test_dequantize_rows_per_row_and_gathered(triton_backend):
-    """``codes[src] * scale[src]`` per row, with and without the gather (the straight-through backward's
-    x and h), and a strided slice of codes (expert parallelism's packed rows): torch's float32 formula."""
+def test_dequantize_rows_per_row(triton_backend):
+    """``codes[r] * scale[r]`` per row (the straight-through backward's x and h), and a strided slice of codes
+    (expert parallelism's packed rows): torch's float32 formula."""
     import torch
 
     from qmoe.implementations.torch_triton.kernels.quant import dequantize_rows
@@ -749,10 +762,7 @@ def test_dequantize_rows_per_row_and_gathered(triton_backend):
     packed = torch.randint(-127, 128, (37, 70 + 4), dtype=torch.int8, generator=generator).to(device)
     codes = packed[:, :-4]
     scale = torch.rand(37, generator=generator).to(device)
-    rows = torch.randint(0, 37, (53,), generator=generator).to(device)
     assert torch.equal(dequantize_rows(codes, scale, torch.float32), codes.float() * scale[:, None])
-    assert torch.equal(dequantize_rows(codes, scale, torch.float32, rows=rows),
-                       codes[rows].float() * scale[rows, None])
 
 
 def test_per_expert_scale_makes_no_weight_sized_temporary():
