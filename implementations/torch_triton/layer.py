@@ -163,35 +163,16 @@ def training_weight(w: torch.Tensor, rule: str, scheme: Scheme, fake_quant: bool
 
 @dataclass
 class Routing:
-    """The router's decisions, and its float32 logits. The gate weights and the balance loss are made when first
-    read: the balance loss because the layer's output does not need it (nor do its benchmark steps), the gate
-    weights so that the layer can issue the dispatch plan and Q(x) first (`layer_forward`). Read them under the
-    grad mode of the forward that made the routing: their graph is built at that first read."""
+    """The router's decisions, and its float32 logits for what only a loss reads (the balance loss is made
+    when first read: the layer's output does not need it, nor do its benchmark steps). Read it under the
+    grad mode of the forward that made the routing: its graph is built at that first read."""
 
     expert_ids: torch.Tensor         # [T, k] int64, best first
+    gate_weights: torch.Tensor       # [T, k] float32, differentiable
     kept: torch.Tensor | None        # [T, k] bool, None when dropless
     logits: torch.Tensor             # [T, E] float32, differentiable
-    spec: MoESpec
+    router: str                      # the spec's router family
     counts: ExpertCounts | None = None  # per token block, where the router kernel counted (`plan_dispatch`)
-    fused_gate_weights: torch.Tensor | None = None  # made by the router kernel with the ids (`_RouterLogits`)
-
-    @property
-    def router(self) -> str:
-        """The spec's router family."""
-        return self.spec.router
-
-    @functools.cached_property
-    def gate_weights(self) -> torch.Tensor:
-        """[T, k] float32, differentiable (`router_gate_weights`): the selected scores, renormalized or scaled as
-        the spec says; the scores themselves only where they are not renormalized (a softmax of the selected
-        logits then). The router kernel's where it made them."""
-        if self.fused_gate_weights is not None:
-            return self.fused_gate_weights
-        scores = None
-        if not self.spec.renormalize:
-            softmax = self.router == "softmax_topk"
-            scores = torch.softmax(self.logits, dim=-1) if softmax else torch.sigmoid(self.logits)
-        return router_gate_weights(self.spec, self.logits, scores, self.expert_ids)
 
     @functools.cached_property
     def balance_probs(self) -> torch.Tensor:
@@ -209,62 +190,59 @@ class Routing:
 
 
 def route(spec: MoESpec, router: torch.Tensor, router_bias: torch.Tensor | None, x: torch.Tensor) -> Routing:
-    """softmax/sigmoid top-k in float32 (never quantized) and the capacity mask; the gate weights and the Switch
-    balance loss on demand (`Routing.gate_weights`, `Routing.balance_loss`).
+    """softmax/sigmoid top-k in float32 (never quantized) and the capacity mask; the Switch balance loss
+    on demand (`Routing.balance_loss`).
 
     Among equal scores the lower expert index wins, as in the reference (``torch.topk`` promises no
     order for ties): `top_k_counted`, a Triton kernel, which also counts each block of tokens' assignments per
     expert (the dispatch plan places them from the counts, without a sort). A softmax router of bfloat16 tokens
-    over at most `router_kernels.FUSED_TOP_K_EXPERTS` experts takes the logits, the same top-k, the counts and the
-    gate weights from one kernel (`router_kernels.logits_top_k`): the launches before the step's first GEMM are
-    where the GPU waits on the host.
+    over at most `router_kernels.FUSED_TOP_K_EXPERTS` experts takes the logits, the same top-k and the counts from
+    one kernel (`router_kernels.logits_top_k`): the launches before the step's first GEMM are where the GPU waits
+    on the host.
     """
     # Select on the float32 logits (softmax) or float64 scores (sigmoid), never on float32 scores:
     # probabilities of a saturated router (an outlier token) underflow to 0 or round to 1 and tie
     # experts that the reference still orders; the softmax is monotonic, so its top-k is the logits'.
+    # The scores themselves only where the gate weights are not renormalized (then a softmax of the
+    # selected logits).
     if spec.router == "softmax_topk":
         if x.dtype == torch.bfloat16 and spec.experts <= router_kernels.FUSED_TOP_K_EXPERTS:
-            logits, ids, counts, gates = _RouterLogits.apply(x, router.to(torch.float32), spec.top_k,
-                                                             spec.renormalize)
-            return Routing(ids, capacity_mask(spec, ids), logits, spec, counts, gates)
-        logits = router_logits(x, router)
-        ids, counts = top_k_counted(logits.detach(), spec.top_k)
+            logits, ids, counts = _RouterLogits.apply(x, router.to(torch.float32), spec.top_k)
+        else:
+            logits = router_logits(x, router)
+            ids, counts = top_k_counted(logits.detach(), spec.top_k)
+        scores = None if spec.renormalize else torch.softmax(logits, dim=-1)
     else:
         logits = router_logits(x, router)
         bias = router_bias.detach().to(torch.float64) if router_bias is not None else 0.0
         selection = torch.sigmoid(logits.detach().to(torch.float64)) + bias
         ids, counts = top_k_counted(selection, spec.top_k)
-    return Routing(ids, capacity_mask(spec, ids), logits, spec, counts)
+        scores = None if spec.renormalize else torch.sigmoid(logits)
+    weights = router_gate_weights(spec, logits, scores, ids)
+    return Routing(ids, weights, capacity_mask(spec, ids), logits, spec.router, counts)
 
 
 class _RouterLogits(torch.autograd.Function):
     """float32 logits of bfloat16 tokens through `kernels.router` (tensor cores, float32-accurate), with
     both gradients likewise: dx rounded to x's dtype, as autograd's cast back from float32 would. With
-    ``top_k`` > 0, (logits, top-k ids, expert counts, softmax gate weights) from the fused kernel
-    (`router_kernels.logits_top_k`); the gates' gradient joins the logits' here (`router_kernels.gate_weights_vjp`).
-    """
+    ``top_k`` > 0, (logits, top-k ids, expert counts) from the fused kernel (`router_kernels.logits_top_k`)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, router: torch.Tensor, top_k: int = 0, renormalize: bool = True):
+    def forward(ctx, x: torch.Tensor, router: torch.Tensor, top_k: int = 0):
+        ctx.save_for_backward(x, router)
         if not top_k:
-            ctx.save_for_backward(x, router)
             return router_kernels.logits_bf16(x, router)
-        logits, ids, counts, gates = router_kernels.logits_top_k(x, router, top_k, renormalize)
-        ctx.save_for_backward(x, router, logits, ids, gates)
-        ctx.renormalize = renormalize
+        logits, ids, counts = router_kernels.logits_top_k(x, router, top_k)
         ctx.mark_non_differentiable(ids)
-        return logits, ids, counts, gates
+        return logits, ids, counts
 
     @staticmethod
-    def backward(ctx, d_logits: torch.Tensor, *grads):
-        x, router, *selection = ctx.saved_tensors
-        if selection:  # the fused kernel's: its gates' cotangent is the last
-            logits, ids, gates = selection
-            d_logits = d_logits + router_kernels.gate_weights_vjp(logits, ids, gates, grads[-1], ctx.renormalize)
+    def backward(ctx, d_logits: torch.Tensor, *_):
+        x, router = ctx.saved_tensors
         d_logits = d_logits.to(torch.float32).contiguous()
         dx = router_kernels.input_grad(d_logits, router, x.dtype) if ctx.needs_input_grad[0] else None
         d_router = router_kernels.router_grad(x, d_logits) if ctx.needs_input_grad[1] else None
-        return dx, d_router, None, None
+        return dx, d_router, None
 
 
 def router_logits(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
@@ -526,13 +504,12 @@ class _Int8Saved:
 
 
 def _int8_experts_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, plan: DispatchPlan, rule: str,
-                          prequantized: Int8Experts | None, needs_grad: bool, x_codes: list | None = None
+                          prequantized: Int8Experts | None, needs_grad: bool
                           ) -> tuple[torch.Tensor, _Int8Saved]:
     """Unweighted expert rows [N, H] = Q(swiglu(Q(x_r) Q(W13_e))) Q(W2_e), and what the backward needs
-    (no activation kept unless ``needs_grad``). ``x_codes``: [`sorted_codes` (x, plan)] where the caller made them,
-    emptied here (so that they go once read), else they are made here."""
+    (no activation kept unless ``needs_grad``)."""
     experts = prequantized if prequantized is not None else Int8Experts.quantize(w13, w2, with_transposed=False)
-    x_codes, x_scale = x_codes.pop() if x_codes else sorted_codes(x, plan)
+    x_codes, x_scale = sorted_codes(x, plan)
     # The float hidden is kept only where the prequant weight gradient needs it (d_w2 = h^T g).
     keep_h = rule == "prequant_vjp" and needs_grad
     a, h, h_codes, h_scale = int8_up(x_codes, x_scale, experts.w13_fwd, experts.w13_scale, plan, x.dtype,
@@ -649,10 +626,9 @@ class _RoutedInt8Layer(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w13, w2, gate_weights, plan: DispatchPlan, rule: str, prequantized: Int8Experts | None,
-                x_codes: list | None = None):
+    def forward(ctx, x, w13, w2, gate_weights, plan: DispatchPlan, rule: str, prequantized: Int8Experts | None):
         needs_grad = any(ctx.needs_input_grad)
-        rows, ctx.saved = _int8_experts_forward(x, w13, w2, plan, rule, prequantized, needs_grad, x_codes)
+        rows, ctx.saved = _int8_experts_forward(x, w13, w2, plan, rule, prequantized, needs_grad)
         y = combine_rows(rows, plan.inverse, plan.top_k, weight=gate_weights, kept=plan.kept)
         if needs_grad:  # read once more, by the gates' gradient
             ctx.saved.rows = rows
@@ -683,7 +659,7 @@ class _RoutedInt8Layer(torch.autograd.Function):
             return quantize_rows(dy, dest=plan.assignment_rows, weight=gates.reshape(plan.assignment_rows.shape))
 
         d_x, d_w13, d_w2 = _int8_experts_backward(saved, rows_grad, g_quantized)
-        return d_x, d_w13, d_w2, d_gates.to(ctx.gate_weights.dtype).view_as(ctx.gate_weights), None, None, None, None
+        return d_x, d_w13, d_w2, d_gates.to(ctx.gate_weights.dtype).view_as(ctx.gate_weights), None, None, None
 
 
 def sorted_codes(x: torch.Tensor, plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -787,13 +763,7 @@ def layer_forward(spec: MoESpec, scheme: Scheme, weights: LayerWeights, x: torch
     routing = route(spec, used.router, used.router_bias, x)
     plan = plan_dispatch(routing.expert_ids, routing.kept, spec.experts, routing.counts)
     if int8_routed(scheme):
-        # Q(x) in expert order is issued before the gate weights are made (a gather and a softmax, ~150 us of host
-        # time on the H200, whose device work is a few us): the device quantizes while the host makes them, where
-        # it would otherwise wait on the host before the first GEMM. A list, emptied by its reader, so that the
-        # codes go once the up projection has read them.
-        x_codes = [sorted_codes(x, plan)]
-        y = _RoutedInt8Layer.apply(x, used.w13, used.w2, routing.gate_weights, plan, scheme.backward, experts,
-                                   x_codes)
+        y = _RoutedInt8Layer.apply(x, used.w13, used.w2, routing.gate_weights, plan, scheme.backward, experts)
     else:
         y = combine(float_experts(x, used.w13, used.w2, plan), plan, routing)
     if used.shared_w13 is not None:

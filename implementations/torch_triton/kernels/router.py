@@ -165,52 +165,25 @@ def _sortable_keys(v, WIDE: tl.constexpr):
 
 @triton.jit
 def _next_pick(key, taken, cols, lowest, BLOCK_C: tl.constexpr):
-    """Per row, the column of the largest key not yet ``taken``, the lowest such column among equal keys, and that
-    key."""
+    """Per row, the column of the largest key not yet ``taken``, the lowest such column among equal keys."""
     best = tl.max(tl.where(taken, lowest, key), axis=1)
-    return tl.min(tl.where((~taken) & (key == best[:, None]), cols[None, :], BLOCK_C), axis=1), best
+    return tl.min(tl.where((~taken) & (key == best[:, None]), cols[None, :], BLOCK_C), axis=1)
 
 
 @triton.jit
-def _key_value(key):
-    """The float32 whose `_sortable_keys` key (32-bit) is ``key`` (0.0 for either zero)."""
-    return tl.where(key >= 0, key, key ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _store_top_k(key, lowest, rows, row_ok, cols, n_cols, ids_ptr, counts_ptr, gates_ptr, total,
-                 TOP_K: tl.constexpr, BLOCK_C: tl.constexpr, GATES: tl.constexpr):
+def _store_top_k(key, lowest, rows, row_ok, cols, n_cols, ids_ptr, counts_ptr, TOP_K: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
     """ids[r, :k]: k rounds of (largest ``key`` left, lowest column holding it) per row (`_next_pick`), columns past
-    ``n_cols`` never taken; counts[program, c]: how many of the rows' ids are c.
-
-    ``GATES``, the softmax router's gate weights into ``gates_ptr`` [rows, k] from the picks' values v (the float32
-    logits, read back from their 32-bit keys, so that the logits need not stay in registers): 0, none; 1, exp(v - the
-    first pick's v) of each pick, returned summed per row (the caller divides: a softmax of the picked logits); 2,
-    exp(v - top) / total (top: the first pick's v, each row's largest; ``total``: each row's sum of exp(v - top) over
-    every column: the picked entries of the softmax over every expert)."""
+    ``n_cols`` never taken; counts[program, c]: how many of the rows' ids are c."""
     taken = tl.broadcast_to((cols >= n_cols)[None, :], key.shape)
     counts = tl.zeros((BLOCK_C,), dtype=tl.int32)
-    rows64 = rows.to(tl.int64)
-    summed = tl.zeros(rows.shape, dtype=tl.float32)
-    first = summed
     for j in tl.static_range(TOP_K):
-        pick, best = _next_pick(key, taken, cols, lowest, BLOCK_C)
-        tl.store(ids_ptr + rows64 * TOP_K + j, pick.to(tl.int64), mask=row_ok)
+        pick = _next_pick(key, taken, cols, lowest, BLOCK_C)
+        tl.store(ids_ptr + rows.to(tl.int64) * TOP_K + j, pick.to(tl.int64), mask=row_ok)
         chosen = cols[None, :] == pick[:, None]
         taken = taken | chosen
         counts += tl.sum((chosen & row_ok[:, None]).to(tl.int32), axis=0)
-        if GATES != 0:
-            value = _key_value(best)
-            if j == 0:
-                first = value  # the largest: the picks come largest first
-            share = tl.exp(value - first)
-            if GATES == 1:
-                summed += share
-            else:
-                share = share / total
-            tl.store(gates_ptr + rows64 * TOP_K + j, share, mask=row_ok)
     tl.store(counts_ptr + tl.program_id(0) * BLOCK_C + cols, counts)
-    return summed
 
 
 @triton.jit
@@ -224,39 +197,25 @@ def _top_k_kernel(values_ptr, ids_ptr, counts_ptr, n_rows, n_cols, stride_v, TOP
     v = tl.load(values_ptr + rows.to(tl.int64)[:, None] * stride_v + cols[None, :],
                 mask=row_ok[:, None] & (cols < n_cols)[None, :], other=0.0)
     key, lowest = _sortable_keys(v, WIDE)
-    _store_top_k(key, lowest, rows, row_ok, cols, n_cols, ids_ptr, counts_ptr, counts_ptr, 1.0, TOP_K, BLOCK_C, 0)
+    _store_top_k(key, lowest, rows, row_ok, cols, n_cols, ids_ptr, counts_ptr, TOP_K, BLOCK_C)
 
 
 @triton.jit
-def _logits_top_k_kernel(x_ptr, r_ptr, out_ptr, ids_ptr, counts_ptr, gates_ptr, n_tokens, hidden, experts,
-                         stride_x, stride_r, stride_o, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
-                         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+def _logits_top_k_kernel(x_ptr, r_ptr, out_ptr, ids_ptr, counts_ptr, n_tokens, hidden, experts,
+                         stride_x, stride_r, stride_o, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
     """`_logits_kernel` and `_top_k_kernel` in one pass over BLOCK_T tokens and every expert (BLOCK_E >= E): the
-    logits, their top-k ids (the same selection, on the same float32 values, still in registers), how many of
-    the block's assignments each expert got, counts[program, e] (`dispatch.plan_from_counts` reads them), and the
-    softmax router's gate weights (`gate_weights_softmax`): a softmax of the k picked logits (``RENORMALIZE``) or
-    the picked entries of the softmax over every expert, each with its row's largest logit subtracted first."""
+    logits, their top-k ids (the same selection, on the same float32 values, still in registers) and how many of
+    the block's assignments each expert got, counts[program, e] (`dispatch.plan_from_counts` reads them)."""
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
     token_ok = tokens < n_tokens
-    col_ok = cols < experts
     acc = _logits_tile(x_ptr, r_ptr, tokens, cols, n_tokens, hidden, experts, stride_x, stride_r,
                        BLOCK_T, BLOCK_E, BLOCK_K, UPCAST)
     tl.store(out_ptr + tokens.to(tl.int64)[:, None] * stride_o + cols[None, :], acc,
-             mask=token_ok[:, None] & col_ok[None, :])
+             mask=token_ok[:, None] & (cols < experts)[None, :])
     key, lowest = _sortable_keys(acc, False)
-    if RENORMALIZE:
-        summed = _store_top_k(key, lowest, tokens, token_ok, cols, experts, ids_ptr, counts_ptr, gates_ptr, 1.0,
-                              TOP_K, BLOCK_E, 1)
-        tl.debug_barrier()  # the exps this program stored, visible to every thread of it
-        for j in tl.static_range(TOP_K):
-            at = gates_ptr + tokens.to(tl.int64) * TOP_K + j
-            tl.store(at, tl.load(at, mask=token_ok, other=1.0) / summed, mask=token_ok)
-    else:
-        top = tl.max(tl.where(col_ok[None, :], acc, float("-inf")), axis=1)
-        total = tl.sum(tl.where(col_ok[None, :], tl.exp(acc - top[:, None]), 0.0), axis=1)
-        _store_top_k(key, lowest, tokens, token_ok, cols, experts, ids_ptr, counts_ptr, gates_ptr, total, TOP_K,
-                     BLOCK_E, 2)
+    _store_top_k(key, lowest, tokens, token_ok, cols, experts, ids_ptr, counts_ptr, TOP_K, BLOCK_E)
 
 
 INTERPRETED: bool = is_interpreted_kernel(_logits_kernel)
@@ -290,14 +249,11 @@ def logits_bf16(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
 FUSED_TOP_K_EXPERTS = 128
 
 
-def logits_top_k(x: torch.Tensor, router: torch.Tensor, k: int, renormalize: bool = True
-                 ) -> tuple[torch.Tensor, torch.Tensor, ExpertCounts, torch.Tensor]:
-    """(logits [T, E] float32, the top-``k`` ids [T, k] int64, per-block expert counts, the softmax router's gate
-    weights [T, k] float32) for bfloat16 x [T, H] and float32 R [H, E], E <= `FUSED_TOP_K_EXPERTS`: `logits_bf16`
-    then `top_k_lower_index_first`, bit for bit, and `gate_weights_softmax` (``renormalize``: over the k picked
-    logits, else over every expert), in one launch (`_logits_top_k_kernel`). The launches before the step's first
-    GEMM are where the GPU waits on the host (~100 us of host time per Triton launch on the H200, ~150 for the
-    gather and softmax of the gates with autograd); the counts save the dispatch plan its sort."""
+def logits_top_k(x: torch.Tensor, router: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, ExpertCounts]:
+    """(logits [T, E] float32, the top-``k`` ids [T, k] int64, per-block expert counts) for bfloat16 x [T, H] and
+    float32 R [H, E], E <= `FUSED_TOP_K_EXPERTS`: `logits_bf16` then `top_k_lower_index_first`, bit for bit, in one
+    launch (`_logits_top_k_kernel`). The launches before the step's first GEMM are where the GPU waits on the
+    host (~100 us of host time per Triton launch on the H200); the counts save the dispatch plan its sort."""
     tokens, hidden = x.shape
     experts = router.shape[1]
     if not 0 < k <= experts <= FUSED_TOP_K_EXPERTS:
@@ -310,36 +266,12 @@ def logits_top_k(x: torch.Tensor, router: torch.Tensor, k: int, renormalize: boo
     out = torch.empty((tokens, experts), dtype=torch.float32, device=x.device)
     ids = torch.empty((tokens, k), dtype=torch.int64, device=x.device)
     counts = torch.empty((blocks, block_e), dtype=torch.int32, device=x.device)
-    gates = torch.empty((tokens, k), dtype=torch.float32, device=x.device)
     if tokens:
         record_launch("router_logits_top_k")
         _logits_top_k_kernel[(blocks,)](
-            x, router, out, ids, counts, gates, tokens, hidden, experts, x.stride(0), router.stride(0),
-            out.stride(0), TOP_K=k, RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k,
-            UPCAST=INTERPRETED, num_warps=4)
-    return out, ids, ExpertCounts(counts, block_t), gates
-
-
-def gate_weights_softmax(logits: torch.Tensor, ids: torch.Tensor, renormalize: bool) -> torch.Tensor:
-    """The softmax router's gate weights [T, k] from float32 logits [T, E] and the picked ids [T, k], as
-    `logits_top_k` makes them: softmax(logits[ids]) (``renormalize``) or softmax(logits)[ids]."""
-    if renormalize:
-        return torch.softmax(logits.gather(-1, ids), dim=-1)
-    return torch.softmax(logits, dim=-1).gather(-1, ids)
-
-
-def gate_weights_vjp(logits: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, d_gates: torch.Tensor,
-                     renormalize: bool) -> torch.Tensor:
-    """d logits [T, E] float32 of `gate_weights_softmax` for the cotangent ``d_gates`` [T, k] (``gates``: its
-    value): the softmax's VJP, g (d - sum(g d)), over the picked logits (``renormalize``, scattered to their
-    columns) or over every expert (d scattered to the picked columns first)."""
-    d_gates = d_gates.to(torch.float32)
-    if renormalize:
-        d_picked = gates * (d_gates - (gates * d_gates).sum(dim=-1, keepdim=True))
-        return torch.zeros_like(logits).scatter_(-1, ids, d_picked)
-    probs = torch.softmax(logits, dim=-1)
-    d_probs = torch.zeros_like(logits).scatter_(-1, ids, d_gates)
-    return probs * (d_probs - (probs * d_probs).sum(dim=-1, keepdim=True))
+            x, router, out, ids, counts, tokens, hidden, experts, x.stride(0), router.stride(0), out.stride(0),
+            TOP_K=k, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, UPCAST=INTERPRETED, num_warps=4)
+    return out, ids, ExpertCounts(counts, block_t)
 
 
 def input_grad(d_logits: torch.Tensor, router: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
