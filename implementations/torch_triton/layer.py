@@ -456,16 +456,18 @@ def float_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, plan: Di
     """Unweighted expert outputs per sorted row, float: swiglu(x_rows W13_e) W2_e (autograd).
 
     `torch._grouped_mm` leaves rows past the last group (capacity-dropped) unwritten, in its output
-    and in its input gradient alike: `grouped_mm` zeroes its output's, and masking each GEMM's input
-    with `torch.where` keeps the input gradient's out of the backward (where's backward selects, so even
-    a NaN there is dropped). Without drops every mask is the identity.
+    and in its input gradient alike: `grouped_mm` zeroes its output's. The first GEMM's input has those rows zero
+    (`DispatchPlan.token_rows`), and its input gradient's are never read (`DispatchPlan.sum_per_token` reads kept
+    rows only); the second GEMM's input is masked with `torch.where`, which keeps its input gradient's out of the
+    backward (where's backward selects, so even a NaN there is dropped). Without drops the mask is the identity.
     """
     return float_down(float_up(float_rows(x, plan), w13, plan), w2, plan)
 
 
 def float_rows(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """x's rows in expert order [N, H], capacity-dropped rows zeroed: the float path's GEMM input."""
-    return plan.mask_rows(token_rows(x, plan))
+    """x's rows in expert order [N, H], capacity-dropped rows zero (`DispatchPlan.token_rows` writes them so): the
+    float path's GEMM input."""
+    return token_rows(x, plan)
 
 
 def float_up(rows: torch.Tensor, w13: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:

@@ -102,10 +102,10 @@ def _dequantize_rows_kernel(codes_ptr, scale_ptr, out_ptr, n_rows, n_cols, rows_
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = rows < n_rows
     mask = row_ok[:, None] & (cols < n_cols)[None, :]
-    src = rows.to(tl.int64)
-    scale = tl.load(scale_ptr + src // rows_per_scale, mask=row_ok, other=0.0)
-    codes = tl.load(codes_ptr + src[:, None] * stride_c + cols[None, :], mask=mask, other=0)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_o + cols[None, :],
+    rows64 = rows.to(tl.int64)
+    scale = tl.load(scale_ptr + rows64 // rows_per_scale, mask=row_ok, other=0.0)
+    codes = tl.load(codes_ptr + rows64[:, None] * stride_c + cols[None, :], mask=mask, other=0)
+    tl.store(out_ptr + rows64[:, None] * stride_o + cols[None, :],
              (codes.to(tl.float32) * scale[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
