@@ -96,6 +96,9 @@ def test_int8_schemes_launch_the_int8_kernel(triton_backend, kernels, scheme, fo
     else:  # the straight-through backward quantizes x again (per token) for Q(x)^T d_a
         assert both.get("quantize_rows_scattered") == 1 and both.get("quantize_rows") == 1, both
         assert both.get("swiglu_backward") == 1, both
+        # Q(h)'s values come from the forward's SwiGLU kernel: the backward dequantizes x's codes and the two
+        # projections' weights, not the hidden's codes
+        assert both.get("dequantize_rows") == 3, both
 
 
 def test_int8_routed_quantizes_its_weights_before_routing(triton_backend, kernels, monkeypatch):
@@ -544,7 +547,7 @@ def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backe
     and the gates), the hidden h and g itself are gone (Q(g) after d_w2: the peak holds a, h and g, not Q(g) too);
     when the SwiGLU gradient runs
     the straight-through backward's float W2 is gone and its float W13 not yet made;
-    (with a, the largest [N, 2F] buffer), the forward's hidden h (prequant) or its codes (straight-through)
+    (with a, the largest [N, 2F] buffer), the forward's hidden h (prequant) or Q(h)'s values (straight-through)
     and g are gone, and d_a is written over a (no second [N, 2F] buffer): the backward holds each
     activation only to its last use (issue 10: the int8 layer's forward+backward peak was 1.3x the compiled
     bf16 layer's). Checked with weak references; a second backward through the graph is refused."""
@@ -584,8 +587,8 @@ def test_int8_backward_frees_the_hidden_activations_before_its_peak(triton_backe
         expert_rows.append(weakref.ref(out))
         return out
 
-    def recording_forward(a, store_h=True, quantize=True):
-        out = forward(a, store_h=store_h, quantize=quantize)
+    def recording_forward(a, store_h=True, quantize=True, dequantized=False):
+        out = forward(a, store_h=store_h, quantize=quantize, dequantized=dequantized)
         hidden.append(weakref.ref(out[0] if store_h else out[1]))
         return out
 
@@ -643,8 +646,8 @@ def test_combine_backward_in_two_passes_equals_the_one_pass(triton_backend, kern
 
 
 def test_tuned_launches_equal_the_fixed_ones(triton_backend, monkeypatch):
-    """Large problems on a GPU run the SwiGLU, combine and per-expert quantization kernels autotuned over
-    launch shapes; each shape must give the fixed shape's values bit for bit (in-place SwiGLU gradient
+    """Large problems on a GPU run the SwiGLU, combine, per-expert quantization and dequantization kernels
+    autotuned over launch shapes; each shape must give the fixed shape's values bit for bit (in-place SwiGLU gradient
     included: the tuner's trial runs write over a, which it must put back), except the combine backward's
     d_w, a row sum whose order follows the tile layout: float32 rounding apart (failed bit for bit on the
     H200, 2026-12-01). The interpreter never tunes."""
@@ -668,6 +671,8 @@ def test_tuned_launches_equal_the_fixed_ones(triton_backend, monkeypatch):
 
     def run():
         return (*_swiglu.swiglu_forward(a, store_h=True, quantize=True),
+                _swiglu.swiglu_forward(a, store_h=True, quantize=True, dequantized=True)[0],
+                _quant.dequantize_rows(expert_rows.to(torch.int8), weight.reshape(-1), torch.bfloat16),
                 *_swiglu.swiglu_backward(a.clone(), d_h, quantize=True, in_place=True),
                 _combine.combine_rows(expert_rows, position, 2, weight=weight),
                 *_combine.combine_rows_backward(expert_rows, d_h, position, weight, 2),
@@ -677,13 +682,34 @@ def test_tuned_launches_equal_the_fixed_ones(triton_backend, monkeypatch):
     tuned = run()
     monkeypatch.setattr(common, "TUNE_MIN_ELEMENTS", 2**62)
     fixed = run()
-    d_weight = 8  # the combine backward's d_w: sum_h rows[pos, h] dy[t, h] over H = 2048 terms
+    d_weight = 10  # the combine backward's d_w: sum_h rows[pos, h] dy[t, h] over H = 2048 terms
     for i, (t, f) in enumerate(zip(tuned, fixed)):
         if i == d_weight:
             terms = (expert_rows.float().abs()[position].view(rows, 2, ffn) * d_h.float().abs()[:, None]).sum(-1)
             assert bool(((t - f).abs() <= 2 * 2.0**-24 * 64 * terms).all()), "d_w beyond float32 rounding"
         else:
             assert torch.equal(t, f), f"output {i} differs between the tuned and the fixed launch"
+
+
+@pytest.mark.parametrize("ffn", [40, 1100])  # one pass; two (a row wider than one block in the interpreter)
+def test_swiglu_stores_q_h_values_as_dequantize_rows_makes_them(triton_backend, ffn):
+    """``dequantized``: the stored hidden is `dequantize_rows` of the kernel's own codes and scales, bit for bit
+    (the straight-through backward's Q(h) for d_w2, no longer made from the codes there), and the codes and
+    scales are those of the plain call."""
+    import torch
+
+    from qmoe.implementations.torch_triton.kernels.quant import dequantize_rows
+    from qmoe.implementations.torch_triton.kernels.swiglu import swiglu_forward
+
+    dtype = torch.bfloat16 if triton_backend.device == "cuda" else torch.float32
+    a = torch.tensor(np.random.default_rng(4).standard_normal((9, 2 * ffn)), dtype=dtype, device=triton_backend.device)
+    h, codes, scale = swiglu_forward(a)
+    q_h, q_codes, q_scale = swiglu_forward(a, dequantized=True)
+    assert torch.equal(q_codes, codes) and torch.equal(q_scale, scale)
+    assert torch.equal(q_h, dequantize_rows(codes, scale, dtype))
+    assert not torch.equal(q_h, h)  # the values were rounded to the codes' grid
+    with pytest.raises(ValueError, match="needs quantize"):
+        swiglu_forward(a, quantize=False, dequantized=True)
 
 
 def test_swiglu_backward_in_place_equals_the_out_of_place_one(triton_backend):

@@ -512,14 +512,15 @@ def _int8_experts_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     (no activation kept unless ``needs_grad``)."""
     experts = prequantized if prequantized is not None else Int8Experts.quantize(w13, w2, with_transposed=False)
     x_codes, x_scale = sorted_codes(x, plan)
-    # The float hidden is kept only where the prequant weight gradient needs it (d_w2 = h^T g).
-    keep_h = rule == "prequant_vjp" and needs_grad
+    # The hidden d_w2 reads is kept for the backward: h for the prequant VJP (d_w2 = h^T g), Q(h)'s values for
+    # the straight-through one (d_w2 = Q(h)^T g), written by the SwiGLU kernel from its registers rather than
+    # made again from the codes there (a pass reading N x F codes and writing N x F values: 0.3 ms at the
+    # logbook's top-8 shape on the H200). The backward's peak holds those values either way.
+    prequant = rule == "prequant_vjp"
     a, h, h_codes, h_scale = int8_up(x_codes, x_scale, experts.w13_fwd, experts.w13_scale, plan, x.dtype,
-                                     store_h=keep_h)
+                                     store_h=needs_grad, dequantized_h=not prequant)
     del x_codes, x_scale  # [N, H] int8: gone before the down projection's output is made
-    stash = None
-    if needs_grad:
-        stash = [a, h] if rule == "prequant_vjp" else [a, h_codes, h_scale]
+    stash = [a, h] if needs_grad else None
     out = int8_down(h_codes, h_scale, experts.w2_fwd, experts.w2_scale, plan, x.dtype)
     # x itself for the backward (its float rows for the prequant weight gradient; its codes, made again, for the
     # straight-through one): the layer's caller holds it anyway, where its [N, H] codes would be k times its rows
@@ -571,11 +572,9 @@ def _int8_experts_backward(saved: _Int8Saved, rows_grad: list,
         del d_x_rows
         d_w13 = grouped_weight_grad(plan.token_rows(x), d_a, plan)
         return d_x, d_w13, d_w2
-    a, h_codes, h_scale = stash
+    a, h_eff = stash  # h_eff: Q(h)'s values
     del stash
     dtype = a.dtype
-    h_eff = dequantize_rows(h_codes, h_scale, dtype)
-    del h_codes, h_scale
     d_w2 = grouped_weight_grad(h_eff, g, plan)
     del h_eff
     # Each projection's float weights exist only around the product that reads them (made together up
@@ -674,13 +673,14 @@ def sorted_codes(x: torch.Tensor, plan: DispatchPlan) -> tuple[torch.Tensor, tor
 
 
 def int8_up(x_codes: torch.Tensor, x_scale: torch.Tensor, w13_codes: torch.Tensor, w13_scale: torch.Tensor,
-            plan: DispatchPlan, dtype: torch.dtype, store_h: bool
+            plan: DispatchPlan, dtype: torch.dtype, store_h: bool, dequantized_h: bool = False
             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """(a, h or None, Q(h) codes, Q(h) scales): a = Q(x_r) Q(W13_e) per sorted row, from the codes in expert
-    order (`sorted_codes`), then the fused SwiGLU + per-row int8 of h."""
+    order (`sorted_codes`), then the fused SwiGLU + per-row int8 of h. ``dequantized_h``: the stored hidden is
+    Q(h)'s values instead of h (`swiglu_forward`)."""
     a = grouped_gemm(x_codes, w13_codes, plan.group_starts, out_dtype=dtype, a_scale=x_scale, b_scale=w13_scale,
                      zero_uncovered=plan.has_drops, tiles=plan.tiles)
-    h, h_codes, h_scale = swiglu_forward(a, store_h=store_h)
+    h, h_codes, h_scale = swiglu_forward(a, store_h=store_h, dequantized=dequantized_h)
     assert h_codes is not None and h_scale is not None  # quantize (the default) always makes them
     return a, h, h_codes, h_scale
 

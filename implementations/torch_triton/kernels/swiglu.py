@@ -3,7 +3,7 @@
 Forward, for a = x W13 [R, 2F] (gate = first F columns, up = last F):
 
     h = silu(a_gate) * a_up,  and optionally its per-row int8 codes q = clip(rint(h / s), -127, 127)
-    with s = amax(|h_row|) / 127 (1 where that is 0)
+    with s = amax(|h_row|) / 127 (1 where that is 0); the stored hidden is h, or Q(h)'s values q * s
 
 Backward, for the hidden's cotangent d_h [R, F] (silu'(g) = s (1 + g (1 - s)), s = sigmoid(g)):
 
@@ -46,9 +46,18 @@ def _codes(v, scale):
 
 
 @triton.jit
+def _stored_hidden(h, scale, DEQUANTIZED: tl.constexpr):
+    """The hidden as stored: h, or Q(h)'s values (the codes times the scale in float32, `dequantize_rows`'s
+    product)."""
+    if DEQUANTIZED:
+        return _codes(h, scale).to(tl.float32) * scale[:, None]
+    return h
+
+
+@triton.jit
 def _swiglu_forward_kernel(a_ptr, h_ptr, codes_ptr, scale_ptr, n_rows, ffn, stride_a, stride_h, stride_c,
-                           STORE_H: tl.constexpr, QUANTIZE: tl.constexpr, ONE_PASS: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                           STORE_H: tl.constexpr, QUANTIZE: tl.constexpr, DEQUANTIZED: tl.constexpr,
+                           ONE_PASS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     rows64 = rows.to(tl.int64)
@@ -56,12 +65,14 @@ def _swiglu_forward_kernel(a_ptr, h_ptr, codes_ptr, scale_ptr, n_rows, ffn, stri
         cols = tl.arange(0, BLOCK_C)
         mask = row_ok[:, None] & (cols < ffn)[None, :]
         h = _hidden(a_ptr, rows64, cols, mask, stride_a, ffn)
-        if STORE_H:
-            tl.store(h_ptr + rows64[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
+        scale = tl.full((BLOCK_R,), 1.0, dtype=tl.float32)
         if QUANTIZE:
             scale = _row_scale(tl.max(tl.abs(h), axis=1))
             tl.store(codes_ptr + rows64[:, None] * stride_c + cols[None, :], _codes(h, scale), mask=mask)
             tl.store(scale_ptr + rows, scale, mask=row_ok)
+        if STORE_H:
+            tl.store(h_ptr + rows64[:, None] * stride_h + cols[None, :],
+                     _stored_hidden(h, scale, DEQUANTIZED).to(h_ptr.dtype.element_ty), mask=mask)
     else:
         scale = tl.full((BLOCK_R,), 1.0, dtype=tl.float32)
         if QUANTIZE:
@@ -77,7 +88,8 @@ def _swiglu_forward_kernel(a_ptr, h_ptr, codes_ptr, scale_ptr, n_rows, ffn, stri
             mask = row_ok[:, None] & (cols < ffn)[None, :]
             h = _hidden(a_ptr, rows64, cols, mask, stride_a, ffn)
             if STORE_H:
-                tl.store(h_ptr + rows64[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
+                tl.store(h_ptr + rows64[:, None] * stride_h + cols[None, :],
+                         _stored_hidden(h, scale, DEQUANTIZED).to(h_ptr.dtype.element_ty), mask=mask)
             if QUANTIZE:
                 tl.store(codes_ptr + rows64[:, None] * stride_c + cols[None, :], _codes(h, scale), mask=mask)
 
@@ -195,10 +207,16 @@ def _launch_shape(ffn: int) -> tuple[bool, int, int, int]:
     return False, 4, 512, 4
 
 
-def swiglu_forward(a: torch.Tensor, store_h: bool = True, quantize: bool = True
+def swiglu_forward(a: torch.Tensor, store_h: bool = True, quantize: bool = True, dequantized: bool = False
                    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """h [R, F] (a's dtype; None unless ``store_h``) and, with ``quantize``, int8 codes [R, F] and
-    float32 scales [R] of h, for a [R, 2F]."""
+    float32 scales [R] of h, for a [R, 2F].
+
+    ``dequantized`` (with ``quantize``): the stored hidden is Q(h)'s values, codes * scale rounded once to a's
+    dtype, bit for bit what `quant.dequantize_rows` makes of the codes (the straight-through backward's
+    d_w2 = Q(h)^T g), written from registers instead of by a later pass that reads the codes."""
+    if dequantized and not quantize:
+        raise ValueError("swiglu_forward: dequantized stores Q(h), which needs quantize")
     rows, two_f = a.shape
     ffn = two_f // 2
     a = a if a.stride(-1) == 1 else a.contiguous()
@@ -212,7 +230,8 @@ def swiglu_forward(a: torch.Tensor, store_h: bool = True, quantize: bool = True
     _launch(_swiglu_forward_kernel, rows, ffn,
             (a, h if store_h else dummy, codes if quantize else dummy, scale if quantize else dummy, rows, ffn,
              a.stride(0), h.stride(0) if store_h else 0, codes.stride(0) if quantize else 0),
-            dict(STORE_H=store_h, QUANTIZE=quantize), key=["STORE_H", "QUANTIZE"], restore=())
+            dict(STORE_H=store_h, QUANTIZE=quantize, DEQUANTIZED=dequantized and store_h),
+            key=["STORE_H", "QUANTIZE", "DEQUANTIZED"], restore=())
     return h, codes, scale
 
 
