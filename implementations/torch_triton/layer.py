@@ -294,7 +294,6 @@ class DispatchPlan:
     experts: int
     order: torch.Tensor
     inverse: torch.Tensor
-    row_token: torch.Tensor
     group_starts: torch.Tensor
     row_valid: torch.Tensor | None
     kept: torch.Tensor | None = None
@@ -309,6 +308,12 @@ class DispatchPlan:
     def group_ends(self) -> torch.Tensor:
         """Cumulative row counts [E] int32: the ``offs`` of `torch._grouped_mm`."""
         return self.group_starts[1:]
+
+    @property
+    def row_token(self) -> torch.Tensor:
+        """[N] int64: the token of each sorted row (order // k). No step reads it (`token_rows` spreads x without
+        it); derived on demand for checks."""
+        return self.order // self.top_k
 
     @property
     def has_drops(self) -> bool:
@@ -337,8 +342,8 @@ def plan_dispatch(expert_ids: torch.Tensor, kept: torch.Tensor | None, experts: 
     (`plan_from_counts`, where the counts are few enough: `counts_fit`); any other is sorted."""
     tokens, top_k = expert_ids.shape
     if kept is None and counts is not None and counts_fit(counts):
-        order, inverse, row_token, starts, tiles = plan_from_counts(expert_ids, counts, experts)
-        return DispatchPlan(tokens, top_k, experts, order, inverse, row_token, starts, None, None, tiles)
+        order, inverse, starts, tiles = plan_from_counts(expert_ids, counts, experts)
+        return DispatchPlan(tokens, top_k, experts, order, inverse, starts, None, None, tiles)
     key = expert_ids.reshape(-1)
     kept_flat = None if kept is None else kept.reshape(-1)
     if kept_flat is not None:
@@ -346,8 +351,8 @@ def plan_dispatch(expert_ids: torch.Tensor, kept: torch.Tensor | None, experts: 
     sorted_key, order = sort_keys(key, experts)
     # Group e begins at the first sorted key >= e (an empty group where the next begins); the last
     # group ends where the dropped assignments' key E begins. No counts, no host synchronization.
-    inverse, row_token, starts, row_valid = plan_indices(sorted_key, order, experts, top_k, kept_flat is not None)
-    return DispatchPlan(tokens, top_k, experts, order, inverse, row_token, starts, row_valid, kept_flat)
+    inverse, starts, row_valid = plan_indices(sorted_key, order, experts, kept_flat is not None)
+    return DispatchPlan(tokens, top_k, experts, order, inverse, starts, row_valid, kept_flat)
 
 
 # -- float grouped matmuls (torch._grouped_mm) ------------------------------------------------------

@@ -1,7 +1,7 @@
 """The dispatch plan's index arrays: row p of the expert-sorted order is assignment ``order[p]`` (= t * k + slot),
 and the layer needs
 
-    inverse[order[p]] = p,   row_token[p] = order[p] // k,   group_starts[e] = #{keys < e}  (e = 0 .. E),
+    inverse[order[p]] = p,   group_starts[e] = #{keys < e}  (e = 0 .. E),
     row_valid[p] = sorted_key[p] < E   (capacity drops carry the key E)
 
 They are made at the start of the step, before the first GEMM, while the GPU waits on the host (a trace of the
@@ -43,16 +43,15 @@ BLOCK = 1024
 
 
 @triton.jit
-def _plan_indices_kernel(sorted_key_ptr, order_ptr, inverse_ptr, row_token_ptr, starts_ptr, row_valid_ptr, n,
-                         experts, TOP_K: tl.constexpr, HAS_DROPS: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-                         E_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
-    """Each program its BLOCK sorted positions' inverse, row token and (with drops) validity; program 0 also
+def _plan_indices_kernel(sorted_key_ptr, order_ptr, inverse_ptr, starts_ptr, row_valid_ptr, n, experts,
+                         HAS_DROPS: tl.constexpr, SEARCH_STEPS: tl.constexpr, E_BLOCK: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """Each program its BLOCK sorted positions' inverse and (with drops) validity; program 0 also
     every group start, a binary search (lower bound) of each expert id in the sorted keys."""
     p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_range = p < n
     assignment = tl.load(order_ptr + p, mask=in_range, other=0)
     tl.store(inverse_ptr + assignment, p.to(tl.int64), mask=in_range)
-    tl.store(row_token_ptr + p, assignment // TOP_K, mask=in_range)
     if HAS_DROPS:
         key = tl.load(sorted_key_ptr + p, mask=in_range, other=0)
         tl.store(row_valid_ptr + p, key < experts, mask=in_range)
@@ -87,7 +86,7 @@ def counts_fit(counts: ExpertCounts) -> bool:
 
 
 @triton.jit
-def _counting_plan_kernel(ids_ptr, counts_ptr, inverse_ptr, order_ptr, row_token_ptr, starts_ptr, table_ptr,
+def _counting_plan_kernel(ids_ptr, counts_ptr, inverse_ptr, order_ptr, starts_ptr, table_ptr,
                           tile_count_ptr, n_tokens, n_blocks, experts, counts_stride, table_bound,
                           TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, E_BLOCK: tl.constexpr,
                           COUNT_CHUNK: tl.constexpr, TILE_M: tl.constexpr, TABLE_BLOCK: tl.constexpr):
@@ -125,7 +124,6 @@ def _counting_plan_kernel(ids_ptr, counts_ptr, inverse_ptr, order_ptr, row_token
         assignment = tokens.to(tl.int64) * TOP_K + j
         tl.store(inverse_ptr + assignment, r, mask=token_ok)
         tl.store(order_ptr + r, assignment, mask=token_ok)
-        tl.store(row_token_ptr + r, tokens.to(tl.int64), mask=token_ok)
     if p == 0:
         tl.store(starts_ptr + e, starts, mask=e_ok)
         tl.store(starts_ptr + experts, tl.sum(totals, axis=0))
@@ -146,8 +144,8 @@ def _counting_plan_kernel(ids_ptr, counts_ptr, inverse_ptr, order_ptr, row_token
 
 
 def plan_from_counts(expert_ids: torch.Tensor, counts: ExpertCounts, experts: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, gluon_gemm.GemmTiles]:
-    """(order, inverse, row_token [N] int64, group_starts [E + 1] int32, the Gluon GEMM's tile table) of a dropless
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, gluon_gemm.GemmTiles]:
+    """(order, inverse, group_starts [E + 1] int32, the Gluon GEMM's tile table) of a dropless
     routing ``expert_ids`` [T, k] from its per-block expert counts, in one launch (`_counting_plan_kernel`): what
     `sort_keys` and `plan_indices` give, and `gluon_gemm.tile_table`, without the sort's launches."""
     tokens, top_k = expert_ids.shape
@@ -155,7 +153,6 @@ def plan_from_counts(expert_ids: torch.Tensor, counts: ExpertCounts, experts: in
     device = expert_ids.device
     order = torch.empty(n, dtype=torch.int64, device=device)
     inverse = torch.empty_like(order)
-    row_token = torch.empty_like(order)
     blocks = counts.per_block.shape[0]
     # the kernel writes every group start and the tile count: no memsets (launches of their own) unless it is not run
     alloc = torch.empty if blocks else torch.zeros
@@ -167,11 +164,11 @@ def plan_from_counts(expert_ids: torch.Tensor, counts: ExpertCounts, experts: in
     if blocks:
         record_launch("dispatch_counting_plan")
         _counting_plan_kernel[(blocks,)](
-            expert_ids, counts.per_block, inverse, order, row_token, starts, table, tile_count, tokens, blocks,
+            expert_ids, counts.per_block, inverse, order, starts, table, tile_count, tokens, blocks,
             experts, counts.per_block.stride(0), bound, TOP_K=top_k, BLOCK_T=counts.block_tokens,
             E_BLOCK=next_power_of_2(experts), COUNT_CHUNK=COUNT_CHUNK, TILE_M=tile_m,
             TABLE_BLOCK=next_power_of_2(triton.cdiv(bound, blocks)), num_warps=8)
-    return order, inverse, row_token, starts, gluon_gemm.GemmTiles(tile_m, n, table, tile_count)
+    return order, inverse, starts, gluon_gemm.GemmTiles(tile_m, n, table, tile_count)
 
 
 def sort_keys(keys: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,18 +178,17 @@ def sort_keys(keys: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Ten
     return torch.sort(keys.to(narrow), stable=True)
 
 
-def plan_indices(sorted_key: torch.Tensor, order: torch.Tensor, experts: int, top_k: int, has_drops: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(inverse [N] int64, row_token [N] int64, group_starts [E + 1] int32, row_valid [N] bool or None) of a stable
+def plan_indices(sorted_key: torch.Tensor, order: torch.Tensor, experts: int, has_drops: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(inverse [N] int64, group_starts [E + 1] int32, row_valid [N] bool or None) of a stable
     sort of the routing keys (`sort_keys`); ``row_valid`` only ``has_drops``."""
     n = order.numel()
     inverse = torch.empty_like(order)
-    row_token = torch.empty_like(order)
     starts = torch.empty(experts + 1, dtype=torch.int32, device=order.device)
     row_valid = torch.empty(n, dtype=torch.bool, device=order.device) if has_drops else None
     record_launch("dispatch_plan_indices")
     _plan_indices_kernel[(max(1, triton.cdiv(n, BLOCK)),)](
-        sorted_key, order, inverse, row_token, starts, row_valid if row_valid is not None else starts, n, experts,
-        TOP_K=top_k, HAS_DROPS=has_drops, SEARCH_STEPS=max(1, n.bit_length()),
+        sorted_key, order, inverse, starts, row_valid if row_valid is not None else starts, n, experts,
+        HAS_DROPS=has_drops, SEARCH_STEPS=max(1, n.bit_length()),
         E_BLOCK=next_power_of_2(experts + 1), BLOCK=BLOCK, num_warps=4)
-    return inverse, row_token, starts, row_valid
+    return inverse, starts, row_valid

@@ -250,8 +250,7 @@ def _tuned_dequantize_rows():
     8 x 512 tiles, ~3.6 TB/s). An elementwise map: every tile gives the same values."""
     tiles = ((8, 512, 4), (16, 512, 4), (4, 1024, 4), (8, 1024, 4), (8, 1024, 8), (16, 1024, 8), (32, 512, 8),
              (4, 2048, 8))
-    configs = [triton.Config({"BLOCK_R": r, "BLOCK_C": c}, num_warps=w) for r, c, w in tiles]
-    return triton.autotune(configs=configs, key=["n_rows", "n_cols", "rows_per_scale"])(_dequantize_rows_kernel)
+    return _autotuned_tiles(_dequantize_rows_kernel, tiles, ["n_rows", "n_cols", "rows_per_scale"])
 
 
 def dequantize_experts(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -317,8 +316,13 @@ def _tuned_quantize_with_scale():
     1.35 ms of its 9.2 ms forward at the logbook shape, top-8, on the H200 with 64 x 64 tiles). A transposing
     store (K-major codes) writes BLOCK_R bytes per column; an elementwise map, every tile gives the same codes."""
     tiles = ((64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8), (256, 64, 8), (64, 256, 8), (256, 128, 8))
+    return _autotuned_tiles(_quantize_with_scale_kernel, tiles, ["n_r", "n_c", "stride_wr", "stride_cr"])
+
+
+def _autotuned_tiles(kernel, tiles: tuple[tuple[int, int, int], ...], key: list[str]):
+    """``kernel`` autotuned over (BLOCK_R, BLOCK_C, warps) ``tiles``, keyed on its arguments ``key``."""
     configs = [triton.Config({"BLOCK_R": r, "BLOCK_C": c}, num_warps=w) for r, c, w in tiles]
-    return triton.autotune(configs=configs, key=["n_r", "n_c", "stride_wr", "stride_cr"])(_quantize_with_scale_kernel)
+    return triton.autotune(configs=configs, key=key)(kernel)
 
 
 def fake_quant_rows(w: torch.Tensor, scale_floor: float, clip_abs: torch.Tensor | None = None,

@@ -46,15 +46,6 @@ def _codes(v, scale):
 
 
 @triton.jit
-def _stored_hidden(h, scale, DEQUANTIZED: tl.constexpr):
-    """The hidden as stored: h, or Q(h)'s values (the codes times the scale in float32, `dequantize_rows`'s
-    product)."""
-    if DEQUANTIZED:
-        return _codes(h, scale).to(tl.float32) * scale[:, None]
-    return h
-
-
-@triton.jit
 def _swiglu_forward_kernel(a_ptr, h_ptr, codes_ptr, scale_ptr, n_rows, ffn, stride_a, stride_h, stride_c,
                            STORE_H: tl.constexpr, QUANTIZE: tl.constexpr, DEQUANTIZED: tl.constexpr,
                            ONE_PASS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -65,14 +56,15 @@ def _swiglu_forward_kernel(a_ptr, h_ptr, codes_ptr, scale_ptr, n_rows, ffn, stri
         cols = tl.arange(0, BLOCK_C)
         mask = row_ok[:, None] & (cols < ffn)[None, :]
         h = _hidden(a_ptr, rows64, cols, mask, stride_a, ffn)
-        scale = tl.full((BLOCK_R,), 1.0, dtype=tl.float32)
         if QUANTIZE:
             scale = _row_scale(tl.max(tl.abs(h), axis=1))
-            tl.store(codes_ptr + rows64[:, None] * stride_c + cols[None, :], _codes(h, scale), mask=mask)
+            codes = _codes(h, scale)
+            tl.store(codes_ptr + rows64[:, None] * stride_c + cols[None, :], codes, mask=mask)
             tl.store(scale_ptr + rows, scale, mask=row_ok)
+            if DEQUANTIZED:  # Q(h)'s values: `dequantize_rows`'s float32 product
+                h = codes.to(tl.float32) * scale[:, None]
         if STORE_H:
-            tl.store(h_ptr + rows64[:, None] * stride_h + cols[None, :],
-                     _stored_hidden(h, scale, DEQUANTIZED).to(h_ptr.dtype.element_ty), mask=mask)
+            tl.store(h_ptr + rows64[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
     else:
         scale = tl.full((BLOCK_R,), 1.0, dtype=tl.float32)
         if QUANTIZE:
@@ -87,11 +79,13 @@ def _swiglu_forward_kernel(a_ptr, h_ptr, codes_ptr, scale_ptr, n_rows, ffn, stri
             cols = start + tl.arange(0, BLOCK_C)
             mask = row_ok[:, None] & (cols < ffn)[None, :]
             h = _hidden(a_ptr, rows64, cols, mask, stride_a, ffn)
-            if STORE_H:
-                tl.store(h_ptr + rows64[:, None] * stride_h + cols[None, :],
-                         _stored_hidden(h, scale, DEQUANTIZED).to(h_ptr.dtype.element_ty), mask=mask)
             if QUANTIZE:
-                tl.store(codes_ptr + rows64[:, None] * stride_c + cols[None, :], _codes(h, scale), mask=mask)
+                codes = _codes(h, scale)
+                tl.store(codes_ptr + rows64[:, None] * stride_c + cols[None, :], codes, mask=mask)
+                if DEQUANTIZED:
+                    h = codes.to(tl.float32) * scale[:, None]
+            if STORE_H:
+                tl.store(h_ptr + rows64[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
